@@ -1,0 +1,121 @@
+"""Small things every stage shares: user errors, device choice, progress bars, hashing."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import os
+import platform
+import sys
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+class UserError(Exception):
+    """An error the user caused (bad path, missing column, unknown method...).
+
+    The CLI prints its message on one line and exits with `exit_code`; never a traceback.
+    """
+
+    def __init__(self, message: str, exit_code: int = 2):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def resolve_device(device: str | None = None) -> str:
+    """`None`/"auto" -> "cuda" when available, else "cpu"; anything else is checked."""
+    import torch
+
+    if device in (None, "", "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device {device!r} requested but CUDA is not available here")
+    try:
+        torch.device(device)
+    except RuntimeError as e:
+        raise UserError(f"unknown device {device!r}") from e
+    return device
+
+
+_QUIET = os.environ.get("MEMAUDIT_QUIET", "") not in ("", "0")
+
+
+def set_quiet(quiet: bool) -> None:
+    """Silence progress bars (`--quiet`)."""
+    global _QUIET
+    _QUIET = quiet
+
+
+@contextmanager
+def progress_bar(description: str, total: int | None = None, unit: str = "rows"):
+    """A rich progress bar on stderr (rate and ETA); yields `advance(n)`. Silent when quiet."""
+    if _QUIET or (not sys.stderr.isatty() and os.environ.get("MEMAUDIT_PROGRESS") != "1"):
+        yield lambda n=1: None
+        return
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    columns = [
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    ]
+    with Progress(*columns, console=Console(stderr=True)) as prog:
+        task = prog.add_task(description, total=total, rate="")
+
+        def advance(n: int = 1) -> None:
+            prog.advance(task, n)
+            speed = prog.tasks[0].speed
+            if speed:
+                prog.update(task, rate=f"{speed:.1f} {unit}/s")
+
+        yield advance
+
+
+def track(items: Iterable[T], description: str, total: int | None = None,
+          unit: str = "it") -> Iterator[T]:
+    """Iterate with a progress bar."""
+    with progress_bar(description, total=total, unit=unit) as advance:
+        for item in items:
+            yield item
+            advance(1)
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file, streamed."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def package_versions(names: Iterable[str] = ("memaudit", "torch", "diffusers", "faiss-cpu",
+                                             "numpy", "pyarrow", "duckdb", "transformers",
+                                             "open_clip_torch")) -> dict[str, str]:
+    """Installed versions of the packages that decide a result, plus Python's."""
+    out = {"python": platform.python_version()}
+    for name in names:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out

@@ -1,0 +1,94 @@
+"""The `Denoiser` adapter interface (DESIGN.md, "Core abstractions").
+
+An adapter wraps one model family (diffusers Stable Diffusion, the built-in canary) and
+exposes exactly what the sampler and the guidances use: prompt encoding, the null
+embedding, a batched eps prediction, decoding to images, and a fresh scheduler.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import torch
+
+
+class Denoiser(ABC):
+    """A text-conditional eps-prediction model plus its decoder and noise schedule.
+
+    Attributes set by implementations:
+      name: human-readable model id; model_hash: content hash of the weights (provenance);
+      latent_shape: (C, H, W) of x_t; device, dtype;
+      default_guidance_scale (s0), default_steps;
+      is_latent: False for pixel-space models (decode is the identity up to range).
+    """
+
+    name: str
+    model_hash: str
+    latent_shape: tuple[int, int, int]
+    device: torch.device
+    dtype: torch.dtype = torch.float32
+    default_guidance_scale: float = 7.5
+    default_steps: int = 50
+    is_latent: bool = True
+
+    def __init__(self) -> None:
+        self.unet_rows = 0  # rows evaluated by eps(); the sampler turns it into UNet calls
+
+    @abstractmethod
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """Conditional text embeddings, [B, L, D] on `device`."""
+
+    def null_embedding(self, n: int) -> torch.Tensor:
+        """Embedding of the empty prompt, repeated n times."""
+        return self.encode_prompts([""]).expand(n, -1, -1).clone()
+
+    @abstractmethod
+    def _eps(self, x_t: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """One batched forward of the noise predictor."""
+
+    def eps(self, x_t: torch.Tensor, t: torch.Tensor | int, emb: torch.Tensor) -> torch.Tensor:
+        """eps(x_t, t, emb), batched over rows; counts rows for the cost accounting."""
+        if not torch.is_tensor(t):
+            t = torch.tensor(t)
+        t = t.to(self.device)
+        if t.ndim == 0:
+            t = t.expand(x_t.shape[0])
+        self.unet_rows += x_t.shape[0]
+        return self._eps(x_t, t, emb)
+
+    @abstractmethod
+    def decode(self, x0: torch.Tensor) -> torch.Tensor:
+        """Model-space sample -> RGB images in [0, 1], [B, 3, H, W]; differentiable."""
+
+    @abstractmethod
+    def make_scheduler(self, kind: str = "ddim"):
+        """A fresh diffusers scheduler of `kind` ("ddim" or "dpm") with this model's schedule."""
+
+    def random_tokens(self, n: int, generator: torch.Generator) -> list[str]:
+        """n random vocabulary tokens, decoded to text (for the `rta` perturbation)."""
+        raise NotImplementedError(f"{type(self).__name__} has no tokenizer vocabulary")
+
+    def alphas_cumprod(self, scheduler) -> torch.Tensor:
+        return scheduler.alphas_cumprod.to(self.device, torch.float32)
+
+
+def load_model(spec: str | Path, device: str | None = None) -> Denoiser:
+    """`canary` (the shipped model), a canary folder, or a diffusers pipeline folder / hub id."""
+    from memaudit.common import UserError, resolve_device
+
+    device = resolve_device(device)
+    spec = str(spec)
+    path = Path(spec)
+    if spec == "canary" or (path / "canary.json").exists():
+        from memaudit.models.canary import CanaryDenoiser
+
+        return CanaryDenoiser.load(None if spec == "canary" else path, device=device)
+    if (path / "model_index.json").exists() or (not path.exists() and "/" in spec):
+        from memaudit.models.diffusers_sd import StableDiffusionDenoiser
+
+        return StableDiffusionDenoiser.load(spec, device=device)
+    raise UserError(
+        f"model {spec!r} not found: give 'canary', a canary folder (with canary.json) or a "
+        "diffusers pipeline folder (with model_index.json) or hub id"
+    )
