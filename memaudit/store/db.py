@@ -1,0 +1,283 @@
+"""The audit database: one DuckDB file, one writer, every stage appends in a transaction.
+
+All values go through parameters or registered Arrow tables, never into SQL text: prompts
+and captions are untrusted (DESIGN.md "Conventions").
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from memaudit.common import UserError
+from memaudit.store.schema import SCHEMA_VERSION, TABLES, VIEWS
+
+_STEP_KEYS = {
+    "t": ("t", "timestep"),
+    "u": ("u",),
+    "guidance_norm": ("guidance_norm", "magnitude", "d", "norm", "guidance_magnitude"),
+    "sigma_t": ("sigma_t", "sigma", "similarity"),
+    "lambda_t": ("lambda", "lambda_t", "lam", "threshold"),
+    "active_json": ("active", "active_guidances"),
+}
+
+
+def _now() -> _dt.datetime:
+    return _dt.datetime.now(_dt.UTC).replace(tzinfo=None)
+
+
+def _jsonable(v: Any) -> Any:
+    """Plain Python for JSON: tensors / numpy scalars -> numbers or lists."""
+    if hasattr(v, "detach"):
+        v = v.detach().cpu()
+        return v.item() if v.ndim == 0 else v.tolist()
+    if hasattr(v, "tolist"):
+        return v.tolist()
+    return v
+
+
+class AuditStore:
+    """An open audit database (`OUT/audit.duckdb`).
+
+    `AuditStore(path)` creates the file with the current schema when absent; an existing file
+    with another `schema_version` is refused with a `UserError`. `read_only=True` opens an
+    existing file for the report and the gate.
+    """
+
+    def __init__(self, path: str | Path, read_only: bool = False) -> None:
+        import duckdb
+
+        self.path = Path(path)
+        if read_only and not self.path.exists():
+            raise UserError(f"audit database {self.path} not found")
+        if not read_only:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.con = duckdb.connect(str(self.path), read_only=read_only)
+        except duckdb.Error as e:
+            raise UserError(f"cannot open audit database {self.path}: {e}") from e
+        self.read_only = read_only
+        self._check_or_create()
+
+    # --- schema -----------------------------------------------------------------------
+    def _check_or_create(self) -> None:
+        tables = {r[0] for r in self.con.execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = 'main'"
+        ).fetchall()}
+        if "meta" not in tables:
+            if tables:
+                raise UserError(f"{self.path} is not a memaudit audit database (no meta table)")
+            if self.read_only:
+                raise UserError(f"{self.path} is empty, not a memaudit audit database")
+            with self.transaction():
+                for ddl in TABLES:
+                    self.con.execute(ddl)
+                self.con.execute("INSERT INTO meta VALUES ('schema_version', ?)",
+                                 [str(SCHEMA_VERSION)])
+                self.con.execute("INSERT INTO meta VALUES ('created_at', ?)",
+                                 [_now().isoformat()])
+                for view in VIEWS:
+                    self.con.execute(view)
+            return
+        row = self.con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        version = int(row[0]) if row else 0
+        if version != SCHEMA_VERSION:
+            older = "an older" if version < SCHEMA_VERSION else "a newer"
+            raise UserError(
+                f"{self.path} uses {older} audit schema (version {version}; this memaudit "
+                f"reads version {SCHEMA_VERSION}); rerun the audit into a new output directory"
+            )
+
+    @property
+    def schema_version(self) -> int:
+        return int(self.con.execute(
+            "SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0])
+
+    def close(self) -> None:
+        self.con.close()
+
+    def __enter__(self) -> AuditStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """BEGIN ... COMMIT; ROLLBACK on any exception (nothing half-written)."""
+        self.con.execute("BEGIN TRANSACTION")
+        try:
+            yield
+        except BaseException:
+            self.con.execute("ROLLBACK")
+            raise
+        self.con.execute("COMMIT")
+
+    # --- queries ----------------------------------------------------------------------
+    def query(self, sql: str, params: Sequence[Any] | None = None) -> list[dict[str, Any]]:
+        """Rows as dicts (read-side helper for report and gate)."""
+        cur = self.con.execute(sql, list(params or []))
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
+
+    def count(self, table: str) -> int:
+        if table not in {"meta", "runs", "prompts", "generations", "matches", "screens",
+                         "steps", "units"}:
+            raise ValueError(table)
+        return self.con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+
+    def latest_run(self) -> dict[str, Any] | None:
+        rows = self.query("SELECT * FROM runs ORDER BY id DESC LIMIT 1")
+        return rows[0] if rows else None
+
+    def run(self, run_id: int | None = None) -> dict[str, Any]:
+        """One run's row (default the latest); `UserError` when there is none."""
+        if run_id is None:
+            r = self.latest_run()
+            if r is None:
+                raise UserError(f"{self.path} holds no audit run yet")
+            return r
+        rows = self.query("SELECT * FROM runs WHERE id = ?", [run_id])
+        if not rows:
+            raise UserError(f"no run {run_id} in {self.path}")
+        return rows[0]
+
+    def done_units(self, run_id: int) -> set[str]:
+        return {r[0] for r in self.con.execute(
+            "SELECT unit FROM units WHERE run_id = ?", [run_id]).fetchall()}
+
+    # --- writers (call inside `transaction()`) ------------------------------------------
+    def _next_id(self, table: str) -> int:
+        return self.con.execute(f"SELECT coalesce(max(id), 0) + 1 FROM {table}").fetchone()[0]
+
+    def add_run(self, *, model: str, model_hash: str | None, index_path: str | None,
+                index_hash: str | None, plan: dict[str, Any], plan_hash: str,
+                settings: dict[str, Any] | None, versions: dict[str, str], device: str,
+                seeds: list[int]) -> int:
+        run_id = self._next_id("runs")
+        self.con.execute(
+            "INSERT INTO runs VALUES (?, ?, NULL, 'running', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [run_id, _now(), model, model_hash, index_path, index_hash,
+             json.dumps(plan, sort_keys=True), plan_hash, json.dumps(settings or {},
+                                                                       sort_keys=True),
+             json.dumps(versions, sort_keys=True), device, json.dumps(seeds)])
+        return run_id
+
+    def finish_run(self, run_id: int) -> None:
+        self.con.execute("UPDATE runs SET status = 'finished', finished_at = ? WHERE id = ?",
+                         [_now(), run_id])
+
+    def upsert_prompt(self, text: str, source: str | None = None,
+                      label: str | None = None) -> int:
+        """The prompt's id; a new source is appended to its source list, a label is kept."""
+        row = self.con.execute("SELECT id, sources_json, label FROM prompts WHERE text = ?",
+                               [text]).fetchone()
+        if row is None:
+            pid = self._next_id("prompts")
+            self.con.execute("INSERT INTO prompts VALUES (?, ?, ?, ?)",
+                             [pid, text, json.dumps([source] if source else []), label])
+            return pid
+        pid, sources_json, old_label = row
+        sources = json.loads(sources_json)
+        if source and source not in sources:
+            sources.append(source)
+        self.con.execute("UPDATE prompts SET sources_json = ?, label = ? WHERE id = ?",
+                         [json.dumps(sources), label if label is not None else old_label, pid])
+        return pid
+
+    def add_generation(self, *, run_id: int, prompt_id: int, method: str, seed: int,
+                       image_path: str, guidance_scale: float | None = None,
+                       steps: int | None = None, wall_seconds: float | None = None,
+                       unet_calls: float | None = None, final_prompt: str | None = None,
+                       alignment: float | None = None,
+                       extra: dict[str, Any] | None = None) -> int:
+        gid = self._next_id("generations")
+        self.con.execute(
+            "INSERT INTO generations VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [gid, run_id, prompt_id, method, int(seed), guidance_scale, steps, image_path,
+             wall_seconds, unet_calls, final_prompt, alignment,
+             json.dumps({k: _jsonable(v) for k, v in (extra or {}).items()})])
+        return gid
+
+    def add_match(self, *, generation_id: int, criterion: str, score: float,
+                  higher_is_more_similar: bool, is_copy: bool,
+                  is_copy_calibrated: bool | None, threshold: float | None,
+                  calibrated_threshold: float | None, neighbour_row: int | None,
+                  neighbour_key: str | None, neighbour_caption: str | None,
+                  dup_count: int | None, extra: dict[str, Any] | None = None) -> None:
+        score = float(score)
+        self.con.execute(
+            "INSERT INTO matches VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [generation_id, criterion, score, score if higher_is_more_similar else -score,
+             bool(higher_is_more_similar),
+             None if neighbour_row is None else int(neighbour_row), neighbour_key,
+             neighbour_caption, None if dup_count is None else int(dup_count), bool(is_copy),
+             None if is_copy_calibrated is None else bool(is_copy_calibrated),
+             threshold, calibrated_threshold,
+             json.dumps({k: _jsonable(v) for k, v in (extra or {}).items()})])
+
+    def add_screen(self, *, run_id: int, prompt_id: int, score: float, steps: int, seeds: int,
+                   threshold: float | None, flagged: bool | None) -> None:
+        self.con.execute("INSERT INTO screens VALUES (?, ?, ?, ?, ?, ?, ?)",
+                         [run_id, prompt_id, float(score), steps, seeds, threshold, flagged])
+
+    def add_steps(self, generation_ids: Sequence[int], trace: Sequence[dict[str, Any]]) -> int:
+        """Per-step trace of a batch: `trace[j][key]` is a per-sample [B] value or a scalar.
+
+        Known keys go to their columns (t, u, guidance magnitude, sigma_t, lambda, active
+        guidances); everything else lands in `extra_json`. Inserted as one Arrow table.
+        """
+        b = len(generation_ids)
+        cols: dict[str, list[Any]] = {k: [] for k in (
+            "generation_id", "step", "t", "u", "guidance_norm", "sigma_t", "lambda_t",
+            "active_json", "extra_json")}
+        for j, rec in enumerate(trace):
+            rec = {k: _jsonable(v) for k, v in rec.items()}
+
+            def per(v: Any, i: int) -> Any:
+                return v[i] if isinstance(v, list) and len(v) == b else v
+
+            used: set[str] = set()
+            picked: dict[str, Any] = {}
+            for col, names in _STEP_KEYS.items():
+                for name in names:
+                    if name in rec:
+                        picked[col] = rec[name]
+                        used.add(name)
+                        break
+            for i, gid in enumerate(generation_ids):
+                cols["generation_id"].append(int(gid))
+                cols["step"].append(j)
+                for col in ("t", "u", "guidance_norm", "sigma_t", "lambda_t"):
+                    v = per(picked.get(col), i)
+                    cols[col].append(None if v is None or isinstance(v, (list, dict, str))
+                                     else float(v))
+                act = per(picked.get("active_json"), i)
+                cols["active_json"].append(None if act is None else json.dumps(act))
+                extra = {k: per(v, i) for k, v in rec.items() if k not in used}
+                cols["extra_json"].append(json.dumps(extra) if extra else None)
+        if not cols["step"]:
+            return 0
+        table = pa.table({
+            "generation_id": pa.array(cols["generation_id"], pa.int32()),
+            "step": pa.array(cols["step"], pa.int32()),
+            **{c: pa.array(cols[c], pa.float64())
+               for c in ("t", "u", "guidance_norm", "sigma_t", "lambda_t")},
+            "active_json": pa.array(cols["active_json"], pa.string()),
+            "extra_json": pa.array(cols["extra_json"], pa.string()),
+        })
+        self.con.register("_steps_batch", table)
+        try:
+            self.con.execute("INSERT INTO steps SELECT * FROM _steps_batch")
+        finally:
+            self.con.unregister("_steps_batch")
+        return table.num_rows
+
+    def mark_unit(self, run_id: int, unit: str) -> None:
+        self.con.execute("INSERT INTO units VALUES (?, ?, ?)", [run_id, unit, _now()])
