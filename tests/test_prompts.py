@@ -21,8 +21,8 @@ def test_memorized_laion_semicolon_csv_with_labels():
     assert recs[0].label == "VM"
     assert recs[1].label == "TM"
     assert recs[1].text.startswith("Full body U-Zip main opening")
-    # doubled quotes inside a quoted field are unescaped by the CSV reader
-    assert recs[3].text == 'Watch: Passion Pit\'s New Video, "Lifted Up (1985)"'
+    # one level of CSV quoting is undone (the published file holds the caption double-quoted)
+    assert recs[3].text == '"Watch: Passion Pit\'s New Video, ""Lifted Up (1985)"""'
     assert recs[5].text == "Sony Won't Release <i>The Interview</i> on VOD"
     assert recs[0].extra["Index"] == "1030727993"
     assert recs[0].extra["URL"].startswith("https://onlinecoach1.hipcast.com/")
