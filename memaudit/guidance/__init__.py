@@ -5,11 +5,30 @@ from __future__ import annotations
 from typing import Any
 
 from memaudit.common import UserError
+from memaudit.guidance.amg import AMG
 from memaudit.guidance.base import Guidance, StepState
 from memaudit.guidance.cfg import CFG
+from memaudit.guidance.cwr import CWR
+from memaudit.guidance.dynamic import Dynamic
+from memaudit.guidance.gni import GNI
+from memaudit.guidance.opposite import Opposite, OppositeDynamic
+from memaudit.guidance.rna import RNA
+from memaudit.guidance.rta import RTA
+from memaudit.guidance.static import Static
+from memaudit.guidance.wen import Wen
 
 REGISTRY: dict[str, type[Guidance]] = {
     "cfg": CFG,
+    "static": Static,
+    "dynamic": Dynamic,
+    "opposite": Opposite,
+    "opposite-dynamic": OppositeDynamic,
+    "amg": AMG,
+    "rna": RNA,
+    "rta": RTA,
+    "cwr": CWR,
+    "gni": GNI,
+    "wen": Wen,
 }
 
 
@@ -21,3 +40,12 @@ def make_guidance(name: str, **params: Any) -> Guidance:
 
 
 __all__ = ["REGISTRY", "Guidance", "StepState", "make_guidance"]
+
+from memaudit.guidance.spec import (  # noqa: E402
+    build_guidance,
+    params_from_table,
+    parse_method_spec,
+    parse_params,
+)
+
+__all__ += ["build_guidance", "parse_method_spec", "params_from_table", "parse_params"]

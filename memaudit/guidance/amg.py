@@ -1,0 +1,194 @@
+"""Anti-Memorization Guidance, `amg` (Chen, Liu, Xu, "Towards Memorization-Free Diffusion
+Models", CVPR 2024; METHODS.md 3.2). Parts switchable: `amg:spe,dup,sim` (default all).
+
+Per step and per sample, from the CFG estimate eps = e_u + s0 (e_c - e_u):
+  x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t), decoded to [0, 1];
+  sigma_t, n0 = criterion.similarity_tensor(x0_hat)  (SSCD cosine, or -nL2: higher = closer);
+  fired = sigma_t > lambda(u).
+- Gspe: s1 = clip(c1 q, 0, s0 - 1), eps -= s1 (e_c - e_u); gated by `fired` (paper) unless
+  gate_spe = false (official code: whenever q > 0). q = sigma_t for cosine criteria; for nL2
+  (sigma = -nL2 < 0, so c1 sigma would always clip to 0) memaudit uses q = 1 / nL2.
+- Gdup: y_N = criterion.index.group_caption(group of n0); once fired it stays on 10 steps;
+  s2 = clip((s0 - 1 - s1) r, 0, s0 - 1 - s1), eps -= s2 (eps(x_t, y_N) - e_u), with
+  r = sigma_t / lambda0 for cosine criteria and r = lambda0 / nL2 for nL2 (both > 1 past
+  lambda0). eps(x_t, y_N) comes from `extra_conditions` (batched with e_u, e_c); on the step
+  it first fires, the triggered rows are evaluated here (counted as UNet rows).
+- Gsim: eps += c3 w(t) sqrt(1 - abar_t) grad_{x_t} sigma_t when fired, gradient through the
+  decoder and descriptor only (eps detached). Cosine: w = (sigma - lambda0) exp((1 - u)/0.17)
+  (official code); nL2: w = sigma - lambda(u), the margin past the threshold (METHODS 3.2).
+lambda(u): SSCD exponential 0.3 + 0.1 exp(-5u) (lambda0 = 0.3); nL2 "guide when
+nL2 < L(u)", L(u) = tau (1.95 - 0.45 exp(-6.25u)) / 1.5 with tau the index's calibrated nL2
+threshold (1.5 when uncalibrated), lambda0 = L at u -> inf = 1.95 tau / 1.5; `parabolic`
+gives a + b (1 - u)^2 on the criterion's own scale.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from memaudit.common import UserError
+from memaudit.guidance.base import Guidance, StepState
+
+PARTS = ("spe", "dup", "sim")
+
+
+def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return v.view(-1, *([1] * (like.ndim - 1))).to(like)
+
+
+class AMG(Guidance):
+    name = "amg"
+    needs_criterion = True
+    spec_param = "parts"  # `amg:spe,dup` sets parts
+
+    @dataclass
+    class Params:
+        parts: str = "spe,dup,sim"
+        c1: float = 13.0
+        c3: float = 100.0
+        gate_spe: bool = True
+        schedule: str = "exponential"  # or "parabolic"
+        a: float = 0.3  # parabolic: lambda(u) = a + b (1 - u)^2 (criterion's own scale)
+        b: float = 0.1
+        dup_steps: int = 10
+        calibrated: bool = True  # nL2: scale lambda(u) to the index's calibrated threshold
+
+    def __init__(self, **params: Any) -> None:
+        super().__init__(**params)
+        parts = [p.strip() for p in self.params.parts.split(",") if p.strip()]
+        bad = [p for p in parts if p not in PARTS]
+        if bad or not parts:
+            raise UserError(f"unknown AMG part(s) {', '.join(bad) or '(none)'}; "
+                            f"known: {', '.join(PARTS)}")
+        if self.params.schedule not in ("exponential", "parabolic"):
+            raise UserError(f"unknown AMG schedule {self.params.schedule!r}; "
+                            "known: exponential, parabolic")
+        self.parts = set(parts)
+        self.cost = {"similarity_s": 0.0, "similarity_calls": 0}
+
+    # --- the threshold schedule -------------------------------------------------------
+    def is_cosine(self, criterion: Any) -> bool:
+        return bool(getattr(criterion, "higher_is_more_similar", True))
+
+    def nl2_tau(self, criterion: Any) -> float:
+        tau = getattr(criterion, "calibrated_threshold", None)
+        return float(tau) if (self.params.calibrated and tau is not None) else 1.5
+
+    def threshold(self, u: float, criterion: Any) -> tuple[float, float]:
+        """(lambda(u), lambda0) on the similarity scale (cosine, or -nL2)."""
+        p = self.params
+        if self.is_cosine(criterion):
+            if p.schedule == "exponential":
+                return 0.3 + 0.1 * math.exp(-5.0 * u), 0.3
+            return p.a + p.b * (1.0 - u) ** 2, p.a
+        tau = self.nl2_tau(criterion)
+        if p.schedule == "exponential":
+            return -tau * (1.95 - 0.45 * math.exp(-6.25 * u)) / 1.5, -tau * 1.95 / 1.5
+        return -(p.a + p.b * (1.0 - u) ** 2), -p.a
+
+    # --- per step ---------------------------------------------------------------------
+    def extra_conditions(self, state: StepState) -> dict[str, torch.Tensor]:
+        if "dup" not in self.parts:
+            return {}
+        until = state.memory.get("dup_until")
+        if until is None:
+            return {}
+        active = until > state.index
+        if not bool(active.any()):
+            return {}
+        emb = torch.where(_bcast(active, state.emb_u).bool(), state.memory["dup_emb"],
+                          state.emb_u)
+        return {"amg_dup": emb}
+
+    def similarity(self, state: StepState, eps: torch.Tensor, need_grad: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """sigma_t [B] (detached), neighbour ids [B], grad_{x_t} sigma_t (eps held constant)."""
+        abar = state.alpha_bar.to(state.x_t.device, torch.float32)
+        t0 = time.perf_counter()
+        with torch.enable_grad():
+            x = state.x_t.detach().clone().float().requires_grad_(need_grad)
+            x0 = (x - (1 - abar).sqrt() * eps.detach().float()) / abar.sqrt()
+            img = state.model.decode(x0)
+            sigma, ids = state.criterion.similarity_tensor(img)
+            grad = None
+            if need_grad:
+                (grad,) = torch.autograd.grad(sigma.sum(), x)
+        self.cost["similarity_s"] += time.perf_counter() - t0
+        self.cost["similarity_calls"] += 1
+        return sigma.detach().float().cpu(), torch.as_tensor(ids).long().cpu(), grad
+
+    def guide(self, state: StepState):
+        p, crit, s0 = self.params, state.criterion, float(state.s0)
+        if crit is None:
+            raise UserError("method 'amg' needs a training index criterion (--index)")
+        b = state.e_c.shape[0]
+        diff = state.e_c - state.e_u
+        eps = state.e_u + s0 * diff
+        sigma, ids, grad = self.similarity(state, eps, "sim" in self.parts)
+        lam, lam0 = self.threshold(state.u, crit)
+        fired = sigma > lam
+        cosine = self.is_cosine(crit)
+        zeros = torch.zeros(b)
+
+        # Gspe
+        s1 = zeros.clone()
+        if "spe" in self.parts:
+            q = sigma if cosine else 1.0 / (-sigma).clamp_min(1e-8)
+            s1 = (p.c1 * q).clamp(0.0, max(s0 - 1.0, 0.0))
+            s1 = torch.where(fired if p.gate_spe else q > 0, s1, zeros)
+            eps = eps - _bcast(s1, eps) * diff
+
+        # Gdup
+        s2 = zeros.clone()
+        dup_on = torch.zeros(b, dtype=torch.bool)
+        if "dup" in self.parts:
+            until = state.memory.get("dup_until", torch.full((b,), -1, dtype=torch.long))
+            was_on = until > state.index
+            e_dup = state.extra.get("amg_dup")
+            if e_dup is None:
+                e_dup = state.e_u.clone()
+            if "dup_emb" not in state.memory:
+                state.memory["dup_emb"] = state.emb_u.clone()
+            new = fired & ~was_on
+            if bool(fired.any()):
+                idx = fired.nonzero().flatten()
+                caps = [crit.index.group_caption(int(ids[i])) for i in idx]
+                emb = state.model.encode_prompts(caps).to(state.emb_u)
+                state.memory["dup_emb"][idx.to(state.emb_u.device)] = emb
+                until = torch.where(fired, torch.full_like(until, state.index + p.dup_steps),
+                                    until)
+            if bool(new.any()):  # first step on: evaluate the new rows now
+                nidx = new.nonzero().flatten().to(state.x_t.device)
+                e_dup = e_dup.clone()
+                e_dup[nidx] = state.model.eps(state.x_t[nidx], state.t,
+                                              state.memory["dup_emb"][nidx]).to(e_dup)
+            state.memory["dup_until"] = until
+            dup_on = until > state.index
+            r = sigma / lam0 if cosine else lam0 / sigma.clamp_max(-1e-8)
+            room = (s0 - 1.0 - s1).clamp_min(0.0)
+            s2 = torch.minimum(torch.maximum(room * r, zeros), room)
+            s2 = torch.where(dup_on, s2, zeros)
+            eps = eps - _bcast(s2, eps) * (e_dup - state.e_u)
+
+        # Gsim
+        sim_on = torch.zeros(b, dtype=torch.bool)
+        w = zeros.clone()
+        if "sim" in self.parts and grad is not None:
+            sim_on = fired
+            if cosine:
+                w = (sigma - lam0) * math.exp((1.0 - state.u) / 0.17)
+            else:
+                w = sigma - lam
+            w = torch.where(sim_on, w, zeros)
+            abar = state.alpha_bar.to(eps.device, torch.float32)
+            eps = eps + p.c3 * _bcast(w, eps) * (1 - abar).sqrt() * grad.to(eps)
+
+        trace = {"sigma": sigma, "lambda": float(lam), "fired": fired.float(),
+                 "amg_spe": (s1 > 0).float(), "amg_dup": dup_on.float(),
+                 "amg_sim": sim_on.float(), "s1": s1, "s2": s2, "w": w}
+        return eps, trace
