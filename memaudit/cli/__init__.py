@@ -29,9 +29,9 @@ def _root(
 
 
 def _register_all() -> None:
-    from memaudit.cli import audit, canary, generate, index, screen
+    from memaudit.cli import audit, canary, detect, generate, index, screen
 
-    for module in (index, generate, canary, screen, audit):
+    for module in (index, detect, generate, canary, screen, audit):
         module.register(app)
 
 

@@ -1,0 +1,76 @@
+"""CLI: `memaudit detect IMAGES... --index DIR` (copy detection of any image folder)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("detect")
+    def detect(
+        images: list[Path] = typer.Argument(..., help="Image files and/or folders (recursive)."),
+        index: Path = typer.Option(..., "--index", help="Training index directory."),
+        criterion: list[str] = typer.Option(
+            [], "--criterion", "-c",
+            help="nl2, l2-tiled, sscd, clip (repeatable; default: all the index supports)."),
+        out: Path | None = typer.Option(None, "--out", help="Write the results as Parquet."),
+        device: str | None = typer.Option(None, "--device", help="cpu, cuda, ... (default auto)."),
+        batch_size: int = typer.Option(32, "--batch-size", help="Images per batch."),
+        limit: int = typer.Option(50, "--show", help="Rows printed on the terminal."),
+    ) -> None:
+        """Nearest training item, score and copy verdicts (fixed and calibrated) per image."""
+        import pyarrow.parquet as pq
+        from rich.console import Console
+        from rich.table import Table
+
+        from memaudit.common import UserError, resolve_device
+        from memaudit.criteria import open_index
+        from memaudit.criteria.detect import detect_images, list_images
+
+        list_images(images)  # path errors before the (slow) index load
+        dev = resolve_device(device)
+        if not (index / "manifest.json").is_file():
+            raise UserError(f"{index} is not an index directory (no manifest.json)")
+        from memaudit.index import TrainingIndex
+
+        try:
+            idx = TrainingIndex.open(index, device=dev)
+        except TypeError:  # an index class without a device option
+            idx = open_index(index)
+        table = detect_images(images, idx, criteria=criterion or None, batch_size=batch_size)
+        if out is not None:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            pq.write_table(table, out)
+        n_crit = max(1, len(set(table["criterion"].to_pylist())))
+        show = Table(title=f"detect: {table.num_rows // n_crit} images vs {index}")
+        for col in ("image", "criterion", "score", "neighbour_key", "group_count", "copy",
+                    "copy (calibrated)"):
+            show.add_column(col)
+        rows = table.to_pylist()
+        for r in rows[:limit]:
+            cal = r["is_copy_calibrated"]
+            show.add_row(
+                Path(r["image"]).name, r["criterion"], f"{r['score']:.4f}",
+                str(r["neighbour_key"]), str(r["group_count"]),
+                "[red]yes[/red]" if r["is_copy"] else "no",
+                "n/a" if cal is None else ("[red]yes[/red]" if cal else "no"),
+            )
+        console = Console()
+        console.print(show)
+        if len(rows) > limit:
+            console.print(f"... {len(rows) - limit} more rows" + (f" in {out}" if out else ""))
+        for name in dict.fromkeys(table["criterion"].to_pylist()):
+            sub = [r for r in rows if r["criterion"] == name]
+            fixed = sum(r["is_copy"] for r in sub)
+            cal = [r["is_copy_calibrated"] for r in sub if r["is_copy_calibrated"] is not None]
+            msg = f"{name}: {fixed}/{len(sub)} copies at the fixed {sub[0]['threshold']:g}"
+            if cal:
+                msg += (f", {sum(cal)}/{len(sub)} at the calibrated "
+                        f"{sub[0]['calibrated_threshold']:.4g} (1% FPR)")
+            else:
+                msg += ", index not calibrated"
+            console.print(msg)
+        if out is not None:
+            console.print(f"wrote {out}")
