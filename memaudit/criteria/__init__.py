@@ -1,1 +1,63 @@
-"""memaudit.criteria"""
+"""Copy criteria over a training index (METHODS.md section 1).
+
+`make_criterion(name, index, **opts)` for "sscd", "nl2", "l2-tiled", "clip". Each criterion
+reads its fixed threshold (METHODS 1) and the index's calibrated threshold (1% FPR,
+manifest["calibration"], METHODS 1.2) and scores images with `score(images) -> Scores`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from memaudit.common import UserError
+from memaudit.criteria.base import Criterion, Scores
+from memaudit.criteria.common import describe_rows, supported_criteria
+
+CRITERIA = ("sscd", "nl2", "l2-tiled", "clip")
+_ALIASES = {"l2tiled": "l2-tiled", "l2_tiled": "l2-tiled", "tiled": "l2-tiled", "nL2": "nl2"}
+
+
+def canonical_name(name: str) -> str:
+    """"l2_tiled" -> "l2-tiled"; unknown names are a UserError listing the known ones."""
+    key = _ALIASES.get(name, _ALIASES.get(name.lower(), name.lower()))
+    if key not in CRITERIA:
+        raise UserError(f"unknown criterion {name!r}; choose from {', '.join(CRITERIA)}")
+    return key
+
+
+def open_index(index: Any) -> Any:
+    """A TrainingIndex, opened from a directory when given a path."""
+    if isinstance(index, (str, Path)):
+        from memaudit.index import TrainingIndex
+
+        path = Path(index)
+        if not (path / "manifest.json").is_file():
+            raise UserError(f"{path} is not an index directory (no manifest.json)")
+        return TrainingIndex.open(path)
+    return index
+
+
+def make_criterion(name: str, index: Any, **opts: Any) -> Criterion:
+    """Build criterion `name` over `index` (TrainingIndex or its directory).
+
+    Options: threshold (override the fixed one), calibrated_threshold, fpr (which calibrated
+    threshold, default 0.01); nl2: alpha (0.5), k (50); l2-tiled: grid (4)."""
+    key = canonical_name(name)
+    index = open_index(index)
+    if key == "nl2":
+        from memaudit.criteria.nl2 import NL2Criterion as cls
+    elif key == "l2-tiled":
+        from memaudit.criteria.l2tiled import TiledL2Criterion as cls
+    elif key == "sscd":
+        from memaudit.criteria.sscd import SSCDCriterion as cls
+    else:
+        from memaudit.criteria.clip import ClipCriterion as cls
+    try:
+        return cls(index, **opts)
+    except TypeError as e:
+        raise UserError(f"bad option for criterion {key!r}: {e}") from e
+
+
+__all__ = ["CRITERIA", "Criterion", "Scores", "canonical_name", "describe_rows",
+           "make_criterion", "open_index", "supported_criteria"]
