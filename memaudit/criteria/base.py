@@ -41,5 +41,7 @@ class Criterion(ABC):
 
     def similarity_tensor(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Differentiable similarity (higher = more similar) of [B,3,H,W] images in [0,1] to
-        their nearest training item, and the neighbour row ids [B]. Used by AMG (sigma_t)."""
+        their nearest training item, and the neighbour's duplicate-GROUP ids [B] (faiss ids;
+        `index.group_caption(gid)` / `index.representative_rows(gids)` map them). Used by AMG
+        (sigma_t)."""
         raise NotImplementedError(f"criterion {self.name} has no differentiable similarity")
