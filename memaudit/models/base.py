@@ -55,6 +55,7 @@ class Denoiser(ABC):
         if t.ndim == 0:
             t = t.expand(x_t.shape[0])
         self.unet_rows += x_t.shape[0]
+        self.forward_calls = getattr(self, "forward_calls", 0) + 1  # batched passes (sampler)
         return self._eps(x_t, t, emb)
 
     @abstractmethod
