@@ -37,7 +37,7 @@ def hash_pipeline_weights(folder: str | Path) -> str:
                 lines.append(f"{f.relative_to(folder).as_posix()} {sha256_file(f)}")
     if not lines:
         raise UserError(f"{folder}: no unet/vae/text_encoder weight files to hash")
-    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+    return hashlib.sha256("\n".join(sorted(lines)).encode()).hexdigest()
 
 
 class StableDiffusionDenoiser(Denoiser):
