@@ -1,7 +1,104 @@
-"""CLI commands: screen (being built)."""
+"""CLI: `memaudit screen` -- pre-generation screening (Wen et al. ICLR 2024; METHODS.md 2).
+
+A thin layer over `memaudit.screen`: read prompts, score them, flag them against a threshold
+calibrated on a clean list, print the scores (and AUC / TPR at the FPR when labels exist).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
 
 import typer
 
+POSITIVE = {"1", "true", "yes", "pos", "positive", "memorized", "memorised", "mem", "vm", "tm",
+            "trigger", "copy"}
+NEGATIVE = {"0", "false", "no", "neg", "negative", "clean", "generic", "normal", "nonmem",
+            "not-memorized", "not_memorized"}
+
+
+def label_value(label: str | None) -> bool | None:
+    """A prompt label read as memorized (True) / clean (False) / unknown (None)."""
+    if label is None:
+        return None
+    s = label.strip().lower()
+    return True if s in POSITIVE else False if s in NEGATIVE else None
+
+
+def _read(path: Path):
+    from memaudit.data.prompts import read_prompts
+
+    return read_prompts(path)
+
 
 def register(app: typer.Typer) -> None:
-    pass
+    @app.command("screen")
+    def screen(
+        model: str = typer.Option(..., "--model", help="'canary', a canary or diffusers folder"),
+        prompts: Path = typer.Option(..., "--prompts", help="Prompt file (txt, jsonl, csv)."),
+        steps: int = typer.Option(1, "--steps", help="Steps averaged (first n of the schedule)."),
+        seeds: int = typer.Option(4, "--seeds", help="Seeds averaged (0..n-1)."),
+        calibrate: Path | None = typer.Option(None, "--calibrate",
+                                              help="Clean prompt file to set the threshold."),
+        fpr: float = typer.Option(0.01, "--fpr", help="False-positive rate of the threshold."),
+        threshold: float | None = typer.Option(None, "--threshold", help="Fixed threshold."),
+        guidance_scale: float | None = typer.Option(None, "--guidance-scale",
+                                                    help="CFG scale for steps > 1."),
+        batch_size: int = typer.Option(32, "--batch-size"),
+        out: Path | None = typer.Option(None, "--out", help="Write scores to this Parquet."),
+        device: str | None = typer.Option(None, "--device", help="cuda / cpu (default auto)."),
+    ) -> None:
+        """Score prompts by Wen et al.'s noise-difference magnitude, before generating."""
+        import numpy as np
+
+        from memaudit.models.base import load_model
+        from memaudit.screen import auc, calibrate_threshold, screen_prompts, tpr_at_fpr
+
+        records = _read(prompts)
+        if not records:
+            from memaudit.common import UserError
+
+            raise UserError(f"{prompts}: no prompts")
+        m = load_model(model, device=device)
+        texts = [r.text for r in records]
+        kw = dict(steps=steps, seeds=seeds, guidance_scale=guidance_scale, batch_size=batch_size)
+        scores = screen_prompts(m, texts, **kw)
+        thr = threshold
+        clean_scores = None
+        if calibrate is not None:
+            clean = [r.text for r in _read(calibrate)]
+            clean_scores = screen_prompts(m, clean, **kw)
+            if thr is None:
+                thr = calibrate_threshold(clean_scores, fpr)
+        flags = scores > thr if thr is not None else np.zeros(len(scores), dtype=bool)
+        for r, s, f in zip(records, scores, flags, strict=True):
+            mark = "FLAG" if f else "    "
+            typer.echo(f"{s:10.4f}  {mark}  {r.text}")
+        if thr is not None:
+            src = f"calibrated on {calibrate} at FPR {fpr}" if threshold is None else "given"
+            typer.echo(f"threshold {thr:.4f} ({src}); flagged {int(flags.sum())}/{len(flags)}")
+        labels = [label_value(r.label) for r in records]
+        pos = np.array([s for s, lab in zip(scores, labels, strict=True) if lab is True])
+        neg = np.array([s for s, lab in zip(scores, labels, strict=True) if lab is False])
+        if pos.size and neg.size:
+            typer.echo(f"labels: {pos.size} memorized, {neg.size} clean; AUC {auc(pos, neg):.4f}; "
+                       f"TPR at {fpr:g} FPR {tpr_at_fpr(pos, neg, fpr):.4f}")
+        if clean_scores is not None:
+            typer.echo(f"vs {calibrate}: AUC {auc(scores, clean_scores):.4f}; TPR at {fpr:g} FPR "
+                       f"{tpr_at_fpr(scores, clean_scores, fpr):.4f} (prompts as positives)")
+        if out is not None:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            out.parent.mkdir(parents=True, exist_ok=True)
+            table = pa.table({
+                "prompt": [r.text for r in records],
+                "source": [r.source for r in records],
+                "label": [r.label for r in records],
+                "score": pa.array(scores, pa.float64()),
+                "flagged": pa.array(flags.tolist(), pa.bool_()),
+                "threshold": pa.array([thr] * len(records), pa.float64()),
+                "steps": pa.array([steps] * len(records), pa.int32()),
+                "seeds": pa.array([seeds] * len(records), pa.int32()),
+            })
+            pq.write_table(table, out)
+            typer.echo(f"wrote {out}", err=True)
