@@ -25,20 +25,12 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
         from rich.table import Table
 
-        from memaudit.common import UserError, resolve_device
+        from memaudit.common import resolve_device
         from memaudit.criteria import open_index
         from memaudit.criteria.detect import detect_images, list_images
 
         list_images(images)  # path errors before the (slow) index load
-        dev = resolve_device(device)
-        if not (index / "manifest.json").is_file():
-            raise UserError(f"{index} is not an index directory (no manifest.json)")
-        from memaudit.index import TrainingIndex
-
-        try:
-            idx = TrainingIndex.open(index, device=dev)
-        except TypeError:  # an index class without a device option
-            idx = open_index(index)
+        idx = open_index(index, device=resolve_device(device))
         table = detect_images(images, idx, criteria=criterion or None, batch_size=batch_size)
         if out is not None:
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -47,7 +39,7 @@ def register(app: typer.Typer) -> None:
         show = Table(title=f"detect: {table.num_rows // n_crit} images vs {index}")
         for col in ("image", "criterion", "score", "neighbour_key", "group_count", "copy",
                     "copy (calibrated)"):
-            show.add_column(col)
+            show.add_column(col, overflow="fold")
         rows = table.to_pylist()
         for r in rows[:limit]:
             cal = r["is_copy_calibrated"]

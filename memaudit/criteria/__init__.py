@@ -26,15 +26,24 @@ def canonical_name(name: str) -> str:
     return key
 
 
-def open_index(index: Any) -> Any:
-    """A TrainingIndex, opened from a directory when given a path."""
+def open_index(index: Any, device: str | None = None) -> Any:
+    """A TrainingIndex, opened from a directory when given a path. With `device`, the
+    index's embedder is rebuilt on that device (criteria embed images with it)."""
     if isinstance(index, (str, Path)):
         from memaudit.index import TrainingIndex
 
         path = Path(index)
         if not (path / "manifest.json").is_file():
             raise UserError(f"{path} is not an index directory (no manifest.json)")
-        return TrainingIndex.open(path)
+        index = TrainingIndex.open(path)
+    if device is not None and hasattr(index, "set_embedder"):
+        from memaudit.common import resolve_device
+        from memaudit.embedders import make_embedder
+
+        spec = index.manifest.get("embedder") or {}
+        if isinstance(spec, dict) and spec.get("name"):
+            index.set_embedder(make_embedder(spec["name"], **{**spec.get("config", {}),
+                                                               "device": resolve_device(device)}))
     return index
 
 

@@ -85,14 +85,16 @@ def resolve_criteria(index: Any, criteria: Sequence[str] | None) -> list[str]:
 
 def detect_images(paths_or_dir: str | Path | Iterable[str | Path], index: Any,
                   criteria: Sequence[str] | None = None, batch_size: int = 32,
-                  criterion_opts: dict[str, dict] | None = None) -> pa.Table:
+                  criterion_opts: dict[str, dict] | None = None,
+                  device: str | None = None) -> pa.Table:
     """Score every image against `index` (TrainingIndex or directory) -> pyarrow Table with
-    the columns of `SCHEMA`, rows ordered by image then criterion."""
+    the columns of `SCHEMA`, rows ordered by image then criterion. `device` rebuilds the
+    index's embedder there; `criterion_opts` maps a criterion name to make_criterion options."""
     if batch_size < 1:
         raise UserError("--batch-size must be at least 1")
-    index = open_index(index)
-    names = resolve_criteria(index, criteria)
     paths = list_images(paths_or_dir)
+    index = open_index(index, device=device)
+    names = resolve_criteria(index, criteria)
     opts = criterion_opts or {}
     crits = [make_criterion(n, index, **opts.get(n, {})) for n in names]
     per_crit: dict[str, list] = {n: [] for n in names}

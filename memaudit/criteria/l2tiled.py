@@ -20,8 +20,11 @@ def pixel_shape(index: Any) -> tuple[int, int, int]:
     """(C, H, W) of the pixel embedder's flattened vectors (C-order of a [3, H, W] image)."""
     dim = int(index.manifest.get("dim") or index.index.d)
     candidates: list[Any] = [getattr(index.embedder, "size", None)]
-    cfg = index.manifest.get("embedder_config") or {}
-    candidates += [cfg.get("size"), cfg.get("image_size")]
+    spec = index.manifest.get("embedder")
+    for cfg in (index.manifest.get("embedder_config"),
+                spec.get("config") if isinstance(spec, dict) else None):
+        if isinstance(cfg, dict):
+            candidates += [cfg.get("size"), cfg.get("image_size")]
     for size in candidates:
         if size is None:
             continue
