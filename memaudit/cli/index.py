@@ -1,7 +1,187 @@
-"""CLI commands: index (being built)."""
+"""CLI: `memaudit index build|info|query|calibrate|import-clip-retrieval|bench` (thin layer)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import typer
 
+index_app = typer.Typer(help="Build, inspect and query training-set indexes.",
+                        no_args_is_help=True)
+
+
+@index_app.command("build")
+def build(
+    data: str = typer.Argument(..., help="Parquet file, directory, glob, or a recipe .toml"),
+    embedder: str = typer.Option(None, "--embedder", "-e", help="pixels, sscd or clip"),
+    out: Path = typer.Option(None, "--out", "-o", help="Index directory to create"),
+    factory: str = typer.Option(None, "--factory", help="faiss factory string [Flat]"),
+    weights: str = typer.Option(None, "--weights", help="sscd: TorchScript file (or URL)"),
+    weights_sha256: str = typer.Option(None, "--weights-sha256", help="sscd: pinned SHA-256"),
+    preprocessing: str = typer.Option(None, "--preprocessing",
+                                      help="sscd: official (default) or somepalli"),
+    size: str = typer.Option(None, "--size", help="pixels: comparison size N or HxW"),
+    clip_model: str = typer.Option(None, "--clip-model", help="clip: open_clip model name"),
+    pretrained: str = typer.Option(None, "--pretrained",
+                                   help="clip: pretrained tag or checkpoint path"),
+    image_col: str = typer.Option(None, "--image-col"),
+    caption_col: str = typer.Option(None, "--caption-col"),
+    key_col: str = typer.Option(None, "--key-col"),
+    device: str = typer.Option(None, "--device", help="cuda or cpu [auto]"),
+    batch_size: int = typer.Option(None, "--batch-size"),
+    shard_rows: int = typer.Option(None, "--shard-rows", help="rows per resumable shard"),
+    workers: int = typer.Option(None, "--workers", help="decoding threads"),
+    calibrate: bool = typer.Option(None, "--calibrate/--no-calibrate",
+                                   help="score a sample against the rest (METHODS 1.2)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing DIR"),
+) -> None:
+    """Build DIR/{index.faiss, items.parquet, manifest.json} from a training set or recipe."""
+    from memaudit.common import UserError
+    from memaudit.index import build_index, load_recipe
+
+    kwargs: dict = {}
+    if data.endswith(".toml"):
+        kwargs = load_recipe(data)
+    else:
+        kwargs["source"] = data
+    opts = dict(kwargs.pop("embedder_opts", {}) or {})
+    for k, v in {"weights": weights, "weights_sha256": weights_sha256,
+                 "preprocessing": preprocessing, "size": size, "model": clip_model,
+                 "pretrained": pretrained}.items():
+        if v is not None:
+            opts[k] = v
+    for k, v in {"embedder": embedder, "out": out, "factory": factory, "device": device,
+                 "batch_size": batch_size, "shard_rows": shard_rows, "workers": workers,
+                 "image_col": image_col, "caption_col": caption_col, "key_col": key_col,
+                 "calibrate": calibrate}.items():
+        if v is not None:
+            kwargs[k] = v
+    if overwrite:
+        kwargs["overwrite"] = True
+    if "embedder" not in kwargs:
+        raise UserError("--embedder is required (pixels, sscd or clip)")
+    if "out" not in kwargs:
+        raise UserError("--out is required")
+    path = build_index(embedder_opts=opts, **kwargs)
+    _print_summary(path)
+
+
+def _print_summary(path: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from memaudit.index import TrainingIndex
+
+    s = TrainingIndex.open(path).summary()
+    t = Table(show_header=False, title=str(path))
+    for k, v in s.items():
+        t.add_row(k, json.dumps(v) if isinstance(v, dict) else str(v))
+    Console().print(t)
+
+
+@index_app.command("info")
+def info(
+    index_dir: Path = typer.Argument(..., help="Index directory"),
+    as_json: bool = typer.Option(False, "--json", help="print the whole manifest as JSON"),
+) -> None:
+    """Print the manifest summary of an index."""
+    from memaudit.index import TrainingIndex
+
+    if as_json:
+        print(json.dumps(TrainingIndex.open(index_dir).manifest, indent=2))
+    else:
+        _print_summary(index_dir)
+
+
+@index_app.command("query")
+def query(
+    index_dir: Path = typer.Argument(..., help="Index directory"),
+    images: list[Path] = typer.Argument(..., help="Image files"),
+    k: int = typer.Option(5, "--k", help="neighbours per image"),
+    device: str = typer.Option(None, "--device"),
+) -> None:
+    """Print each image's nearest training items: key, caption, similarity, duplicates."""
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    from memaudit.index.query import query_images
+
+    results = query_images(index_dir, images, k=k, device=device)
+    console = Console()
+    for image, rows in results:
+        t = Table(title=escape(str(image)))
+        kind = rows[0]["score_kind"] if rows else "similarity"
+        for col in ("rank", "key", "caption", kind, "duplicates"):
+            t.add_column(col)
+        for r in rows:
+            t.add_row(str(r["rank"]), escape(r["key"]), escape(r["caption"][:80]),
+                      f"{r['score']:.4f}", str(r["group_count"]))
+        console.print(t)
+
+
+@index_app.command("calibrate")
+def calibrate(
+    index_dir: Path = typer.Argument(..., help="Index directory"),
+    sample: int = typer.Option(2000, "--sample", help="training items scored"),
+    fpr: list[float] = typer.Option([0.01, 0.001], "--fpr", help="false-positive rates"),
+    seed: int = typer.Option(0, "--seed"),
+    device: str = typer.Option(None, "--device"),
+) -> None:
+    """Redo the null-distribution calibration (METHODS 1.2) and store it in the manifest."""
+    from memaudit.common import UserError
+    from memaudit.embedders import make_embedder
+    from memaudit.index import TrainingIndex, run_calibration
+
+    idx = TrainingIndex.open(index_dir)
+    e = idx.manifest["embedder"]
+    emb = make_embedder(e["name"], **{**e.get("config", {}), "device": device})
+    try:
+        import memaudit.criteria.calibrate  # noqa: F401
+    except ImportError as err:
+        raise UserError("calibration needs memaudit.criteria.calibrate, not installed") from err
+    result = run_calibration(idx.path, emb, sample=sample, fprs=tuple(fpr), seed=seed)
+    print(json.dumps(result, indent=2))
+
+
+@index_app.command("import-clip-retrieval")
+def import_clip_retrieval_cmd(
+    src: Path = typer.Argument(..., help="clip-retrieval output folder"),
+    out: Path = typer.Option(..., "--out", "-o"),
+    clip_model: str = typer.Option("ViT-B-32", "--clip-model",
+                                   help="open_clip model the embeddings came from"),
+    pretrained: str = typer.Option(None, "--pretrained", help="its pretrained tag"),
+    factory: str = typer.Option("Flat", "--factory"),
+    reuse_index: bool = typer.Option(True, "--reuse-index/--rebuild-index",
+                                     help="use index/image.index when present"),
+    overwrite: bool = typer.Option(False, "--overwrite"),
+) -> None:
+    """Import clip-retrieval embeddings (img_emb/*.npy + metadata/*.parquet) as an index."""
+    from memaudit.index import import_clip_retrieval
+
+    path = import_clip_retrieval(src, out, clip_model=clip_model, clip_pretrained=pretrained,
+                                 factory=factory, use_existing_index=reuse_index,
+                                 overwrite=overwrite)
+    _print_summary(path)
+
+
+@index_app.command("bench")
+def bench(
+    rows: int = typer.Option(2000, "--rows", help="rows for the throughput benchmark"),
+    batch_size: int = typer.Option(64, "--batch-size"),
+    mem_rows: list[int] = typer.Option([10_000, 100_000], "--mem-rows",
+                                       help="row counts for the peak-memory benchmark"),
+    device: str = typer.Option(None, "--device"),
+    skip_memory: bool = typer.Option(False, "--skip-memory"),
+    skip_throughput: bool = typer.Option(False, "--skip-throughput"),
+) -> None:
+    """Index-build benchmarks: throughput vs bare forward, peak memory vs row count."""
+    from memaudit.index.bench import run_bench
+
+    run_bench(rows=rows, batch_size=batch_size, mem_rows=tuple(mem_rows), device=device,
+              memory=not skip_memory, throughput=not skip_throughput)
+
 
 def register(app: typer.Typer) -> None:
-    pass
+    app.add_typer(index_app, name="index")

@@ -1,0 +1,206 @@
+"""`TrainingIndex`: an opened index directory (DESIGN.md "Core abstractions").
+
+DIR/index.faiss holds one vector per exact-duplicate group (faiss id == group id);
+DIR/items.parquet every kept training item (row_id, key, caption, source_file, source_row,
+group_id, group_count, is_representative); DIR/manifest.json how it was built. See
+docs/index-format.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from memaudit.common import UserError
+
+INDEX_FILE = "index.faiss"
+ITEMS_FILE = "items.parquet"
+MANIFEST_FILE = "manifest.json"
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+class TrainingIndex:
+    """A built (or imported) training-set index. Open with `TrainingIndex.open(dir)`."""
+
+    def __init__(self, path: Path, manifest: dict[str, Any], items: pa.Table, index):
+        self.path = Path(path)
+        self.manifest = manifest
+        self.items = items
+        self.index = index
+        self._embedder = None
+        self._group_of_row = items.column("group_id").to_numpy()
+        rep = items.column("is_representative").to_numpy(zero_copy_only=False)
+        rep_rows = np.nonzero(rep)[0]
+        self._rep_row = np.full(self.ntotal, -1, dtype=np.int64)
+        self._rep_row[self._group_of_row[rep_rows]] = rep_rows
+        self._group_count = np.zeros(self.ntotal, dtype=np.int64)
+        np.add.at(self._group_count, self._group_of_row, 1)
+        self._members: tuple[np.ndarray, np.ndarray] | None = None
+
+    @classmethod
+    def open(cls, path: str | Path) -> TrainingIndex:
+        import faiss
+
+        p = Path(path)
+        if not p.is_dir():
+            raise UserError(f"index directory not found: {p}")
+        for name in (MANIFEST_FILE, ITEMS_FILE, INDEX_FILE):
+            if not (p / name).is_file():
+                raise UserError(f"{p} is not a memaudit index (missing {name})")
+        try:
+            manifest = json.loads((p / MANIFEST_FILE).read_text())
+        except json.JSONDecodeError as e:
+            raise UserError(f"{p / MANIFEST_FILE}: invalid JSON ({e})") from e
+        items = pq.read_table(p / ITEMS_FILE)
+        try:
+            index = faiss.read_index(str(p / INDEX_FILE))
+        except RuntimeError as e:
+            raise UserError(f"cannot read {p / INDEX_FILE}: {str(e).splitlines()[0]}") from e
+        params = manifest.get("faiss_params")
+        if params:  # e.g. "nprobe=16" (autofaiss index_param)
+            try:
+                faiss.ParameterSpace().set_index_parameters(index, params)
+            except RuntimeError as e:
+                raise UserError(f"bad faiss_params {params!r} in the manifest") from e
+        return cls(p, manifest, items, index)
+
+    # -- basic properties ------------------------------------------------------------------
+    @property
+    def metric(self) -> str:
+        """"ip" (scores are inner products = cosines) or "l2" (squared euclidean)."""
+        return self.manifest["metric"]
+
+    @property
+    def ntotal(self) -> int:
+        """Number of vectors = number of duplicate groups."""
+        return int(self.index.ntotal)
+
+    @property
+    def nitems(self) -> int:
+        return self.items.num_rows
+
+    @property
+    def dim(self) -> int:
+        return int(self.manifest["dim"])
+
+    @property
+    def embedder(self):
+        """The embedder, rebuilt from the manifest (sscd: from the recorded weights path)."""
+        if self._embedder is None:
+            from memaudit.embedders import make_embedder
+
+            e = self.manifest["embedder"]
+            self._embedder = make_embedder(e["name"], **e.get("config", {}))
+            if self._embedder.dim != self.dim:
+                raise UserError(f"embedder {e['name']} gives dim {self._embedder.dim}, the "
+                                f"index has {self.dim}")
+        return self._embedder
+
+    def set_embedder(self, embedder) -> None:
+        """Use an already built embedder (e.g. on another device)."""
+        if embedder.dim != self.dim:
+            raise UserError(f"embedder dim {embedder.dim} != index dim {self.dim}")
+        self._embedder = embedder
+
+    # -- search ----------------------------------------------------------------------------
+    def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """k nearest groups: (scores [n, k], group_ids [n, k]); scores are inner products
+        (cosine) or squared L2 distances as faiss gives them; -1 ids when fewer than k."""
+        x = np.ascontiguousarray(np.asarray(vectors, dtype=np.float32))
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise UserError(f"query vectors have shape {x.shape}, index dim is {self.dim}")
+        k = max(1, min(int(k), self.ntotal))
+        scores, ids = self.index.search(x, k)
+        return scores, ids.astype(np.int64)
+
+    def group_vectors(self) -> np.ndarray:
+        """All group vectors [ngroups, dim] (reconstructed; exact for Flat indexes)."""
+        try:
+            return self.index.reconstruct_n(0, self.ntotal)
+        except RuntimeError:
+            import faiss
+
+            try:
+                faiss.extract_index_ivf(self.index).make_direct_map()
+                return self.index.reconstruct_n(0, self.ntotal)
+            except RuntimeError as e:
+                raise UserError(f"index {self.manifest.get('factory')} cannot reconstruct "
+                                "its vectors") from e
+
+    # -- items and groups ------------------------------------------------------------------
+    def representative_rows(self, group_ids) -> np.ndarray:
+        """Row id (in items.parquet) of each group's representative; -1 stays -1."""
+        g = np.asarray(group_ids, dtype=np.int64)
+        out = np.full(g.shape, -1, dtype=np.int64)
+        ok = g >= 0
+        out[ok] = self._rep_row[g[ok]]
+        return out
+
+    def group_of_rows(self, row_ids) -> np.ndarray:
+        return self._group_of_row[np.asarray(row_ids, dtype=np.int64)]
+
+    def group_counts(self, group_ids) -> np.ndarray:
+        """Number of items in each group (0 for -1)."""
+        g = np.asarray(group_ids, dtype=np.int64)
+        out = np.zeros(g.shape, dtype=np.int64)
+        ok = g >= 0
+        out[ok] = self._group_count[g[ok]]
+        return out
+
+    def group_rows(self, group_id: int) -> np.ndarray:
+        """Row ids of every item of a group, in row order."""
+        if self._members is None:
+            order = np.argsort(self._group_of_row, kind="stable")
+            starts = np.searchsorted(self._group_of_row[order], np.arange(self.ntotal + 1))
+            self._members = (order, starts)
+        order, starts = self._members
+        return order[starts[group_id]:starts[group_id + 1]]
+
+    def group_caption(self, group_id: int) -> str:
+        """Most frequent caption in the group (ties: the one seen first); METHODS 3.2 Gdup."""
+        rows = self.group_rows(int(group_id))
+        caps = self.items.column("caption").take(pa.array(rows)).to_pylist()
+        return Counter(caps).most_common(1)[0][0] if caps else ""
+
+    def item(self, row_id: int) -> dict[str, Any]:
+        """One row of items.parquet as a dict."""
+        if not 0 <= int(row_id) < self.nitems:
+            raise IndexError(f"row id {row_id} out of range [0, {self.nitems})")
+        return self.items.slice(int(row_id), 1).to_pylist()[0]
+
+    def keys(self, row_ids) -> list[str]:
+        return self.items.column("key").take(pa.array(np.asarray(row_ids, dtype=np.int64))
+                                             ).to_pylist()
+
+    def save_manifest(self) -> None:
+        write_json_atomic(self.path / MANIFEST_FILE, self.manifest)
+
+    def summary(self) -> dict[str, Any]:
+        m = self.manifest
+        return {
+            "path": str(self.path),
+            "embedder": m["embedder"]["name"],
+            "preprocessing": m.get("preprocessing"),
+            "dim": m.get("dim"),
+            "metric": m.get("metric"),
+            "factory": m.get("factory"),
+            "items": m.get("rows"),
+            "groups": m.get("groups"),
+            "dedup": m.get("dedup"),
+            "skipped": (m.get("skipped") or {}).get("by_reason", {}),
+            "content_hash": m.get("content_hash"),
+            "created": m.get("created"),
+            "calibrated": m.get("calibration") is not None,
+        }
