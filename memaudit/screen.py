@@ -16,13 +16,9 @@ import numpy as np
 import torch
 
 from memaudit.common import UserError, progress_bar
+from memaudit.sampler import initial_noise
 
-
-def initial_noise(model: Any, seeds: list[int]) -> torch.Tensor:
-    """x_T per row from the row's seed (CPU generator, so results do not depend on the device)."""
-    xs = [torch.randn(tuple(model.latent_shape), generator=torch.Generator().manual_seed(int(s)))
-          for s in seeds]
-    return torch.stack(xs).to(model.device, getattr(model, "dtype", torch.float32))
+__all__ = ["auc", "calibrate_threshold", "initial_noise", "screen_prompts", "tpr_at_fpr"]
 
 
 def _seed_list(seeds: int | list[int]) -> list[int]:
@@ -63,8 +59,8 @@ def screen_prompts(model: Any, prompts: list[str], steps: int = 1, seeds: int | 
             emb_u = model.null_embedding(len(chunk)).to(emb_c)
             emb = torch.cat([emb_u, emb_c])
             sched = model.make_scheduler(scheduler)
-            sched.set_timesteps(n_inf)
-            x = initial_noise(model, [s for _, s in chunk]) * sched.init_noise_sigma
+            sched.set_timesteps(n_inf, device=model.device)
+            x = initial_noise(model, [s for _, s in chunk], float(sched.init_noise_sigma))
             acc = torch.zeros(len(chunk), dtype=torch.float64)
             for j, t in enumerate(sched.timesteps[:steps]):
                 xin = sched.scale_model_input(torch.cat([x, x]), t)

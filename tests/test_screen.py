@@ -109,3 +109,16 @@ def test_screen_cli_user_errors(tmp_path, monkeypatch, capsys):
         main(["screen", "--model", "x", "--prompts", str(p), "--steps", "0"])
     assert e.value.code == 2
     assert capsys.readouterr().err.strip() == "error: --steps must be >= 1"
+
+
+def test_screen_equals_the_samplers_cfg_trajectory():
+    from memaudit.guidance import make_guidance
+    from memaudit.sampler import sample
+
+    model = SchedFake()
+    norms: list[torch.Tensor] = []
+    sample(model, ["a canary", "a canary"], [3, 5], make_guidance("cfg"), steps=10,
+           callback=lambda j, st, eps: norms.append((st.e_c - st.e_u).flatten(1).norm(dim=1)))
+    expect = torch.stack(norms[:4]).mean().item()
+    got = screen_prompts(SchedFake(), ["a canary"], steps=4, seeds=[3, 5])
+    assert got[0] == pytest.approx(expect, rel=1e-5)

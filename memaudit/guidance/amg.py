@@ -158,15 +158,17 @@ class AMG(Guidance):
             if bool(fired.any()):
                 idx = fired.nonzero().flatten()
                 caps = [crit.index.group_caption(int(ids[i])) for i in idx]
-                emb = state.model.encode_prompts(caps).to(state.emb_u)
+                with torch.no_grad():
+                    emb = state.model.encode_prompts(caps).to(state.emb_u)
                 state.memory["dup_emb"][idx.to(state.emb_u.device)] = emb
                 until = torch.where(fired, torch.full_like(until, state.index + p.dup_steps),
                                     until)
             if bool(new.any()):  # first step on: evaluate the new rows now
                 nidx = new.nonzero().flatten().to(state.x_t.device)
                 e_dup = e_dup.clone()
-                e_dup[nidx] = state.model.eps(state.x_t[nidx], state.t,
-                                              state.memory["dup_emb"][nidx]).to(e_dup)
+                with torch.no_grad():
+                    e_dup[nidx] = state.model.eps(state.x_t[nidx], state.t,
+                                                  state.memory["dup_emb"][nidx]).to(e_dup)
             state.memory["dup_until"] = until
             dup_on = until > state.index
             r = sigma / lam0 if cosine else lam0 / sigma.clamp_max(-1e-8)
