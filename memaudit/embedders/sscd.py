@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import urllib.request
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +90,9 @@ class SSCDEmbedder(Embedder):
                             f"expected {weights_sha256}")
         self.device = "cpu" if device is None else device
         try:
-            self.model = torch.jit.load(str(path), map_location=self.device).eval()
+            with warnings.catch_warnings():  # torch 2.x deprecation notice of jit.load
+                warnings.simplefilter("ignore", FutureWarning)
+                self.model = torch.jit.load(str(path), map_location=self.device).eval()
         except Exception as e:  # RuntimeError / ValueError on a non-TorchScript file
             raise UserError(f"cannot load TorchScript SSCD model {path}: "
                             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
