@@ -28,11 +28,15 @@ class ClipCriterion(CosineCriterion):
     def clip_score(self, images: Any, prompts: list[str]) -> np.ndarray:
         """CLIP score of each (image, prompt) pair with the index's own CLIP model."""
         emb = self.index.embedder
-        model = getattr(emb, "model", None)
-        if model is None:
-            raise UserError("this index's CLIP embedder has no text tower (imported embeddings)")
+        if len(prompts) != len(images):
+            raise UserError(f"{len(images)} images but {len(prompts)} prompts for the CLIP score")
         image_features = self._embed(images)
-        text_features = encode_text(model, prompts, getattr(emb, "tokenizer", None))
+        if hasattr(emb, "embed_text"):
+            text_features = emb.embed_text(list(prompts))
+        elif getattr(emb, "model", None) is not None:
+            text_features = encode_text(emb.model, prompts, getattr(emb, "tokenizer", None))
+        else:
+            raise UserError("this index's CLIP embedder has no text tower")
         return clip_score_from_features(image_features, text_features)
 
 

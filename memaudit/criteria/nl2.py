@@ -63,9 +63,13 @@ class NL2Criterion(IndexCriterion):
         if n == 0:
             return np.zeros(0), np.zeros(0, np.int64), np.zeros((0, self.k_effective))
         _, ids = self.groups.knn(vectors, self.k, exclude=exclude)
-        neigh = self.groups.gather(ids)  # [n, k, d]
-        diff = neigh.astype(np.float64) - np.asarray(vectors, np.float64)[:, None, :]
-        l2 = np.sqrt((diff * diff).sum(-1) / self.dim)  # [n, k]
+        k = ids.shape[1]
+        l2 = np.empty(ids.shape, np.float64)
+        step = max(1, 4_000_000 // max(1, k * self.dim))  # bound the [rows, k, d] block
+        for a in range(0, n, step):
+            neigh = self.groups.gather(ids[a:a + step])  # [rows, k, d]
+            diff = neigh.astype(np.float64) - np.asarray(vectors[a:a + step], np.float64)[:, None]
+            l2[a:a + step] = np.sqrt((diff * diff).sum(-1) / self.dim)
         nl2 = nl2_from_l2(l2, self.alpha)
         n0 = ids[np.arange(n), l2.argmin(axis=1)]
         return nl2, n0, l2
