@@ -1,7 +1,63 @@
-"""CLI commands: generate (being built)."""
+"""CLI: `memaudit generate` (thin layer over memaudit.generate.generate)."""
+
+from __future__ import annotations
+
+from pathlib import Path
 
 import typer
 
 
+def generate_cmd(
+    model: str = typer.Option(..., "--model", "-m",
+                              help="canary, a canary folder, or a diffusers pipeline/hub id"),
+    prompts: Path = typer.Option(..., "--prompts", "-p",
+                                 help="prompt list: .txt, .jsonl or .csv (',' or ';')"),
+    method: list[str] = typer.Option(["cfg"], "--method",
+                                     help="method or spec (e.g. cfg, dynamic, amg:spe,dup); "
+                                          "repeat for several"),
+    seeds: int = typer.Option(1, "--seeds", "-n", help="N: seeds 0..N-1 per prompt"),
+    out: Path = typer.Option(..., "--out", "-o", help="output directory"),
+    steps: int = typer.Option(None, "--steps", help="sampling steps [model default, 50 for SD]"),
+    guidance_scale: float = typer.Option(None, "--guidance-scale", "-s",
+                                         help="CFG scale s0 [model default]"),
+    scheduler: str = typer.Option("ddim", "--scheduler", help="ddim or dpm"),
+    device: str = typer.Option(None, "--device", help="cuda or cpu [auto]"),
+    batch_size: int = typer.Option(8, "--batch-size", "-b", help="images per batched run"),
+    param: list[str] = typer.Option(None, "--param",
+                                    help="METHOD.NAME=VALUE, e.g. amg.c3=50 (repeatable)"),
+    index: Path = typer.Option(None, "--index",
+                               help="training index, for methods that need a criterion (amg)"),
+    criterion: str = typer.Option("nl2", "--criterion",
+                                  help="criterion over --index that guides amg"),
+) -> None:
+    """Generate images for every prompt x method x seed into OUT (images/, generations.parquet,
+    trace.parquet)."""
+    from memaudit.data.prompts import read_prompts
+    from memaudit.generate import generate
+    from memaudit.guidance.spec import parse_params
+    from memaudit.models import load_model
+
+    records = read_prompts(prompts)
+    params = parse_params(param)
+    denoiser = load_model(model, device=device)
+    crit = None
+    if index is not None:
+        from memaudit.criteria import make_criterion, open_index
+
+        crit = make_criterion(criterion, open_index(str(index), device=str(denoiser.device)))
+    table = generate(denoiser, records, list(method), seeds, out, steps=steps,
+                     guidance_scale=guidance_scale, scheduler=scheduler, criterion=crit,
+                     batch_size=batch_size, params=params)
+    rows = table.to_pylist()
+    by_method: dict[str, list[dict]] = {}
+    for r in rows:
+        by_method.setdefault(r["method"], []).append(r)
+    print(f"{len(rows)} images in {out} ({len(records)} prompts, model {denoiser.name})")
+    for m, rs in by_method.items():
+        wall = sum(r["wall_seconds"] for r in rs) / len(rs)
+        print(f"  {m}: {len(rs)} images, {wall:.3f} s/image, "
+              f"{rs[0]['unet_calls']:g} UNet rows/image, {rs[0]['forwards']} forwards/image")
+
+
 def register(app: typer.Typer) -> None:
-    pass
+    app.command("generate")(generate_cmd)
