@@ -146,3 +146,31 @@ def test_cli_missing_model_and_prompts(prompt_file, tmp_path, capsys):
         main(["generate", "--model", "canary", "--prompts", str(tmp_path / "none.txt"),
               "--out", str(tmp_path / "o")])
     assert e.value.code == 2 and "prompt file" in capsys.readouterr().err
+
+
+def test_generate_from_a_canary_folder(tmp_path):
+    """A pixel-space canary folder (random weights, the canary engineer's format) through the
+    same path as `--model FOLDER`: grey images, perturbed final prompts for rta."""
+    import torch
+
+    from memaudit.canary.model import CanaryConfig, CanaryNet, save_canary
+
+    torch.manual_seed(0)
+    cfg = CanaryConfig(resolution=8, block_out_channels=(8, 16), layers_per_block=1,
+                       cross_attention_dim=16, attention_head_dim=4)
+    save_canary(CanaryNet(cfg), tmp_path / "canary", {"default_guidance_scale": 2.0})
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("the digit 3\na photo of a cat\n", encoding="utf-8")
+    out = tmp_path / "out"
+    main(["generate", "--model", str(tmp_path / "canary"), "--prompts", str(prompts),
+          "--method", "cfg", "--method", "rta", "--seeds", "1", "--out", str(out),
+          "--steps", "3"])
+    rows = pq.read_table(out / "generations.parquet").to_pylist()
+    assert len(rows) == 4 and {r["guidance_scale"] for r in rows} == {2.0}
+    for r in rows:
+        img = np.asarray(Image.open(out / r["file"]).convert("RGB"))
+        assert img.shape == (8, 8, 3)
+        assert (img[..., 0] == img[..., 1]).all() and (img[..., 1] == img[..., 2]).all()
+    rta = [r for r in rows if r["method"] == "rta"]
+    assert all(r["final_prompt"] != r["prompt"] for r in rta)
+    assert all(r["final_prompt"] == r["prompt"] for r in rows if r["method"] == "cfg")
