@@ -222,3 +222,11 @@ def test_make_criterion_errors_and_neighbour_lookup():
                     "group_count": [2, 1]}
     assert crit.neighbour_key(3) == "k3" and crit.neighbour_group_count(3) == 2
     assert crit.neighbour_caption(0) == "caption 0"
+
+
+def test_bench_batched_and_loop_agree_on_a_small_set():
+    from memaudit.criteria.bench import run_bench
+
+    for r in run_bench(n_images=12, n_vectors=300, criteria=("nl2", "sscd")):
+        assert r["same_neighbours"] and r["max_score_diff"] < 1e-5
+        assert r["loop_images_timed"] == 12 and not r["loop_extrapolated"]
