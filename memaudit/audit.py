@@ -522,7 +522,7 @@ def _generation_unit(store: AuditStore, comp: Components, model: Any, run_id: in
     align = comp.alignment(model, prompts, images) if use_alignment and comp.alignment \
         else [None] * b
     unet = _per_image(getattr(res, "unet_rows", None), b)
-    wall = float(getattr(res, "wall_seconds", 0.0) or 0.0) / b
+    wall = float(getattr(res, "wall_seconds", 0.0) or 0.0)  # per image (SampleOutput)
     trace = list(getattr(res, "trace", None) or [])
     if kill_mid:
         os._exit(4)

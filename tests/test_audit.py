@@ -57,7 +57,7 @@ class MeanCriterion(Criterion):
 class FakeOut:
     images: torch.Tensor
     trace: list
-    unet_rows: list
+    unet_rows: float
     wall_seconds: float
     prompts: list
 
@@ -71,7 +71,7 @@ def fake_sample(model, prompts, seeds, guidance, steps=4, guidance_scale=2.0, sc
     b = len(prompts)
     trace = [{"t": 999 - j, "u": 1 - j / steps, "guidance_norm": torch.arange(b) + j,
               "scale": torch.full((b,), guidance_scale)} for j in range(steps)]
-    return FakeOut(torch.stack(imgs), trace, [2 * steps] * b, 0.01 * b, list(prompts))
+    return FakeOut(torch.stack(imgs), trace, 2.0 * steps, 0.01, list(prompts))
 
 
 def fake_components() -> Components:

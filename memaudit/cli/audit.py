@@ -1,7 +1,116 @@
-"""CLI commands: audit (being built)."""
+"""CLI: `memaudit audit PLAN.toml`, `report DB`, `gate DB | gate --screen`, `demo`.
+
+Thin layer over memaudit.audit, memaudit.report, memaudit.gate and memaudit.demo.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
 
 import typer
 
+from memaudit.common import UserError
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+def audit_cmd(
+    plan: Path = typer.Argument(..., help="The audit plan (TOML); see docs/database.md."),
+    new_run: bool = typer.Option(False, "--new-run",
+                                 help="Start a new run even though the plan changed."),
+    device: str = typer.Option(None, help="cpu, cuda, ... (default: cuda when available)."),
+) -> None:
+    """Run (or resume) a whole audit: generate, detect, screen -> OUT/audit.duckdb."""
+    from memaudit.audit import load_plan, run_audit
+
+    p = load_plan(plan)
+    res = run_audit(p, new_run=new_run, device=device, log=_log)
+    print(f"run {res.run_id}: {res.units_done} units done, {res.units_skipped} already done, "
+          f"{res.seconds:.1f} s")
+    print(f"database: {res.db_path}")
+
+
+def report_cmd(
+    db: Path = typer.Argument(..., help="An audit database (audit.duckdb)."),
+    out: Path = typer.Option(None, "--out", help="HTML file (default: beside the database)."),
+    pdf: bool = typer.Option(False, "--pdf", help="Also print a PDF with headless chromium."),
+    run: int = typer.Option(None, help="Run id (default: the latest)."),
+    max_flagged: int = typer.Option(200, help="At most this many flagged outputs shown."),
+) -> None:
+    """Render the self-contained HTML report (and optionally a PDF)."""
+    from memaudit.report import render_pdf, write_report
+
+    out = out or db.parent / "report.html"
+    path = write_report(db, out, run_id=run, max_flagged=max_flagged)
+    print(f"report: {path}")
+    if pdf:
+        print(f"pdf: {render_pdf(path, path.with_suffix('.pdf'))}")
+
+
+def gate_cmd(
+    db: Path = typer.Argument(None, help="An audit database (omit with --screen)."),
+    criterion: list[str] = typer.Option(None, "--criterion",
+                                        help="Criterion to gate on (repeatable; default all)."),
+    method: list[str] = typer.Option(None, "--method",
+                                     help="Method to gate on (repeatable; default all)."),
+    max_copy_rate: float = typer.Option(None, help="Fail above this copy rate (default 0.0 "
+                                        "unless only --max-screen-score is given)."),
+    max_screen_score: float = typer.Option(None, help="Fail when a prompt screens above this."),
+    threshold: str = typer.Option("auto", help="Copy verdict: calibrated | fixed | auto "
+                                  "(calibrated where the index has a calibration)."),
+    junit: Path = typer.Option(None, "--junit", help="Write a JUnit XML file."),
+    run: int = typer.Option(None, help="Run id (default: the latest)."),
+    screen: bool = typer.Option(False, "--screen",
+                                help="Screening only, on --model and --prompts (no DB)."),
+    model: str = typer.Option(None, help="With --screen: the model spec (e.g. canary)."),
+    prompts: Path = typer.Option(None, help="With --screen: the prompt list."),
+    calibrate: Path = typer.Option(None, help="With --screen: clean prompts to calibrate on."),
+    fpr: float = typer.Option(0.01, help="With --calibrate: false-positive rate."),
+    steps: int = typer.Option(1, help="With --screen: screening steps."),
+    seeds: int = typer.Option(4, help="With --screen: seeds per prompt."),
+    device: str = typer.Option(None, help="With --screen: cpu, cuda, ..."),
+) -> None:
+    """CI gate: exit 0 pass, 1 fail, 2 usage error; prints the offending prompts."""
+    from memaudit.gate import format_result, gate_db, gate_screen, write_junit
+
+    if screen:
+        if db is not None or model is None or prompts is None:
+            raise UserError("gate --screen takes --model M --prompts FILE (and no database)")
+        res = gate_screen(model, prompts, max_screen_score=max_screen_score,
+                          calibrate=calibrate, fpr=fpr, steps=steps, seeds=seeds,
+                          device=device)
+    else:
+        if db is None:
+            raise UserError("gate needs an audit database (or --screen --model --prompts)")
+        if max_copy_rate is None and max_screen_score is None:
+            max_copy_rate = 0.0
+        res = gate_db(db, criteria=criterion or None, methods=method or None,
+                      max_copy_rate=max_copy_rate, max_screen_score=max_screen_score,
+                      threshold=threshold, run_id=run)
+    print(format_result(res))
+    if junit is not None:
+        print(f"junit: {write_junit(res, junit)}")
+    sys.exit(res.exit_code)  # click would swallow typer.Exit under standalone_mode=False
+
+
+def demo_cmd(
+    out: Path = typer.Option(Path("memaudit-demo"), "--out", help="Output folder."),
+    device: str = typer.Option(None, help="cpu, cuda, ... (default: cuda when available)."),
+) -> None:
+    """The whole chain on the shipped canary: data, index, audit, database, report."""
+    from memaudit.demo import run_demo
+
+    summary = run_demo(out, device=device, log=_log)
+    print(summary["text"])
+    print(f"database: {summary['db']}")
+    print(f"report: {summary['report']}")
+
 
 def register(app: typer.Typer) -> None:
-    pass
+    app.command("audit")(audit_cmd)
+    app.command("report")(report_cmd)
+    app.command("gate")(gate_cmd)
+    app.command("demo")(demo_cmd)

@@ -1,0 +1,235 @@
+"""`memaudit gate`: pass/fail an audit for CI (exit 0 pass, 1 fail, 2 usage error).
+
+Two modes:
+- `gate_db`: read an audit database and fail when a method's copy rate under a criterion
+  exceeds `max_copy_rate`, or a screened prompt's score exceeds `max_screen_score`
+  (METHODS 1 copy verdicts; METHODS 2 screening). The copy verdict is the index-calibrated
+  one where the index has a calibration (METHODS 1.2 "Calibration"), else the fixed one,
+  unless `threshold` forces one; the result says which was used.
+- `gate_screen`: screening only (Wen et al. ICLR 2024), straight from a model and a prompt
+  list, no generation: the fast per-checkpoint check.
+"""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from memaudit.common import UserError
+from memaudit.store import AuditStore
+
+THRESHOLD_KINDS = ("auto", "calibrated", "fixed")
+
+
+@dataclass
+class Check:
+    """One gate condition: `value` compared with `limit` (pass when value <= limit)."""
+
+    name: str
+    value: float
+    limit: float
+    passed: bool
+    detail: str
+    offending: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class GateResult:
+    checks: list[Check]
+    source: str
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.passed else 1
+
+
+def gate_db(db: str | Path, *, criteria: list[str] | None = None,
+            methods: list[str] | None = None, max_copy_rate: float | None = 0.0,
+            max_screen_score: float | None = None, threshold: str = "auto",
+            run_id: int | None = None) -> GateResult:
+    """Evaluate the gate on one run (default the latest) of an audit database."""
+    if threshold not in THRESHOLD_KINDS:
+        raise UserError(f"--threshold must be one of {', '.join(THRESHOLD_KINDS)}")
+    if max_copy_rate is None and max_screen_score is None:
+        raise UserError("nothing to gate on: give --max-copy-rate and/or --max-screen-score")
+    checks: list[Check] = []
+    with AuditStore(db, read_only=True) as store:
+        run = store.run(run_id)
+        rid = int(run["id"])
+        if max_copy_rate is not None:
+            checks += _copy_checks(store, rid, criteria, methods, max_copy_rate, threshold)
+        if max_screen_score is not None:
+            checks.append(_screen_check_db(store, rid, max_screen_score))
+    return GateResult(checks=checks, source=f"{db} (run {rid})")
+
+
+def _copy_checks(store: AuditStore, rid: int, criteria: list[str] | None,
+                 methods: list[str] | None, limit: float, threshold: str) -> list[Check]:
+    have = store.query("SELECT DISTINCT g.method, m.criterion FROM generations g "
+                       "JOIN matches m ON m.generation_id = g.id WHERE g.run_id = ? "
+                       "ORDER BY 1, 2", [rid])
+    all_methods = list(dict.fromkeys(r["method"] for r in have))
+    all_crit = list(dict.fromkeys(r["criterion"] for r in have))
+    if not have:
+        raise UserError("the run has no scored generations to gate on")
+    for name, want, known in (("criterion", criteria, all_crit),
+                              ("method", methods, all_methods)):
+        for w in want or []:
+            if w not in known:
+                raise UserError(f"{name} {w!r} not in this run; it has: {', '.join(known)}")
+    checks = []
+    for crit in criteria or all_crit:
+        cal = store.con.execute(
+            "SELECT count(*) FILTER (WHERE m.is_copy_calibrated IS NULL), count(*) "
+            "FROM matches m JOIN generations g ON g.id = m.generation_id "
+            "WHERE g.run_id = ? AND m.criterion = ?", [rid, crit]).fetchone()
+        has_cal = cal[1] > 0 and cal[0] == 0
+        if threshold == "calibrated" and not has_cal:
+            raise UserError(f"criterion {crit!r} has no calibrated threshold in this run "
+                            "(the index has no calibration); use --threshold fixed")
+        kind = "calibrated" if (threshold == "calibrated" or
+                                (threshold == "auto" and has_cal)) else "fixed"
+        col = "m.is_copy_calibrated" if kind == "calibrated" else "m.is_copy"
+        thr_col = "m.calibrated_threshold" if kind == "calibrated" else "m.threshold"
+        for method in methods or all_methods:
+            # `col`/`thr_col` are one of two fixed column names chosen above, never user text
+            r = store.con.execute(
+                f"SELECT count(*), count(*) FILTER (WHERE {col}), any_value({thr_col}) "
+                "FROM matches m JOIN generations g ON g.id = m.generation_id "
+                "WHERE g.run_id = ? AND m.criterion = ? AND g.method = ?",
+                [rid, crit, method]).fetchone()
+            n, copies, thr = int(r[0]), int(r[1]), r[2]
+            if n == 0:
+                continue
+            rate = copies / n
+            off = store.query(
+                f"SELECT p.text AS prompt, p.label, count(*) FILTER (WHERE {col}) AS copies, "
+                "count(*) AS n, CASE WHEN bool_and(m.higher_is_more_similar) THEN max(m.score) "
+                "ELSE min(m.score) END AS best_score, "
+                "arg_max(m.neighbour_key, m.similarity) AS neighbour_key "
+                "FROM matches m JOIN generations g ON g.id = m.generation_id "
+                "JOIN prompts p ON p.id = g.prompt_id "
+                f"WHERE g.run_id = ? AND m.criterion = ? AND g.method = ? AND {col} "
+                "GROUP BY p.text, p.label ORDER BY copies DESC, p.text",
+                [rid, crit, method])
+            thr_s = "?" if thr is None else f"{thr:.4g}"
+            checks.append(Check(
+                name=f"copy_rate[{method},{crit}]", value=rate, limit=limit,
+                passed=rate <= limit,
+                detail=(f"{method}: {copies}/{n} generations are copies by {crit} "
+                        f"({kind} threshold {thr_s}); copy rate {rate:.3f}, limit {limit:g}"),
+                offending=off))
+    if not checks:
+        raise UserError("no generations match the requested method(s) and criterion(s)")
+    return checks
+
+
+def _screen_check_db(store: AuditStore, rid: int, limit: float) -> Check:
+    rows = store.query("SELECT p.text AS prompt, p.label, s.score, s.steps, s.seeds "
+                       "FROM screens s JOIN prompts p ON p.id = s.prompt_id "
+                       "WHERE s.run_id = ? ORDER BY s.score DESC", [rid])
+    if not rows:
+        raise UserError("the run has no screening scores; add a [screen] table to the plan "
+                        "or use `memaudit gate --screen`")
+    return _screen_check([r["prompt"] for r in rows], np.array([r["score"] for r in rows]),
+                         limit, "given", [r["label"] for r in rows])
+
+
+def _screen_check(prompts: list[str], scores: np.ndarray, limit: float, how: str,
+                  labels: list[str | None] | None = None) -> Check:
+    labels = labels or [None] * len(prompts)
+    off = [{"prompt": p, "label": lab, "score": float(s)}
+           for p, s, lab in zip(prompts, scores, labels, strict=True) if s > limit]
+    off.sort(key=lambda r: -r["score"])
+    worst = float(np.max(scores)) if len(scores) else 0.0
+    return Check(name="screen_score", value=worst, limit=limit, passed=not off,
+                 detail=(f"{len(off)}/{len(prompts)} prompts screen above {limit:.4g} "
+                         f"({how} threshold); max score {worst:.4g}"),
+                 offending=off)
+
+
+def gate_screen(model: str, prompts: str | Path, *, max_screen_score: float | None = None,
+                calibrate: str | Path | None = None, fpr: float = 0.01, steps: int = 1,
+                seeds: int = 4, device: str | None = None) -> GateResult:
+    """Screening-only gate: score a prompt list on a model (no generation, METHODS 2)."""
+    if (max_screen_score is None) == (calibrate is None):
+        raise UserError("--screen needs exactly one of --max-screen-score X or --calibrate CLEAN")
+    from memaudit.data.prompts import read_prompts
+    from memaudit.models import load_model
+    from memaudit.screen import calibrate_threshold, screen_prompts
+
+    texts = [r.text for r in read_prompts(str(prompts))]
+    if not texts:
+        raise UserError(f"{prompts} holds no prompts")
+    m = load_model(model, device)
+    scores = np.asarray(screen_prompts(m, texts, steps=steps, seeds=seeds), dtype=float)
+    if calibrate is not None:
+        clean = [r.text for r in read_prompts(str(calibrate))]
+        clean_scores = np.asarray(screen_prompts(m, clean, steps=steps, seeds=seeds), float)
+        limit = float(calibrate_threshold(clean_scores, fpr))
+        how = f"calibrated on {len(clean)} clean prompts at {fpr:g} FPR"
+    else:
+        assert max_screen_score is not None
+        limit, how = float(max_screen_score), "given"
+    return GateResult(checks=[_screen_check(texts, scores, limit, how)],
+                      source=f"{model} on {prompts}")
+
+
+def format_result(res: GateResult, max_rows: int = 20) -> str:
+    """The text the CLI prints: verdict, one line per check, offending prompts."""
+    lines = [f"memaudit gate: {'PASS' if res.passed else 'FAIL'} ({res.source})"]
+    for c in res.checks:
+        lines.append(f"  [{'pass' if c.passed else 'FAIL'}] {c.name}: {c.detail}")
+    for c in res.checks:
+        if c.passed or not c.offending:
+            continue
+        lines.append(f"\noffending prompts for {c.name}:")
+        if c.name.startswith("copy_rate"):
+            lines.append(f"  {'copies':>7}  {'best':>8}  {'neighbour':<16}  prompt")
+            for r in c.offending[:max_rows]:
+                lines.append(f"  {r['copies']:>3}/{r['n']:<3}  {r['best_score']:>8.4g}  "
+                             f"{str(r['neighbour_key'])[:16]:<16}  {_one_line(r['prompt'])}")
+        else:
+            lines.append(f"  {'score':>8}  prompt")
+            for r in c.offending[:max_rows]:
+                lines.append(f"  {r['score']:>8.4g}  {_one_line(r['prompt'])}")
+        if len(c.offending) > max_rows:
+            lines.append(f"  ... and {len(c.offending) - max_rows} more")
+    return "\n".join(lines)
+
+
+def _one_line(s: str, n: int = 80) -> str:
+    s = " ".join(str(s).split())
+    return s if len(s) <= n else s[: n - 3] + "..."
+
+
+def write_junit(res: GateResult, path: str | Path) -> Path:
+    """JUnit XML: one testcase per check, a <failure> listing the offending prompts."""
+    path = Path(path)
+    failures = sum(not c.passed for c in res.checks)
+    suites = ET.Element("testsuites", name="memaudit", tests=str(len(res.checks)),
+                        failures=str(failures))
+    suite = ET.SubElement(suites, "testsuite", name="memaudit gate",
+                          tests=str(len(res.checks)), failures=str(failures), errors="0")
+    ET.SubElement(ET.SubElement(suite, "properties"), "property", name="source",
+                  value=res.source)
+    for c in res.checks:
+        case = ET.SubElement(suite, "testcase", classname="memaudit.gate", name=c.name)
+        if c.passed:
+            ET.SubElement(case, "system-out").text = c.detail
+        else:
+            fail = ET.SubElement(case, "failure", message=c.detail, type="GateFailure")
+            fail.text = "\n".join(
+                f"{r.get('copies', '')}{'/' + str(r['n']) if 'n' in r else ''} "
+                f"{r.get('best_score', r.get('score'))}: {r['prompt']}" for r in c.offending)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ET.ElementTree(suites).write(path, encoding="utf-8", xml_declaration=True)
+    return path

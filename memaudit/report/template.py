@@ -1,0 +1,170 @@
+# ruff: noqa: E501  (HTML template lines)
+"""The report's Jinja2 template (kept in Python so it ships with any install of the package).
+
+Rendered with autoescape on: every prompt, caption, key and plan value is escaped; only the
+SVG plots (escaped where they are built, memaudit.report.plots) and base64 data URIs are
+inserted as markup.
+"""
+
+REPORT_TEMPLATE = r"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta http-equiv="Content-Security-Policy"
+      content="default-src 'none'; img-src data:; style-src 'unsafe-inline'">
+<title>memaudit report: run {{ run.id }} of {{ run.model }}</title>
+<style>
+ body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 2em;
+        color: #222; max-width: 1200px; }
+ h1 { font-size: 1.6em; margin-bottom: 0.2em; } h2 { margin-top: 1.8em;
+      border-bottom: 2px solid #ddd; padding-bottom: 0.2em; }
+ .sub { color: #666; margin-top: 0; }
+ table { border-collapse: collapse; margin: 0.6em 0; font-size: 0.92em; }
+ th, td { border: 1px solid #ccc; padding: 0.25em 0.55em; text-align: left;
+          vertical-align: top; }
+ th { background: #f3f3f3; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
+ .copy { background: #fde2e1; } .ok { background: #e4f5e4; }
+ .verdict { font-size: 1.1em; padding: 0.6em 1em; border-radius: 4px; display: inline-block; }
+ .cards { display: flex; flex-wrap: wrap; gap: 14px; }
+ .card { border: 1px solid #ccc; border-radius: 6px; padding: 8px; width: 330px;
+         font-size: 0.86em; page-break-inside: avoid; }
+ .pair { display: flex; gap: 8px; } .pair figure { margin: 0; text-align: center; }
+ .pair img, td img { image-rendering: pixelated; border: 1px solid #999; background: #fff; }
+ figcaption { font-size: 0.8em; color: #555; }
+ .prompt { font-weight: 600; word-break: break-word; }
+ code, pre { font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 0.85em; }
+ pre { background: #f7f7f7; padding: 0.8em; overflow-x: auto; white-space: pre-wrap; }
+ .note { color: #555; font-size: 0.9em; }
+ .label { display: inline-block; background: #eef; border-radius: 3px; padding: 0 4px;
+          font-size: 0.85em; }
+</style>
+</head>
+<body>
+<h1>Memorization audit: {{ run.model }}</h1>
+<p class="sub">run {{ run.id }} · {{ run.status }} · started {{ ts(run.started_at) }} ·
+ {{ n_generations }} generations of {{ n_prompts }} prompts · {{ methods|length }} methods ·
+ criteria: {{ criteria|join(", ") }}</p>
+<p class="verdict {{ 'copy' if n_flagged else 'ok' }}">
+{% if n_flagged %}{{ n_flagged }} generation(s) flagged as copies of training images
+{% else %}No generation flagged as a copy of a training image{% endif %}
+ (verdict: {{ verdict_kind }} thresholds).</p>
+
+<h2 id="summary">Summary per method</h2>
+<p class="note">Copy rate = share of generations whose nearest training image passes the
+criterion's copy threshold. <b>fixed</b>: the published threshold; <b>calibrated</b>: the
+threshold at 1% false positives on training-vs-training pairs of this index (METHODS 1.2).
+Scores keep each criterion's own direction: {% for c in criteria_info %}{{ c.name }}
+({{ "higher" if c.higher else "lower" }} = more similar){{ ", " if not loop.last }}{% endfor %}.
+"95th pct." is the 95th percentile of similarity, shown in the criterion's units.
+Cost is relative to <code>cfg</code> in this run.</p>
+<table>
+<tr><th>method</th><th>criterion</th><th>n</th><th>copy rate (fixed)</th>
+<th>copy rate (calibrated)</th><th>95th pct. score</th><th>most similar</th>
+<th>alignment</th><th>UNet rows / image</th><th>cost vs cfg (UNet)</th>
+<th>s / image</th><th>time vs cfg</th></tr>
+{% for r in summary %}
+<tr>
+<td>{{ r.method }}</td><td>{{ r.criterion }}</td><td class="num">{{ r.n }}</td>
+<td class="num {{ 'copy' if r.copy_rate_fixed else '' }}">{{ pct(r.copy_rate_fixed) }}
+ <span class="note">({{ ">" if r.higher_is_more_similar else "<" }} {{ num(r.threshold) }})</span></td>
+<td class="num {{ 'copy' if r.copy_rate_calibrated else '' }}">{{ pct(r.copy_rate_calibrated) }}
+ {% if r.calibrated_threshold is not none %}<span class="note">({{ num(r.calibrated_threshold) }})</span>{% endif %}</td>
+<td class="num">{{ num(r.p95_score) }}</td><td class="num">{{ num(r.best_score) }}</td>
+<td class="num">{{ pct(r.alignment) }}</td><td class="num">{{ num(r.unet_calls_per_image) }}</td>
+<td class="num">{{ ratio(r.unet_ratio_to_cfg) }}</td><td class="num">{{ num(r.wall_per_image) }}</td>
+<td class="num">{{ ratio(r.wall_ratio_to_cfg) }}</td>
+</tr>
+{% endfor %}
+</table>
+{% if has_alignment %}<p class="note">Alignment: {{ alignment_note }}</p>{% endif %}
+
+<h2 id="distributions">Similarity distributions</h2>
+{% for p in plots %}<div class="plot">{{ p }}</div>{% endfor %}
+
+{% if screens %}
+<h2 id="screening">Pre-generation screening</h2>
+<p class="note">Wen et al. (ICLR 2024) score: mean magnitude of the text-conditional noise
+prediction, ||e_c - e_u||, over {{ screens[0].seeds }} seeds and the first
+{{ screens[0].steps }} step(s) (METHODS 2).
+Threshold: {{ num(screens[0].threshold) }}.</p>
+<table><tr><th>prompt</th><th>label</th><th>score</th><th>flagged</th></tr>
+{% for s in screens %}
+<tr class="{{ 'copy' if s.flagged else '' }}"><td class="prompt">{{ s.prompt }}</td>
+<td>{{ s.label or "" }}</td><td class="num">{{ num(s.score) }}</td>
+<td>{{ "yes" if s.flagged else ("no" if s.flagged is not none else "") }}</td></tr>
+{% endfor %}</table>
+{% endif %}
+
+<h2 id="flagged">Flagged outputs beside the training images they copy</h2>
+{% if flagged %}
+<p class="note">Showing {{ flagged|length }} of {{ n_flagged }} flagged generation(s), most
+similar first.</p>
+<div class="cards">
+{% for f in flagged %}
+<div class="card">
+ <div class="prompt">{{ f.prompt }}</div>
+ <div class="note">{{ f.method }} · seed {{ f.seed }}{% if f.label %} ·
+  <span class="label">{{ f.label }}</span>{% endif %}</div>
+ {% if f.final_prompt and f.final_prompt != f.prompt %}<div class="note">as sampled:
+  {{ f.final_prompt }}</div>{% endif %}
+ {% for m in f.matches %}
+ <div class="pair">
+  <figure><img src="{{ f.image_uri }}" width="128" height="128" alt="generated image">
+   <figcaption>generated</figcaption></figure>
+  <figure>{% if m.train_uri %}<img src="{{ m.train_uri }}" width="128" height="128"
+   alt="training image {{ m.neighbour_key }}">{% else %}<div style="width:128px;height:128px;
+   border:1px dashed #999">image unavailable</div>{% endif %}
+   <figcaption>training item</figcaption></figure>
+ </div>
+ <table>
+  <tr><th>criterion</th><td>{{ m.criterion }}: score {{ num(m.score) }}
+   ({{ "copy" if m.is_copy else "no copy" }} at fixed {{ num(m.threshold) }}{% if m.calibrated_threshold is not none %};
+   {{ "copy" if m.is_copy_calibrated else "no copy" }} at calibrated {{ num(m.calibrated_threshold) }}{% endif %})</td></tr>
+  <tr><th>key</th><td><code>{{ m.neighbour_key }}</code></td></tr>
+  <tr><th>caption</th><td>{{ m.neighbour_caption }}</td></tr>
+  <tr><th>duplicates</th><td>{{ m.dup_count }}</td></tr>
+ </table>
+ {% endfor %}
+</div>
+{% endfor %}
+</div>
+{% else %}
+<p>None.</p>
+{% endif %}
+
+<h2 id="prompts">Per prompt and method</h2>
+{% for t in prompt_tables %}
+<h3>{{ t.criterion }}: copies / generations (best score)</h3>
+<table>
+<tr><th>prompt</th><th>label</th>{% for m in methods %}<th>{{ m }}</th>{% endfor %}</tr>
+{% for row in t.rows %}
+<tr><td class="prompt">{{ row.prompt }}</td><td>{{ row.label or "" }}</td>
+{% for c in row.cells %}
+<td class="num {{ 'copy' if c and c.copies else '' }}">{% if c %}{{ c.copies }}/{{ c.n }}
+ ({{ num(c.best_score) }}){% endif %}</td>
+{% endfor %}</tr>
+{% endfor %}
+</table>
+{% endfor %}
+
+<h2 id="provenance">Provenance</h2>
+<table>
+<tr><th>database</th><td><code>{{ db_path }}</code> (schema version {{ schema_version }})</td></tr>
+<tr><th>run</th><td>{{ run.id }}, started {{ ts(run.started_at) }} UTC, finished
+ {{ ts(run.finished_at) if run.finished_at else "(not finished)" }}</td></tr>
+<tr><th>model</th><td>{{ run.model }}<br><code>{{ run.model_hash }}</code></td></tr>
+<tr><th>index</th><td><code>{{ run.index_path }}</code><br>content hash
+ <code>{{ run.index_hash }}</code></td></tr>
+<tr><th>device</th><td>{{ run.device }}</td></tr>
+<tr><th>seeds</th><td>{{ run.seeds_json }}</td></tr>
+<tr><th>versions</th><td>{% for k, v in versions.items() %}{{ k }} {{ v }}{{ ", " if not loop.last }}{% endfor %}</td></tr>
+<tr><th>report</th><td>generated {{ generated_at }} by memaudit {{ versions.get("memaudit", "") }}</td></tr>
+</table>
+<h3>Settings</h3>
+<pre>{{ settings_json }}</pre>
+<h3>Plan</h3>
+<pre>{{ plan_json }}</pre>
+</body>
+</html>
+"""

@@ -1,0 +1,48 @@
+"""The audit on the real pieces: a real pixel index built from Parquet by the plan, a tiny
+random canary model loaded by path, the real sampler, guidances, criteria and screening."""
+
+from __future__ import annotations
+
+import json
+
+from audit_fixtures import make_tiny_canary, make_training_parquet, write_plan
+
+from memaudit.audit import load_plan, run_audit
+from memaudit.store import AuditStore
+
+
+def test_real_chain(tmp_path):
+    src = make_training_parquet(tmp_path / "train.parquet")
+    canary = make_tiny_canary(tmp_path / "canary")
+    plan = load_plan(write_plan(tmp_path, src, str(canary),
+                                methods=("cfg", "dynamic", "amg:spe,sim", "rna")))
+    res = run_audit(plan, device="cpu")
+    assert (tmp_path / "out" / "index" / "manifest.json").exists()  # built by the plan
+    with AuditStore(res.db_path, read_only=True) as s:
+        # 4 prompts x 2 seeds x 4 methods; 2 criteria each; 3 steps each
+        assert s.count("generations") == 32 and s.count("matches") == 64
+        assert s.count("steps") == 96 and s.count("screens") == 4
+        run = s.run()
+        assert run["status"] == "finished" and len(run["model_hash"]) == 64
+        manifest = json.loads(run["settings_json"])["index_manifest"]
+        assert run["index_hash"] == manifest["content_hash"]
+        assert json.loads(run["versions_json"])["torch"]
+        cal = s.query("SELECT DISTINCT criterion, threshold, calibrated_threshold FROM matches "
+                      "ORDER BY criterion")
+        assert [(r["criterion"], r["threshold"]) for r in cal] == [("l2-tiled", 0.15),
+                                                                   ("nl2", 1.4)]
+        assert all(r["calibrated_threshold"] is not None for r in cal)
+        # the rna perturbation is recorded as the final prompt (4 numbers inserted)
+        rna = s.query("SELECT p.text, g.final_prompt FROM generations g JOIN prompts p "
+                      "ON p.id = g.prompt_id WHERE g.method = 'rna'")
+        assert all(len(r["final_prompt"].split()) == len(r["text"].split()) + 4 for r in rna)
+        # AMG traces its similarity per step; cost: cfg = 2 rows per step
+        amg = s.query("SELECT count(sigma_t) AS n FROM steps st JOIN generations g "
+                      "ON g.id = st.generation_id WHERE g.method = 'amg:spe,sim'")[0]
+        assert amg["n"] == 24
+        cost = {r["method"]: r for r in s.query("SELECT * FROM method_cost")}
+        assert cost["cfg"]["unet_calls_per_image"] == 6.0
+        assert cost["cfg"]["unet_ratio_to_cfg"] == 1.0
+        # every row references an image that exists
+        for r in s.query("SELECT image_path FROM generations"):
+            assert (res.db_path.parent / r["image_path"]).is_file()

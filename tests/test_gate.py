@@ -1,0 +1,110 @@
+"""The CI gate: pass/fail from a real audit DB, threshold choice, JUnit XML, exit codes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+
+import pytest
+from audit_fixtures import copying_audit
+
+from memaudit.common import UserError
+from memaudit.gate import format_result, gate_db, write_junit
+
+
+@pytest.fixture(scope="module")
+def audit_db(tmp_path_factory):
+    return copying_audit(tmp_path_factory.mktemp("gate"))
+
+
+def test_copy_rate_gate(audit_db):
+    # cfg copies 4 of 8 generations (the two planted prompts, 2 seeds each); static none
+    res = gate_db(audit_db, criteria=["nl2"], methods=["cfg"], max_copy_rate=0.0)
+    assert not res.passed and res.exit_code == 1
+    (c,) = res.checks
+    assert c.value == 0.5 and "calibrated threshold 1.2" in c.detail
+    assert {r["prompt"] for r in c.offending} == {"<script>alert(1)</script> planted",
+                                                  "another planted one"}
+    assert all(r["copies"] == 2 and r["n"] == 2 and r["neighbour_key"] == "item0-0"
+               for r in c.offending)
+    assert gate_db(audit_db, methods=["cfg"], max_copy_rate=0.5).passed
+    ok = gate_db(audit_db, methods=["static"], max_copy_rate=0.0, threshold="fixed")
+    assert ok.passed and "fixed threshold 1.4" in ok.checks[0].detail
+    text = format_result(res)
+    assert text.startswith("memaudit gate: FAIL") and "another planted one" in text
+
+
+def test_screen_gate_from_db(audit_db):
+    res = gate_db(audit_db, max_copy_rate=None, max_screen_score=1e9)
+    assert res.passed and res.checks[0].name == "screen_score"
+    worst = res.checks[0].value
+    res = gate_db(audit_db, max_copy_rate=None, max_screen_score=worst / 2)
+    assert not res.passed and res.checks[0].offending[0]["score"] == worst
+
+
+def test_usage_errors(audit_db, tmp_path):
+    with pytest.raises(UserError, match="criterion 'sscd' not in this run; it has: nl2"):
+        gate_db(audit_db, criteria=["sscd"])
+    with pytest.raises(UserError, match="--threshold must be one of"):
+        gate_db(audit_db, threshold="loose")
+    with pytest.raises(UserError, match="not found"):
+        gate_db(tmp_path / "missing.duckdb")
+
+
+def test_junit_xml(audit_db, tmp_path):
+    res = gate_db(audit_db, criteria=["nl2"], max_copy_rate=0.0)
+    root = ET.parse(write_junit(res, tmp_path / "gate.xml")).getroot()
+    suite = root.find("testsuite")
+    assert suite.get("tests") == "2" and suite.get("failures") == "1"
+    cases = {c.get("name"): c for c in suite.iter("testcase")}
+    assert cases["copy_rate[cfg,nl2]"].find("failure") is not None
+    assert "<script>alert(1)</script> planted" in cases["copy_rate[cfg,nl2]"].find(
+        "failure").text  # escaped by the XML writer, read back as text
+    assert cases["copy_rate[static,nl2]"].find("failure") is None
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "memaudit", *args], capture_output=True,
+                          text=True)
+
+
+def test_cli_exit_codes(audit_db, tmp_path):
+    p = _cli("gate", str(audit_db), "--criterion", "nl2", "--method", "cfg",
+             "--junit", str(tmp_path / "j.xml"))
+    assert p.returncode == 1, p.stderr
+    assert "FAIL" in p.stdout and "calibrated threshold" in p.stdout
+    assert (tmp_path / "j.xml").exists()
+    p = _cli("gate", str(audit_db), "--method", "static", "--threshold", "fixed")
+    assert p.returncode == 0 and "PASS" in p.stdout and "fixed threshold" in p.stdout
+    p = _cli("gate", str(audit_db), "--criterion", "nope")
+    assert p.returncode == 2 and p.stderr.startswith("error: criterion 'nope'")
+    assert "Traceback" not in p.stderr
+    p = _cli("gate", "--screen", "--model", "canary")
+    assert p.returncode == 2 and "--prompts" in p.stderr
+
+
+def test_screen_only_gate(tmp_path):
+    import numpy as np
+    from audit_fixtures import make_tiny_canary
+
+    from memaudit.gate import gate_screen
+    from memaudit.models import load_model
+    from memaudit.screen import calibrate_threshold, screen_prompts
+
+    model = str(make_tiny_canary(tmp_path / "canary"))
+    (tmp_path / "p.txt").write_text("one prompt\nanother, longer prompt here\n")
+    (tmp_path / "clean.txt").write_text("a\nb c\nd e f\n")
+    m = load_model(model, "cpu")
+    scores = screen_prompts(m, ["one prompt", "another, longer prompt here"], steps=1, seeds=2)
+    res = gate_screen(model, tmp_path / "p.txt", max_screen_score=float(np.min(scores)),
+                      seeds=2, device="cpu")
+    assert not res.passed and [r["prompt"] for r in res.checks[0].offending] == [
+        ["one prompt", "another, longer prompt here"][int(np.argmax(scores))]]
+    clean = screen_prompts(m, ["a", "b c", "d e f"], steps=1, seeds=2)
+    res = gate_screen(model, tmp_path / "p.txt", calibrate=tmp_path / "clean.txt", seeds=2,
+                      device="cpu")
+    assert res.checks[0].limit == pytest.approx(calibrate_threshold(clean, 0.01))
+    assert "calibrated on 3 clean prompts" in res.checks[0].detail
+    with pytest.raises(UserError, match="exactly one of"):
+        gate_screen(model, tmp_path / "p.txt")

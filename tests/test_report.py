@@ -1,0 +1,102 @@
+"""The HTML report: content from a real audit DB, escaping of untrusted text, the SVG plots,
+training images re-read from Parquet, and a real headless-chromium render."""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+import shutil
+
+import numpy as np
+import pytest
+from audit_fixtures import PLANTED_CAPTION, copying_audit, planted_image
+from PIL import Image
+
+from memaudit.report import dump_dom, find_chromium, render_pdf, screenshot, write_report
+from memaudit.report.plots import distribution_svg, histogram_counts
+
+
+@pytest.fixture(scope="module")
+def audit_db(tmp_path_factory):
+    return copying_audit(tmp_path_factory.mktemp("audit"))
+
+
+@pytest.fixture(scope="module")
+def report(audit_db):
+    return write_report(audit_db, audit_db.parent / "report.html")
+
+
+def _data_uris(html: str) -> list[bytes]:
+    return [base64.b64decode(m) for m in re.findall(r'src="data:image/png;base64,([^"]+)"',
+                                                    html)]
+
+
+def test_report_content(report):
+    html = report.read_text()
+    # summary: both methods; cfg copies every planted generation (2 prompts
+    # x 2 seeds of 8) -> 50.0% under nl2; static copies nothing
+    assert "<td>cfg</td><td>nl2</td>" in html and "<td>static</td><td>nl2</td>" in html
+    assert re.search(r"<td>cfg</td><td>nl2</td><td class=\"num\">8</td>\s*"
+                     r"<td class=\"num copy\">50.0%", html)
+    assert re.search(r"<td>static</td><td>nl2</td><td class=\"num\">8</td>\s*"
+                     r"<td class=\"num \">0.0%", html)
+    # flagged cards: the generated image and the training image re-read from the Parquet
+    assert "4 generation(s) flagged" in html
+    assert html.count('alt="generated image"') == 4
+    imgs = [np.asarray(Image.open(io.BytesIO(b)).convert("L")) for b in _data_uris(html)]
+    planted = planted_image()
+    assert sum(np.array_equal(a, planted) for a in imgs) >= 8  # generated + training, x4
+    assert "<code>item0-0</code>" in html  # neighbour key, duplicate count 4
+    assert "<tr><th>duplicates</th><td>4</td></tr>" in html
+    # plots, screening, provenance
+    assert html.count("<svg") == 1 and "nl2 score per method (lower = more similar)" in html
+    assert "Pre-generation screening" in html
+    assert "content hash" in html and "schema version 1" in html
+
+
+def test_untrusted_text_is_escaped(report):
+    html = report.read_text()
+    assert "<script>" not in html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt; planted" in html
+    assert html.count("&lt;script&gt;") >= 3  # prompt tables, cards, caption, plan JSON
+    assert "script-src" not in html and "default-src 'none'" in html  # CSP: no scripts
+
+
+def test_svg_histogram_hand_counts():
+    assert histogram_counts(np.array([0.0, 0.1, 0.5, 0.99, 2.0]), 0.0, 1.0, 2).tolist() == [2, 3]
+    svg = distribution_svg({"a<b": np.array([0.0, 1.0]), "c": np.array([0.5])}, "x&y",
+                           threshold=0.25, calibrated=0.75, bins=2)
+    assert "a&lt;b (n=2)" in svg and "x&amp;y score" in svg and "a<b" not in svg
+    assert svg.count("<rect") == 3  # bins with counts: a: [0, 1] both, c: one
+    assert "fixed threshold 0.25" in svg and "calibrated threshold 0.75" in svg
+
+
+chromium = pytest.mark.skipif(find_chromium() is None,
+                              reason="chromium not installed (CI installs Debian's chromium)")
+
+
+@chromium
+def test_browser_render(report, tmp_path):
+    dom = dump_dom(report)
+    assert "Memorization audit" in dom
+    assert "<script" not in dom.lower()  # the prompt stayed text, nothing became a script
+    assert "&lt;script&gt;alert(1)&lt;/script&gt; planted" in dom
+    png = screenshot(report, tmp_path / "page.png", width=1000, height=800)
+    im = Image.open(png)
+    assert im.size == (1000, 800)
+    assert len(np.unique(np.asarray(im.convert("L")))) > 10  # something was drawn
+    pdf = render_pdf(report, tmp_path / "report.pdf")
+    assert pdf.read_bytes()[:5] == b"%PDF-"
+
+
+def test_report_cli(audit_db, tmp_path):
+    from memaudit.cli import main
+
+    out = tmp_path / "r.html"
+    with pytest.raises(SystemExit) as e:
+        main(["report", str(audit_db), "--out", str(out), "--run", "7"])
+    assert e.value.code == 2
+    main(["report", str(audit_db), "--out", str(out)])
+    assert PLANTED_CAPTION not in out.read_text() and out.stat().st_size > 1000
+    assert shutil.which("true")  # keeps shutil used when chromium is absent
