@@ -148,10 +148,10 @@ def screening(model: Any, groups_all: dict[str, list[str]], seeds: int = 4, step
     pos = np.concatenate([scores["64x"], scores["16x"]])
     gen_steps = getattr(model, "default_steps", 50)
     return {
-        "steps": steps, "seeds": seeds, "unet_rows_per_prompt": rows,
+        "steps": steps, "seeds": seeds, "unet_rows_per_prompt": rows, "generation_steps": gen_steps,
         "seconds_per_prompt": (time.perf_counter() - t0) / n,
-        "ratio_vs_one_50step_image": 2 * gen_steps / rows,
-        "ratio_vs_50step_images_same_seeds": 2 * gen_steps * seeds / rows,
+        "ratio_vs_one_image": 2 * gen_steps / rows,
+        "ratio_vs_images_same_seeds": 2 * gen_steps * seeds / rows,
         "auc_trig_vs_1x": auc(pos, scores["1x"]),
         "tpr1_trig_vs_1x": tpr_at_fpr(pos, scores["1x"], 0.01),
         "auc_trig_vs_generic": auc(pos, scores["generic"]),
@@ -233,8 +233,8 @@ def markdown(result: dict[str, Any]) -> str:
             f"{sc['auc_trig_vs_generic']:.3f} (TPR@1%FPR {sc['tpr1_trig_vs_generic']:.2f}); "
             f"1x vs generic {sc['auc_1x_vs_generic']:.3f}; 4x vs 1x {sc['auc_4x_vs_1x']:.3f}; "
             f"{sc['unet_rows_per_prompt']:.0f} UNet rows/prompt = "
-            f"{sc['ratio_vs_one_50step_image']:.1f}x fewer than one 50-step image, "
-            f"{sc['ratio_vs_50step_images_same_seeds']:.0f}x fewer than generating its "
+            f"{sc['ratio_vs_one_image']:.1f}x fewer than one {sc['generation_steps']}-step "
+            f"image, {sc['ratio_vs_images_same_seeds']:.0f}x fewer than generating its "
             f"{sc['seeds']} seeds")
     return "\n".join(lines) + "\n"
 
