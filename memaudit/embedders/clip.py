@@ -44,8 +44,12 @@ class CLIPEmbedder(Embedder):
             pretrained = str(Path(pretrained).expanduser().resolve())
             self.pretrained = pretrained
         try:
-            net, _, val = open_clip.create_model_and_transforms(model, pretrained=pretrained,
-                                                                device=self.device)
+            # pretrained=None means random weights (tests): seeded so a reopened index
+            # rebuilds the same model
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                net, _, val = open_clip.create_model_and_transforms(
+                    model, pretrained=pretrained, device=self.device)
         except Exception as e:  # missing tag offline, bad checkpoint
             raise UserError(f"cannot load open_clip {model} / {pretrained}: "
                             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e

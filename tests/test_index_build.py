@@ -1,0 +1,282 @@
+"""Index build: items/manifest/faiss contents, duplicate groups, skipped rows, factories,
+recipes, atomic + resumable builds (killed subprocess), TrainingIndex API, CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from index_helpers import (
+    digits_parquet,
+    digits_rgb,
+    encode,
+    make_sscd_torchscript,
+    photos,
+    tiny_clip_config,
+    write_parquet,
+)
+from PIL import Image
+
+from memaudit.common import UserError
+from memaudit.index import TrainingIndex, build_index
+from memaudit.index.build import EXIT_AFTER_SHARD_ENV
+
+N = 40
+DUPS = {10: 3, 25: 3, 30: 7}  # rows 10 and 25 copy row 3's pixels, row 30 copies row 7
+BAD = {5: b"", 17: b"\x89PNG\r\n\x1a\n broken", 33: None}
+
+
+@pytest.fixture()
+def digits_data(tmp_path):
+    return digits_parquet(tmp_path / "train" / "digits.parquet", n=N, dup_of=DUPS,
+                          bad_rows=BAD)
+
+
+def test_pixels_build_groups_items_manifest(tmp_path, digits_data):
+    out = build_index(digits_data, "pixels", tmp_path / "idx", batch_size=8, shard_rows=16,
+                      calibrate=False)
+    assert sorted(p.name for p in out.iterdir()) == ["index.faiss", "items.parquet",
+                                                     "manifest.json"]
+    assert not (tmp_path / "idx.partial").exists()
+    idx = TrainingIndex.open(out)
+    m = idx.manifest
+    kept = [i for i in range(N) if i not in BAD]
+    assert m["rows"] == len(kept) == idx.nitems and m["input_rows"] == N
+    assert m["embedder"] == {"name": "pixels", "config": {"size": [8, 8]}}
+    assert (m["dim"], m["metric"], m["factory"], m["dedup"]) == (192, "l2", "Flat",
+                                                                 "exact-pixel-hash")
+    assert m["pixel_size_auto"] is True
+    assert m["skipped"]["by_reason"] == {"empty": 2, "undecodable": 1}
+    assert sorted(m["skipped"]["keys"]["empty"]) == ["d0005", "d0033"]
+    assert m["skipped"]["keys"]["undecodable"] == ["d0017"]
+    assert m["calibration"] is None and len(m["content_hash"]) == 64
+
+    items = idx.items.to_pydict()
+    assert items["key"] == [f"d{i:04d}" for i in kept]
+    assert items["row_id"] == list(range(len(kept)))
+    assert items["source_row"] == kept
+    assert set(items["source_file"]) == {str(digits_data)}
+    # digits themselves contain no exact duplicates in the first 40; we planted 3 copies
+    assert m["groups"] == idx.ntotal == len(kept) - 3
+    pos = {k: i for i, k in enumerate(items["key"])}
+    g3 = items["group_id"][pos["d0003"]]
+    assert items["group_id"][pos["d0010"]] == g3 == items["group_id"][pos["d0025"]]
+    assert items["group_count"][pos["d0025"]] == 3 and items["group_count"][pos["d0004"]] == 1
+    assert items["is_representative"][pos["d0003"]] and not items["is_representative"][pos["d0010"]]
+    # group ids are first-seen order; faiss holds one representative each (id == group id)
+    reps = [i for i, r in enumerate(items["is_representative"]) if r]
+    assert [items["group_id"][i] for i in reps] == list(range(idx.ntotal))
+    imgs, _ = digits_rgb(N)
+    want = imgs[[kept[i] for i in reps]].astype(np.float32).transpose(0, 3, 1, 2) / 255.0
+    np.testing.assert_array_equal(idx.group_vectors(), want.reshape(len(reps), -1))
+    np.testing.assert_array_equal(idx.representative_rows([g3, -1]), [pos["d0003"], -1])
+    np.testing.assert_array_equal(idx.group_counts([g3]), [3])
+    # most frequent caption of the group: two "copy of row 3" beat the original caption
+    assert idx.group_caption(g3) == "copy of row 3"
+    # a tie (one original, one copy) goes to the caption seen first
+    assert idx.group_caption(items["group_id"][pos["d0007"]]) == "a handwritten digit 7"
+    assert idx.item(pos["d0010"])["caption"] == "copy of row 3"
+
+    # search: an item finds its own group at squared distance 0
+    q = idx.embedder.embed([Image.fromarray(imgs[3]), Image.fromarray(imgs[12])])
+    scores, gids = idx.search(q, 3)
+    assert gids[0, 0] == g3 and scores[0, 0] == 0.0
+    assert gids[1, 0] == items["group_id"][pos["d0012"]]
+    assert np.all(np.diff(scores, axis=1) >= 0)
+    with pytest.raises(UserError, match="shape"):
+        idx.search(np.zeros((1, 5), np.float32), 1)
+
+
+def test_pixel_size_default_and_override(tmp_path):
+    ph = photos()
+    blobs = [encode(ph["astronaut"]), encode(ph["coffee"])]
+    p = write_parquet(tmp_path / "mixed.parquet", blobs, ["a", "b"])
+    idx = TrainingIndex.open(build_index(p, "pixels", tmp_path / "i1", calibrate=False))
+    assert idx.manifest["embedder"]["config"]["size"] == [64, 64] and idx.dim == 3 * 64 * 64
+    idx2 = TrainingIndex.open(build_index(p, "pixels", tmp_path / "i2", calibrate=False,
+                                          embedder_opts={"size": 16}))
+    assert idx2.dim == 3 * 16 * 16 and idx2.manifest["pixel_size_auto"] is False
+
+
+def test_ivf_pq_factory_trained(tmp_path):
+    p = digits_parquet(tmp_path / "d.parquet", n=600)
+    out = build_index(p, "pixels", tmp_path / "ivf", factory="IVF4,PQ8", batch_size=128,
+                      shard_rows=256, calibrate=False)
+    idx = TrainingIndex.open(out)
+    assert idx.manifest["factory"] == "IVF4,PQ8" and idx.index.is_trained
+    assert idx.ntotal == idx.manifest["groups"]
+    imgs, _ = digits_rgb(3)
+    _, gids = idx.search(idx.embedder.embed([Image.fromarray(a) for a in imgs]), 1)
+    assert gids.shape == (3, 1) and (gids >= 0).all()
+    with pytest.raises(UserError, match="bad faiss factory"):
+        build_index(p, "pixels", tmp_path / "bad", factory="NotAFactory", calibrate=False)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_exists_overwrite_and_settings_mismatch(tmp_path, digits_data):
+    out = build_index(digits_data, "pixels", tmp_path / "idx", calibrate=False)
+    with pytest.raises(UserError, match="already exists"):
+        build_index(digits_data, "pixels", out, calibrate=False)
+    build_index(digits_data, "pixels", out, calibrate=False, overwrite=True,
+                embedder_opts={"size": 4})
+    assert TrainingIndex.open(out).dim == 48
+    assert not list(tmp_path.glob("idx.old-*"))
+    partial = tmp_path / "other.partial"
+    partial.mkdir()
+    (partial / "state.json").write_text("{}")
+    with pytest.raises(UserError, match="unfinished build with other settings"):
+        build_index(digits_data, "pixels", tmp_path / "other", calibrate=False)
+
+
+def _build_cmd(data: Path, out: Path) -> list[str]:
+    code = textwrap.dedent(f"""
+        from memaudit.index import build_index
+        build_index({str(data)!r}, "pixels", {str(out)!r}, batch_size=4, shard_rows=8,
+                    calibrate=False)
+    """)
+    return [sys.executable, "-c", code]
+
+
+def test_killed_build_resumes_identical(tmp_path, digits_data):
+    ref = build_index(digits_data, "pixels", tmp_path / "ref", batch_size=4, shard_rows=8,
+                      calibrate=False)
+    out = tmp_path / "idx"
+    env = {**os.environ, EXIT_AFTER_SHARD_ENV: "2", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(_build_cmd(digits_data, out), env=env, capture_output=True, text=True)
+    assert r.returncode == 75, r.stderr
+    partial = tmp_path / "idx.partial"
+    assert not out.exists() and partial.is_dir()
+    assert sorted(p.name for p in partial.glob("shard_*.json")) == [
+        "shard_000000.json", "shard_000001.json", "shard_000002.json"]
+    done_before = {p.name: p.stat().st_mtime_ns for p in partial.glob("shard_*")}
+    env.pop(EXIT_AFTER_SHARD_ENV)
+    r = subprocess.run(_build_cmd(digits_data, out), env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert out.is_dir() and not partial.exists()
+    for name in ("index.faiss", "items.parquet"):
+        assert (out / name).read_bytes() == (ref / name).read_bytes(), name
+    a, b = (json.loads((d / "manifest.json").read_text()) for d in (out, ref))
+    for volatile in ("created", "build_seconds"):
+        a.pop(volatile), b.pop(volatile)
+    assert a == b
+    assert done_before  # the finished shards were kept (not recomputed) across the restart
+
+
+def test_resume_skips_finished_shards(tmp_path, digits_data, monkeypatch):
+    """In-process: shards already on disk are not re-embedded on restart."""
+    from memaudit.index import build as build_mod
+
+    out = tmp_path / "idx"
+    env = {**os.environ, EXIT_AFTER_SHARD_ENV: "1", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(_build_cmd(digits_data, out), env=env, capture_output=True, text=True)
+    assert r.returncode == 75, r.stderr
+    seen: list[tuple[int, int]] = []
+    orig = build_mod._embed_range
+
+    def spy(partial, emb, source, cols, start, stop, *a, **kw):
+        seen.append((start, stop))
+        return orig(partial, emb, source, cols, start, stop, *a, **kw)
+
+    monkeypatch.setattr(build_mod, "_embed_range", spy)
+    build_index(digits_data, "pixels", out, batch_size=4, shard_rows=8, calibrate=False)
+    assert seen == [(16, N)]
+
+
+def test_calibration_hook_and_recipe_cli(tmp_path, digits_data, capsys):
+    from memaudit.cli import main
+
+    recipe = tmp_path / "indexes" / "digits.toml"
+    recipe.parent.mkdir()
+    recipe.write_text(textwrap.dedent(f"""
+        data = {str(digits_data)!r}
+        embedder = "pixels"
+        out = {str(tmp_path / "indexes" / "digits")!r}
+        batch_size = 16
+        size = 8
+        [calibration]
+        sample = 20
+    """))
+    main(["--quiet", "index", "build", str(recipe)])
+    idx = TrainingIndex.open(tmp_path / "indexes" / "digits")
+    cal = idx.manifest["calibration"]
+    assert cal is not None and cal["settings"]["sampled"] == 20
+    assert {"nl2", "l2-tiled"} <= set(cal)
+    assert idx.manifest["embedder"]["config"] == {"size": [8, 8]}
+    capsys.readouterr()
+    main(["index", "info", str(tmp_path / "indexes" / "digits")])
+    text = capsys.readouterr().out
+    assert "pixels" in text and "exact-pixel-hash" in text
+    main(["index", "calibrate", str(tmp_path / "indexes" / "digits"), "--sample", "10"])
+    assert TrainingIndex.open(tmp_path / "indexes" / "digits").manifest["calibration"][
+        "settings"]["sampled"] == 10
+    bad = tmp_path / "bad.toml"
+    bad.write_text('data = "x"\nembedder = "pixels"\nfrobnicate = 1\n')
+    with pytest.raises(SystemExit) as e:
+        main(["index", "build", str(bad)])
+    assert e.value.code == 2 and "unknown keys frobnicate" in capsys.readouterr().err
+
+
+def test_sscd_build_and_query_cli(tmp_path, capsys):
+    from memaudit.cli import main
+
+    weights = make_sscd_torchscript(tmp_path / "w" / "sscd_disc_mixup.torchscript.pt")
+    ph = photos()
+    names = ["astronaut", "coffee", "chelsea", "cat", "rocket"]
+    data = write_parquet(tmp_path / "photos.parquet", [encode(ph[n], "JPEG") for n in names],
+                         [f"a photo of {n}" for n in names], keys=names, image_col="jpg")
+    main(["--quiet", "index", "build", str(data), "--embedder", "sscd", "--weights",
+          str(weights), "--out", str(tmp_path / "sidx"), "--batch-size", "2",
+          "--no-calibrate"])
+    idx = TrainingIndex.open(tmp_path / "sidx")
+    assert (idx.metric, idx.dim, idx.manifest["preprocessing"]) == ("ip", 512, "official")
+    assert idx.manifest["embedder"]["config"]["weights"] == str(weights.resolve())
+    assert idx.nitems == 5 and idx.ntotal == 4  # chelsea and cat are the same picture
+    keys = idx.items.column("key").to_pylist()
+    g = idx.items.column("group_id").to_pylist()
+    assert g[keys.index("chelsea")] == g[keys.index("cat")]
+    np.testing.assert_allclose(np.linalg.norm(idx.group_vectors(), axis=1), 1.0, atol=1e-5)
+    q = tmp_path / "query.png"
+    Image.fromarray(ph["rocket"]).save(q)
+    capsys.readouterr()
+    main(["index", "query", str(tmp_path / "sidx"), str(q), "--k", "2"])
+    out = capsys.readouterr().out
+    assert "rocket" in out and "a photo of rocket" in out and "cosine" in out
+    from memaudit.index.query import query_images
+
+    (_, rows), = query_images(tmp_path / "sidx", [q], k=4)
+    assert rows[0]["key"] == "rocket" and rows[0]["score"] > 0.99
+    cat = [r for r in rows if r["key"] == "chelsea"]
+    assert not cat or cat[0]["group_count"] == 2
+
+
+def test_clip_build_tiny(tmp_path):
+    cfg = tiny_clip_config(tmp_path)
+    ph = photos()
+    names = ["astronaut", "coffee", "rocket"]
+    data = write_parquet(tmp_path / "p.parquet", [encode(ph[n]) for n in names], names,
+                         keys=names)
+    out = build_index(data, "clip", tmp_path / "cidx", calibrate=False,
+                      embedder_opts={"model": "memaudit-tiny-clip", "model_config": str(cfg)})
+    idx = TrainingIndex.open(out)
+    assert (idx.metric, idx.dim, idx.ntotal) == ("ip", 32, 3)
+    v = idx.embedder.embed([Image.fromarray(ph["coffee"])])
+    s, gids = idx.search(v, 1)
+    assert gids[0, 0] == 1 and s[0, 0] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_read_errors_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        build_index(tmp_path / "nothing.parquet", "pixels", tmp_path / "x")
+    with pytest.raises(UserError, match="unknown embedder"):
+        build_index(tmp_path / "nothing.parquet", "dino", tmp_path / "x")
+    with pytest.raises(UserError, match="not found"):
+        TrainingIndex.open(tmp_path / "nope")
+    (tmp_path / "half").mkdir()
+    with pytest.raises(UserError, match="missing manifest.json"):
+        TrainingIndex.open(tmp_path / "half")
