@@ -211,6 +211,19 @@ class IndexCriterion(Criterion):
         return Scores(score=score.astype(np.float64), neighbour=rows.astype(np.int64),
                       is_copy=self.is_copy(score), is_copy_calibrated=calibrated, extra=extra)
 
+    def score_vectors(self, vectors: np.ndarray, exclude: np.ndarray | None = None) -> tuple:
+        """(score [n], nearest group id [n], ...) of already-embedded vectors."""
+        raise NotImplementedError
+
+    def score_from_vectors(self, vectors: np.ndarray):
+        """`score` for vectors already embedded by the index's embedder."""
+        res = self.score_vectors(np.asarray(vectors, np.float32))
+        return self.verdicts(res[0], self.rows_of(res[1]))
+
+    def score(self, images: Any):
+        """Score PIL images (list) or a [B,3,H,W] tensor in [0,1] against the index."""
+        return self.score_from_vectors(self._embed(images))
+
     def rows_of(self, group_ids: np.ndarray) -> np.ndarray:
         """Representative row id (items.parquet) of each group id."""
         ids = np.asarray(group_ids, np.int64).reshape(-1)

@@ -9,6 +9,7 @@ calibrated (the index's 1% FPR threshold, METHODS 1.2).
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ import pyarrow as pa
 
 from memaudit.common import UserError, progress_bar
 from memaudit.criteria import canonical_name, make_criterion, open_index, supported_criteria
-from memaudit.criteria.common import check_supported, describe_rows
+from memaudit.criteria.common import check_supported, describe_rows, embed_images
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -98,12 +99,24 @@ def detect_images(paths_or_dir: str | Path | Iterable[str | Path], index: Any,
     opts = criterion_opts or {}
     crits = [make_criterion(n, index, **opts.get(n, {})) for n in names]
     per_crit: dict[str, list] = {n: [] for n in names}
-    with progress_bar("detect", total=len(paths), unit="images") as advance:
-        for start in range(0, len(paths), batch_size):
-            batch = [_load(p) for p in paths[start:start + batch_size]]
+    batches = [paths[a:a + batch_size] for a in range(0, len(paths), batch_size)]
+
+    def load(batch: list[Path]) -> list:
+        return [_load(p) for p in batch]
+
+    # decoding of batch i+1 overlaps the embedding and search of batch i; all criteria of
+    # one index share the same vectors, so each image is embedded once
+    with progress_bar("detect", total=len(paths), unit="images") as advance, \
+            ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(load, batches[0])
+        for i in range(len(batches)):
+            images = pending.result()
+            if i + 1 < len(batches):
+                pending = pool.submit(load, batches[i + 1])
+            vectors = embed_images(index, images)
             for crit in crits:
-                per_crit[crit.name].append(crit.score(batch))
-            advance(len(batch))
+                per_crit[crit.name].append(crit.score_from_vectors(vectors))
+            advance(len(images))
     columns: dict[str, list] = {f.name: [] for f in SCHEMA}
     blocks = []
     for crit in crits:

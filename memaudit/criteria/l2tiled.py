@@ -12,7 +12,6 @@ from typing import Any
 
 import numpy as np
 
-from memaudit.criteria.base import Scores
 from memaudit.criteria.common import IndexCriterion
 
 
@@ -78,7 +77,3 @@ class TiledL2Criterion(IndexCriterion):
         _, ids = self.groups.knn(vectors, 1, exclude=exclude)
         n0 = ids[:, 0]
         return tiled_rmse(vectors, self.groups.gather(n0), self.shape, self.grid), n0
-
-    def score(self, images: Any) -> Scores:
-        dist, n0 = self.score_vectors(self._embed(images))
-        return self.verdicts(dist, self.rows_of(n0))

@@ -17,7 +17,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from memaudit.criteria.base import Scores
 from memaudit.criteria.common import IndexCriterion
 
 
@@ -73,11 +72,6 @@ class NL2Criterion(IndexCriterion):
         nl2 = nl2_from_l2(l2, self.alpha)
         n0 = ids[np.arange(n), l2.argmin(axis=1)]
         return nl2, n0, l2
-
-    def score(self, images: Any) -> Scores:
-        vectors = self._embed(images)
-        nl2, n0, _ = self.score_vectors(vectors)
-        return self.verdicts(nl2, self.rows_of(n0))
 
     def nl2_tensor(self, x01: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Differentiable nL2 [B] of images [B,3,H,W] in [0,1] and the nearest group ids [B].

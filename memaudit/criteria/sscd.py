@@ -8,8 +8,6 @@ precision point on DISC). `CosineCriterion` is shared with the CLIP criterion.
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import torch
 
@@ -38,10 +36,6 @@ class CosineCriterion(IndexCriterion):
         n0 = ids[:, 0]
         cos = (v * _normalise(self.groups.gather(n0))).sum(1)
         return cos, n0
-
-    def score(self, images: Any) -> Scores:
-        cos, n0 = self.score_vectors(self._embed(images))
-        return self.verdicts(cos, self.rows_of(n0))
 
     def similarity_tensor(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Differentiable cosine [B] of images [B,3,H,W] in [0,1] (through `embed_tensor`)
