@@ -131,6 +131,16 @@ def _trace_table(rows: list[dict[str, Any]]) -> pa.Table:
     return pa.table(cols)
 
 
+def _concat_traces(tables: list[pa.Table]) -> pa.Table:
+    """Concatenate per-batch trace tables whose columns differ by method (missing -> null)."""
+    if not tables:
+        return _trace_table([])
+    try:
+        return pa.concat_tables(tables, promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError):  # a field numeric in one batch, text in another
+        return _trace_table([r for t in tables for r in t.to_pylist()])
+
+
 def generate(model: Any, prompts: Sequence[PromptRecord | str],
              methods: Sequence[str | tuple[str, dict[str, Any]]], seeds: int | Sequence[int],
              out_dir: str | Path, steps: int | None = None, guidance_scale: float | None = None,
@@ -172,13 +182,17 @@ def generate(model: Any, prompts: Sequence[PromptRecord | str],
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     gen_path, trace_path = out / "generations.parquet", out / "trace.parquet"
-    gen_rows: list[dict[str, Any]] = []
-    trace_rows: list[dict[str, Any]] = []
+    gen_tables: list[pa.Table] = []  # earlier rows, then one table per batch
+    trace_tables: list[pa.Table] = []
     if gen_path.exists():
-        gen_rows = pq.read_table(gen_path).to_pylist()
-        if trace_path.exists():
-            trace_rows = pq.read_table(trace_path).to_pylist()
-    done = {(r["method"], r["prompt_id"], r["seed"]): r for r in gen_rows}
+        gen_tables.append(pq.read_table(gen_path).cast(GEN_SCHEMA))
+        if trace_path.exists():  # drop rows of a batch killed before its generations write
+            import pyarrow.compute as pc
+
+            tr = pq.read_table(trace_path)
+            trace_tables.append(tr.filter(pc.is_in(tr["file"], value_set=gen_tables[0]["file"])))
+    done = {(r["method"], r["prompt_id"], r["seed"]): r
+            for t in gen_tables for r in t.to_pylist()}
     model_hash = str(getattr(model, "model_hash", ""))
 
     work: list[tuple[str, Any, str, list[tuple[int, int]]]] = []
@@ -202,6 +216,8 @@ def generate(model: Any, prompts: Sequence[PromptRecord | str],
             crit = criterion if g.needs_criterion else None
             for lo in range(0, len(todo), batch_size):
                 batch = todo[lo:lo + batch_size]
+                gen_rows: list[dict[str, Any]] = []
+                trace_rows: list[dict[str, Any]] = []
                 res = sample(model, [records[p].text for p, _ in batch], [s for _, s in batch],
                              g, steps=steps, guidance_scale=scale, scheduler=scheduler,
                              criterion=crit)
@@ -223,10 +239,13 @@ def generate(model: Any, prompts: Sequence[PromptRecord | str],
                             if k not in ("t", "u"):
                                 row[k] = v[i]
                         trace_rows.append(row)
-                _write_atomic(pa.Table.from_pylist(gen_rows, schema=GEN_SCHEMA), gen_path)
-                _write_atomic(_trace_table(trace_rows), trace_path)
+                gen_tables.append(pa.Table.from_pylist(gen_rows, schema=GEN_SCHEMA))
+                trace_tables.append(_trace_table(trace_rows))
+                _write_atomic(_concat_traces(trace_tables), trace_path)
+                _write_atomic(pa.concat_tables(gen_tables), gen_path)  # last: marks it done
                 advance(len(batch))
+    gen = pa.concat_tables(gen_tables) if gen_tables else GEN_SCHEMA.empty_table()
     if not gen_path.exists():  # nothing to do and nothing before: still write the tables
-        _write_atomic(pa.Table.from_pylist(gen_rows, schema=GEN_SCHEMA), gen_path)
-        _write_atomic(_trace_table(trace_rows), trace_path)
-    return pa.Table.from_pylist(gen_rows, schema=GEN_SCHEMA)
+        _write_atomic(_concat_traces(trace_tables), trace_path)
+        _write_atomic(gen, gen_path)
+    return gen

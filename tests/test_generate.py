@@ -174,3 +174,28 @@ def test_generate_from_a_canary_folder(tmp_path):
     rta = [r for r in rows if r["method"] == "rta"]
     assert all(r["final_prompt"] != r["prompt"] for r in rta)
     assert all(r["final_prompt"] == r["prompt"] for r in rows if r["method"] == "cfg")
+
+
+def test_resume_after_a_kill_between_the_two_table_writes(model, tmp_path):
+    out = tmp_path / "run"
+    generate(model, ["a cat", "a dog"], [("cfg", {})], 1, out, steps=2, batch_size=1)
+    gen = pq.read_table(out / "generations.parquet")
+    pq.write_table(gen.slice(0, 1), out / "generations.parquet")  # the last batch "lost"
+    table = generate(model, ["a cat", "a dog"], [("cfg", {})], 1, out, steps=2, batch_size=1)
+    assert table.num_rows == 2
+    trace = pq.read_table(out / "trace.parquet").to_pylist()
+    assert sorted((t["file"], t["step"]) for t in trace) == [
+        ("images/cfg/00000_0.png", 0), ("images/cfg/00000_0.png", 1),
+        ("images/cfg/00001_0.png", 0), ("images/cfg/00001_0.png", 1)]
+
+
+def test_trace_fields_of_mixed_types_become_text():
+    from memaudit.generate import _concat_traces, _trace_table
+
+    a = _trace_table([dict(file="a.png", method="m", prompt_id=0, seed=0, step=0, t=9, u=0.9,
+                           x=1.5, flag=True)])
+    b = _trace_table([dict(file="b.png", method="n", prompt_id=0, seed=0, step=0, t=9, u=0.9,
+                           x=["cfg", "spe"])])
+    rows = _concat_traces([a, b]).to_pylist()
+    assert rows[0]["flag"] == 1.0 and rows[1]["flag"] is None
+    assert [r["x"] for r in rows] == ["1.5", '["cfg", "spe"]']
