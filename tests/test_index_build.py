@@ -105,11 +105,11 @@ def test_pixel_size_default_and_override(tmp_path):
 
 
 def test_ivf_pq_factory_trained(tmp_path):
-    p = digits_parquet(tmp_path / "d.parquet", n=600)
-    out = build_index(p, "pixels", tmp_path / "ivf", factory="IVF4,PQ8", batch_size=128,
+    p = digits_parquet(tmp_path / "d.parquet", n=300)
+    out = build_index(p, "pixels", tmp_path / "ivf", factory="IVF2,PQ4x4", batch_size=128,
                       shard_rows=256, calibrate=False)
     idx = TrainingIndex.open(out)
-    assert idx.manifest["factory"] == "IVF4,PQ8" and idx.index.is_trained
+    assert idx.manifest["factory"] == "IVF2,PQ4x4" and idx.index.is_trained
     assert idx.ntotal == idx.manifest["groups"]
     imgs, _ = digits_rgb(3)
     _, gids = idx.search(idx.embedder.embed([Image.fromarray(a) for a in imgs]), 1)

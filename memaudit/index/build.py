@@ -281,6 +281,7 @@ def build_index(source: str | Path, embedder: str, out: str | Path, factory: str
         opts["size"] = common_image_size(source, image_col, caption_col, key_col)
         size_auto = True
     emb = make_embedder(embedder, device=device, **opts)
+    make_faiss_index(emb.dim, factory, emb.metric)  # a bad factory string fails before work
 
     partial = out.with_name(out.name + ".partial")
     settings = _settings_fingerprint(files, counts, emb, factory, cols, shard_rows)
