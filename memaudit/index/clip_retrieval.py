@@ -52,15 +52,25 @@ def import_clip_retrieval(src: str | Path, out: str | Path, clip_model: str = "V
                           clip_pretrained: str | None = None, factory: str = "Flat",
                           use_existing_index: bool = True, overwrite: bool = False) -> Path:
     """Turn a clip-retrieval folder into an index directory; returns `out`."""
+    staging = Path(out).with_name(Path(out).name + ".partial")
+    try:
+        return _import(Path(src), Path(out), staging, clip_model, clip_pretrained, factory,
+                       use_existing_index, overwrite)
+    except BaseException:
+        if staging.exists():
+            shutil.rmtree(staging)
+        raise
+
+
+def _import(src: Path, out: Path, staging: Path, clip_model: str, clip_pretrained: str | None,
+            factory: str, use_existing_index: bool, overwrite: bool) -> Path:
     import faiss
 
-    src, out = Path(src), Path(out)
     if out.exists() and not overwrite:
         raise UserError(f"{out} already exists (use --overwrite to replace it)")
     parts = _parts(src)
     existing = src / "index" / "image.index"
     reuse = use_existing_index and existing.is_file()
-    staging = out.with_name(out.name + ".partial")
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
