@@ -110,10 +110,17 @@ class TextEncoder:
 
     def __init__(self, text_len: int = 16, device: str | torch.device = "cpu"):
         from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as tlogging
 
         path = minilm_path()
         self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        self.model = AutoModel.from_pretrained(path, local_files_only=True).to(device).eval()
+        shown = tlogging.is_progress_bar_enabled()
+        tlogging.disable_progress_bar()
+        try:
+            self.model = AutoModel.from_pretrained(path, local_files_only=True).to(device).eval()
+        finally:
+            if shown:
+                tlogging.enable_progress_bar()
         self.model.requires_grad_(False)
         self.text_len = text_len
         self.device = torch.device(device)
