@@ -140,3 +140,23 @@ def test_not_a_pipeline_is_a_user_error(tmp_path, pipe_dir):
     shutil.rmtree(broken / "unet")
     with pytest.raises(UserError, match="broken"):
         StableDiffusionDenoiser.load(broken)
+
+
+def test_hub_id_from_the_local_cache_records_the_revision(pipe_dir, tmp_path, monkeypatch):
+    """A hub id resolves through the Hugging Face cache layout (offline); the snapshot's
+    revision is recorded and the hash is the same as for the folder."""
+    import huggingface_hub.constants as hf_constants
+
+    rev = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--tiny--sd"
+    shutil.copytree(pipe_dir, repo / "snapshots" / rev)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(rev)
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    m = load_model("tiny/sd", device="cpu")
+    assert isinstance(m, StableDiffusionDenoiser)
+    assert m.name == "tiny/sd" and m.revision == rev
+    assert m.model_hash == hash_pipeline_weights(pipe_dir)
+    with pytest.raises(UserError, match="cannot load"):
+        load_model("tiny/other", device="cpu")
