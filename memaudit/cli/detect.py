@@ -37,9 +37,13 @@ def register(app: typer.Typer) -> None:
             pq.write_table(table, out)
         n_crit = max(1, len(set(table["criterion"].to_pylist())))
         show = Table(title=f"detect: {table.num_rows // n_crit} images vs {index}")
-        for col in ("image", "criterion", "score", "neighbour_key", "group_count", "copy",
-                    "copy (calibrated)"):
-            show.add_column(col, overflow="fold")
+        show.add_column("image", overflow="fold", ratio=3)
+        show.add_column("criterion", no_wrap=True)
+        show.add_column("score", justify="right", no_wrap=True)
+        show.add_column("nearest key", overflow="fold", ratio=2)
+        show.add_column("dups", justify="right", no_wrap=True)
+        show.add_column("copy", no_wrap=True)
+        show.add_column("calibrated", no_wrap=True)
         rows = table.to_pylist()
         for r in rows[:limit]:
             cal = r["is_copy_calibrated"]
