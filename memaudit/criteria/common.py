@@ -15,6 +15,7 @@ Everything here works against the `TrainingIndex` contract (memaudit.index): `.m
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -197,6 +198,14 @@ class IndexCriterion(Criterion):
         )
         self.groups = GroupVectors(index)
         self.dim = self.groups.dim
+        factory = str(index.manifest.get("factory") or "Flat")
+        #: True when the index stores compressed vectors (PQ/SQ...): distances are then
+        #: computed to reconstructions, not to the training images themselves.
+        self.lossy = not factory.replace(" ", "").upper().endswith(("FLAT", "IDMAP,FLAT"))
+        if self.lossy and not self.higher_is_more_similar:
+            warnings.warn(f"{self.name} on a {factory} index compares images with compressed "
+                          "vectors; build pixel indexes with the default Flat factory for exact "
+                          "distances", stacklevel=3)
 
     # -- verdict helpers --
     def verdicts(self, score: np.ndarray, rows: np.ndarray,
