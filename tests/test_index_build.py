@@ -231,12 +231,12 @@ def test_sscd_build_and_query_cli(tmp_path, capsys):
     data = write_parquet(tmp_path / "photos.parquet", [encode(ph[n], "JPEG") for n in names],
                          [f"a photo of {n}" for n in names], keys=names, image_col="jpg")
     main(["--quiet", "index", "build", str(data), "--embedder", "sscd", "--weights",
-          str(weights), "--out", str(tmp_path / "sidx"), "--batch-size", "2",
-          "--no-calibrate"])
+          str(weights), "--out", str(tmp_path / "sidx"), "--batch-size", "2"])
     idx = TrainingIndex.open(tmp_path / "sidx")
     assert (idx.metric, idx.dim, idx.manifest["preprocessing"]) == ("ip", 512, "official")
     assert idx.manifest["embedder"]["config"]["weights"] == str(weights.resolve())
     assert idx.nitems == 5 and idx.ntotal == 4  # chelsea and cat are the same picture
+    assert "sscd" in idx.manifest["calibration"]  # the criteria area's calibration ran
     keys = idx.items.column("key").to_pylist()
     g = idx.items.column("group_id").to_pylist()
     assert g[keys.index("chelsea")] == g[keys.index("cat")]
@@ -261,10 +261,11 @@ def test_clip_build_tiny(tmp_path):
     names = ["astronaut", "coffee", "rocket"]
     data = write_parquet(tmp_path / "p.parquet", [encode(ph[n]) for n in names], names,
                          keys=names)
-    out = build_index(data, "clip", tmp_path / "cidx", calibrate=False,
+    out = build_index(data, "clip", tmp_path / "cidx",
                       embedder_opts={"model": "memaudit-tiny-clip", "model_config": str(cfg)})
     idx = TrainingIndex.open(out)
     assert (idx.metric, idx.dim, idx.ntotal) == ("ip", 32, 3)
+    assert "clip" in idx.manifest["calibration"]
     v = idx.embedder.embed([Image.fromarray(ph["coffee"])])
     s, gids = idx.search(v, 1)
     assert gids[0, 0] == 1 and s[0, 0] == pytest.approx(1.0, abs=1e-5)
@@ -280,3 +281,16 @@ def test_read_errors_are_user_errors(tmp_path):
     (tmp_path / "half").mkdir()
     with pytest.raises(UserError, match="missing manifest.json"):
         TrainingIndex.open(tmp_path / "half")
+
+
+def test_example_recipes_parse():
+    from memaudit.index import load_recipe
+
+    root = Path(__file__).resolve().parents[1] / "indexes"
+    recipes = sorted(root.glob("example-*.toml"))
+    assert len(recipes) >= 3
+    for r in recipes:
+        kw = load_recipe(r)
+        assert kw["embedder"] in ("pixels", "sscd", "clip") and kw["source"] and kw["out"]
+    sscd = load_recipe(root / "example-sscd.toml")
+    assert sscd["embedder_opts"]["preprocessing"] == "official"
