@@ -30,8 +30,8 @@ import torch
 
 from memaudit.common import UserError
 
-DEFAULT_METHODS = ("cfg", "static", "dynamic", "opposite", "opposite-dynamic", "amg",
-                   "amg:spe", "amg:dup", "amg:sim", "rna", "rta", "cwr", "gni", "wen")
+DEFAULT_METHODS = ("cfg", "static", "dynamic", "opposite", "opposite-dynamic", "amg", "rna",
+                   "rta", "cwr", "gni", "wen")  # part ablations: add amg:spe, amg:dup, amg:sim
 TRIGGER_GROUPS = ("64x", "16x", "4x", "1x")
 
 
