@@ -122,3 +122,16 @@ def test_screen_equals_the_samplers_cfg_trajectory():
     expect = torch.stack(norms[:4]).mean().item()
     got = screen_prompts(SchedFake(), ["a canary"], steps=4, seeds=[3, 5])
     assert got[0] == pytest.approx(expect, rel=1e-5)
+
+
+def test_screen_cli_label_sets(tmp_path, monkeypatch, capsys):
+    import memaudit.models.base as base
+
+    monkeypatch.setattr(base, "load_model", lambda spec, device=None: SchedFake())
+    p = tmp_path / "prompts.csv"
+    p.write_text("prompt,label\na canary,64x\na branch,16x\nthe sky,1x\na cloud,generic\n")
+    main(["screen", "--model", "x", "--prompts", str(p), "--seeds", "1",
+          "--positive", "64x,16x", "--negative", "1x"])
+    s = screen_prompts(SchedFake(), ["a canary", "a branch", "the sky"], seeds=1)
+    text = capsys.readouterr().out
+    assert f"labels: 2 memorized, 1 clean; AUC {auc(s[:2], s[2:]):.4f}" in text

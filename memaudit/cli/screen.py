@@ -16,12 +16,20 @@ NEGATIVE = {"0", "false", "no", "neg", "negative", "clean", "generic", "normal",
             "not-memorized", "not_memorized"}
 
 
-def label_value(label: str | None) -> bool | None:
-    """A prompt label read as memorized (True) / clean (False) / unknown (None)."""
+def label_value(label: str | None, positive: set[str] | None = None,
+                negative: set[str] | None = None) -> bool | None:
+    """A prompt label read as memorized (True) / clean (False) / unknown (None); `positive` /
+    `negative` override the default vocabularies (e.g. {"64x", "16x"} vs {"1x"})."""
     if label is None:
         return None
     s = label.strip().lower()
-    return True if s in POSITIVE else False if s in NEGATIVE else None
+    pos = POSITIVE if positive is None else positive
+    neg = NEGATIVE if negative is None else negative
+    return True if s in pos else False if s in neg else None
+
+
+def _label_set(text: str | None) -> set[str] | None:
+    return None if text is None else {w.strip().lower() for w in text.split(",") if w.strip()}
 
 
 def _read(path: Path):
@@ -43,6 +51,10 @@ def register(app: typer.Typer) -> None:
         threshold: float | None = typer.Option(None, "--threshold", help="Fixed threshold."),
         guidance_scale: float | None = typer.Option(None, "--guidance-scale",
                                                     help="CFG scale for steps > 1."),
+        positive: str | None = typer.Option(None, "--positive",
+                                            help="Labels counted as memorized, e.g. 64x,16x."),
+        negative: str | None = typer.Option(None, "--negative",
+                                            help="Labels counted as clean, e.g. 1x,generic."),
         batch_size: int = typer.Option(32, "--batch-size"),
         out: Path | None = typer.Option(None, "--out", help="Write scores to this Parquet."),
         device: str | None = typer.Option(None, "--device", help="cuda / cpu (default auto)."),
@@ -76,7 +88,8 @@ def register(app: typer.Typer) -> None:
         if thr is not None:
             src = f"calibrated on {calibrate} at FPR {fpr}" if threshold is None else "given"
             typer.echo(f"threshold {thr:.4f} ({src}); flagged {int(flags.sum())}/{len(flags)}")
-        labels = [label_value(r.label) for r in records]
+        pos_set, neg_set = _label_set(positive), _label_set(negative)
+        labels = [label_value(r.label, pos_set, neg_set) for r in records]
         pos = np.array([s for s, lab in zip(scores, labels, strict=True) if lab is True])
         neg = np.array([s for s, lab in zip(scores, labels, strict=True) if lab is False])
         if pos.size and neg.size:
