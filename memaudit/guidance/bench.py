@@ -163,7 +163,7 @@ def screening(model: Any, groups_all: dict[str, list[str]], seeds: int = 4, step
 
 
 def tune(model: Any, crit: Any, groups: dict[str, list[str]], seeds: list[int], steps: int,
-         batch_size: int, min_steps=(2, 5, 10, 20), c3s=(10.0, 30.0, 100.0, 300.0, 1000.0),
+         batch_size: int, min_steps=(2, 5, 10, 20), c3s=(1.0, 3.0, 10.0, 30.0, 100.0),
          log=print) -> dict[str, Any]:
     """Pick dynamic.min_step and amg.c3 on tuning seeds (disjoint from the evaluation seeds).
 
@@ -252,7 +252,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--methods", default=",".join(DEFAULT_METHODS))
     ap.add_argument("--param", action="append", default=[])
     ap.add_argument("--tune", action="store_true")
-    ap.add_argument("--tune-seeds", type=int, default=4)
+    ap.add_argument("--tune-seeds", type=int, default=2)
+    ap.add_argument("--tune-min-steps", default="2,5,10,20")
+    ap.add_argument("--tune-c3", default="1,3,10,30,100")
     ap.add_argument("--screen-seeds", default="4,1")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
@@ -277,7 +279,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     t_all = time.perf_counter()
     if args.tune:
         tuned = tune(model, crit, groups, list(range(1000, 1000 + args.tune_seeds)), args.steps,
-                     args.batch_size)
+                     args.batch_size, [int(v) for v in args.tune_min_steps.split(",")],
+                     [float(v) for v in args.tune_c3.split(",")])
         result["tuning"] = tuned
         params.setdefault("dynamic", {}).setdefault("min_step", tuned["best_min_step"])
         params.setdefault("opposite-dynamic", {}).setdefault("min_step",
