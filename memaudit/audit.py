@@ -305,11 +305,17 @@ def default_components() -> Components:
     from memaudit.sampler import sample
     from memaudit.screen import calibrate_threshold, screen_prompts
 
+    try:  # the canary's digit classifier (text alignment, METHODS 4), when installed
+        import memaudit.canary.digits  # noqa: F401
+
+        alignment = _digits_alignment
+    except ImportError:
+        alignment = None
     return Components(load_model=load_model, open_index=TrainingIndex.open,
                       build_index=build_index, make_criterion=make_criterion,
                       make_method=make_method, sample=sample, read_prompts=read_prompts,
                       screen_prompts=screen_prompts, calibrate_threshold=calibrate_threshold,
-                      alignment=_digits_alignment)
+                      alignment=alignment)
 
 
 # --- helpers ----------------------------------------------------------------------------

@@ -1,0 +1,151 @@
+"""`memaudit demo`: the whole chain on the shipped canary, in a few minutes on a laptop CPU.
+
+canary data (bundled images, planted duplicates at 1, 4, 16, 64 copies) -> pixel index
+(with its nL2 calibration) -> audit of the trigger and generic prompts with `cfg` and the
+mitigations -> OUT/audit.duckdb -> OUT/report.html. The plan it runs is written to
+OUT/plan.toml, so `memaudit audit OUT/plan.toml` reproduces (or resumes) it. A second
+`memaudit demo` on the same folder reuses the data, the index and the finished run.
+
+The canary's memorization is guidance-independent for its most duplicated images (DESIGN.md
+"The built-in canary"), so the demo shows which mitigations still cut copying there and at
+what cost, and how the fixed and calibrated nL2 verdicts differ.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from memaudit.common import UserError
+
+#: Prompt lists of the canary data and the label each gets in the audit.
+DEMO_LISTS = (("triggers_64x.txt", "trigger-64x"), ("triggers_16x.txt", "trigger-16x"),
+              ("triggers_4x.txt", "trigger-4x"), ("triggers_1x.txt", "trigger-1x"),
+              ("generic.txt", "generic"))
+
+#: Methods the demo compares (cfg first: the baseline of the cost ratios).
+DEMO_METHODS = ("cfg", "static", "dynamic", "amg", "rna")
+
+#: Sampling settings chosen so that the demo finishes in under 5 minutes on 2 CPU cores
+#: (measured: docs/benchmarks.md "Demo").
+DEMO_SEEDS = (0, 1)
+DEMO_STEPS = 25
+
+
+def demo_plan(out: Path, data: Path, model: str = "canary", methods=DEMO_METHODS,
+              seeds=DEMO_SEEDS, steps: int = DEMO_STEPS, screen: bool = True) -> str:
+    """The demo's plan as TOML text (paths absolute)."""
+    lines = [
+        "# memaudit demo plan: `memaudit audit plan.toml` reruns (or resumes) it",
+        f"out = {json.dumps(str(out))}",
+        f"model = {json.dumps(model)}",
+        'criteria = ["nl2"]',
+        f"methods = {json.dumps(list(methods))}",
+        f"seeds = {json.dumps(list(seeds))}",
+        f"steps = {int(steps)}",
+        "batch_size = 64",
+        'alignment = "auto"',
+        "",
+        "[index]",
+        f"source = {json.dumps(str(data / 'train.parquet'))}",
+        'embedder = "pixels"',
+        f"path = {json.dumps(str(out / 'index'))}",
+        "",
+    ]
+    for name, label in DEMO_LISTS:
+        lines += ["[[prompts]]", f"file = {json.dumps(str(data / name))}",
+                  f"label = {json.dumps(label)}", ""]
+    if screen:
+        lines += ["[screen]", "steps = 1", "seeds = 4", 'clean_label = "generic"',
+                  "fpr = 0.01", ""]
+    return "\n".join(lines)
+
+
+def summary_rows(db: Path) -> list[dict[str, Any]]:
+    """Copy rate (fixed and calibrated nL2) per method and prompt label, plus cost."""
+    from memaudit.store import AuditStore
+
+    with AuditStore(db, read_only=True) as s:
+        run = s.run()
+        return s.query(
+            "SELECT g.method, p.label, count(*) AS n, "
+            "avg(CASE WHEN m.is_copy THEN 1.0 ELSE 0.0 END) AS fixed, "
+            "avg(CASE WHEN m.is_copy_calibrated THEN 1.0 ELSE 0.0 END) AS calibrated, "
+            "avg(g.alignment) AS alignment, avg(g.unet_calls) AS unet, "
+            "avg(g.wall_seconds) AS wall "
+            "FROM generations g JOIN prompts p ON p.id = g.prompt_id "
+            "JOIN matches m ON m.generation_id = g.id "
+            "WHERE g.run_id = ? AND m.criterion = 'nl2' GROUP BY ALL", [run["id"]])
+
+
+def format_summary(rows: list[dict[str, Any]], methods: list[str]) -> str:
+    """A plain-text table: copy rate (calibrated / fixed nL2) per method x prompt label."""
+    labels = [lab for _, lab in DEMO_LISTS if any(r["label"] == lab for r in rows)]
+    cell = {(r["method"], r["label"]): r for r in rows}
+    head = f"{'method':<10}" + "".join(f"{lab:>14}" for lab in labels) + f"{'UNet/img':>10}"
+    out = ["copy rate, nL2 calibrated (fixed) per prompt group", head, "-" * len(head)]
+    for m in methods:
+        line = f"{m:<10}"
+        unet = None
+        for lab in labels:
+            r = cell.get((m, lab))
+            if r is None:
+                line += f"{'-':>14}"
+                continue
+            unet = r["unet"]
+            line += f"{100 * r['calibrated']:>6.0f}% ({100 * r['fixed']:>3.0f}%)"
+        line += f"{unet:>10.0f}" if unet is not None else f"{'-':>10}"
+        out.append(line)
+    return "\n".join(out)
+
+
+def run_demo(out: str | Path = "memaudit-demo", *, device: str | None = None,
+             model: str = "canary", methods=DEMO_METHODS, seeds=DEMO_SEEDS,
+             steps: int = DEMO_STEPS, screen: bool = True,
+             log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run the demo into `out`; returns timings, the summary text and the output paths."""
+    from memaudit.audit import load_plan, run_audit
+    from memaudit.canary.data import build_canary_data
+    from memaudit.report import write_report
+
+    log = log or (lambda s: None)
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    times: dict[str, float] = {}
+    t0 = time.perf_counter()
+    data = out / "data"
+    if not (data / "data.json").exists() or not (data / "train.parquet").exists():
+        log(f"[1/4] canary data -> {data}")
+        build_canary_data(data)
+    times["data"] = time.perf_counter() - t0
+
+    plan_path = out / "plan.toml"
+    text = demo_plan(out, data, model=model, methods=methods, seeds=seeds, steps=steps,
+                     screen=screen)
+    plan_path.write_text(text)
+    plan = load_plan(plan_path)
+    log("[2/4] index + [3/4] audit (generate, detect, screen) -> "
+        f"{plan.db_path}")
+    t1 = time.perf_counter()
+    try:
+        res = run_audit(plan, device=device, log=log)
+    except UserError as e:
+        if "differs from run" in str(e):
+            raise UserError(f"{out} holds a demo run with other settings; use a new --out "
+                            "folder") from e
+        raise
+    times["index_and_audit"] = time.perf_counter() - t1
+    t2 = time.perf_counter()
+    log(f"[4/4] report -> {out / 'report.html'}")
+    report = write_report(res.db_path, out / "report.html")
+    times["report"] = time.perf_counter() - t2
+    times["total"] = time.perf_counter() - t0
+    rows = summary_rows(res.db_path)
+    summary = format_summary(rows, list(methods))
+    return {"db": res.db_path, "report": report, "plan": plan_path, "times": times,
+            "rows": rows, "units_done": res.units_done,
+            "text": summary + f"\n\ntotal {times['total']:.1f} s "
+                              f"(index+audit {times['index_and_audit']:.1f} s)"}

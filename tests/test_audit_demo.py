@@ -1,0 +1,32 @@
+"""`memaudit demo` end to end on the real canary data, index, sampler, criteria and report,
+with a tiny random canary model and few steps (the shipped model is timed in
+docs/benchmarks.md "Demo"); a second run reuses everything and does no work."""
+
+from __future__ import annotations
+
+import pytest
+from audit_fixtures import make_tiny_canary
+
+from memaudit.demo import run_demo
+from memaudit.store import AuditStore
+
+
+@pytest.mark.slow
+def test_demo_chain_and_rerun(tmp_path):
+    model = str(make_tiny_canary(tmp_path / "canary"))
+    out = tmp_path / "demo"
+    kw = dict(model=model, methods=("cfg", "amg"), seeds=(0,), steps=2, device="cpu")
+    first = run_demo(out, **kw)
+    assert first["report"].is_file() and (out / "plan.toml").is_file()
+    with AuditStore(first["db"], read_only=True) as s:
+        labels = dict(s.con.execute("SELECT label, count(*) FROM prompts GROUP BY 1").fetchall())
+        assert labels == {"trigger-64x": 6, "trigger-16x": 6, "trigger-4x": 6,
+                          "trigger-1x": 6, "generic": 21}
+        assert s.count("generations") == 90 and s.count("screens") == 45
+        assert s.run()["status"] == "finished"
+    text = first["text"]
+    assert "trigger-64x" in text and text.count("\ncfg ") == 1 and "\namg " in text
+    again = run_demo(out, **kw)
+    assert again["units_done"] == 0
+    with AuditStore(again["db"], read_only=True) as s:
+        assert s.count("generations") == 90 and s.count("runs") == 1
