@@ -294,3 +294,36 @@ def test_example_recipes_parse():
         assert kw["embedder"] in ("pixels", "sscd", "clip") and kw["source"] and kw["out"]
     sscd = load_recipe(root / "example-sscd.toml")
     assert sscd["embedder_opts"]["preprocessing"] == "official"
+
+
+def test_decoding_runs_ahead_in_worker_threads(tmp_path):
+    """Decoding + preprocessing happen in the decode pool, and batches are prepared ahead
+    while the consumer (the model) is still busy with the first one."""
+    import threading
+
+    from memaudit.data.parquet import iter_training_batches
+    from memaudit.embedders.pixels import PixelEmbedder
+    from memaudit.index.build import prepared_batches
+
+    p = digits_parquet(tmp_path / "d.parquet", n=40)
+    threads: set[str] = set()
+    calls = threading.Semaphore(0)
+
+    class Spy(PixelEmbedder):
+        def preprocess(self, image):
+            threads.add(threading.current_thread().name)
+            calls.release()
+            return super().preprocess(image)
+
+    gen = prepared_batches(Spy(size=8), iter_training_batches(p, batch_rows=4), workers=2,
+                           prefetch=4)
+    first = next(gen)
+    assert len(first) == 4
+    # while we hold the first batch, the pool keeps preparing the next ones
+    for _ in range(4 + 3 * 4):
+        assert calls.acquire(timeout=30)
+    rest = list(gen)
+    assert sum(len(b) for b in rest) == 36
+    assert [r.key for r, *_ in first] == [f"d{i:04d}" for i in range(4)]
+    assert [r.key for b in rest for r, *_ in b] == [f"d{i:04d}" for i in range(4, 40)]
+    assert threads and all(t.startswith("memaudit-decode") for t in threads)

@@ -164,6 +164,7 @@ class _Shard:
         self.items: list[tuple[str, str, str, int]] = []
         self.tensors: list = []  # preprocessed, waiting for a full model batch
         self.emb_parts: list[np.ndarray] = []
+        self.shape_counts: dict[tuple[int, ...], int] = {}
         self.hashes: list[bytes] = []
         self.skipped: list[dict[str, Any]] = []
         self.digest = hashlib.sha256()
@@ -173,6 +174,7 @@ class _Shard:
         if self.tensors:
             self.emb_parts.append(embedder.embed_list(self.tensors, batch_size))
             self.tensors = []
+            self.shape_counts = {}
 
 
 def _shard_paths(partial: Path, k: int) -> dict[str, Path]:
@@ -234,7 +236,12 @@ def _embed_range(partial: Path, embedder, source, cols: dict, start: int, stop: 
             shard.items.append((r.key, r.caption, r.source_file, r.source_row))
             shard.tensors.append(t)
             shard.hashes.append(phash)
-            if len(shard.tensors) >= batch_size:
+            shape = tuple(t.shape)
+            shard.shape_counts[shape] = shard.shape_counts.get(shape, 0) + 1
+            # full model batches: one shape reached batch_size (aspect-keeping preprocessing
+            # gives several shapes; wait for up to 4 batches' worth to group them)
+            if (shard.shape_counts[shape] >= batch_size
+                    or len(shard.tensors) >= 4 * batch_size):
                 shard.flush(embedder, batch_size)
         advance(len(prepared))
     finish(shard)
