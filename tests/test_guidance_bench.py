@@ -57,13 +57,18 @@ def test_bench_runs_end_to_end(tmp_path, monkeypatch):
     res = bench.main(["--work", str(work), "--data", str(data), "--index", str(index),
                       "--seeds", "2", "--per-group", "2", "--steps", "4",
                       "--methods", "cfg,dynamic,amg:sim,wen", "--screen-seeds", "2",
-                      "--param", "amg.c3=5"])
+                      "--param", "amg.c3=5", "--tune", "--tune-seeds", "1",
+                      "--tune-min-steps", "2,3", "--tune-c3", "1,5"])
     saved = json.loads((work / "bench.json").read_text())
     assert [r["method"] for r in saved["methods"]] == ["cfg", "dynamic", "amg:sim", "wen"]
     cfg, dyn, amg, wen = res["methods"]
     assert cfg["unet_rows"] == 8 and dyn["unet_rows"] == 8 and wen["unet_rows"] > 8
     assert cfg["images"] == 2 * (1 + 1 + 1 + 1 + 2)
-    assert amg["params"] == {"c3": 5.0}
+    assert amg["params"] == {"c3": 5.0}  # an explicit --param wins over the tuned value
+    tuned = saved["tuning"]
+    assert [c["min_step"] for c in tuned["dynamic"]] == [2, 3]
+    assert tuned["best_min_step"] in (2, 3) and tuned["best_c3"] in (1.0, 5.0)
+    assert saved["params"]["dynamic"] == {"min_step": tuned["best_min_step"]}
     assert set(amg["amg_share"]) == {"amg_spe", "amg_dup", "amg_sim", "fired"}
     assert amg["amg_share"]["amg_spe"]["generic"] == 0.0  # the part is switched off
     assert "trigger_64_16_mean" in dyn["switch_step"]

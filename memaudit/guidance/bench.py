@@ -125,9 +125,8 @@ def run_method(model: Any, spec: str, params: dict, groups: dict[str, list[str]]
         share = {}
         for part in ("amg_spe", "amg_dup", "amg_sim", "fired"):
             v = np.array([rec[part] for rec in out.trace], dtype=float)  # [steps, B]
-            share[part] = {"trigger_64_16": float(v[:, trig].mean()),
-                           "generic": float(v[:, gm].mean()),
-                           "1x": float(v[:, names == "1x"].mean())}
+            share[part] = {k: float(v[:, m].mean()) if m.any() else None for k, m in
+                           (("trigger_64_16", trig), ("generic", gm), ("1x", names == "1x"))}
         res["amg_share"] = share
         res["amg_similarity_s_per_step"] = g.cost["similarity_s"] / max(1, g.cost[
             "similarity_calls"])
