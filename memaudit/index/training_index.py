@@ -202,5 +202,9 @@ class TrainingIndex:
             "skipped": (m.get("skipped") or {}).get("by_reason", {}),
             "content_hash": m.get("content_hash"),
             "created": m.get("created"),
-            "calibrated": m.get("calibration") is not None,
+            "calibration": {
+                name: {f: round(float(v), 4) for f, v in (entry.get("fpr") or {}).items()}
+                for name, entry in (m.get("calibration") or {}).items()
+                if isinstance(entry, dict) and isinstance(entry.get("fpr"), dict)
+            } if m.get("calibration") else None,
         }
