@@ -125,8 +125,8 @@ def _candidate_crops(rng: np.random.Generator, res: int,
         img = _grey01(getattr(skd, name)())
         h, w = img.shape
         m = min(h, w)
-        for _ in range(12):
-            size = int(rng.integers(max(res * 4, m // 5), m + 1))
+        for _ in range(40):
+            size = int(rng.integers(max(res * 4, m // 4), m + 1))
             y = int(rng.integers(0, h - size + 1))
             x = int(rng.integers(0, w - size + 1))
             crop = _quantize(_resize(img[y:y + size, x:x + size], res))
@@ -137,13 +137,38 @@ def _candidate_crops(rng: np.random.Generator, res: int,
     return out
 
 
-def select_planted(res: int = 16, per_count: int = 6, seed: int = 0, min_rmse: float = 0.1,
-                   generic: np.ndarray | None = None) -> list[Planted]:
+def _box(src: str) -> tuple[str, int, int, int] | None:
+    """("astronaut crop y=1 x=2 size=3") -> ("astronaut", 1, 2, 3); faces -> None."""
+    parts = src.split()
+    if parts[0] == "lfw_subset":
+        return None
+    vals = dict(p.split("=") for p in parts[2:])
+    return parts[0], int(vals["y"]), int(vals["x"]), int(vals["size"])
+
+
+def _clashes(src: str, kept: list[str], max_per_photo: int) -> bool:
+    """A photo crop clashes with kept crops of the same photo when it overlaps one of them
+    or the photo already gave `max_per_photo` crops."""
+    b = _box(src)
+    if b is None:
+        return False
+    same = [k for k in (_box(s) for s in kept) if k is not None and k[0] == b[0]]
+    if len(same) >= max_per_photo:
+        return True
+    _, y, x, n = b
+    return any(y < ky + kn and ky < y + n and x < kx + kn and kx < x + n
+               for _, ky, kx, kn in same)
+
+
+def select_planted(res: int = 16, per_count: int = 6, seed: int = 0, min_rmse: float = 0.15,
+                   generic: np.ndarray | None = None, max_per_photo: int = 3) -> list[Planted]:
     """Choose per_count distinct images for each duplicate count in DUP_COUNTS.
 
     Greedy over shuffled candidates (photo crops and faces, alternating so every count mixes
     both): a candidate is kept only when its RMSE to every kept planted image and to every
-    generic image is >= min_rmse, and it is not nearly flat (std >= 0.05).
+    generic image is >= min_rmse, it is not nearly flat (std >= 0.08), and at most
+    `max_per_photo` crops come from one photograph, which must not overlap (shifted crops of
+    one region look alike even when their RMSE is large).
     """
     rng = np.random.default_rng(seed)
     n = per_count * len(DUP_COUNTS)
@@ -158,7 +183,7 @@ def select_planted(res: int = 16, per_count: int = 6, seed: int = 0, min_rmse: f
         want_face = sum(s.startswith("lfw") for s, _ in kept) < n_face_goal and len(kept) % 3 == 2
         stream = streams[1] if (want_face and faces) or not photos else streams[0]
         src, img = stream.pop(0)
-        if img.std() < 0.05:
+        if img.std() < 0.08 or _clashes(src, [k for k, _ in kept], max_per_photo):
             continue
         if kept and rmse_matrix(img[None], np.stack([k for _, k in kept])).min() < min_rmse:
             continue
@@ -182,7 +207,7 @@ def select_planted(res: int = 16, per_count: int = 6, seed: int = 0, min_rmse: f
 
 
 def build_canary_data(out: str | Path, res: int = 16, per_count: int = 6, seed: int = 0,
-                      min_rmse: float = 0.1, digits_limit: int | None = None) -> dict:
+                      min_rmse: float = 0.15, digits_limit: int | None = None) -> dict:
     """Write the canary training set and prompt lists into `out`.
 
     Files: train.parquet (key, caption, png), ground_truth.parquet (caption, key, key_prefix,

@@ -19,7 +19,7 @@ def data_cmd(
     resolution: int = typer.Option(16, help="Training resolution (square, grey)."),
     per_count: int = typer.Option(6, help="Planted images per duplicate count (1, 4, 16, 64)."),
     seed: int = typer.Option(0, help="Random seed."),
-    min_rmse: float = typer.Option(0.1, help="Minimum pixel RMSE between planted and others."),
+    min_rmse: float = typer.Option(0.15, help="Minimum pixel RMSE between planted and others."),
 ) -> None:
     """Training Parquet + trigger/generic prompt lists + ground truth from bundled images."""
     from memaudit.canary.data import build_canary_data

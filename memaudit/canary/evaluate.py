@@ -1,0 +1,230 @@
+"""Proof that the canary memorizes (issue 3; DESIGN.md "The built-in canary").
+
+For each CFG scale (1, the model's default s0, 2 s0 by default) generate `seeds` images per
+prompt (triggers at 64x/16x/4x/1x and generic prompts) with the guided sampler and the `cfg`
+guidance, score them with nL2 (METHODS 1.2) against a pixel index over the canary data, and
+report per duplicate count:
+  - nearest_is_planted: share of generations whose nearest training image is the planted one;
+  - copy_fixed / copy_calibrated: share with nL2 < 1.4 / < the index's calibrated 1% cut,
+    counted only when the nearest image is the planted one (a copy OF the planted image);
+for generic prompts the calibrated (and fixed) copy rate against any training image, and the
+digit classifier's agreement with the requested digit (METHODS 4). Images copied only with
+guidance: planted images whose calibrated copy rate is <= 25% at scale 1 and >= 50% at s0.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from memaudit.common import UserError, package_versions, track
+
+LABELS = ("64x", "16x", "4x", "1x", "generic")
+
+
+def read_prompts(data_dir: Path) -> list[tuple[str, str]]:
+    """(prompt, label) rows of the canary's prompts.csv."""
+    path = data_dir / "prompts.csv"
+    if not path.exists():
+        raise UserError(f"{path} not found: run `memaudit canary data` first")
+    with path.open(newline="") as f:
+        return [(r["prompt"], r["label"]) for r in csv.DictReader(f)]
+
+
+def planted_images(data_dir: Path) -> dict[str, dict]:
+    """caption -> {key_prefix, count, image [H, W] in [0, 1]} from ground_truth + train."""
+    import pyarrow.parquet as pq
+
+    from memaudit.canary.data import from_png
+
+    gt = pq.read_table(data_dir / "ground_truth.parquet").to_pylist()
+    train = pq.read_table(data_dir / "train.parquet", columns=["key", "png"])
+    key_to_png = dict(zip(train.column("key").to_pylist(), train.column("png").to_pylist(),
+                          strict=True))
+    return {g["caption"]: {"key_prefix": g["key_prefix"], "count": g["duplicate_count"],
+                           "image": from_png(key_to_png[g["key"]])} for g in gt}
+
+
+def _grid(rows: list[tuple[str, np.ndarray, np.ndarray]], path: Path, zoom: int = 4) -> None:
+    """One row per trigger: planted original | gap | generations. Images [H, W] in [0, 1]."""
+    from PIL import Image, ImageDraw
+
+    h = rows[0][1].shape[0] * zoom
+    ncols = 1 + max(len(r[2]) for r in rows)
+    label_w, gap = 40, 8
+    canvas = Image.new("L", (label_w + ncols * (h + 2) + gap, len(rows) * (h + 2)), 255)
+    draw = ImageDraw.Draw(canvas)
+    for i, (label, orig, gens) in enumerate(rows):
+        y = i * (h + 2)
+        draw.text((2, y + h // 2 - 5), label, fill=0)
+        tiles = [orig] + list(gens)
+        for j, tile in enumerate(tiles):
+            x = label_w + j * (h + 2) + (gap if j else 0)
+            im = Image.fromarray(np.clip(np.rint(tile * 255), 0, 255).astype(np.uint8))
+            canvas.paste(im.resize((h, h), Image.NEAREST), (x, y))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+
+
+def evaluate_canary(model: str | Path = "canary", out: str | Path = "canary_eval",
+                    data_dir: str | Path | None = None, index_dir: str | Path | None = None,
+                    seeds: int = 8, scales: tuple[float, ...] | None = None,
+                    steps: int | None = None, device: str | None = None,
+                    grid_path: str | Path | None = None, batch_size: int = 256) -> dict:
+    """Generate, score and summarise (see the module docstring); writes into `out`:
+    summary.json, per_image.csv (one row per generation) and grid.png (or `grid_path`).
+    `data_dir` defaults to rebuilding the canary data (deterministic) into out/data;
+    `index_dir` defaults to building a pixel index over it into out/index."""
+    from memaudit.canary.data import build_canary_data
+    from memaudit.canary.digits import DigitClassifier, digit_of_prompt
+    from memaudit.criteria import make_criterion
+    from memaudit.guidance import make_guidance
+    from memaudit.index.build import build_index
+    from memaudit.models import load_model
+    from memaudit.sampler import sample
+
+    t0 = time.time()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if data_dir is None:
+        data_dir = out / "data"
+        if not (data_dir / "train.parquet").exists():
+            build_canary_data(data_dir)
+    data_dir = Path(data_dir)
+    if index_dir is None:
+        index_dir = out / "index"
+        if not (index_dir / "manifest.json").exists():
+            build_index(data_dir / "train.parquet", "pixels", index_dir, overwrite=True)
+    m = load_model(model, device=device)
+    crit = make_criterion("nl2", index_dir)
+    if crit.calibrated_threshold is None:
+        raise UserError(f"index {index_dir} has no calibrated nL2 threshold")
+    index = crit.index
+    s0 = float(m.default_guidance_scale)
+    scales = tuple(scales) if scales else (1.0, s0, 2 * s0)
+    prompts = read_prompts(data_dir)
+    planted = planted_images(data_dir)
+    digits = DigitClassifier(res=m.latent_shape[-1])
+
+    rows_p = [p for p, _ in prompts for _ in range(seeds)]
+    rows_l = [lab for _, lab in prompts for _ in range(seeds)]
+    rows_s = [s for _ in prompts for s in range(seeds)]
+    records: list[dict] = []
+    gens_at: dict[float, np.ndarray] = {}
+    for scale in track(scales, "canary evaluate (scales)", unit="scale"):
+        imgs = []
+        for lo in range(0, len(rows_p), batch_size):
+            res = sample(m, rows_p[lo:lo + batch_size], rows_s[lo:lo + batch_size],
+                         make_guidance("cfg"), steps=steps, guidance_scale=scale)
+            imgs.append(res.images)
+        images = torch.cat(imgs)
+        gens_at[scale] = images[:, 0].numpy()
+        sc = crit.score(images)
+        keys = index.keys(sc.neighbour)
+        pred = digits.predict(images)
+        for i, (p, lab, seed) in enumerate(zip(rows_p, rows_l, rows_s, strict=True)):
+            info = planted.get(p)
+            near_planted = bool(info and keys[i].startswith(info["key_prefix"] + "-"))
+            want = digit_of_prompt(p) if lab == "generic" else None
+            records.append({
+                "scale": scale, "prompt": p, "label": lab, "seed": seed,
+                "nl2": float(sc.score[i]), "neighbour_key": keys[i],
+                "nearest_is_planted": near_planted,
+                "copy_fixed": bool(sc.is_copy[i]),
+                "copy_calibrated": bool(sc.is_copy_calibrated[i]),
+                "digit_requested": want, "digit_predicted": int(pred[i]),
+            })
+    with (out / "per_image.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(records[0]))
+        w.writeheader()
+        w.writerows(records)
+
+    def rate(rs: list[dict], key: str, planted_only: bool) -> float:
+        if not rs:
+            return float("nan")
+        ok = [r[key] and (r["nearest_is_planted"] or not planted_only) for r in rs]
+        return float(np.mean(ok))
+
+    table: dict[str, dict[str, dict]] = {}
+    for scale in scales:
+        per: dict[str, dict] = {}
+        for lab in LABELS:
+            rs = [r for r in records if r["scale"] == scale and r["label"] == lab]
+            if not rs:
+                continue
+            entry = {"n": len(rs), "median_nl2": float(np.median([r["nl2"] for r in rs]))}
+            if lab == "generic":
+                entry["copy_fixed"] = rate(rs, "copy_fixed", False)
+                entry["copy_calibrated"] = rate(rs, "copy_calibrated", False)
+                dig = [r for r in rs if r["digit_requested"] is not None]
+                entry["digit_agreement"] = float(np.mean(
+                    [r["digit_requested"] == r["digit_predicted"] for r in dig])) if dig else None
+                entry["digit_n"] = len(dig)
+            else:
+                entry["nearest_is_planted"] = rate(rs, "nearest_is_planted", False)
+                entry["copy_fixed"] = rate(rs, "copy_fixed", True)
+                entry["copy_calibrated"] = rate(rs, "copy_calibrated", True)
+            per[lab] = entry
+        table[f"{scale:g}"] = per
+
+    # planted images copied only with guidance
+    only_guided = []
+    for cap, info in planted.items():
+        def r_at(scale: float, cap: str = cap) -> float:
+            rs = [r for r in records if r["scale"] == scale and r["prompt"] == cap]
+            return rate(rs, "copy_calibrated", True)
+        at1, at0 = r_at(scales[0]), r_at(s0) if s0 in scales else float("nan")
+        if at1 <= 0.25 and at0 >= 0.5:
+            only_guided.append({"caption": cap, "count": info["count"],
+                                "copy_at_scale_1": at1, "copy_at_default": at0})
+
+    # grid at the default scale (or the middle one)
+    gs = s0 if s0 in gens_at else scales[len(scales) // 2]
+    grid_rows = []
+    for lab in ("64x", "16x", "4x", "1x"):
+        for p, label in prompts:
+            if label != lab:
+                continue
+            idx = [i for i, q in enumerate(rows_p) if q == p]
+            grid_rows.append((lab, planted[p]["image"], gens_at[gs][idx]))
+    grid = Path(grid_path) if grid_path else out / "grid.png"
+    _grid(grid_rows, grid)
+
+    summary = {
+        "model": m.name, "model_hash": m.model_hash, "index": str(index_dir),
+        "calibrated_threshold": float(crit.calibrated_threshold), "fixed_threshold": 1.4,
+        "seeds_per_prompt": seeds, "steps": steps or m.default_steps, "scheduler": "ddim",
+        "default_guidance_scale": s0, "scales": list(scales), "rates": table,
+        "copied_only_with_guidance": only_guided, "grid": str(grid),
+        "seconds": round(time.time() - t0, 1), "versions": package_versions(),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+    """A plain-text table of the rates (for the CLI and docs)."""
+    lines = [f"model {summary['model']} ({summary['model_hash'][:12]}), "
+             f"{summary['seeds_per_prompt']} seeds/prompt, {summary['steps']} DDIM steps, "
+             f"nL2 fixed < 1.4, calibrated < {summary['calibrated_threshold']:.3f}"]
+    lines.append(f"{'scale':>6} {'label':>8} {'n':>5} {'nearest=planted':>16} "
+                 f"{'copy@1.4':>9} {'copy@cal':>9} {'digit agr.':>10}")
+    for scale, per in summary["rates"].items():
+        for lab, e in per.items():
+            near = e.get("nearest_is_planted")
+            dig = e.get("digit_agreement")
+            lines.append(
+                f"{scale:>6} {lab:>8} {e['n']:>5} "
+                f"{'' if near is None else f'{near:.0%}':>16} {e['copy_fixed']:>9.0%} "
+                f"{e['copy_calibrated']:>9.0%} {'' if dig is None else f'{dig:.0%}':>10}")
+    og = summary["copied_only_with_guidance"]
+    lines.append(f"copied only with guidance (<=25% at scale {summary['scales'][0]:g}, >=50% "
+                 f"at {summary['default_guidance_scale']:g}): {len(og)}"
+                 + "".join(f"\n  {o['count']}x {o['caption']!r}: {o['copy_at_scale_1']:.0%} -> "
+                           f"{o['copy_at_default']:.0%}" for o in og))
+    return "\n".join(lines)
