@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from audit_fixtures import make_tiny_canary, make_training_parquet, write_plan
 
 from memaudit.audit import load_plan, run_audit
@@ -46,3 +47,34 @@ def test_real_chain(tmp_path):
         # every row references an image that exists
         for r in s.query("SELECT image_path FROM generations"):
             assert (res.db_path.parent / r["image_path"]).is_file()
+
+
+@pytest.mark.slow
+def test_audit_cli_resume_and_changed_plan(tmp_path):
+    """The CLI: a finished plan reruns as a no-op; a changed plan exits 2 naming the change;
+    --new-run starts run 2."""
+    import subprocess
+    import sys
+
+    src = make_training_parquet(tmp_path / "train.parquet")
+    canary = make_tiny_canary(tmp_path / "canary")
+    plan = write_plan(tmp_path, src, str(canary), methods=("cfg",), seeds=(0,), screen=False,
+                      criteria=("nl2",))
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "memaudit", "--quiet", "audit", *args],
+                              capture_output=True, text=True)
+
+    p = cli(str(plan), "--device", "cpu")
+    assert p.returncode == 0, p.stderr
+    assert "run 1: 1 units done, 0 already done" in p.stdout
+    p = cli(str(plan))
+    assert p.returncode == 0 and "run 1: 0 units done, 1 already done" in p.stdout
+    plan.write_text(plan.read_text().replace("steps = 3", "steps = 2"))
+    p = cli(str(plan))
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "the plan differs from run 1" in p.stderr and "steps: 3 -> 2" in p.stderr
+    p = cli(str(plan), "--new-run")
+    assert p.returncode == 0 and "run 2: 1 units done" in p.stdout
+    p = cli(str(tmp_path / "missing.toml"))
+    assert p.returncode == 2 and "not found" in p.stderr
