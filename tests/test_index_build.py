@@ -327,3 +327,17 @@ def test_decoding_runs_ahead_in_worker_threads(tmp_path):
     assert [r.key for r, *_ in first] == [f"d{i:04d}" for i in range(4)]
     assert [r.key for b in rest for r, *_ in b] == [f"d{i:04d}" for i in range(4, 40)]
     assert threads and all(t.startswith("memaudit-decode") for t in threads)
+
+
+def test_group_duplicates_first_seen_numbering():
+    from memaudit.index.build import group_duplicates
+
+    h = np.zeros((7, 16), np.uint8)
+    for i, tag in enumerate([9, 4, 9, 7, 4, 9, 1]):  # rows 0,2,5 equal; 1,4 equal
+        h[i, 0] = tag
+    g, rep, counts = group_duplicates(h)
+    assert g.tolist() == [0, 1, 0, 2, 1, 0, 3]
+    assert rep.tolist() == [True, True, False, True, False, False, True]
+    assert counts.tolist() == [3, 2, 1, 1]
+    g0, rep0, c0 = group_duplicates(np.zeros((0, 16), np.uint8))
+    assert len(g0) == len(rep0) == len(c0) == 0

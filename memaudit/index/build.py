@@ -394,18 +394,34 @@ def run_calibration(index_dir: Path, embedder=None, **opts: Any) -> dict[str, An
     return result
 
 
+def group_duplicates(hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Exact-duplicate groups from per-item digests [n, 16] (uint8), numbered in order of
+    first appearance: (group id per item, is-representative (first seen) per item,
+    item count per group)."""
+    n = len(hashes)
+    if n == 0:
+        return np.zeros(0, np.int64), np.zeros(0, bool), np.zeros(0, np.int64)
+    keys = np.ascontiguousarray(hashes, dtype=np.uint8).view(f"V{hashes.shape[1]}").ravel()
+    _, first, inverse, counts = np.unique(keys, return_index=True, return_inverse=True,
+                                          return_counts=True)
+    order = np.argsort(first, kind="stable")
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    groups = rank[inverse.ravel()].astype(np.int64)
+    rep = np.zeros(n, dtype=bool)
+    rep[first] = True
+    return groups, rep, counts[order].astype(np.int64)
+
+
 def _finalize(partial: Path, staging: Path, nshards: int, emb, factory: str,
               train_sample: int) -> dict[str, Any]:
     """Group duplicates, build the faiss index over representatives, write items.parquet."""
     import faiss
 
-    group_of: dict[bytes, int] = {}
-    counts: list[int] = []
-    shard_groups: list[np.ndarray] = []
-    shard_reps: list[np.ndarray] = []
     skipped_by_reason: dict[str, int] = {}
     skipped_keys: dict[str, list[str]] = {}
     content = hashlib.sha256()
+    hash_parts: list[np.ndarray] = []
     for k in range(nshards):
         p = _shard_paths(partial, k)
         info = json.loads(p["done"].read_text())
@@ -413,24 +429,15 @@ def _finalize(partial: Path, staging: Path, nshards: int, emb, factory: str,
         for s in info["skipped"]:
             skipped_by_reason[s["reason"]] = skipped_by_reason.get(s["reason"], 0) + 1
             skipped_keys.setdefault(s["reason"], []).append(s["key"])
-        hashes = np.load(p["hash"])
-        g = np.empty(len(hashes), dtype=np.int64)
-        rep = np.zeros(len(hashes), dtype=bool)
-        for i, h in enumerate(hashes):
-            hb = h.tobytes()
-            gid = group_of.get(hb)
-            if gid is None:
-                gid = len(counts)
-                group_of[hb] = gid
-                counts.append(0)
-                rep[i] = True
-            counts[gid] += 1
-            g[i] = gid
-        shard_groups.append(g)
-        shard_reps.append(rep)
-    del group_of
-    ngroups = len(counts)
-    count_arr = np.asarray(counts, dtype=np.int64)
+        hash_parts.append(np.load(p["hash"]))
+    sizes = [len(h) for h in hash_parts]
+    groups, rep_all, count_arr = group_duplicates(
+        np.concatenate(hash_parts) if hash_parts else np.zeros((0, 16), np.uint8))
+    del hash_parts
+    bounds = np.cumsum([0, *sizes])
+    shard_groups = [groups[bounds[i]:bounds[i + 1]] for i in range(nshards)]
+    shard_reps = [rep_all[bounds[i]:bounds[i + 1]] for i in range(nshards)]
+    ngroups = len(count_arr)
 
     index = make_faiss_index(emb.dim, factory, emb.metric)
     if not index.is_trained:
