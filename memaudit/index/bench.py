@@ -111,13 +111,14 @@ def bench_throughput(source: Path, embedder: str, opts: dict, batch_size: int, d
 
 _MEM_CHILD = """
 import json, resource, sys
-from memaudit.index import build_index, TrainingIndex
+from memaudit.index import build_index
 src, out = sys.argv[1], sys.argv[2]
 build_index(src, "pixels", out, batch_size=256, shard_rows=4096, calibrate=False,
             embedder_opts={"size": 8}, overwrite=True)
-idx = TrainingIndex.open(out)
-print(json.dumps({"maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-                  "vector_bytes": idx.ntotal * idx.dim * 4, "rows": idx.nitems}))
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+m = json.load(open(out + "/manifest.json"))
+print(json.dumps({"maxrss_kb": peak, "vector_bytes": m["groups"] * m["dim"] * 4,
+                  "rows": m["rows"]}))
 """
 
 _BASE_CHILD = """

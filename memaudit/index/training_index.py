@@ -63,7 +63,7 @@ class TrainingIndex:
             manifest = json.loads((p / MANIFEST_FILE).read_text())
         except json.JSONDecodeError as e:
             raise UserError(f"{p / MANIFEST_FILE}: invalid JSON ({e})") from e
-        items = pq.read_table(p / ITEMS_FILE)
+        items = pq.read_table(p / ITEMS_FILE, read_dictionary=["source_file"])
         try:
             index = faiss.read_index(str(p / INDEX_FILE))
         except RuntimeError as e:
