@@ -57,6 +57,8 @@ def test_import_rebuild_with_dedup(tmp_path):
     want /= np.linalg.norm(want, axis=1, keepdims=True)
     reps = np.asarray(items["is_representative"])
     np.testing.assert_allclose(idx.group_vectors(), want[reps], atol=1e-6)
+    s10, g10 = idx.search(want[:1], 10)  # more than ntotal: faiss pads with -1
+    assert g10.shape == (1, 10) and (g10[0, :8] >= 0).all() and (g10[0, 8:] == -1).all()
     s, g = idx.search(want[[3, 7]], 1)
     assert g[:, 0].tolist() == [3, 0]
     np.testing.assert_allclose(s[:, 0], 1.0, atol=1e-5)

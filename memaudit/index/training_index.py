@@ -121,7 +121,7 @@ class TrainingIndex:
         x = np.ascontiguousarray(np.asarray(vectors, dtype=np.float32))
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise UserError(f"query vectors have shape {x.shape}, index dim is {self.dim}")
-        k = max(1, min(int(k), self.ntotal))
+        k = max(1, int(k))
         scores, ids = self.index.search(x, k)
         return scores, ids.astype(np.int64)
 
