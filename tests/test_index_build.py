@@ -341,3 +341,12 @@ def test_group_duplicates_first_seen_numbering():
     assert counts.tolist() == [3, 2, 1, 1]
     g0, rep0, c0 = group_duplicates(np.zeros((0, 16), np.uint8))
     assert len(g0) == len(rep0) == len(c0) == 0
+
+
+def test_calibration_skipped_without_criteria_module(tmp_path, digits_data, monkeypatch):
+    import sys as _sys
+
+    monkeypatch.setitem(_sys.modules, "memaudit.criteria.calibrate", None)  # import fails
+    out = build_index(digits_data, "pixels", tmp_path / "idx")
+    m = TrainingIndex.open(out).manifest
+    assert m["calibration"] is None and "index calibrate" in m["calibration_note"]
