@@ -284,6 +284,9 @@ def normalise_params(params: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return out
 
 
+_CLASSIFIERS: dict[str, Any] = {}
+
+
 def _digits_alignment(model: Any, prompts: list[str], images: Any) -> list[float | None]:
     """Canary text alignment (METHODS 4): 1 when the digit classifier reads the prompt's
     digit in the image, 0 when not, None for prompts that name no digit."""
@@ -292,7 +295,9 @@ def _digits_alignment(model: Any, prompts: list[str], images: Any) -> list[float
     want = [digit_of_prompt(p) for p in prompts]
     if all(w is None for w in want):
         return [None] * len(prompts)
-    got = np.asarray(DigitClassifier().predict(images)).reshape(-1)
+    if "digits" not in _CLASSIFIERS:
+        _CLASSIFIERS["digits"] = DigitClassifier()
+    got = np.asarray(_CLASSIFIERS["digits"].predict(images)).reshape(-1)
     return [None if w is None else float(int(g) == int(w)) for w, g in zip(want, got,
                                                                             strict=True)]
 

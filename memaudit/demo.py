@@ -82,23 +82,27 @@ def summary_rows(db: Path) -> list[dict[str, Any]]:
 
 
 def format_summary(rows: list[dict[str, Any]], methods: list[str]) -> str:
-    """A plain-text table: copy rate (calibrated / fixed nL2) per method x prompt label."""
+    """A plain-text table: copy rate (calibrated / fixed nL2) per method x prompt label, the
+    digit agreement of the generic prompts (alignment), UNet rows and seconds per image."""
     labels = [lab for _, lab in DEMO_LISTS if any(r["label"] == lab for r in rows)]
     cell = {(r["method"], r["label"]): r for r in rows}
-    head = f"{'method':<10}" + "".join(f"{lab:>14}" for lab in labels) + f"{'UNet/img':>10}"
-    out = ["copy rate, nL2 calibrated (fixed) per prompt group", head, "-" * len(head)]
+    head = (f"{'method':<10}" + "".join(f"{lab:>14}" for lab in labels)
+            + f"{'digits ok':>10}{'UNet/img':>10}{'s/img':>8}")
+    out = ["copy rate by nL2, calibrated (fixed), per prompt group", head, "-" * len(head)]
     for m in methods:
         line = f"{m:<10}"
-        unet = None
+        mine = [r for r in rows if r["method"] == m]
         for lab in labels:
             r = cell.get((m, lab))
-            if r is None:
-                line += f"{'-':>14}"
-                continue
-            unet = r["unet"]
-            line += f"{100 * r['calibrated']:>6.0f}% ({100 * r['fixed']:>3.0f}%)"
-        line += f"{unet:>10.0f}" if unet is not None else f"{'-':>10}"
-        out.append(line)
+            line += (f"{'-':>14}" if r is None else
+                     f"{100 * r['calibrated']:>6.0f}% ({100 * r['fixed']:>3.0f}%)")
+        al = [(r["alignment"], r["n"]) for r in mine if r["alignment"] is not None]
+        n = sum(k for _, k in al)
+        line += f"{100 * sum(a * k for a, k in al) / n:>9.0f}%" if n else f"{'-':>10}"
+        tot = sum(r["n"] for r in mine)
+        unet = sum((r["unet"] or 0) * r["n"] for r in mine) / tot if tot else 0.0
+        wall = sum((r["wall"] or 0) * r["n"] for r in mine) / tot if tot else 0.0
+        out.append(line + f"{unet:>10.0f}{wall:>8.3f}")
     return "\n".join(out)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 from audit_fixtures import make_tiny_canary
 
+from memaudit.canary.digits import digit_of_prompt
 from memaudit.demo import run_demo
 from memaudit.store import AuditStore
 
@@ -24,8 +25,15 @@ def test_demo_chain_and_rerun(tmp_path):
                           "trigger-1x": 6, "generic": 21}
         assert s.count("generations") == 90 and s.count("screens") == 45
         assert s.run()["status"] == "finished"
+        # alignment (digit classifier) on the digit prompts only
+        rows = s.con.execute("SELECT p.text, g.alignment FROM generations g JOIN prompts p "
+                             "ON p.id = g.prompt_id").fetchall()
+        asks = [a is not None for t, a in rows if digit_of_prompt(t) is not None]
+        assert len(asks) == 40 and all(asks)  # 20 digit prompts x 2 methods
+        assert all(a is None for t, a in rows if digit_of_prompt(t) is None)
     text = first["text"]
     assert "trigger-64x" in text and text.count("\ncfg ") == 1 and "\namg " in text
+    assert "digits ok" in text
     again = run_demo(out, **kw)
     assert again["units_done"] == 0
     with AuditStore(again["db"], read_only=True) as s:
