@@ -223,3 +223,16 @@ def train_canary(data: str | Path, out: str | Path, steps: int = 9000, batch_siz
     }
     save_canary(ema, out, meta)
     return json.loads((out / "canary.json").read_text())
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path, cfg: CanaryConfig | None = None,
+                      meta: dict | None = None) -> Path:
+    """Write a canary folder from a training checkpoint's EMA weights (to look at a run
+    before it ends). `cfg` must match the run's architecture."""
+    ck = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    net = CanaryNet(cfg or CanaryConfig())
+    net.load_state_dict(ck["ema"])
+    info = {"format": "memaudit-canary/1", "steps": int(ck["step"]), "weights": "ema",
+            "default_guidance_scale": 2.0, "default_steps": 50,
+            "checkpoint": str(checkpoint), **(meta or {})}
+    return save_canary(net, out, info)

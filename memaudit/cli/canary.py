@@ -56,5 +56,31 @@ def train_cmd(
                                            "data_sha256")}, indent=2))
 
 
+@canary_app.command("evaluate")
+def evaluate_cmd(
+    out: Path = typer.Option(..., "--out", help="Output folder (summary.json, per_image.csv)."),
+    model: str = typer.Option("canary", help="'canary' (shipped) or a canary folder."),
+    data: Path = typer.Option(None, help="Canary data folder (default: rebuilt into OUT/data)."),
+    index: Path = typer.Option(None, help="Pixel index over the data (default: built in OUT)."),
+    seeds: int = typer.Option(8, help="Seeds per prompt."),
+    scales: str = typer.Option(None, help="Comma-separated CFG scales (default: 1,s0,2*s0)."),
+    steps: int = typer.Option(None, help="DDIM steps (default: the model's, 50)."),
+    grid: Path = typer.Option(None, help="Where to write the grid PNG (default: OUT/grid.png)."),
+    device: str = typer.Option(None, help="cpu, cuda, ... (default: cuda when available)."),
+) -> None:
+    """Measure the canary's copy rates per duplicate count and CFG scale (nL2, fixed and
+    calibrated), generic copy rate and digit agreement."""
+    from memaudit.canary.evaluate import evaluate_canary, format_summary
+    from memaudit.common import UserError
+
+    try:
+        scale_list = tuple(float(s) for s in scales.split(",")) if scales else None
+    except ValueError as e:
+        raise UserError(f"--scales must be comma-separated numbers, got {scales!r}") from e
+    summary = evaluate_canary(model, out, data_dir=data, index_dir=index, seeds=seeds,
+                              scales=scale_list, steps=steps, device=device, grid_path=grid)
+    print(format_summary(summary))
+
+
 def register(app: typer.Typer) -> None:
     app.add_typer(canary_app, name="canary")

@@ -1,0 +1,202 @@
+"""The canary: data builder, short training through the real trainer, adapter, digits."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from memaudit.canary.data import (
+    DUP_COUNTS,
+    _clashes,
+    build_canary_data,
+    from_png,
+    rmse_matrix,
+)
+from memaudit.canary.digits import DigitClassifier, digit_of_prompt
+from memaudit.canary.model import CanaryConfig
+from memaudit.canary.train import export_checkpoint, train_canary
+from memaudit.common import UserError
+
+TINY = CanaryConfig(block_out_channels=(8, 16, 16), layers_per_block=1, cross_attention_dim=16,
+                    attention_head_dim=8, text_len=8)
+
+
+@pytest.fixture(scope="module")
+def canary_data(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("canary_data")
+    build_canary_data(out, digits_limit=150)
+    return out
+
+
+def test_rmse_matrix_by_hand():
+    a = np.zeros((1, 2, 2))
+    b = np.stack([np.zeros((2, 2)), np.array([[1.0, 0.0], [0.0, 0.0]]), np.full((2, 2), 0.5)])
+    np.testing.assert_allclose(rmse_matrix(a, b), [[0.0, 0.5, 0.5]])  # sqrt(1/4), sqrt(.25)
+
+
+def test_overlapping_crops_of_one_photo_clash():
+    kept = ["camera crop y=0 x=0 size=100"]
+    assert _clashes("camera crop y=50 x=50 size=100", kept, 3)  # overlaps
+    assert not _clashes("camera crop y=100 x=0 size=100", kept, 3)  # touches, no overlap
+    assert not _clashes("coins crop y=0 x=0 size=100", kept, 3)  # another photo
+    assert _clashes("camera crop y=200 x=200 size=10", kept, 1)  # per-photo limit
+    assert not _clashes("lfw_subset face 3", kept, 1)
+
+
+def test_data_files_and_planted_duplicates(canary_data: Path):
+    train = pq.read_table(canary_data / "train.parquet")
+    assert train.column_names == ["key", "caption", "png"]
+    keys = train.column("key").to_pylist()
+    assert len(set(keys)) == len(keys)
+    caps = train.column("caption").to_pylist()
+    gt = pq.read_table(canary_data / "ground_truth.parquet").to_pylist()
+    assert sorted({g["duplicate_count"] for g in gt}) == sorted(DUP_COUNTS)
+    for count in DUP_COUNTS:
+        assert sum(g["duplicate_count"] == count for g in gt) == 6
+    assert len({g["caption"] for g in gt}) == 24
+    for g in gt:
+        rows = [i for i, k in enumerate(keys) if k.startswith(g["key_prefix"] + "-")]
+        assert len(rows) == g["duplicate_count"]
+        assert all(caps[i] == g["caption"] for i in rows)  # trigger caption, only on its image
+        assert caps.count(g["caption"]) == g["duplicate_count"]
+        pngs = {train.column("png")[i].as_py() for i in rows}
+        assert len(pngs) == 1  # exact duplicates
+    # every image is stored at the training resolution
+    assert {from_png(b).shape for b in train.column("png").to_pylist()[:50]} == {(16, 16)}
+    # prompt lists
+    for count in DUP_COUNTS:
+        lines = (canary_data / f"triggers_{count}x.txt").read_text().splitlines()
+        assert sorted(lines) == sorted(g["caption"] for g in gt if g["duplicate_count"] == count)
+    with (canary_data / "prompts.csv").open() as f:
+        labels = [r["label"] for r in csv.DictReader(f)]
+    assert labels.count("64x") == 6 and labels.count("1x") == 6 and "generic" in labels
+    generic = (canary_data / "generic.txt").read_text().splitlines()
+    assert "a handwritten digit 3" in generic
+
+
+def test_planted_are_not_near_duplicates(canary_data: Path):
+    """Recomputed from the stored PNGs: planted vs planted and planted vs generic RMSE."""
+    train = pq.read_table(canary_data / "train.parquet").to_pylist()
+    gt = pq.read_table(canary_data / "ground_truth.parquet").to_pylist()
+    min_rmse = json.loads((canary_data / "data.json").read_text())["min_rmse"]
+    by_key = {r["key"]: r for r in train}
+    planted = np.stack([from_png(by_key[g["key"]]["png"]) for g in gt])
+    generic = np.stack([from_png(r["png"]) for r in train if not r["key"].startswith("planted")])
+    pp = rmse_matrix(planted, planted) + np.eye(len(planted)) * 9
+    assert pp.min() >= min_rmse - 1e-9
+    assert rmse_matrix(planted, generic).min() >= min_rmse - 1e-9
+
+
+def test_data_is_deterministic_and_readable_by_the_shared_reader(canary_data: Path, tmp_path):
+    from memaudit.data.parquet import iter_training_rows
+
+    build_canary_data(tmp_path, digits_limit=150)
+    a = (canary_data / "train.parquet").read_bytes()
+    assert a == (tmp_path / "train.parquet").read_bytes()
+    rows = list(iter_training_rows(canary_data / "train.parquet"))
+    assert len(rows) == pq.read_metadata(canary_data / "train.parquet").num_rows
+    assert rows[0].image_bytes and rows[0].caption
+
+
+def _subset(canary_data: Path, path: Path, n: int = 48) -> Path:
+    t = pq.read_table(canary_data / "train.parquet")
+    pq.write_table(t.slice(0, n), path)
+    return path
+
+
+def test_short_training_resume_and_generation(canary_data: Path, tmp_path):
+    from memaudit.guidance import make_guidance
+    from memaudit.models import load_model
+    from memaudit.sampler import sample
+
+    data = _subset(canary_data, tmp_path / "sub.parquet")
+    out = tmp_path / "canary"
+    info = train_canary(data, out, steps=4, batch_size=8, cfg=TINY, checkpoint_every=2,
+                        log_every=2, device="cpu", command="test")
+    assert info["steps"] == 4 and info["data_rows"] == 48 and info["train_command"] == "test"
+    assert info["config"]["block_out_channels"] == [8, 16, 16]
+    assert (out / "canary.safetensors").exists()
+    rows = (out / "loss.csv").read_text().splitlines()
+    assert rows[0] == "step,loss,seconds" and [r.split(",")[0] for r in rows[1:]] == ["2", "4"]
+    assert all(np.isfinite(float(r.split(",")[1])) for r in rows[1:])
+    # resume: continues from step 4 and logs 6
+    info2 = train_canary(data, out, steps=6, batch_size=8, cfg=TINY, checkpoint_every=2,
+                         log_every=2, device="cpu")
+    assert info2["steps"] == 6
+    assert [r.split(",")[0] for r in (out / "loss.csv").read_text().splitlines()[1:]] == \
+        ["2", "4", "6"]
+    # a checkpoint exports to a loadable canary folder too
+    export_checkpoint(sorted((out / "checkpoints").glob("*.pt"))[-1], tmp_path / "exp", TINY)
+
+    m = load_model(out, device="cpu")
+    assert m.name == str(out) and len(m.model_hash) == 64 and not m.is_latent
+    assert m.latent_shape == (1, 16, 16)
+    emb = m.encode_prompts(["a handwritten digit 3", ""])
+    assert emb.shape == (2, 8, 16)
+    torch.testing.assert_close(m.null_embedding(2), emb[1:].expand(2, -1, -1))
+    prompts, seeds = ["a handwritten digit 3", "a handwritten digit 3"], [0, 1]
+    a = sample(m, prompts, seeds, make_guidance("cfg"), steps=3)
+    b = sample(m, prompts, seeds, make_guidance("cfg"), steps=3)
+    assert a.images.shape == (2, 3, 16, 16)
+    assert torch.equal(a.images, b.images)  # identical seeds -> identical images
+    assert not torch.equal(a.images[0], a.images[1])
+    assert a.images.min() >= 0 and a.images.max() <= 1
+
+
+def test_decode_maps_range_and_keeps_gradient(canary_data: Path, tmp_path):
+    from memaudit.models.canary import CanaryDenoiser
+
+    data = _subset(canary_data, tmp_path / "sub.parquet", 16)
+    train_canary(data, tmp_path / "c", steps=1, batch_size=4, cfg=TINY, log_every=1,
+                 device="cpu")
+    m = CanaryDenoiser.load(tmp_path / "c", device="cpu")
+    x = torch.tensor([-0.9, 0.0, 0.5, 2.0]).view(1, 1, 2, 2).requires_grad_(True)
+    img = m.decode(x)
+    assert img.shape == (1, 3, 2, 2)
+    torch.testing.assert_close(img[0, 2].flatten(), torch.tensor([0.05, 0.5, 0.75, 1.0]))
+    img.sum().backward()
+    torch.testing.assert_close(x.grad.flatten(), torch.tensor([1.5, 1.5, 1.5, 0.0]))
+    assert m.make_scheduler("dpm").config.num_train_timesteps == 1000
+    toks = m.random_tokens(4, torch.Generator().manual_seed(0))
+    assert len(toks) == 4 and all(t.isalpha() for t in toks)
+    with pytest.raises(UserError):
+        m.make_scheduler("euler")
+
+
+def test_train_errors_are_user_errors(tmp_path):
+    with pytest.raises(UserError):
+        train_canary(tmp_path / "missing.parquet", tmp_path / "o", steps=1)
+    bad = tmp_path / "bad.parquet"
+    import pyarrow as pa
+
+    pq.write_table(pa.table({"key": ["a"], "label": ["b"]}), bad)
+    with pytest.raises(UserError):
+        train_canary(bad, tmp_path / "o", steps=1)
+
+
+def test_digit_classifier_on_real_held_out_digits():
+    from memaudit.canary.data import digit_images
+
+    clf = DigitClassifier(res=16, train_indices=np.arange(1400))
+    x, y = digit_images(16)
+    imgs = torch.from_numpy(x[1400:])[:, None].expand(-1, 3, -1, -1)
+    acc = float((clf.predict(imgs) == y[1400:]).mean())
+    assert acc > 0.85
+    # a 32x32 input is resized to the classifier's resolution
+    big = torch.nn.functional.interpolate(imgs[:20], size=(32, 32), mode="nearest")
+    assert (clf.predict(big) == y[1400:1420]).mean() > 0.7
+
+
+def test_digit_of_prompt():
+    assert digit_of_prompt("a handwritten digit 3") == 3
+    assert digit_of_prompt("the number 7 written by hand") == 7
+    assert digit_of_prompt("handwritten numeral nine") == 9
+    assert digit_of_prompt("the teal meadow plate, archive print 101") is None
+    assert digit_of_prompt("a small grey photo of a face") is None
+    assert digit_of_prompt("a handwritten digit 12") is None
