@@ -200,3 +200,33 @@ def test_digit_of_prompt():
     assert digit_of_prompt("the teal meadow plate, archive print 101") is None
     assert digit_of_prompt("a small grey photo of a face") is None
     assert digit_of_prompt("a handwritten digit 12") is None
+
+
+def test_evaluate_pipeline_on_a_tiny_model(canary_data: Path, tmp_path):
+    """The proof pipeline end to end (index, sampler, nL2, digits, grid) on an untrained
+    model: it must run and count correctly; the numbers themselves are in docs/canary.md."""
+    from memaudit.canary.evaluate import evaluate_canary, format_summary, read_prompts
+
+    model = tmp_path / "c"
+    train_canary(_subset(canary_data, tmp_path / "sub.parquet", 16), model, steps=1,
+                 batch_size=4, cfg=TINY, log_every=1, device="cpu")
+    s = evaluate_canary(model, tmp_path / "eval", data_dir=canary_data, seeds=2,
+                        scales=(1.0, 2.0), steps=2, device="cpu")
+    n_prompts = len(read_prompts(canary_data))
+    with (tmp_path / "eval" / "per_image.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == n_prompts * 2 * 2
+    assert set(s["rates"]) == {"1", "2"}
+    r = s["rates"]["2"]
+    assert r["64x"]["n"] == 12 and r["generic"]["n"] == 2 * sum(
+        1 for _, lab in read_prompts(canary_data) if lab == "generic")
+    # rates are recomputed from the per-image rows
+    sub = [x for x in rows if x["scale"] == "2.0" and x["label"] == "64x"]
+    near = np.mean([x["nearest_is_planted"] == "True" for x in sub])
+    assert r["64x"]["nearest_is_planted"] == pytest.approx(near)
+    assert s["calibrated_threshold"] > 0
+    from PIL import Image
+
+    with Image.open(tmp_path / "eval" / "grid.png") as im:  # 24 triggers, 64 px rows + 2
+        assert im.size[1] == 24 * (16 * 4 + 2)
+    assert "64x" in format_summary(s)
