@@ -99,11 +99,13 @@ def gate_cmd(
 def demo_cmd(
     out: Path = typer.Option(Path("memaudit-demo"), "--out", help="Output folder."),
     device: str = typer.Option(None, help="cpu, cuda, ... (default: cuda when available)."),
+    threads: int = typer.Option(None, help="Torch CPU threads (default: $OMP_NUM_THREADS, "
+                                "else 1: fastest on a small shared CPU)."),
 ) -> None:
     """The whole chain on the shipped canary: data, index, audit, database, report."""
     from memaudit.demo import run_demo
 
-    summary = run_demo(out, device=device, log=_log)
+    summary = run_demo(out, device=device, threads=threads, log=_log)
     print(summary["text"])
     print(f"database: {summary['db']}")
     print(f"report: {summary['report']}")
