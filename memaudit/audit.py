@@ -383,6 +383,26 @@ class AuditResult:
     seconds: float
 
 
+def default_threads() -> int:
+    """$OMP_NUM_THREADS when set, else 1.
+
+    One thread is the demo's default because on a small, shared CPU several OpenMP threads
+    spin against each other: on this project's 2-core machine, under load, one canary UNet
+    forward of 128 rows took 0.17 s with 1 thread and 3.2 s with 2 (docs/benchmarks.md
+    "Demo").
+    """
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    return int(env) if env.isdigit() and int(env) > 0 else 1
+
+
+def set_threads(threads: int) -> int:
+    """Set torch's intra-op CPU threads; returns the number in effect."""
+    import torch
+
+    torch.set_num_threads(max(1, int(threads)))
+    return torch.get_num_threads()
+
+
 # --- the runner ---------------------------------------------------------------------------
 def run_audit(plan: Plan, *, new_run: bool = False, device: str | None = None,
               components: Components | None = None,

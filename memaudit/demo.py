@@ -14,7 +14,6 @@ what cost, and how the fixed and calibrated nL2 verdicts differ.
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -107,33 +106,17 @@ def format_summary(rows: list[dict[str, Any]], methods: list[str]) -> str:
     return "\n".join(out)
 
 
-def set_threads(threads: int | None) -> int:
-    """Torch intra-op threads for a CPU run: `threads`, else $OMP_NUM_THREADS, else 1.
-
-    One thread is the default because on a small, shared CPU several OpenMP threads spin
-    against each other: on this project's 2-core machine, under load, one canary UNet forward
-    of 128 rows took 0.17 s with 1 thread and 3.2 s with 2 (docs/benchmarks.md "Demo").
-    """
-    import torch
-
-    if threads is None:
-        env = os.environ.get("OMP_NUM_THREADS", "")
-        threads = int(env) if env.isdigit() and int(env) > 0 else 1
-    torch.set_num_threads(max(1, int(threads)))
-    return torch.get_num_threads()
-
-
 def run_demo(out: str | Path = "memaudit-demo", *, device: str | None = None,
              model: str = "canary", methods=DEMO_METHODS, seeds=DEMO_SEEDS,
              steps: int = DEMO_STEPS, screen: bool = True, threads: int | None = None,
              log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run the demo into `out`; returns timings, the summary text and the output paths."""
-    from memaudit.audit import load_plan, run_audit
+    from memaudit.audit import default_threads, load_plan, run_audit, set_threads
     from memaudit.canary.data import build_canary_data
     from memaudit.report import write_report
 
     log = log or (lambda s: None)
-    n_threads = set_threads(threads)
+    n_threads = set_threads(threads if threads is not None else default_threads())
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     times: dict[str, float] = {}

@@ -22,10 +22,13 @@ def audit_cmd(
     new_run: bool = typer.Option(False, "--new-run",
                                  help="Start a new run even though the plan changed."),
     device: str = typer.Option(None, help="cpu, cuda, ... (default: cuda when available)."),
+    threads: int = typer.Option(None, help="Torch CPU threads (default: torch's)."),
 ) -> None:
     """Run (or resume) a whole audit: generate, detect, screen -> OUT/audit.duckdb."""
-    from memaudit.audit import load_plan, run_audit
+    from memaudit.audit import load_plan, run_audit, set_threads
 
+    if threads is not None:
+        set_threads(threads)
     p = load_plan(plan)
     res = run_audit(p, new_run=new_run, device=device, log=_log)
     print(f"run {res.run_id}: {res.units_done} units done, {res.units_skipped} already done, "
