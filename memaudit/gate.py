@@ -211,6 +211,13 @@ def _one_line(s: str, n: int = 80) -> str:
     return s if len(s) <= n else s[: n - 3] + "..."
 
 
+def _offending_line(r: dict[str, Any]) -> str:
+    if "copies" in r:
+        return (f"{r['copies']}/{r['n']} copies, best score {r['best_score']:.4g}, "
+                f"neighbour {r['neighbour_key']}: {r['prompt']}")
+    return f"score {r['score']:.4g}: {r['prompt']}"
+
+
 def write_junit(res: GateResult, path: str | Path) -> Path:
     """JUnit XML: one testcase per check, a <failure> listing the offending prompts."""
     path = Path(path)
@@ -227,9 +234,7 @@ def write_junit(res: GateResult, path: str | Path) -> Path:
             ET.SubElement(case, "system-out").text = c.detail
         else:
             fail = ET.SubElement(case, "failure", message=c.detail, type="GateFailure")
-            fail.text = "\n".join(
-                f"{r.get('copies', '')}{'/' + str(r['n']) if 'n' in r else ''} "
-                f"{r.get('best_score', r.get('score'))}: {r['prompt']}" for r in c.offending)
+            fail.text = "\n".join(_offending_line(r) for r in c.offending)
     path.parent.mkdir(parents=True, exist_ok=True)
     ET.ElementTree(suites).write(path, encoding="utf-8", xml_declaration=True)
     return path
