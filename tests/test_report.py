@@ -41,6 +41,11 @@ def test_report_content(report):
                      r"<td class=\"num copy\">50.0%", html)
     assert re.search(r"<td>static</td><td>nl2</td><td class=\"num\">8</td>\s*"
                      r"<td class=\"num \">0.0%", html)
+    # copy rate by prompt label: cfg copies every trigger generation (4 of 4)
+    assert "Copy rate by prompt label: nl2, calibrated (fixed)" in html
+    assert re.search(r"<tr><td>cfg</td>\s*<td class=\"num copy\">100.0% \(100.0%\) "
+                     r"<span class=\"note\">n=4</span></td><td class=\"num \">0.0% \(0.0%\)",
+                     html)
     # flagged cards: the generated image and the training image re-read from the Parquet
     assert "4 generation(s) flagged" in html
     assert html.count('alt="generated image"') == 4

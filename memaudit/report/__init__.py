@@ -187,6 +187,17 @@ def build_context(db: str | Path, run_id: int | None = None,
             "WHERE s.run_id = ? ORDER BY s.score DESC", [rid])
         pm = store.query("SELECT * FROM prompt_method WHERE run_id = ? ORDER BY prompt_id",
                          [rid])
+        by_label = store.query(
+            "SELECT g.method, p.label, m.criterion, count(*) AS n, "
+            "avg(CASE WHEN m.is_copy THEN 1.0 ELSE 0.0 END) AS fixed, "
+            "avg(CASE WHEN m.is_copy_calibrated THEN 1.0 ELSE 0.0 END) "
+            "FILTER (WHERE m.is_copy_calibrated IS NOT NULL) AS calibrated "
+            "FROM generations g JOIN prompts p ON p.id = g.prompt_id "
+            "JOIN matches m ON m.generation_id = g.id WHERE g.run_id = ? "
+            "GROUP BY ALL", [rid])
+        label_order = [r[0] for r in store.con.execute(
+            "SELECT p.label FROM prompts p JOIN generations g ON g.prompt_id = p.id "
+            "WHERE g.run_id = ? GROUP BY p.label ORDER BY min(p.id)", [rid]).fetchall()]
         n_generations = store.con.execute(
             "SELECT count(*) FROM generations WHERE run_id = ?", [rid]).fetchone()[0]
         n_prompts = store.con.execute(
@@ -230,6 +241,15 @@ def build_context(db: str | Path, run_id: int | None = None,
         rows.sort(key=lambda v: (-sum(x["copies"] for x in v["cells"] if x), v["prompt"]))
         tables.append({"criterion": c, "rows": rows})
 
+    # copy rate per method x prompt label, one table per criterion (when labels exist)
+    label_tables = []
+    if any(lab is not None for lab in label_order):
+        cells = {(r["criterion"], r["method"], r["label"]): r for r in by_label}
+        for c in criteria:
+            label_tables.append({"criterion": c, "labels": label_order, "rows": [
+                {"method": m, "cells": [cells.get((c, m, lab)) for lab in label_order]}
+                for m in methods]})
+
     versions = json.loads(run["versions_json"] or "{}")
     return {
         "run": run, "db_path": str(db), "schema_version": schema_version,
@@ -237,7 +257,8 @@ def build_context(db: str | Path, run_id: int | None = None,
         "summary": summary, "plots": plots, "screens": screens, "flagged": ordered,
         "n_flagged": n_flagged_verdict if has_cal else len(cards),
         "verdict_kind": "calibrated" if has_cal else "fixed",
-        "prompt_tables": tables, "n_generations": n_generations, "n_prompts": n_prompts,
+        "prompt_tables": tables, "label_tables": label_tables,
+        "n_generations": n_generations, "n_prompts": n_prompts,
         "has_alignment": align_n > 0,
         "alignment_note": ("share of generations whose content agrees with the prompt: on "
                            "the canary, a digit classifier trained on the real digits reads "

@@ -78,6 +78,17 @@ Cost is relative to <code>cfg</code> in this run.</p>
 {% endfor %}
 </table>
 {% if has_alignment %}<p class="note">Alignment: {{ alignment_note }}</p>{% endif %}
+{% for t in label_tables %}
+<h3>Copy rate by prompt label: {{ t.criterion }}, calibrated (fixed)</h3>
+<table>
+<tr><th>method</th>{% for lab in t.labels %}<th>{{ lab if lab is not none else "(no label)" }}</th>{% endfor %}</tr>
+{% for row in t.rows %}
+<tr><td>{{ row.method }}</td>
+{% for c in row.cells %}<td class="num {{ 'copy' if c and (c.calibrated or c.fixed) else '' }}">{% if c %}{{ pct(c.calibrated) }} ({{ pct(c.fixed) }}) <span class="note">n={{ c.n }}</span>{% endif %}</td>{% endfor %}
+</tr>
+{% endfor %}
+</table>
+{% endfor %}
 
 <h2 id="distributions">Similarity distributions</h2>
 {% for p in plots %}<div class="plot">{{ p }}</div>{% endfor %}
