@@ -254,7 +254,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--tune-seeds", type=int, default=2)
     ap.add_argument("--tune-min-steps", default="2,5,10,20")
     ap.add_argument("--tune-c3", default="1,3,10,30,100")
-    ap.add_argument("--screen-seeds", default="4,1")
+    ap.add_argument("--screen-seeds", default="4,2,1")
+    ap.add_argument("--screen-steps", default="1")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
 
@@ -298,7 +299,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                        if s.strip()] for g in TRIGGER_GROUPS}
     all_prompts["generic"] = [s.strip() for s in (data / "generic.txt").read_text().splitlines()
                               if s.strip()]
-    result["screening"] = [screening(model, all_prompts, seeds=int(s), steps=1)
+    result["screening"] = [screening(model, all_prompts, seeds=int(s), steps=int(n))
+                           for n in args.screen_steps.split(",")
                            for s in args.screen_seeds.split(",")]
     result["total_seconds"] = time.perf_counter() - t_all
     (args.work / "bench.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
