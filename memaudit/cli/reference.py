@@ -5,29 +5,28 @@ Usage: `python -m memaudit.cli.reference > docs/cli.md` (a test checks it is cur
 
 from __future__ import annotations
 
-import click
 import typer
 
 
-def _param_row(p: click.Parameter) -> str:
-    if isinstance(p, click.Argument):
-        name = p.human_readable_name.upper()
+def _param_row(p) -> str:
+    if p.param_type_name == "argument":
+        name = f"`{(p.metavar or p.name).upper()}`"
         kind = "argument"
     else:
         name = ", ".join(f"`{o}`" for o in p.opts + p.secondary_opts)
         kind = "flag" if getattr(p, "is_flag", False) else "option"
     help_text = (getattr(p, "help", None) or "").replace("|", "\\|").replace("\n", " ")
     default = ""
-    if not isinstance(p, click.Argument) and p.default not in (None, False, (), []) \
-            and not callable(p.default):
+    if kind != "argument" and p.default is not None and p.default is not False \
+            and p.default not in ((), []) and not callable(p.default):
         default = f"`{p.default}`"
     if p.required:
         default = "required"
-    return f"| {name if kind != 'argument' else '`' + name + '`'} | {kind} | {default} | {help_text} |"
+    return f"| {name} | {kind} | {default} | {help_text} |"
 
 
-def _walk(cmd: click.Command, path: list[str], out: list[str]) -> None:
-    if isinstance(cmd, click.Group):
+def _walk(cmd, path: list[str], out: list[str]) -> None:
+    if hasattr(cmd, "commands"):
         for name in sorted(cmd.commands):
             _walk(cmd.commands[name], [*path, name], out)
         return
