@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import io
 import re
-import shutil
 
 import numpy as np
 import pytest
@@ -102,6 +101,7 @@ def test_report_cli(audit_db, tmp_path):
     with pytest.raises(SystemExit) as e:
         main(["report", str(audit_db), "--out", str(out), "--run", "7"])
     assert e.value.code == 2
-    main(["report", str(audit_db), "--out", str(out)])
+    with pytest.raises(SystemExit) as e:
+        main(["report", str(audit_db), "--out", str(out)])
+    assert e.value.code in (0, None)
     assert PLANTED_CAPTION not in out.read_text() and out.stat().st_size > 1000
-    assert shutil.which("true")  # keeps shutil used when chromium is absent

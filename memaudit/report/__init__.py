@@ -257,7 +257,7 @@ def build_context(db: str | Path, run_id: int | None = None,
         "summary": summary, "plots": plots, "screens": screens, "flagged": ordered,
         "n_flagged": n_flagged_verdict if has_cal else len(cards),
         "verdict_kind": "calibrated" if has_cal else "fixed",
-        "prompt_tables": tables, "label_tables": label_tables,
+        "prompt_tables": tables, "label_tables": label_tables, "max_screens": 200,
         "n_generations": n_generations, "n_prompts": n_prompts,
         "has_alignment": align_n > 0,
         "alignment_note": ("share of generations whose content agrees with the prompt: on "

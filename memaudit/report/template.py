@@ -84,7 +84,7 @@ Cost is relative to <code>cfg</code> in this run.</p>
 <tr><th>method</th>{% for lab in t.labels %}<th>{{ lab if lab is not none else "(no label)" }}</th>{% endfor %}</tr>
 {% for row in t.rows %}
 <tr><td>{{ row.method }}</td>
-{% for c in row.cells %}<td class="num {{ 'copy' if c and (c.calibrated or c.fixed) else '' }}">{% if c %}{{ pct(c.calibrated) }} ({{ pct(c.fixed) }}) <span class="note">n={{ c.n }}</span>{% endif %}</td>{% endfor %}
+{% for c in row.cells %}<td class="num {{ 'copy' if c and ((c.calibrated if c.calibrated is not none else c.fixed)) else '' }}">{% if c %}{{ pct(c.calibrated) }} ({{ pct(c.fixed) }}) <span class="note">n={{ c.n }}</span>{% endif %}</td>{% endfor %}
 </tr>
 {% endfor %}
 </table>
@@ -100,11 +100,13 @@ prediction, ||e_c - e_u||, over {{ screens[0].seeds }} seeds and the first
 {{ screens[0].steps }} step(s) (METHODS 2).
 Threshold: {{ num(screens[0].threshold) }}.</p>
 <table><tr><th>prompt</th><th>label</th><th>score</th><th>flagged</th></tr>
-{% for s in screens %}
+{% for s in screens[:max_screens] %}
 <tr class="{{ 'copy' if s.flagged else '' }}"><td class="prompt">{{ s.prompt }}</td>
 <td>{{ s.label or "" }}</td><td class="num">{{ num(s.score) }}</td>
 <td>{{ "yes" if s.flagged else ("no" if s.flagged is not none else "") }}</td></tr>
 {% endfor %}</table>
+{% if screens|length > max_screens %}<p class="note">... {{ screens|length - max_screens }} more
+prompts with lower scores (all in the database's <code>screens</code> table).</p>{% endif %}
 {% endif %}
 
 <h2 id="flagged">Flagged outputs beside the training images they copy</h2>
