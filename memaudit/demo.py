@@ -106,6 +106,23 @@ def format_summary(rows: list[dict[str, Any]], methods: list[str]) -> str:
     return "\n".join(out)
 
 
+def data_mismatch(model: str, data: Path) -> str | None:
+    """A warning when the canary model was trained on other data than the demo just built
+    (then the trigger captions no longer point at the images the model memorized)."""
+    from memaudit.models.canary import SHIPPED_DIR
+
+    folder = SHIPPED_DIR if model == "canary" else Path(model)
+    try:
+        trained = json.loads((folder / "canary.json").read_text()).get("data_sha256")
+        built = json.loads((data / "data.json").read_text()).get("train_sha256")
+    except (OSError, json.JSONDecodeError):
+        return None
+    if trained and built and trained != built:
+        return (f"the model was trained on data {trained[:12]}, the demo built {built[:12]}: "
+                "copy rates will not match the shipped measurements")
+    return None
+
+
 def run_demo(out: str | Path = "memaudit-demo", *, device: str | None = None,
              model: str = "canary", methods=DEMO_METHODS, seeds=DEMO_SEEDS,
              steps: int = DEMO_STEPS, screen: bool = True, threads: int | None = None,
@@ -126,6 +143,10 @@ def run_demo(out: str | Path = "memaudit-demo", *, device: str | None = None,
         log(f"[1/4] canary data -> {data}")
         build_canary_data(data)
     times["data"] = time.perf_counter() - t0
+
+    warning = data_mismatch(model, data)
+    if warning:
+        log(f"warning: {warning}")
 
     plan_path = out / "plan.toml"
     text = demo_plan(out, data, model=model, methods=methods, seeds=seeds, steps=steps,
@@ -153,5 +174,6 @@ def run_demo(out: str | Path = "memaudit-demo", *, device: str | None = None,
     return {"db": res.db_path, "report": report, "plan": plan_path, "times": times,
             "threads": n_threads,
             "rows": rows, "units_done": res.units_done,
-            "text": summary + f"\n\ntotal {times['total']:.1f} s "
-                              f"(index+audit {times['index_and_audit']:.1f} s)"}
+            "warning": warning,
+            "text": summary + (f"\nwarning: {warning}" if warning else "")
+            + f"\n\ntotal {times['total']:.1f} s (index+audit {times['index_and_audit']:.1f} s)"}

@@ -38,3 +38,19 @@ def test_demo_chain_and_rerun(tmp_path):
     assert again["units_done"] == 0
     with AuditStore(again["db"], read_only=True) as s:
         assert s.count("generations") == 90 and s.count("runs") == 1
+
+
+def test_data_mismatch_warning(tmp_path):
+    import json
+
+    from memaudit.demo import data_mismatch
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "data.json").write_text(json.dumps({"train_sha256": "a" * 64}))
+    (tmp_path / "m" / "canary.json").write_text(json.dumps({"data_sha256": "a" * 64}))
+    assert data_mismatch(str(tmp_path / "m"), tmp_path / "d") is None
+    (tmp_path / "m" / "canary.json").write_text(json.dumps({"data_sha256": "b" * 64}))
+    assert "trained on data bbbbbbbbbbbb, the demo built aaaaaaaaaaaa" in data_mismatch(
+        str(tmp_path / "m"), tmp_path / "d")
+    assert data_mismatch(str(tmp_path / "missing"), tmp_path / "d") is None
