@@ -111,8 +111,8 @@ prompts with lower scores (all in the database's <code>screens</code> table).</p
 
 <h2 id="flagged">Flagged outputs beside the training images they copy</h2>
 {% if flagged %}
-<p class="note">Showing {{ flagged|length }} of {{ n_flagged }} flagged generation(s), most
-similar first.</p>
+<p class="note">Showing {{ flagged|length }} of {{ n_any_flagged }} generation(s) that pass the
+fixed or the calibrated copy threshold of a criterion, furthest past the threshold first.</p>
 <div class="cards">
 {% for f in flagged %}
 <div class="card">
