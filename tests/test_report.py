@@ -46,7 +46,7 @@ def test_report_content(report):
                      r"<span class=\"note\">n=4</span></td><td class=\"num \">0.0% \(0.0%\)",
                      html)
     # flagged cards: the generated image and the training image re-read from the Parquet
-    assert "4 generation(s) flagged" in html
+    assert "4 generation(s) flagged" in html and "Showing 4 of 4 generation(s)" in html
     assert html.count('alt="generated image"') == 4
     imgs = [np.asarray(Image.open(io.BytesIO(b)).convert("L")) for b in _data_uris(html)]
     planted = planted_image()
