@@ -104,11 +104,13 @@ def demo_cmd(
     device: str = typer.Option(None, help="cpu, cuda, ... (default: cuda when available)."),
     threads: int = typer.Option(None, help="Torch CPU threads (default: $OMP_NUM_THREADS, "
                                 "else 1: fastest on a small shared CPU)."),
+    model: str = typer.Option("canary", help="The canary model: 'canary' (shipped) or a "
+                              "canary folder, e.g. one you trained with `canary train`."),
 ) -> None:
     """The whole chain on the shipped canary: data, index, audit, database, report."""
     from memaudit.demo import run_demo
 
-    summary = run_demo(out, device=device, threads=threads, log=_log)
+    summary = run_demo(out, device=device, threads=threads, model=model, log=_log)
     print(summary["text"])
     print(f"database: {summary['db']}")
     print(f"report: {summary['report']}")
