@@ -9,7 +9,8 @@ report per duplicate count:
     counted only when the nearest image is the planted one (a copy OF the planted image);
 for generic prompts the calibrated (and fixed) copy rate against any training image, and the
 digit classifier's agreement with the requested digit (METHODS 4). Images copied only with
-guidance: planted images whose calibrated copy rate is <= 25% at scale 1 and >= 50% at s0.
+guidance: planted images whose calibrated copy rate is <= 25% at the lowest scale (1) and
+>= 50% at some higher scale.
 """
 
 from __future__ import annotations
@@ -172,16 +173,21 @@ def evaluate_canary(model: str | Path = "canary", out: str | Path = "canary_eval
             per[lab] = entry
         table[f"{scale:g}"] = per
 
-    # planted images copied only with guidance
+    # planted images copied only with guidance: <= 25% at the lowest scale (1), >= 50% at
+    # some higher scale
     only_guided = []
+    base = min(scales)
     for cap, info in planted.items():
-        def r_at(scale: float, cap: str = cap) -> float:
+        per_scale = {}
+        for scale in scales:
             rs = [r for r in records if r["scale"] == scale and r["prompt"] == cap]
-            return rate(rs, "copy_calibrated", True)
-        at1, at0 = r_at(scales[0]), r_at(s0) if s0 in scales else float("nan")
-        if at1 <= 0.25 and at0 >= 0.5:
+            per_scale[scale] = rate(rs, "copy_calibrated", True)
+        best = max((s for s in scales if s > base), key=lambda s: per_scale[s], default=None)
+        if best is not None and per_scale[base] <= 0.25 and per_scale[best] >= 0.5:
             only_guided.append({"caption": cap, "count": info["count"],
-                                "copy_at_scale_1": at1, "copy_at_default": at0})
+                                "copy_at_scale_1": per_scale[base], "scale": best,
+                                "copy_at_scale": per_scale[best],
+                                "by_scale": {f"{k:g}": v for k, v in per_scale.items()}})
 
     # grid at the default scale (or the middle one)
     gs = s0 if s0 in gens_at else scales[len(scales) // 2]
@@ -223,8 +229,8 @@ def format_summary(summary: dict) -> str:
                 f"{'' if near is None else f'{near:.0%}':>16} {e['copy_fixed']:>9.0%} "
                 f"{e['copy_calibrated']:>9.0%} {'' if dig is None else f'{dig:.0%}':>10}")
     og = summary["copied_only_with_guidance"]
-    lines.append(f"copied only with guidance (<=25% at scale {summary['scales'][0]:g}, >=50% "
-                 f"at {summary['default_guidance_scale']:g}): {len(og)}"
-                 + "".join(f"\n  {o['count']}x {o['caption']!r}: {o['copy_at_scale_1']:.0%} -> "
-                           f"{o['copy_at_default']:.0%}" for o in og))
+    lines.append(f"copied only with guidance (<=25% at scale {min(summary['scales']):g}, >=50% "
+                 f"at a higher one): {len(og)}"
+                 + "".join(f"\n  {o['count']}x {o['caption']!r}: " + ", ".join(
+                     f"{k}: {v:.0%}" for k, v in o["by_scale"].items()) for o in og))
     return "\n".join(lines)
