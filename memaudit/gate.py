@@ -117,8 +117,9 @@ def _copy_checks(store: AuditStore, rid: int, criteria: list[str] | None,
                 "arg_max(m.neighbour_key, m.similarity) AS neighbour_key "
                 "FROM matches m JOIN generations g ON g.id = m.generation_id "
                 "JOIN prompts p ON p.id = g.prompt_id "
-                f"WHERE g.run_id = ? AND m.criterion = ? AND g.method = ? AND {col} "
-                "GROUP BY p.text, p.label ORDER BY copies DESC, p.text",
+                "WHERE g.run_id = ? AND m.criterion = ? AND g.method = ? "
+                f"GROUP BY p.text, p.label HAVING count(*) FILTER (WHERE {col}) > 0 "
+                "ORDER BY copies DESC, p.text",
                 [rid, crit, method])
             thr_s = "?" if thr is None else f"{thr:.4g}"
             checks.append(Check(
@@ -193,10 +194,10 @@ def format_result(res: GateResult, max_rows: int = 20) -> str:
             continue
         lines.append(f"\noffending prompts for {c.name}:")
         if c.name.startswith("copy_rate"):
-            lines.append(f"  {'copies':>7}  {'best':>8}  {'neighbour':<16}  prompt")
+            lines.append(f"  {'copies':>7}  {'best':>8}  {'neighbour':<24}  prompt")
             for r in c.offending[:max_rows]:
                 lines.append(f"  {r['copies']:>3}/{r['n']:<3}  {r['best_score']:>8.4g}  "
-                             f"{str(r['neighbour_key'])[:16]:<16}  {_one_line(r['prompt'])}")
+                             f"{str(r['neighbour_key'])[:24]:<24}  {_one_line(r['prompt'])}")
         else:
             lines.append(f"  {'score':>8}  prompt")
             for r in c.offending[:max_rows]:

@@ -108,3 +108,16 @@ def test_screen_only_gate(tmp_path):
     assert "calibrated on 3 clean prompts" in res.checks[0].detail
     with pytest.raises(UserError, match="exactly one of"):
         gate_screen(model, tmp_path / "p.txt")
+
+
+def test_offending_counts_all_generations_of_the_prompt(tmp_path):
+    from test_store import _fill
+
+    from memaudit.store import AuditStore
+
+    with AuditStore(tmp_path / "a.duckdb") as s:
+        _fill(s)  # cfg: one prompt, 2 seeds, nL2 1.0 (copy) and 2.0 (no copy)
+    res = gate_db(tmp_path / "a.duckdb", methods=["cfg"], threshold="fixed")
+    (row,) = res.checks[0].offending
+    assert (row["copies"], row["n"], row["best_score"]) == (1, 2, 1.0)
+    assert "  1/2           1  k3" in format_result(res)
