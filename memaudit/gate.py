@@ -141,7 +141,7 @@ def _screen_check_db(store: AuditStore, rid: int, limit: float) -> Check:
         raise UserError("the run has no screening scores; add a [screen] table to the plan "
                         "or use `memaudit gate --screen`")
     return _screen_check([r["prompt"] for r in rows], np.array([r["score"] for r in rows]),
-                         limit, "given", [r["label"] for r in rows])
+                         limit, "given threshold", [r["label"] for r in rows])
 
 
 def _screen_check(prompts: list[str], scores: np.ndarray, limit: float, how: str,
@@ -153,7 +153,7 @@ def _screen_check(prompts: list[str], scores: np.ndarray, limit: float, how: str
     worst = float(np.max(scores)) if len(scores) else 0.0
     return Check(name="screen_score", value=worst, limit=limit, passed=not off,
                  detail=(f"{len(off)}/{len(prompts)} prompts screen above {limit:.4g} "
-                         f"({how} threshold); max score {worst:.4g}"),
+                         f"({how}); max score {worst:.4g}"),
                  offending=off)
 
 
@@ -176,10 +176,10 @@ def gate_screen(model: str, prompts: str | Path, *, max_screen_score: float | No
         clean = [r.text for r in read_prompts(str(calibrate))]
         clean_scores = np.asarray(screen_prompts(m, clean, steps=steps, seeds=seeds), float)
         limit = float(calibrate_threshold(clean_scores, fpr))
-        how = f"calibrated on {len(clean)} clean prompts at {fpr:g} FPR"
+        how = f"threshold calibrated on {len(clean)} clean prompts at {fpr:g} FPR"
     else:
         assert max_screen_score is not None
-        limit, how = float(max_screen_score), "given"
+        limit, how = float(max_screen_score), "given threshold"
     return GateResult(checks=[_screen_check(texts, scores, limit, how)],
                       source=f"{model} on {prompts}")
 

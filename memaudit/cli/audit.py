@@ -75,11 +75,16 @@ def gate_cmd(
     steps: int = typer.Option(1, help="With --screen: screening steps."),
     seeds: int = typer.Option(4, help="With --screen: seeds per prompt."),
     device: str = typer.Option(None, help="With --screen: cpu, cuda, ..."),
+    threads: int = typer.Option(None, help="With --screen: torch CPU threads."),
 ) -> None:
     """CI gate: exit 0 pass, 1 fail, 2 usage error; prints the offending prompts."""
     from memaudit.gate import format_result, gate_db, gate_screen, write_junit
 
     if screen:
+        if threads is not None:
+            from memaudit.audit import set_threads
+
+            set_threads(threads)
         if db is not None or model is None or prompts is None:
             raise UserError("gate --screen takes --model M --prompts FILE (and no database)")
         res = gate_screen(model, prompts, max_screen_score=max_screen_score,
