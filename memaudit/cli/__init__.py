@@ -39,15 +39,30 @@ _register_all()
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: usage errors are Typer's (exit 2); `UserError`s end in one line."""
+    """Console entry point. Returns normally on success; exits non-zero on failure.
+
+    Usage errors print Typer's message (exit 2); `UserError`s end in one line (exit 2);
+    commands may return or `typer.Exit` with a code (the gate's 1).
+    """
     try:
-        app(args=argv)
+        code = app(args=argv, standalone_mode=False)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
     except FileNotFoundError as e:
         print(f"error: file not found: {e.filename or e}", file=sys.stderr)
         sys.exit(2)
+    except Exception as e:
+        # Typer vendors click, so match its usage errors and aborts by shape, not by class.
+        if hasattr(e, "show") and hasattr(e, "exit_code"):
+            e.show()
+            sys.exit(e.exit_code)
+        if type(e).__name__ == "Abort":
+            print("aborted", file=sys.stderr)
+            sys.exit(1)
+        raise
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":
