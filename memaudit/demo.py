@@ -171,6 +171,12 @@ def run_demo(out: str | Path = "memaudit-demo", *, device: str | None = None,
     times["total"] = time.perf_counter() - t0
     rows = summary_rows(res.db_path)
     summary = format_summary(rows, list(methods))
+    from memaudit.store import AuditStore
+
+    with AuditStore(res.db_path, read_only=True) as st:
+        settings = json.loads(st.run()["settings_json"] or "{}")
+    summary = (f"{len(seeds)} seeds x {settings.get('steps')} {settings.get('scheduler')} steps, "
+               f"guidance scale {settings.get('guidance_scale')}\n" + summary)
     return {"db": res.db_path, "report": report, "plan": plan_path, "times": times,
             "threads": n_threads,
             "rows": rows, "units_done": res.units_done,
