@@ -85,7 +85,7 @@ def copying_sample(model, prompts, seeds, guidance, steps=3, guidance_scale=2.0,
 
 def write_plan(tmp: Path, index_src: Path, model: str, methods=("cfg", "static"),
                seeds=(0, 1), screen: bool = True, extra: str = "",
-               criteria=("nl2", "l2-tiled")) -> Path:
+               criteria=("nl2", "l2-tiled"), batch_size: int = 4) -> Path:
     (tmp / "trig.txt").write_text(f"{PLANTED_CAPTION}\nanother planted one\n")
     (tmp / "gen.txt").write_text("a generic item\nsomething else\n")
     screen_toml = '[screen]\nsteps = 1\nseeds = 2\nclean_label = "generic"\n' if screen else ""
@@ -99,7 +99,7 @@ criteria = {json.dumps(list(criteria))}
 methods = {json.dumps(list(methods))}
 seeds = {json.dumps(list(seeds))}
 steps = 3
-batch_size = 4
+batch_size = {batch_size}
 alignment = "none"
 {extra}
 [index]

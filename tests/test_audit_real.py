@@ -78,3 +78,52 @@ def test_audit_cli_resume_and_changed_plan(tmp_path):
     assert p.returncode == 0 and "run 2: 1 units done" in p.stdout
     p = cli(str(tmp_path / "missing.toml"))
     assert p.returncode == 2 and "not found" in p.stderr
+
+
+_CHILD = """
+import sys
+from memaudit.audit import load_plan, run_audit
+run_audit(load_plan(sys.argv[1]), device="cpu")
+"""
+
+
+def _rows(db):
+    with AuditStore(db, read_only=True) as s:
+        gens = s.con.execute(
+            "SELECT p.text, g.method, g.seed, g.image_path, g.final_prompt, m.score "
+            "FROM generations g JOIN prompts p ON p.id = g.prompt_id "
+            "JOIN matches m ON m.generation_id = g.id ORDER BY 1, 2, 3").fetchall()
+        counts = {t: s.count(t) for t in ("generations", "matches", "steps", "screens",
+                                          "units", "runs")}
+    return gens, counts
+
+
+@pytest.mark.slow
+def test_real_run_killed_mid_unit_resumes(tmp_path):
+    """The real chain killed in the middle of a unit (images written, rows not committed),
+    then resumed: the same rows as an uninterrupted run, none twice."""
+    import os
+    import subprocess
+    import sys
+
+    src = make_training_parquet(tmp_path / "train.parquet")
+    canary = make_tiny_canary(tmp_path / "canary")
+    ref_dir, work = tmp_path / "ref", tmp_path / "work"
+    ref_dir.mkdir()
+    work.mkdir()
+    kw = dict(methods=("cfg", "rna"), seeds=(0, 1), criteria=("nl2",), batch_size=2)
+    ref = run_audit(load_plan(write_plan(ref_dir, src, str(canary), **kw)), device="cpu")
+    plan = write_plan(work, src, str(canary), **kw)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MEMAUDIT_TEST_KILL_BEFORE_COMMIT": "4"}
+    p = subprocess.run([sys.executable, "-c", _CHILD, str(plan)], env=env,
+                       capture_output=True, text=True)
+    assert p.returncode == 4, p.stderr
+    _, partial = _rows(work / "out" / "audit.duckdb")
+    assert partial["units"] == 3 and partial["generations"] == 6
+    res = run_audit(load_plan(plan), device="cpu")
+    assert res.units_done == 9 - 3
+    got, counts = _rows(res.db_path)
+    want, ref_counts = _rows(ref.db_path)
+    assert counts == ref_counts and counts["generations"] == 16
+    assert [r[:5] for r in got] == [r[:5] for r in want]
+    assert [r[5] for r in got] == pytest.approx([r[5] for r in want], abs=1e-5)
