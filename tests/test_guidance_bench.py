@@ -76,3 +76,8 @@ def test_bench_runs_end_to_end(tmp_path, monkeypatch):
     assert sc["unet_rows_per_prompt"] == 4 and sc["ratio_vs_one_image"] == 2.0
     md = (work / "bench.md").read_text()
     assert "| amg:sim |" in md and "screening steps=1 seeds=2" in md
+    tm = bench.main(["--work", str(work), "--data", str(data), "--index", str(index),
+                     "--seeds", "1", "--per-group", "1", "--steps", "2", "--methods",
+                     "cfg,static", "--timing-only", "2"])["timing"]
+    assert set(tm) == {"cfg", "static"} and tm["cfg"]["ratio_to_cfg"] == 1.0
+    assert json.loads((work / "timing.json").read_text()) == tm

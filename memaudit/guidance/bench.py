@@ -193,6 +193,27 @@ def tune(model: Any, crit: Any, groups: dict[str, list[str]], seeds: list[int], 
     return out
 
 
+def timing(model: Any, crit: Any, specs: list[str], params: dict, prompts: list[str],
+           seeds: list[int], steps: int, repeats: int = 3) -> dict[str, dict[str, float]]:
+    """Wall time per image, interleaved over methods and repeated; the minimum over repeats
+    (the least disturbed run on a shared machine) and its ratio to cfg's minimum."""
+    from memaudit.guidance import build_guidance
+    from memaudit.sampler import sample
+
+    rows = [(p, s) for p in prompts for s in seeds]
+    best: dict[str, float] = {}
+    for _ in range(repeats):
+        for spec in ["cfg", *[m for m in specs if m != "cfg"]]:
+            g = build_guidance(spec, params)
+            t0 = time.perf_counter()
+            sample(model, [p for p, _ in rows], [s for _, s in rows], g, steps=steps,
+                   criterion=crit if g.needs_criterion else None)
+            dt = (time.perf_counter() - t0) / len(rows)
+            best[spec] = min(best.get(spec, float("inf")), dt)
+    return {k: {"min_wall_per_image": v, "ratio_to_cfg": v / best["cfg"]}
+            for k, v in best.items()}
+
+
 def fmt(v: Any, pct: bool = True) -> str:
     if v is None:
         return "n/a"
@@ -257,6 +278,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--screen-seeds", default="4,2,1")
     ap.add_argument("--screen-steps", default="1")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--timing-only", type=int, default=0, metavar="REPEATS",
+                    help="Only measure wall time per image (interleaved, min of REPEATS).")
     args = ap.parse_args(argv)
 
     from memaudit.criteria import make_criterion
@@ -277,6 +300,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                      "steps": args.steps, "scale": model.default_guidance_scale},
         "calibrated_threshold": float(crit.calibrated_threshold), "groups": groups}
     t_all = time.perf_counter()
+    if args.timing_only:
+        specs = [m.strip() for m in args.methods.split(",") if m.strip()]
+        prompts = [p for g in ("64x", "generic") for p in groups[g]]
+        tm = timing(model, crit, specs, params, prompts, seeds, args.steps, args.timing_only)
+        (args.work / "timing.json").write_text(json.dumps(tm, indent=2) + "\n")
+        for k, v in tm.items():
+            print(f"{k}: {1000 * v['min_wall_per_image']:.1f} ms/image, "
+                  f"{v['ratio_to_cfg']:.2f}x cfg")
+        return {"timing": tm}
     if args.tune:
         tuned = tune(model, crit, groups, list(range(1000, 1000 + args.tune_seeds)), args.steps,
                      args.batch_size, [int(v) for v in args.tune_min_steps.split(",")],
