@@ -175,12 +175,13 @@ def bench(
     device: str = typer.Option(None, "--device"),
     skip_memory: bool = typer.Option(False, "--skip-memory"),
     skip_throughput: bool = typer.Option(False, "--skip-throughput"),
+    repeat: int = typer.Option(3, "--repeat", help="alternate runs; best of each kept"),
 ) -> None:
     """Index-build benchmarks: throughput vs bare forward, peak memory vs row count."""
     from memaudit.index.bench import run_bench
 
     run_bench(rows=rows, batch_size=batch_size, mem_rows=tuple(mem_rows), device=device,
-              memory=not skip_memory, throughput=not skip_throughput)
+              memory=not skip_memory, throughput=not skip_throughput, repeat=repeat)
 
 
 def register(app: typer.Typer) -> None:
