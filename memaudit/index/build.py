@@ -459,14 +459,27 @@ def _finalize(partial: Path, staging: Path, nshards: int, emb, factory: str,
         except RuntimeError as e:
             raise UserError(f"cannot train faiss {factory!r} on {len(train)} vectors: "
                             f"{str(e).strip().splitlines()[-1]}") from e
+    # Flat: allocate the vector storage once and fill it shard by shard (repeated add()
+    # would grow it by doubling, a transient of up to 3x the vectors' size)
+    flat = faiss.downcast_index(index)
+    direct = None
+    if isinstance(flat, faiss.IndexFlat) and ngroups:
+        flat.codes.resize(ngroups * flat.code_size)
+        direct = faiss.rev_swig_ptr(flat.codes.data(), ngroups * flat.code_size)
+        direct = direct.view(np.float32).reshape(ngroups, emb.dim)
     writer = pq.ParquetWriter(staging / ITEMS_FILE, ITEM_SCHEMA)
     row0 = 0
+    filled = 0
     try:
         for k in range(nshards):
             p = _shard_paths(partial, k)
             vecs = np.load(p["emb"], mmap_mode="r")
             rep = shard_reps[k]
-            if rep.any():
+            nrep = int(rep.sum())
+            if nrep and direct is not None:
+                direct[filled:filled + nrep] = vecs[rep]
+                filled += nrep
+            elif nrep:
                 index.add(np.ascontiguousarray(vecs[rep], dtype=np.float32))
             items = pq.read_table(p["items"])
             n = items.num_rows
@@ -485,6 +498,9 @@ def _finalize(partial: Path, staging: Path, nshards: int, emb, factory: str,
             row0 += n
     finally:
         writer.close()
+    if direct is not None:
+        del direct
+        flat.ntotal = ngroups  # same C++ object as `index` (which keeps ownership)
     faiss.write_index(index, str(staging / INDEX_FILE))
     return {
         "rows": row0,
