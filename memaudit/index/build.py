@@ -48,6 +48,9 @@ from memaudit.index.training_index import (
 )
 
 FORMAT_VERSION = 1
+#: timings of the last build in this process (read by `memaudit index bench`): seconds the
+#: model loop waited for decoded batches, and seconds spent in the model
+last_build_stats: dict[str, float] = {}
 #: test hook: os._exit right after this shard number has been saved
 EXIT_AFTER_SHARD_ENV = "MEMAUDIT_INDEX_EXIT_AFTER_SHARD"
 
@@ -142,12 +145,16 @@ def prepared_batches(embedder, batches: Iterator[list], workers: int,
         th.start()
         try:
             while True:
+                t0 = time.perf_counter()
                 item = q.get()
                 if item is None:
                     break
                 if isinstance(item, BaseException):
                     raise item
-                yield item.result()
+                res = item.result()
+                last_build_stats["wait_s"] = (last_build_stats.get("wait_s", 0.0)
+                                              + time.perf_counter() - t0)
+                yield res
         finally:
             stop.set()
             while th.is_alive():
@@ -172,7 +179,10 @@ class _Shard:
     def flush(self, embedder, batch_size: int) -> None:
         """Run the model on the waiting tensors."""
         if self.tensors:
+            t0 = time.perf_counter()
             self.emb_parts.append(embedder.embed_list(self.tensors, batch_size))
+            last_build_stats["model_s"] = (last_build_stats.get("model_s", 0.0)
+                                           + time.perf_counter() - t0)
             self.tensors = []
             self.shape_counts = {}
 
@@ -271,6 +281,7 @@ def build_index(source: str | Path, embedder: str, out: str | Path, factory: str
     from memaudit.embedders import EMBEDDERS, make_embedder
 
     t0 = time.time()
+    last_build_stats.clear()
     if embedder not in EMBEDDERS:
         raise UserError(f"unknown embedder {embedder!r}; choose one of {', '.join(EMBEDDERS)}")
     if batch_size < 1 or shard_rows < 1:
