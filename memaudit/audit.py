@@ -52,6 +52,7 @@ from typing import Any
 import numpy as np
 
 from memaudit.common import UserError, package_versions, progress_bar, resolve_device
+from memaudit.generate import save_png
 from memaudit.store import AuditStore
 
 KILL_ENV = "MEMAUDIT_TEST_KILL_AFTER_UNITS"  # test hook: os._exit after N committed units
@@ -326,22 +327,6 @@ def default_components() -> Components:
 # --- helpers ----------------------------------------------------------------------------
 def _slug(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", s).strip("_") or "m"
-
-
-def save_png(img: Any, path: Path) -> None:
-    """[3,H,W] float in [0,1] (tensor or array) -> PNG, written atomically."""
-    from PIL import Image
-
-    a = img.detach().cpu().numpy() if hasattr(img, "detach") else np.asarray(img)
-    if a.ndim == 3 and a.shape[0] in (1, 3):
-        a = np.moveaxis(a, 0, -1)
-    a = (np.clip(a, 0, 1) * 255 + 0.5).astype(np.uint8)
-    if a.ndim == 3 and a.shape[-1] == 1:
-        a = a[..., 0]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    Image.fromarray(a).save(tmp, format="PNG")
-    os.replace(tmp, path)
 
 
 def index_hash(index: Any, index_dir: str | None) -> str | None:

@@ -44,6 +44,7 @@ from memaudit.index.training_index import (
     ITEMS_FILE,
     MANIFEST_FILE,
     TrainingIndex,
+    publish_dir,
     write_json_atomic,
 )
 
@@ -371,13 +372,7 @@ def build_index(source: str | Path, embedder: str, out: str | Path, factory: str
     manifest["build_seconds"] = round(time.time() - t0, 3)
     write_json_atomic(staging / MANIFEST_FILE, manifest)
 
-    if out.exists():  # overwrite: swap, then delete the old one
-        old = out.with_name(out.name + f".old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(staging, out)
-        shutil.rmtree(old)
-    else:
-        os.replace(staging, out)
+    publish_dir(staging, out)
     shutil.rmtree(partial)
     return out
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
 from datetime import UTC, datetime
@@ -26,7 +25,13 @@ import pyarrow.parquet as pq
 
 from memaudit.common import UserError, package_versions, sha256_file
 from memaudit.index.build import ITEM_SCHEMA, make_faiss_index
-from memaudit.index.training_index import INDEX_FILE, ITEMS_FILE, MANIFEST_FILE, write_json_atomic
+from memaudit.index.training_index import (
+    INDEX_FILE,
+    ITEMS_FILE,
+    MANIFEST_FILE,
+    publish_dir,
+    write_json_atomic,
+)
 
 
 def _parts(src: Path) -> list[tuple[int, Path, Path]]:
@@ -204,14 +209,7 @@ def _import(src: Path, out: Path, staging: Path, clip_model: str, clip_pretraine
         "calibration": None,
     }
     write_json_atomic(staging / MANIFEST_FILE, manifest)
-    if out.exists():
-        old = out.with_name(out.name + f".old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(staging, out)
-        shutil.rmtree(old)
-    else:
-        os.replace(staging, out)
-    return out
+    return publish_dir(staging, out)
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:
