@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import csv
 import hashlib
-import io
 import json
 import sys
 import time
@@ -25,61 +24,39 @@ import torch
 from memaudit.canary.model import CanaryConfig, CanaryNet, TextEncoder, save_canary
 from memaudit.common import UserError, package_versions, progress_bar, resolve_device
 
-IMAGE_COLUMNS = ("png", "jpg", "jpeg", "webp", "image")
-CAPTION_COLUMNS = ("caption", "text")
-
-
-def _parquet_files(data: str | Path) -> list[Path]:
-    data = Path(data)
-    if data.is_dir():
-        files = sorted(data.glob("*.parquet"))
-        files = [f for f in files if f.name != "ground_truth.parquet"] if len(files) > 1 else files
-    elif data.exists():
-        files = [data]
-    else:
-        is_glob = any(c in data.name for c in "*?[")
-        files = sorted(Path(data.parent).glob(data.name)) if is_glob else []
-    if not files:
-        raise UserError(f"no training Parquet found at {data}")
-    return files
-
 
 def read_training_images(data: str | Path, resolution: int) -> tuple[torch.Tensor, list[str], str]:
     """Decode a training Parquet (file, directory of shards, or glob) into grey images.
 
     Returns (images [N, 1, res, res] in [-1, 1], captions, sha256 over the files' bytes).
-    Image column: png/jpg/jpeg/webp/image (bytes or a {bytes, path} struct); caption column:
-    caption/text. Undecodable rows are skipped (count printed on stderr).
+    Rows come through the shared reader (`memaudit.data.parquet`, same columns and overrides
+    as `index build`); undecodable rows are skipped (count printed on stderr). In a canary
+    data folder, ground_truth.parquet is not training data and is left out.
     """
-    import pyarrow.parquet as pq
     from PIL import Image
 
-    files = _parquet_files(data)
+    from memaudit.data.parquet import decode_image, iter_training_rows, resolve_sources
+
+    files = resolve_sources(data)
+    if len(files) > 1:
+        files = [f for f in files if f.name != "ground_truth.parquet"]
     h = hashlib.sha256()
+    for f in files:
+        h.update(f.read_bytes())
     imgs: list[np.ndarray] = []
     caps: list[str] = []
     skipped = 0
     for f in files:
-        h.update(f.read_bytes())
-        schema = pq.read_schema(f)
-        icol = next((c for c in IMAGE_COLUMNS if c in schema.names), None)
-        ccol = next((c for c in CAPTION_COLUMNS if c in schema.names), None)
-        if icol is None or ccol is None:
-            raise UserError(f"{f}: needs an image column ({'/'.join(IMAGE_COLUMNS)}) and a "
-                            f"caption column ({'/'.join(CAPTION_COLUMNS)}); has {schema.names}")
-        table = pq.read_table(f, columns=[icol, ccol])
-        for cell, cap in zip(table.column(icol).to_pylist(), table.column(ccol).to_pylist(),
-                             strict=True):
-            raw = cell.get("bytes") if isinstance(cell, dict) else cell
-            try:
-                with Image.open(io.BytesIO(raw)) as im:
-                    im = im.convert("L")
-                    if im.size != (resolution, resolution):
-                        im = im.resize((resolution, resolution), Image.BILINEAR)
-                    imgs.append(np.asarray(im, dtype=np.float32) / 255.0)
-                caps.append(cap or "")
-            except Exception:
+        for row in iter_training_rows(f):
+            im, _reason = decode_image(row.image_bytes)
+            if im is None:
                 skipped += 1
+                continue
+            im = im.convert("L")
+            if im.size != (resolution, resolution):
+                im = im.resize((resolution, resolution), Image.BILINEAR)
+            imgs.append(np.asarray(im, dtype=np.float32) / 255.0)
+            caps.append(row.caption or "")
     if skipped:
         print(f"skipped {skipped} undecodable rows", file=sys.stderr)
     if not imgs:
