@@ -83,7 +83,9 @@ class Guidance:
         return {}
 
     def guide(self, state: StepState) -> tuple[torch.Tensor, dict[str, Any]]:
-        raise NotImplementedError
+        """eps_hat and a trace; the default is plain CFG, which mitigations that only change
+        the prompt or the embeddings (rna, rta, cwr, gni) keep."""
+        return cfg_combine(state.e_u, state.e_c, state.s0), {}
 
 
 def cfg_combine(e_u: torch.Tensor, e_c: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:

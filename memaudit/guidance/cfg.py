@@ -6,15 +6,8 @@ eps_hat = e_u + s0 (e_c - e_u), with s0 the user's scale; no extra UNet calls, n
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch
-
-from memaudit.guidance.base import Guidance, StepState, cfg_combine
+from memaudit.guidance.base import Guidance
 
 
 class CFG(Guidance):
     name = "cfg"
-
-    def guide(self, state: StepState) -> tuple[torch.Tensor, dict[str, Any]]:
-        return cfg_combine(state.e_u, state.e_c, state.s0), {}

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from memaudit.guidance.base import Guidance, StepState, cfg_combine
+from memaudit.guidance.base import Guidance
 from memaudit.guidance.perturb import insert_items, row_rng
 
 
@@ -29,6 +29,3 @@ class CWR(Guidance):
             items = [words[int(i)] for i in rng.integers(0, len(words), self.params.n)]
             out.append(insert_items(p, items, rng))
         return out
-
-    def guide(self, state: StepState):
-        return cfg_combine(state.e_u, state.e_c, state.s0), {}

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from memaudit.guidance.base import Guidance, StepState, cfg_combine
+from memaudit.guidance.base import Guidance
 from memaudit.guidance.perturb import row_torch_generator
 
 
@@ -31,6 +31,3 @@ class GNI(Guidance):
         nc = torch.stack(noise_c).to(emb_c.device, emb_c.dtype)
         nu = torch.stack(noise_u).to(emb_u.device, emb_u.dtype)
         return emb_c + self.params.lam * nc, emb_u + self.params.lam * nu
-
-    def guide(self, state: StepState):
-        return cfg_combine(state.e_u, state.e_c, state.s0), {}

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from memaudit.guidance.base import Guidance, StepState, cfg_combine
+from memaudit.guidance.base import Guidance
 from memaudit.guidance.perturb import insert_items, row_rng
 
 
@@ -25,6 +25,3 @@ class RNA(Guidance):
             items = [str(int(v)) for v in rng.integers(0, self.params.high, self.params.n)]
             out.append(insert_items(p, items, rng))
         return out
-
-    def guide(self, state: StepState):
-        return cfg_combine(state.e_u, state.e_c, state.s0), {}

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from memaudit.guidance.base import Guidance, StepState, cfg_combine
+from memaudit.guidance.base import Guidance
 from memaudit.guidance.perturb import insert_items, row_rng, row_torch_generator
 
 
@@ -25,6 +25,3 @@ class RTA(Guidance):
             tokens = [t.strip() or t for t in tokens]
             out.append(insert_items(p, list(tokens), row_rng(s, 2)))
         return out
-
-    def guide(self, state: StepState):
-        return cfg_combine(state.e_u, state.e_c, state.s0), {}
