@@ -43,7 +43,6 @@ import json
 import os
 import re
 import time
-import tomllib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -51,7 +50,13 @@ from typing import Any
 
 import numpy as np
 
-from memaudit.common import UserError, package_versions, progress_bar, resolve_device
+from memaudit.common import (
+    UserError,
+    package_versions,
+    progress_bar,
+    read_toml,
+    resolve_device,
+)
 from memaudit.generate import save_png
 from memaudit.store import AuditStore
 
@@ -224,13 +229,7 @@ def plan_from_dict(d: dict[str, Any], base: str | Path = ".") -> Plan:
 def load_plan(path: str | Path) -> Plan:
     """Read and validate PLAN.toml."""
     path = Path(path)
-    if not path.exists():
-        raise UserError(f"plan {path} not found")
-    try:
-        d = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise UserError(f"plan {path}: invalid TOML ({e})") from e
-    return plan_from_dict(d, base=path.parent.resolve())
+    return plan_from_dict(read_toml(path, "plan"), base=path.parent.resolve())
 
 
 def plan_difference(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:

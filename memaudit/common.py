@@ -95,6 +95,19 @@ def track(items: Iterable[T], description: str, total: int | None = None,
             advance(1)
 
 
+def read_toml(path: str | Path, what: str = "file") -> dict:
+    """A TOML file as a dict; a missing file or bad TOML is a one-line `UserError`."""
+    import tomllib
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{what} not found: {p}")
+    try:
+        return tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{what} {p}: invalid TOML ({e})") from e
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     """Hex SHA-256 of a file, streamed."""
     h = hashlib.sha256()

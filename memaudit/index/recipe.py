@@ -16,11 +16,10 @@ Top-level embedder options (`weights`, `preprocessing`, `size`, `model`, `pretra
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 from typing import Any
 
-from memaudit.common import UserError
+from memaudit.common import UserError, read_toml
 
 BUILD_KEYS = {"data", "source", "embedder", "out", "factory", "device", "batch_size",
               "image_col", "caption_col", "key_col", "shard_rows", "calibrate", "workers",
@@ -32,12 +31,7 @@ EMBEDDER_KEYS = {"weights", "weights_sha256", "preprocessing", "short_edge", "cr
 def load_recipe(path: str | Path) -> dict[str, Any]:
     """Read a recipe into `build_index` keyword arguments (`source`, `embedder`, `out`...)."""
     p = Path(path)
-    if not p.is_file():
-        raise UserError(f"recipe not found: {p}")
-    try:
-        data = tomllib.loads(p.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise UserError(f"{p}: invalid TOML ({e})") from e
+    data = read_toml(p, "recipe")
     unknown = set(data) - BUILD_KEYS - EMBEDDER_KEYS
     if unknown:
         raise UserError(f"{p}: unknown keys {', '.join(sorted(unknown))}")
