@@ -83,7 +83,7 @@ TABLES: list[str] = [
         step INTEGER NOT NULL,
         t DOUBLE,
         u DOUBLE,
-        guidance_norm DOUBLE,              -- || e_c - e_u ||_2 of the sample at this step
+        guidance_norm DOUBLE,              -- || eps_hat - e_u ||_2 of the sample (guidance applied)
         sigma_t DOUBLE,                    -- AMG similarity of x0_hat
         lambda_t DOUBLE,                    -- AMG threshold at this step
         active_json TEXT,                  -- JSON list of active guidances
