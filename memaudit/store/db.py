@@ -21,7 +21,7 @@ from memaudit.store.schema import SCHEMA_VERSION, TABLES, VIEWS
 _STEP_KEYS = {
     "t": ("t", "timestep"),
     "u": ("u",),
-    "guidance_norm": ("guidance_norm",),  # the sampler's ||eps_hat - e_u|| (dynamic's d stays extra)
+    "guidance_norm": ("guidance_norm",),  # sampler's ||eps_hat - e_u||; dynamic's d stays extra
     "sigma_t": ("sigma_t", "sigma", "similarity"),
     "lambda_t": ("lambda", "lambda_t", "lam", "threshold"),
     "active_json": ("active", "active_guidances"),
