@@ -8,25 +8,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
-from sd_tiny import build_tiny_pipeline
 
 from memaudit.cli import main
 from memaudit.common import UserError
 from memaudit.data.prompts import read_prompts
 from memaudit.generate import GEN_COLUMNS, generate
 from memaudit.guidance import make_guidance
-from memaudit.models import load_model
 from memaudit.sampler import sample
-
-
-@pytest.fixture(scope="module")
-def pipe_dir(tmp_path_factory):
-    return build_tiny_pipeline(tmp_path_factory.mktemp("sdgen") / "tiny-sd")
-
-
-@pytest.fixture(scope="module")
-def model(pipe_dir):
-    return load_model(pipe_dir, device="cpu")
 
 
 @pytest.fixture

@@ -16,16 +16,6 @@ from memaudit.models.diffusers_sd import StableDiffusionDenoiser, hash_pipeline_
 from memaudit.sampler import initial_noise, sample
 
 
-@pytest.fixture(scope="module")
-def pipe_dir(tmp_path_factory):
-    return build_tiny_pipeline(tmp_path_factory.mktemp("sd") / "tiny-sd")
-
-
-@pytest.fixture(scope="module")
-def model(pipe_dir):
-    return load_model(pipe_dir, device="cpu")
-
-
 def test_load_by_path_and_hash(model, pipe_dir):
     assert isinstance(model, StableDiffusionDenoiser)
     assert model.latent_shape == (4, 8, 8) and model.dtype == torch.float32
