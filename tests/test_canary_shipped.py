@@ -40,7 +40,11 @@ def test_shipped_generation_is_deterministic_per_seed(shipped):
     a = sample(shipped, prompts, [5, 5, 6], make_guidance("cfg"), steps=10)
     b = sample(shipped, prompts[:2], [5, 5], make_guidance("cfg"), steps=10)
     assert a.images.shape == (3, 3, 16, 16)
-    assert torch.equal(a.images[:2], b.images)  # same (prompt, seed) -> same image
+    again = sample(shipped, prompts, [5, 5, 6], make_guidance("cfg"), steps=10)
+    assert torch.equal(a.images, again.images)  # the same call -> bit-identical images
+    # The same (prompt, seed) in another batch: equal up to float rounding (multi-threaded CPU
+    # kernels round rows of different batch sizes differently).
+    assert torch.allclose(a.images[:2], b.images, atol=1e-5)
     assert not torch.equal(a.images[0], a.images[2])  # another seed -> another image
     assert not torch.equal(a.images[0], a.images[1])  # another prompt -> another image
 

@@ -102,7 +102,10 @@ def test_sampling_alone_equals_batched_and_is_deterministic(model):
     alone = sample(model, ["a dog"], [4], g, steps=2)
     again = sample(model, ["a cat", "a dog", "a cat"], [3, 4, 3], g, steps=2)
     assert torch.allclose(both.images[1], alone.images[0], atol=1e-5)
-    assert torch.equal(both.images[0], both.images[2])
+    # The same (prompt, seed) at two batch positions: equal up to float rounding (multi-threaded
+    # CPU kernels round rows at different positions differently: 7e-7 here with 2 threads);
+    # the same call again: bit-identical.
+    assert torch.allclose(both.images[0], both.images[2], atol=1e-5)
     assert torch.equal(both.images, again.images)
     dpm = sample(model, ["a cat"], [3], g, steps=2, scheduler="dpm")
     assert dpm.images.shape == (1, 3, 16, 16)
