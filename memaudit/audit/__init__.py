@@ -1,0 +1,64 @@
+"""`memaudit audit PLAN.toml`: one plan file -> generate, detect, screen -> OUT/audit.duckdb.
+
+The plan (TOML; relative paths are relative to the plan file)::
+
+    out = "audit-out"                 # OUT: audit.duckdb and images/ go here
+    model = "canary"                  # load_model spec
+    index = "indexes/canary-pixels"   # an index folder, or an [index] table to build one:
+    # [index]
+    # source = "canary-data/train.parquet"; embedder = "pixels"; factory = "Flat"
+    # path = "index"                  # where to build it (default OUT/index)
+    criteria = ["nl2"]
+    methods = ["cfg", "static", "amg:spe,dup"]
+    seeds = [0, 1]
+    steps = 20                        # default: the model's
+    guidance_scale = 2.0              # default: the model's
+    scheduler = "ddim"
+    batch_size = 16                   # prompts x seeds per unit of work
+    alignment = "auto"                # auto | digits | none
+    [params.amg]                      # method parameters (or "amg.c3" = 50 under [params])
+    c3 = 50
+    [[prompts]]
+    file = "triggers_64x.txt"
+    label = "trigger"                 # optional; overrides labels read from the file
+    [screen]                          # optional: pre-generation screening (METHODS 2)
+    steps = 1
+    seeds = 4
+    threshold = 12.0                  # or calibrate from the prompts labelled clean_label:
+    clean_label = "generic"
+    fpr = 0.01
+
+Resumable (DESIGN.md "The data flow"): the work is cut into units (one method x one batch of
+(prompt, seed) pairs, and one screening unit); a unit's images are written first (fixed
+names, atomic renames), then all its rows and its `units` row are committed in one
+transaction. A rerun skips committed units, so a kill at any point loses or duplicates
+nothing. A plan that differs from the run in the database is refused, naming the
+difference, unless `new_run=True`.
+"""
+
+from __future__ import annotations
+
+from memaudit.audit.components import Components, default_components, make_method
+from memaudit.audit.plan import (
+    Plan,
+    PromptList,
+    ScreenSpec,
+    load_plan,
+    normalise_params,
+    plan_difference,
+    plan_from_dict,
+)
+from memaudit.audit.runner import (
+    KILL_BEFORE_COMMIT_ENV,
+    KILL_ENV,
+    AuditResult,
+    default_threads,
+    index_hash,
+    run_audit,
+    set_threads,
+)
+
+__all__ = ["KILL_BEFORE_COMMIT_ENV", "KILL_ENV", "AuditResult", "Components", "Plan",
+           "PromptList", "ScreenSpec", "default_components", "default_threads", "index_hash",
+           "load_plan", "make_method", "normalise_params", "plan_difference", "plan_from_dict",
+           "run_audit", "set_threads"]
