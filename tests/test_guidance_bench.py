@@ -23,8 +23,8 @@ class Fake16(SchedFake):
         super().__init__()
         self.P = torch.randn(5, 256, generator=torch.Generator().manual_seed(0))
 
-    def _eps(self, x_t, t, emb):
-        return 0.5 * x_t + torch.tanh(emb.mean(1) @ self.P).view(-1, 1, 16, 16)
+    def _eps(self, x_t, t, cond):
+        return 0.5 * x_t + torch.tanh(cond.emb.mean(1) @ self.P).view(-1, 1, 16, 16)
 
 
 def _png(a):

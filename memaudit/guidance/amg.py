@@ -33,6 +33,7 @@ import torch
 
 from memaudit.common import UserError
 from memaudit.guidance.base import Guidance, StepState
+from memaudit.models.cond import Cond
 
 PARTS = ("spe", "dup", "sim")
 
@@ -92,7 +93,7 @@ class AMG(Guidance):
         return -(p.a + p.b * (1.0 - u) ** 2), -p.a
 
     # --- per step ---------------------------------------------------------------------
-    def extra_conditions(self, state: StepState) -> dict[str, torch.Tensor]:
+    def extra_conditions(self, state: StepState) -> dict[str, Cond]:
         if "dup" not in self.parts:
             return {}
         until = state.memory.get("dup_until")
@@ -101,9 +102,7 @@ class AMG(Guidance):
         active = until > state.index
         if not bool(active.any()):
             return {}
-        emb = torch.where(_bcast(active, state.emb_u).bool(), state.memory["dup_emb"],
-                          state.emb_u)
-        return {"amg_dup": emb}
+        return {"amg_dup": state.memory["dup_emb"].where(active, state.emb_u)}
 
     def similarity(self, state: StepState, eps: torch.Tensor, need_grad: bool
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -159,8 +158,8 @@ class AMG(Guidance):
                 idx = fired.nonzero().flatten()
                 caps = [crit.index.group_caption(int(ids[i])) for i in idx]
                 with torch.no_grad():
-                    emb = state.model.encode_prompts(caps).to(state.emb_u)
-                state.memory["dup_emb"][idx.to(state.emb_u.device)] = emb
+                    emb = state.model.encode_prompts(caps)
+                state.memory["dup_emb"] = state.memory["dup_emb"].put(idx, emb)
                 until = torch.where(fired, torch.full_like(until, state.index + p.dup_steps),
                                     until)
             if bool(new.any()):  # first step on: evaluate the new rows now
