@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,8 @@ class ScreenSpec:
     threshold: float | None = None
     clean_label: str | None = None
     fpr: float = 0.01
+    score: str = ""  # a memaudit.screen score; "" in a plan file = the default score
+    params: dict[str, Any] = field(default_factory=dict)  # the score's parameters
 
 
 @dataclass
@@ -148,10 +150,16 @@ def plan_from_dict(d: dict[str, Any], base: str | Path = ".") -> Plan:
     screen = None
     if "screen" in d and d["screen"] is not False:
         s = d["screen"] if isinstance(d["screen"], dict) else {}
-        bad = set(s) - {"steps", "seeds", "threshold", "clean_label", "fpr"}
+        bad = set(s) - {f.name for f in fields(ScreenSpec)}
         if bad:
             raise UserError(f"plan: unknown [screen] key(s) {', '.join(sorted(bad))}")
         screen = ScreenSpec(**s)
+        from memaudit.screen import DEFAULT_SCORE, make_score
+
+        screen.score = str(screen.score or DEFAULT_SCORE)  # recorded by name in the plan
+        if not isinstance(screen.params, dict):
+            raise UserError("plan: [screen] params must be a table of NAME = VALUE")
+        make_score(screen.score, **screen.params)  # unknown score / parameter: one line
     methods = str_list("methods", ["cfg"])
     if len(set(methods)) != len(methods):
         raise UserError("plan: 'methods' has duplicates")

@@ -6,9 +6,10 @@ timesteps. Per step the sampler:
      forward as the unconditional and conditional rows (AMG's Gdup caption);
   2. fills `state.e_u`, `state.e_c`, `state.extra` and calls `guide(state)`, which returns
      eps_hat [B, ...] and a per-sample trace dict (values: tensors of shape [B] or floats).
-Before the loop, `prepare_prompts` may rewrite the prompt text (rna, rta, cwr) and
-`prepare_embeddings` may change the conditions (gni, wen), both seeded per sample. Conditions
-are `Cond`s (memaudit/models/cond.py), so a guidance never learns the model family.
+Before the loop, `prepare_prompts` may rewrite the prompt text (rna, rta, cwr),
+`prepare_embeddings` may change the conditions (gni, wen) and `prepare_noise` the initial
+sample x_T (init-noise), all per sample. Conditions are `Cond`s (memaudit/models/cond.py), so a
+guidance never learns the model family.
 
 Every rule is per sample: `state.memory` holds per-sample tensors across steps.
 """
@@ -55,6 +56,7 @@ class Guidance:
 
     name: ClassVar[str] = "base"
     needs_criterion: ClassVar[bool] = False
+    uses_criterion: ClassVar[bool] = False  # takes the criterion when one is given (auto)
 
     @dataclass
     class Params:
@@ -80,6 +82,15 @@ class Guidance:
                            seeds: list[int], model: Any, t0: torch.Tensor
                            ) -> tuple[Cond, Cond]:
         return emb_c, emb_u
+
+    def prepare_noise(self, x_T: torch.Tensor, emb_c: Cond, emb_u: Cond, seeds: list[int],
+                      model: Any, t0: torch.Tensor) -> torch.Tensor:
+        """The initial sample the loop starts from (default: x_T unchanged)."""
+        return x_T
+
+    def generation_record(self, prompt: str, seed: int) -> dict[str, Any]:
+        """Per-generation facts to record beside the image (auto's decision); default none."""
+        return {}
 
     # --- each step --------------------------------------------------------------------
     def extra_conditions(self, state: StepState) -> dict[str, Cond]:

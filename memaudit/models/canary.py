@@ -73,6 +73,9 @@ class CanaryDenoiser(Denoiser):
     def _eps(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
         return self.net.eps(x_t.float(), t, cond.emb.float()).float()
 
+    def attention_model(self) -> torch.nn.Module:
+        return self.net.unet
+
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
         """[-1, 1] grey -> [0, 1] RGB (grey repeated); differentiable."""
         img = (x0.float() / 2 + 0.5).clamp(0, 1)

@@ -165,6 +165,9 @@ class StableDiffusionDenoiser(Denoiser):
             out = abar.sqrt() * out + (1 - abar).sqrt() * x_t.float()
         return out
 
+    def attention_model(self) -> torch.nn.Module:
+        return self.unet
+
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
         """VAE decode of latents / scaling_factor, mapped from [-1, 1] to [0, 1] (float32)."""
         img = self.vae.decode(x0.to(self.dtype) / self.scaling_factor).sample
