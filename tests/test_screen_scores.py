@@ -237,3 +237,41 @@ def test_screen_cli_takes_a_score_and_its_parameters(tmp_path, monkeypatch, caps
               "--param", "g7=1"])
     assert e.value.code == 2
     assert "bad --param 'g7=1' for score 'anisotropy'" in capsys.readouterr().err
+
+
+def test_models_carry_their_calibrated_screening_parameters(model):
+    from memaudit.models.canary import CANARY_SCREEN_PARAMS
+
+    assert model.screen_params == {"anisotropy": {"g2": 2.0}}  # CLIP width <= 768: SD 1.x
+    assert CANARY_SCREEN_PARAMS["anisotropy"]["g2"] > 0
+    assert FakeDenoiser().screen_params == {}
+
+
+def test_plan_screen_table_names_its_score_and_checks_it(tmp_path):
+    from memaudit.audit.plan import plan_from_dict
+
+    (tmp_path / "p.txt").write_text("a\n")
+    base = {"out": "o", "model": "canary", "index": "i", "prompts": "p.txt"}
+    plan = plan_from_dict({**base, "screen": {"seeds": 2}}, tmp_path)
+    assert plan.screen.score == DEFAULT_SCORE  # recorded by name: a later default change
+    plan = plan_from_dict({**base, "screen": {"score": "anisotropy",  # cannot resume it
+                                              "params": {"g2": 0.5}}}, tmp_path)
+    assert (plan.screen.score, plan.screen.params) == ("anisotropy", {"g2": 0.5})
+    with pytest.raises(UserError, match="unknown screening score 'nope'"):
+        plan_from_dict({**base, "screen": {"score": "nope"}}, tmp_path)
+    with pytest.raises(UserError, match="unknown parameter"):
+        plan_from_dict({**base, "screen": {"score": "wen", "params": {"g2": 1}}}, tmp_path)
+
+
+def test_gate_screen_uses_the_named_score(tmp_path, monkeypatch):
+    import memaudit.models as models
+    from memaudit.gate import gate_screen
+
+    monkeypatch.setattr(models, "load_model", lambda spec, device=None: TFake())
+    (tmp_path / "p.txt").write_text("a canary\nthe sky\n")
+    expect = screen_prompts(TFake(), ["a canary", "the sky"], seeds=2, score="anisotropy")
+    res = gate_screen("x", tmp_path / "p.txt", max_screen_score=float(expect.min()), seeds=2,
+                      score="anisotropy")
+    check = res.checks[0]
+    assert check.value == pytest.approx(expect.max()) and not check.passed
+    assert "score anisotropy" in check.detail

@@ -31,7 +31,8 @@ import torch
 from memaudit.common import UserError
 
 DEFAULT_METHODS = ("cfg", "static", "dynamic", "opposite", "opposite-dynamic", "amg", "rna",
-                   "rta", "cwr", "gni", "wen")  # part ablations: add amg:spe, amg:dup, amg:sim
+                   "rta", "cwr", "gni", "wen", "init-noise", "init-noise:batch-wise",
+                   "reanchor")  # part ablations: add amg:spe, amg:dup, amg:sim; auto: bench_auto
 TRIGGER_GROUPS = ("64x", "16x", "4x", "1x")
 
 
