@@ -4,8 +4,6 @@ by hand from its own layers, the registry, costs, model-calibrated parameters, t
 
 from __future__ import annotations
 
-import zlib
-
 import numpy as np
 import pytest
 import torch
@@ -15,7 +13,6 @@ from test_guidance import FakeDenoiser
 
 from memaudit.cli import main
 from memaudit.common import UserError
-from memaudit.models.base import Denoiser
 from memaudit.models.cond import Cond
 from memaudit.screen import (
     DEFAULT_SCORE,
@@ -27,29 +24,21 @@ from memaudit.screen import (
 )
 from memaudit.screen.attention import capture_cross_attention, cross_attention_layers
 
-C, H, W, L, D = 2, 3, 3, 4, 5
+C, H, W = 2, 3, 3
 
 
-class TFake(Denoiser):
-    """eps = (1 + t/1000) tanh(x) + tanh(mean_L(emb) @ P) * (2 - t/1000): 2 channels, t matters."""
+class TFake(FakeDenoiser):
+    """eps = (1 + t/1000) tanh(x) + (2 - t/1000) tanh(txt): 2 channels, t matters."""
 
     name = "tfake"
-    model_hash = "0"
     latent_shape = (C, H, W)
-    device = torch.device("cpu")
     default_guidance_scale = 3.0
     default_steps = 10
 
     def __init__(self) -> None:
         super().__init__()
-        self.P = torch.randn(D, C * H * W, generator=torch.Generator().manual_seed(1))
-
-    def encode_prompts(self, prompts):
-        rows = []
-        for p in prompts:
-            g = torch.Generator().manual_seed(zlib.crc32(p.encode()))
-            rows.append(torch.randn(L, D, generator=g) if p else torch.zeros(L, D))
-        return Cond(emb=torch.stack(rows))
+        self.P = torch.randn(self.P.shape[0], C * H * W,
+                             generator=torch.Generator().manual_seed(1))
 
     def _eps(self, x_t, t, cond):
         s = (t.float() / 1000).view(-1, 1, 1, 1)

@@ -16,7 +16,7 @@ Every rule is per sample: `state.memory` holds per-sample tensors across steps.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -63,16 +63,9 @@ class Guidance:
         pass
 
     def __init__(self, **params: Any) -> None:
-        known = {f.name for f in fields(self.Params)}
-        unknown = set(params) - known
-        if unknown:
-            from memaudit.common import UserError
+        from memaudit.common import make_params
 
-            raise UserError(
-                f"unknown parameter(s) {', '.join(sorted(unknown))} for method {self.name!r}; "
-                f"known: {', '.join(sorted(known)) or '(none)'}"
-            )
-        self.params = self.Params(**params)
+        self.params = make_params(self.Params, params, f"method {self.name!r}")
 
     # --- before the loop -------------------------------------------------------------
     def prepare_prompts(self, prompts: list[str], seeds: list[int], model: Any) -> list[str]:

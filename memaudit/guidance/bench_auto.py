@@ -16,10 +16,7 @@ cfg. Writes WORK/auto_bench.json and .md.
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -42,11 +39,9 @@ def run(model: Any, crit: Any, spec: str, params: dict, prompts: list[str], seed
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--work", type=Path, required=True)
-    ap.add_argument("--model", default="canary")
-    ap.add_argument("--data", type=Path)
-    ap.add_argument("--index", type=Path)
+    from memaudit.guidance.bench import bench_parser, write_result
+
+    ap = bench_parser(__doc__)
     ap.add_argument("--generic-seeds", type=int, default=16)
     ap.add_argument("--trigger-seeds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=50)
@@ -55,22 +50,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--extra-methods", default="amg", help="Single mitigations to compare.")
     ap.add_argument("--param", action="append", default=[])
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
 
-    from memaudit.criteria import make_criterion
-    from memaudit.guidance.bench import digit_of, digit_predict, prepare
+    from memaudit.guidance.bench import digit_of, digit_predict, setup
     from memaudit.guidance.spec import parse_params
-    from memaudit.models.base import load_model
     from memaudit.screen import DEFAULT_SCORE, calibrate_threshold, screen_prompts
     from memaudit.screen.bench import prompt_lists
 
-    torch.manual_seed(0)
-    data, index = prepare(args.work, args.data, args.index)
-    model = load_model(args.model, device=args.device)
-    crit = make_criterion("nl2", index)
-    if crit.calibrated_threshold is None:
-        raise UserError(f"{index} has no calibrated nL2 threshold")
+    data, _, model, crit = setup(args.work, args.data, args.index, args.model, args.device)
     lists = prompt_lists(data)
     generic, triggers = lists["generic"], lists["64x"] + lists["16x"]
     rows = ([(p, s, "generic") for p in generic for s in range(args.generic_seeds)]
@@ -131,11 +118,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         "generic_images": int(gm.sum()), "trigger_images": int((~gm).sum()),
                         "repeats": args.repeats, "params": params},
            "thresholds": thresholds, "calibration_seconds": calib_s, "methods": results}
-    args.work.mkdir(parents=True, exist_ok=True)
-    (args.work / "auto_bench.json").write_text(json.dumps(res, indent=2, default=float) + "\n")
-    md = markdown(res)
-    (args.work / "auto_bench.md").write_text(md)
-    print(md)
+    write_result(args.work, "auto_bench", res, markdown(res))
     return res
 
 

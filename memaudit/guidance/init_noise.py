@@ -27,6 +27,7 @@ import torch
 
 from memaudit.common import UserError
 from memaudit.guidance.base import Guidance, StepState, per_sample_norm
+from memaudit.guidance.optim import minimise_per_row
 from memaudit.guidance.transition import apply_scale, scale_from_switch
 from memaudit.models.cond import Cond
 
@@ -86,34 +87,11 @@ class InitNoise(Guidance):
         return x
 
     def _per_sample(self, model, x, t0, emb_c, emb_u):
-        p, b = self.params, x.shape[0]
-        with torch.enable_grad():
-            x = x.clone().requires_grad_(True)
-            opt = torch.optim.AdamW([x], lr=p.lr)
-            done = torch.zeros(b, dtype=torch.bool, device=x.device)
-            kept = x.detach().clone()
-            iters = torch.zeros(b, dtype=torch.long)
-            m0 = target = m = None
-            for it in range(p.max_iters + 1):
-                m = per_sample_norm(self.magnitude(model, x, t0, emb_c, emb_u))
-                if m0 is None:
-                    m0 = m.detach().clone()
-                    target = (torch.full_like(m0, p.target) if p.target is not None
-                              else p.fraction * m0)
-                newly = (m.detach() <= target) & ~done
-                kept[newly] = x.detach()[newly]
-                done = done | newly
-                if bool(done.all()) or it == p.max_iters:
-                    break
-                iters += (~done).long().cpu()
-                opt.zero_grad()
-                (m * (~done).float()).sum().backward()
-                opt.step()
-                with torch.no_grad():
-                    x[done] = kept[done]  # a sample that met its target keeps that x_T
-        final = x.detach().clone()
-        final[done] = kept[done]
-        return final, m0.detach(), m.detach(), iters
+        p = self.params
+        res = minimise_per_row(
+            x, lambda v: per_sample_norm(self.magnitude(model, v, t0, emb_c, emb_u)),
+            p.lr, p.max_iters, p.target, p.fraction)
+        return res.value, res.loss0, res.loss, res.iters
 
     @torch.no_grad()
     def _batch_wise(self, model, x, t0, emb_c, emb_u):

@@ -11,12 +11,12 @@ over its seeds. Higher always means "more likely memorized".
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
-from memaudit.common import UserError
+from memaudit.common import UserError, make_params
 from memaudit.models.cond import Cond
 
 
@@ -45,13 +45,7 @@ class ScreenScore:
         pass
 
     def __init__(self, **params: Any) -> None:
-        known = {f.name for f in fields(self.Params)}
-        unknown = set(params) - known
-        if unknown:
-            raise UserError(
-                f"unknown parameter(s) {', '.join(sorted(unknown))} for screening score "
-                f"{self.name!r}; known: {', '.join(sorted(known)) or '(none)'}")
-        self.params = self.Params(**params)
+        self.params = make_params(self.Params, params, f"screening score {self.name!r}")
 
     def check(self, model: Any, steps: int) -> None:
         """A one-line `UserError` when this score cannot run on `model` with `steps`."""

@@ -15,8 +15,6 @@ maximising AUC(b) + AUC(c), ties to the smaller g2. Writes WORK/screen_bench.jso
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -120,30 +118,18 @@ def markdown(res: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--work", type=Path, required=True)
-    ap.add_argument("--model", default="canary")
-    ap.add_argument("--data", type=Path)
-    ap.add_argument("--index", type=Path)
+    from memaudit.guidance.bench import bench_parser, write_result
+
+    ap = bench_parser(__doc__)
     ap.add_argument("--seeds", default="4,2,1", help="Evaluation seed counts (seeds 0..n-1).")
     ap.add_argument("--tune-seeds", type=int, default=4)
     ap.add_argument("--gen-seeds", type=int, default=8, help="cfg seeds for the 1x check.")
     ap.add_argument("--steps", type=int, default=50, help="Steps of those cfg images.")
-    ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
 
-    import torch
+    from memaudit.guidance.bench import setup
 
-    from memaudit.criteria import make_criterion
-    from memaudit.guidance.bench import prepare
-    from memaudit.models.base import load_model
-
-    torch.manual_seed(0)
-    data, index = prepare(args.work, args.data, args.index)
-    model = load_model(args.model, device=args.device)
-    crit = make_criterion("nl2", index)
-    if crit.calibrated_threshold is None:
-        raise UserError(f"{index} has no calibrated nL2 threshold")
+    data, _, model, crit = setup(args.work, args.data, args.index, args.model, args.device)
     lists = prompt_lists(data)
     t_all = time.perf_counter()
     copy_1x = behaviour_clean(model, crit, lists["1x"], args.gen_seeds, args.steps)
@@ -177,11 +163,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                                                    lists.items()}},
            "copying_1x": {p: r for p, r in copy_1x.items() if r > 0},
            "tuning": tuning, "rows": rows, "total_seconds": time.perf_counter() - t_all}
-    args.work.mkdir(parents=True, exist_ok=True)
-    (args.work / "screen_bench.json").write_text(json.dumps(res, indent=2, default=float) + "\n")
-    md = markdown(res)
-    (args.work / "screen_bench.md").write_text(md)
-    print(md)
+    write_result(args.work, "screen_bench", res, markdown(res))
     return res
 
 
