@@ -288,9 +288,8 @@ def build_index(source: str | Path, embedder: str, out: str | Path, factory: str
     if batch_size < 1 or shard_rows < 1:
         raise UserError("--batch-size and --shard-rows must be positive")
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise UserError(f"{out} already exists (use --overwrite to replace it)")
     files = resolve_sources(source)
+    _check_out(out, source, files, overwrite)
     counts = file_row_counts(files)
     total = sum(counts)
     cols = {"image_col": image_col, "caption_col": caption_col, "key_col": key_col}
@@ -310,10 +309,9 @@ def build_index(source: str | Path, embedder: str, out: str | Path, factory: str
             old = json.loads(state_file.read_text())
         except (OSError, json.JSONDecodeError):
             old = None
-        if old != settings:
-            raise UserError(f"{partial} holds an unfinished build with other settings or "
-                            "inputs; remove it or rerun with the same arguments")
-    else:
+        if old != settings:  # another build's shards: start over, never mix them
+            _remove_partial(partial)
+    if not partial.exists():
         partial.mkdir(parents=True)
         write_json_atomic(state_file, settings)
 
@@ -335,6 +333,16 @@ def build_index(source: str | Path, embedder: str, out: str | Path, factory: str
                          min(total, (run[-1] + 1) * shard_rows), shard_rows, batch_size,
                          workers, prefetch=2 * workers, advance=advance)
 
+    kept = sum(json.loads(_shard_paths(partial, k)["done"].read_text())["items"]
+               for k in range(nshards))
+    if kept == 0:
+        skipped: dict[str, int] = {}
+        for k in range(nshards):
+            for item in json.loads(_shard_paths(partial, k)["done"].read_text())["skipped"]:
+                skipped[item["reason"]] = skipped.get(item["reason"], 0) + 1
+        _remove_partial(partial)
+        why = ", ".join(f"{n} {r}" for r, n in sorted(skipped.items())) or "no rows"
+        raise UserError(f"no usable image in {source} ({why}): no index written")
     staging = partial / "final"
     if staging.exists():
         shutil.rmtree(staging)
@@ -375,6 +383,33 @@ def build_index(source: str | Path, embedder: str, out: str | Path, factory: str
     publish_dir(staging, out)
     shutil.rmtree(partial)
     return out
+
+
+def _check_out(out: Path, source: str | Path, files: list[Path], overwrite: bool) -> None:
+    """The index folder may replace only a memaudit index, never an input (module doc)."""
+    from memaudit.index.training_index import is_index_dir
+    from memaudit.paths import check_output_dir
+
+    if out.exists() and not overwrite:
+        raise UserError(f"{out} already exists (use --overwrite to replace it)")
+    src = Path(str(source))
+    inputs: list[Path] = [*files, *([src] if src.is_dir() else [])]
+    check_output_dir(out, inputs, replace=True, own=is_index_dir, what="index folder")
+    partial = out.with_name(out.name + ".partial")
+    check_output_dir(partial, inputs, replace=True, own=_is_partial, what="build folder")
+
+
+def _is_partial(path: Path) -> bool:
+    """A `DIR.partial/` memaudit made: its state.json, shards and staging folder only."""
+    return path.is_dir() and all(
+        p.name == "state.json" or p.name.startswith("shard_") or p.name == "final"
+        or p.name.endswith(".tmp") for p in path.iterdir())
+
+
+def _remove_partial(partial: Path) -> None:
+    if not _is_partial(partial):
+        raise UserError(f"{partial} holds files memaudit did not write; remove it yourself")
+    shutil.rmtree(partial)
 
 
 def run_calibration(index_dir: Path, embedder=None, **opts: Any) -> dict[str, Any] | None:
