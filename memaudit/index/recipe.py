@@ -111,6 +111,13 @@ def index_options(table: Any, where: str, base: Path | None = None,
             out["calibration_opts"] = dict(v)
             continue
         _check(where, k, v, TYPES)
+        if k == "size":
+            from memaudit.embedders.pixels import parse_size
+
+            try:
+                parse_size(v)
+            except UserError as e:
+                raise UserError(f"{where}: {e}") from None
         if k in ("weights", "model_config"):
             v = _path(base, v)
         elif k == "pretrained" and base is not None and (base / v).is_file():
