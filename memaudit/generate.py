@@ -200,6 +200,8 @@ def generate(model: Any, prompts: Sequence[PromptRecord | str],
     if batch_size < 1:
         raise UserError(f"batch size must be at least 1, got {batch_size}")
     steps = int(model.default_steps if steps is None else steps)
+    if steps < 1:
+        raise UserError(f"steps must be at least 1, got {steps}")
     scale = float(model.default_guidance_scale if guidance_scale is None else guidance_scale)
     resolved = _resolve_methods(methods, params)
     for label, g in resolved:

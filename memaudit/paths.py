@@ -98,6 +98,7 @@ def check_output_dir(out: PathLike, inputs: Iterable[PathLike | None] = (), *,
     for inp in _inputs(inputs):
         if _same(out, inp):
             raise UserError(f"{what} {out} is one of this command's inputs; choose another")
+    for inp in _inputs(inputs):
         if inp.is_dir() and _inside(out, inp):
             raise UserError(f"{what} {out} is inside the input folder {inp}; choose a folder "
                             "outside it")

@@ -133,7 +133,9 @@ def demo_cmd(
 ) -> None:
     """The whole chain on the shipped canary: data, index, audit, database, report."""
     from memaudit.demo import run_demo
+    from memaudit.paths import check_output_dir
 
+    check_output_dir(out, [model if Path(model).exists() else None], what="demo folder")
     summary = run_demo(out, device=device, threads=threads, model=model, log=_log)
     print(summary["text"])
     print(f"database: {summary['db']}")
