@@ -14,7 +14,9 @@ from memaudit.common import UserError
 
 
 def _log(msg: str) -> None:
-    print(msg, file=sys.stderr)
+    from memaudit.text import terminal_text
+
+    print(terminal_text(msg, one_line=False), file=sys.stderr)
 
 
 def audit_cmd(

@@ -69,14 +69,16 @@ def build(
 
 def _print_summary(path: Path) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from memaudit.index import TrainingIndex
+    from memaudit.text import terminal_text
 
-    s = TrainingIndex.open(path).summary()
-    t = Table(show_header=False, title=str(path))
+    s = TrainingIndex.open(path).summary()  # a manifest may come from anyone: shown as text
+    t = Table(show_header=False, title=escape(terminal_text(path)))
     for k, v in s.items():
-        t.add_row(k, json.dumps(v) if isinstance(v, dict) else str(v))
+        t.add_row(k, escape(terminal_text(json.dumps(v) if isinstance(v, dict) else v)))
     Console().print(t)
 
 
@@ -109,16 +111,18 @@ def query(
     from rich.table import Table
 
     from memaudit.index.query import query_images
+    from memaudit.text import terminal_text
 
     results = query_images(index_dir, images, k=k, device=device, weights=weights)
     console = Console()
     for image, rows in results:
-        t = Table(title=escape(str(image)))
+        t = Table(title=escape(terminal_text(image)))
         kind = rows[0]["score_kind"] if rows else "similarity"
         for col in ("rank", "key", "caption", kind, "duplicates"):
             t.add_column(col)
         for r in rows:
-            t.add_row(str(r["rank"]), escape(r["key"]), escape(r["caption"][:80]),
+            t.add_row(str(r["rank"]), escape(terminal_text(r["key"])),
+                      escape(terminal_text(r["caption"][:80])),
                       f"{r['score']:.4f}", str(r["group_count"]))
         console.print(t)
 
