@@ -164,6 +164,7 @@ def run_audit(plan: Plan, *, new_run: bool = False, device: str | None = None,
 
     out.mkdir(parents=True, exist_ok=True)
     store = AuditStore(plan.db_path)
+    run_id: int | None = None
     try:
         run_id = _start_or_resume(store, plan, model, ihash, new_run, log)
         settings = {"steps": steps, "guidance_scale": scale, "scheduler": plan.scheduler,
@@ -188,42 +189,41 @@ def run_audit(plan: Plan, *, new_run: bool = False, device: str | None = None,
             prompt_ids: dict[str, int] = {}
             for text, source, label in records:
                 prompt_ids[text] = store.upsert_prompt(text, source=source, label=label)
-        try:
-            texts = list(dict.fromkeys(t for t, _, _ in records))  # unique, in plan order
-            done = store.done_units(run_id)
+        texts = list(dict.fromkeys(t for t, _, _ in records))  # unique, in plan order
+        done = store.done_units(run_id)
 
-            # 4. units of work
-            pairs = [(t, s) for t in texts for s in plan.seeds]
-            batches = [pairs[i:i + plan.batch_size]
-                       for i in range(0, len(pairs), plan.batch_size)]
-            units: list[tuple[str, str, int]] = [
-                (f"gen|{m}|{i}", m, i) for m in plan.methods for i in range(len(batches))]
-            if plan.screen is not None:
-                units.append(("screen|0", "", -1))
-            todo = [u for u in units if u[0] not in done]
-            n_committed = 0
-            neighbour_cache: dict[int, dict[str, Any]] = {}
-            img_dir = out / "images" / f"run{run_id}"
-            with progress_bar("audit", total=len(todo), unit="units") as advance:
-                for unit, method, bi in todo:
-                    if unit.startswith("screen"):
-                        _screen_unit(store, comp, model, plan.screen, run_id, texts, records,
-                                     prompt_ids, unit, kill_mid and n_committed + 1 >= kill_mid)
-                    else:
-                        _generation_unit(
-                            store, comp, model, run_id, unit, method, methods[method],
-                            batches[bi], prompt_ids, criteria, criteria[guide_crit_name],
-                            index, neighbour_cache, img_dir, out, steps, scale, plan.scheduler,
-                            use_alignment, kill_mid and n_committed + 1 >= kill_mid)
-                    n_committed += 1
-                    advance(1)
-                    if kill_after and n_committed >= kill_after:
-                        os._exit(3)
-            with store.transaction():
-                store.finish_run(run_id)
-        except Exception:
+        # 4. units of work
+        pairs = [(t, s) for t in texts for s in plan.seeds]
+        batches = [pairs[i:i + plan.batch_size] for i in range(0, len(pairs), plan.batch_size)]
+        units: list[tuple[str, str, int]] = [
+            (f"gen|{m}|{i}", m, i) for m in plan.methods for i in range(len(batches))]
+        if plan.screen is not None:
+            units.append(("screen|0", "", -1))
+        todo = [u for u in units if u[0] not in done]
+        n_committed = 0
+        neighbour_cache: dict[int, dict[str, Any]] = {}
+        img_dir = out / "images" / f"run{run_id}"
+        with progress_bar("audit", total=len(todo), unit="units") as advance:
+            for unit, method, bi in todo:
+                if unit.startswith("screen"):
+                    _screen_unit(store, comp, model, plan.screen, run_id, texts, records,
+                                 prompt_ids, unit, kill_mid and n_committed + 1 >= kill_mid)
+                else:
+                    _generation_unit(
+                        store, comp, model, run_id, unit, method, methods[method],
+                        batches[bi], prompt_ids, criteria, criteria[guide_crit_name], index,
+                        neighbour_cache, img_dir, out, steps, scale, plan.scheduler,
+                        use_alignment, kill_mid and n_committed + 1 >= kill_mid)
+                n_committed += 1
+                advance(1)
+                if kill_after and n_committed >= kill_after:
+                    os._exit(3)
+        with store.transaction():
+            store.finish_run(run_id)
+    except Exception:  # the run (if it got one) is not silently left "running"
+        if run_id is not None:
             _mark_failed(store, run_id, log)
-            raise
+        raise
     finally:
         store.close()
     return AuditResult(run_id=run_id, db_path=plan.db_path, units_done=len(todo),
