@@ -237,7 +237,7 @@ def format_result(res: GateResult, max_rows: int = 20) -> str:
                 lines.append(f"  {r['score']:>8.4g}  {_one_line(r['prompt'])}")
         if len(c.offending) > max_rows:
             lines.append(f"  ... and {len(c.offending) - max_rows} more")
-    return "\n".join(terminal_text(line) for line in lines)
+    return "\n".join(terminal_text(line) for line in "\n".join(lines).split("\n"))
 
 
 def _one_line(s: str, n: int = 80) -> str:

@@ -169,6 +169,7 @@ def test_control_characters_never_reach_the_terminal_or_break_the_junit(audit_db
     for c in ("\x1b", "\x00", "\x07", "\u202e", "\x9b"):
         assert c not in text
     assert "\\x1b[2J" in text and "\\u202egnp.exe" in text
+    assert "\noffending prompts for copy_rate[cfg,nl2]:" in text  # real line breaks kept
     root = ET.parse(write_junit(res, tmp_path / "j.xml")).getroot()  # well-formed
     failure = root.find("testsuite/testcase/failure").text
     assert "\\x00" in failure and "\x00" not in failure
