@@ -39,6 +39,7 @@ from memaudit.data.parquet import (
     iter_training_batches,
     resolve_sources,
 )
+from memaudit.index.output import check_index_out, remove_partial
 from memaudit.index.training_index import (
     INDEX_FILE,
     ITEMS_FILE,
@@ -289,7 +290,7 @@ def build_index(source: str | Path, embedder: str, out: str | Path, factory: str
         raise UserError("--batch-size and --shard-rows must be positive")
     out = Path(out)
     files = resolve_sources(source)
-    _check_out(out, source, files, overwrite)
+    check_index_out(out, source, files, overwrite)
     counts = file_row_counts(files)
     total = sum(counts)
     cols = {"image_col": image_col, "caption_col": caption_col, "key_col": key_col}
@@ -310,7 +311,7 @@ def build_index(source: str | Path, embedder: str, out: str | Path, factory: str
         except (OSError, json.JSONDecodeError):
             old = None
         if old != settings:  # another build's shards: start over, never mix them
-            _remove_partial(partial)
+            remove_partial(partial)
     if not partial.exists():
         partial.mkdir(parents=True)
         write_json_atomic(state_file, settings)
@@ -340,7 +341,7 @@ def build_index(source: str | Path, embedder: str, out: str | Path, factory: str
         for k in range(nshards):
             for item in json.loads(_shard_paths(partial, k)["done"].read_text())["skipped"]:
                 skipped[item["reason"]] = skipped.get(item["reason"], 0) + 1
-        _remove_partial(partial)
+        remove_partial(partial)
         why = ", ".join(f"{n} {r}" for r, n in sorted(skipped.items())) or "no rows"
         raise UserError(f"no usable image in {source} ({why}): no index written")
     staging = partial / "final"
@@ -383,33 +384,6 @@ def build_index(source: str | Path, embedder: str, out: str | Path, factory: str
     publish_dir(staging, out)
     shutil.rmtree(partial)
     return out
-
-
-def _check_out(out: Path, source: str | Path, files: list[Path], overwrite: bool) -> None:
-    """The index folder may replace only a memaudit index, never an input (module doc)."""
-    from memaudit.index.training_index import is_index_dir
-    from memaudit.paths import check_output_dir
-
-    if out.exists() and not overwrite:
-        raise UserError(f"{out} already exists (use --overwrite to replace it)")
-    src = Path(str(source))
-    inputs: list[Path] = [*files, *([src] if src.is_dir() else [])]
-    check_output_dir(out, inputs, replace=True, own=is_index_dir, what="index folder")
-    partial = out.with_name(out.name + ".partial")
-    check_output_dir(partial, inputs, replace=True, own=_is_partial, what="build folder")
-
-
-def _is_partial(path: Path) -> bool:
-    """A `DIR.partial/` memaudit made: its state.json, shards and staging folder only."""
-    return path.is_dir() and all(
-        p.name == "state.json" or p.name.startswith("shard_") or p.name == "final"
-        or p.name.endswith(".tmp") for p in path.iterdir())
-
-
-def _remove_partial(partial: Path) -> None:
-    if not _is_partial(partial):
-        raise UserError(f"{partial} holds files memaudit did not write; remove it yourself")
-    shutil.rmtree(partial)
 
 
 def run_calibration(index_dir: Path, embedder=None, **opts: Any) -> dict[str, Any] | None:

@@ -58,15 +58,10 @@ def import_clip_retrieval(src: str | Path, out: str | Path, clip_model: str = "V
                           use_existing_index: bool = True, overwrite: bool = False) -> Path:
     """Turn a clip-retrieval folder into an index directory; returns `out`. `overwrite`
     replaces only a memaudit index, never the source folder or a folder holding it."""
-    from memaudit.index.training_index import is_index_dir
-    from memaudit.paths import check_output_dir
+    from memaudit.index.output import check_index_out
 
     staging = Path(out).with_name(Path(out).name + ".partial")
-    if Path(out).exists() and not overwrite:
-        raise UserError(f"{out} already exists (use --overwrite to replace it)")
-    for folder, what in ((Path(out), "index folder"), (staging, "staging folder")):
-        check_output_dir(folder, [src], replace=True,
-                         own=is_index_dir if folder == Path(out) else None, what=what)
+    check_index_out(Path(out), src, [], overwrite)
     if staging.exists():
         raise UserError(f"{staging} exists (another import?); remove it first")
     try:
