@@ -9,11 +9,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from memaudit.audit.quality import QualitySpec, quality_from_plan
 from memaudit.common import UserError, read_toml
 
 _PLAN_KEYS = {"out", "model", "index", "criteria", "methods", "seeds", "steps",
               "guidance_scale", "scheduler", "batch_size", "alignment", "params", "prompts",
-              "screen", "device", "guidance_criterion"}
+              "screen", "device", "guidance_criterion", "quality"}
 
 
 
@@ -53,6 +54,7 @@ class Plan:
     prompts: list[PromptList] = field(default_factory=list)
     screen: ScreenSpec | None = None
     device: str | None = None
+    quality: QualitySpec | None = field(default_factory=QualitySpec)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -171,7 +173,7 @@ def plan_from_dict(d: dict[str, Any], base: str | Path = ".") -> Plan:
         seeds=list(seeds), steps=d.get("steps"), guidance_scale=d.get("guidance_scale"),
         scheduler=str(d.get("scheduler", "ddim")), batch_size=batch, alignment=alignment,
         guidance_criterion=d.get("guidance_criterion"), prompts=prompts, screen=screen,
-        device=d.get("device"),
+        device=d.get("device"), quality=quality_from_plan(d.get("quality"), base),
     )
 
 
