@@ -338,3 +338,24 @@ def plan_index(db):
     from memaudit.index import TrainingIndex
 
     return TrainingIndex.open(db.parent / "index")
+
+
+def test_audit_cli_quality_options_are_checked_before_any_work(tmp_path):
+    import subprocess
+    import sys
+
+    from audit_fixtures import write_plan
+
+    plan = write_plan(tmp_path, tmp_path / "train.parquet", "canary")
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "memaudit", "audit", str(plan), *args],
+                              capture_output=True, text=True)
+
+    p = cli("--clip-model", "ViT-B-32")
+    assert p.returncode == 2 and "go together" in p.stderr and "Traceback" not in p.stderr
+    plan.write_text(plan.read_text().replace('alignment = "none"',
+                                             'alignment = "none"\nquality = false'))
+    p = cli("--inception", "incep.pth")
+    assert p.returncode == 2 and "quality = false" in p.stderr
+    assert not (tmp_path / "out").exists()
