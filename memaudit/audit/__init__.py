@@ -34,8 +34,8 @@ The plan (TOML; relative paths are relative to the plan file)::
 Resumable (DESIGN.md "The data flow"): the work is cut into units (one method x one batch of
 (prompt, seed) pairs, one screening unit, one quality unit per method); a unit's images are
 written first (fixed names, atomic renames), then all its rows and its `units` row are
-committed in one transaction. A rerun skips committed units, so a kill at any point loses or duplicates
-nothing. A plan that differs from the run in the database is refused, naming the
+committed in one transaction. A rerun skips committed units, so a kill at any point loses or
+duplicates nothing. A plan that differs from the run in the database is refused, naming the
 difference, unless `new_run=True`.
 """
 
