@@ -23,7 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from memaudit.common import UserError
+
+_CHUNK = 64  # images decoded at a time
 
 _KEYS = {"features", "reference", "seed", "kid_subsets", "kid_subset_size", "inception",
          "inception_sha256", "clip_model", "clip_pretrained", "clip_model_config"}
@@ -118,17 +122,18 @@ class QualityStage:
 
     def measure(self, images: Any) -> list[dict[str, Any]]:
         """KID and FD of generated images [n, 3, H, W] against the reference, per space."""
+        size = (int(images.shape[-2]), int(images.shape[-1]))
+        return self.compare({s.name: s.features(images) for s in self.spaces}, size)
+
+    def compare(self, gen: dict[str, Any], size: tuple[int, int]) -> list[dict[str, Any]]:
+        """Rows for the quality table from the generated images' features per space."""
         from memaudit.quality import default_subset_size, fd, kid
 
-        size = (int(images.shape[-2]), int(images.shape[-1]))
         rows = []
         for space in self.spaces:
-            key = (space.name, size)
-            if key not in self._ref:
-                self._ref[key] = space.features(self.reference.tensor(size))
-            ref = self._ref[key]
-            gen = space.features(images)
-            n, n_ref = len(gen), len(ref)
+            ref = self._reference_features(space, size)
+            g = gen[space.name]
+            n, n_ref = len(g), len(ref)
             row: dict[str, Any] = {"features": space.name, "dim": space.dim, "n": n,
                                    "n_reference": n_ref, "reference_seed": self.spec.seed,
                                    "kid": None, "kid_std": None, "fd": None,
@@ -136,21 +141,43 @@ class QualityStage:
                                    "kid_subset_size": None}
             if n >= 2:
                 m = min(self.spec.kid_subset_size or default_subset_size(n, n_ref), n, n_ref)
-                row["kid"], row["kid_std"] = kid(gen, ref, subsets=self.spec.kid_subsets,
+                row["kid"], row["kid_std"] = kid(g, ref, subsets=self.spec.kid_subsets,
                                                  subset_size=m, seed=self.spec.seed)
                 row["kid_subset_size"] = m
-                row["fd"] = fd(gen, ref)
+                row["fd"] = fd(g, ref)
             rows.append(row)
         return rows
 
+    def _reference_features(self, space: Any, size: tuple[int, int]) -> Any:
+        from memaudit.quality.reference import images_to_tensor
+
+        key = (space.name, size)
+        if key not in self._ref:
+            imgs = self.reference.images
+            self._ref[key] = np.concatenate([
+                space.features(images_to_tensor(imgs[i:i + _CHUNK], size))
+                for i in range(0, len(imgs), _CHUNK)])
+        return self._ref[key]
+
     def unit(self, store: Any, run_id: int, method: str, out: Path, unit: str) -> None:
-        """One method's quality rows, committed with the unit (resumable)."""
+        """One method's quality rows, committed with the unit (resumable). The stored PNGs
+        are read back in chunks, so memory does not grow with the number of images."""
         from memaudit.quality.reference import load_pngs
 
         paths = [out / r["image_path"] for r in store.query(
             "SELECT image_path FROM generations WHERE run_id = ? AND method = ? ORDER BY id",
             [run_id, method])]
-        rows = self.measure(load_pngs(paths)) if paths else []
+        feats: dict[str, list[Any]] = {s.name: [] for s in self.spaces}
+        size = None
+        for i in range(0, len(paths), _CHUNK):
+            x = load_pngs(paths[i:i + _CHUNK])
+            if size is not None and tuple(x.shape[-2:]) != size:
+                raise UserError(f"quality: the images of {method} differ in size")
+            size = (int(x.shape[-2]), int(x.shape[-1]))
+            for s in self.spaces:
+                feats[s.name].append(s.features(x))
+        rows = self.compare({k: np.concatenate(v) for k, v in feats.items()}, size) \
+            if size is not None else []
         with store.transaction():
             for r in rows:
                 store.add_quality(run_id=run_id, method=method, **r)
