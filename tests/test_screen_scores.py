@@ -240,6 +240,7 @@ def test_plan_screen_table_names_its_score_and_checks_it(tmp_path):
     from memaudit.audit.plan import plan_from_dict
 
     (tmp_path / "p.txt").write_text("a\n")
+    (tmp_path / "i").mkdir()
     base = {"out": "o", "model": "canary", "index": "i", "prompts": "p.txt"}
     plan = plan_from_dict({**base, "screen": {"seeds": 2}}, tmp_path)
     assert plan.screen.score == DEFAULT_SCORE  # recorded by name: a later default change
