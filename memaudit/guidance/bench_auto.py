@@ -1,14 +1,15 @@
 """`auto` on a mostly-generic prompt mix, on the built-in canary (docs/mitigations.md "auto").
 
     python -m memaudit.guidance.bench_auto --work /tmp/abench [--data DATA --index INDEX]
-        [--generic-seeds 16 --trigger-seeds 3 --fprs 0.01,0.05 --param amg.c3=3000]
+        [--generic-seeds 10 --trigger-seeds 2 --fprs 0.01,0.05 --param amg.c3=3000]
 
 Rows: every generic prompt x generic-seeds and every 64x+16x trigger prompt x trigger-seeds
-(defaults: 21 x 16 = 336 generic and 12 x 3 = 36 trigger images, 9.7% triggers). The
+(defaults: 21 x 10 = 210 generic and 12 x 2 = 24 trigger images, 10.3% triggers). The
 threshold of each `auto` is calibrated at each FPR on the generic prompt list (the audit
 plan's `clean_label = "generic"`, in-sample) with the default screening score, seeds 0-3;
 that one-off calibration is timed apart. Every method runs on the same rows in the same
-batches, repeated `--repeats` times interleaved; wall time is the minimum over repeats.
+batches; cfg and each auto are repeated `--repeats` times interleaved (wall time: the minimum
+over repeats), the single mitigations run once.
 Reports per method: trigger and generic copy rates (calibrated / fixed nL2), digit agreement,
 generic rows bit-identical to cfg's, flagged prompts, wall time and UNet rows as ratios to
 cfg. Writes WORK/auto_bench.json and .md.
@@ -42,8 +43,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from memaudit.guidance.bench import bench_parser, write_result
 
     ap = bench_parser(__doc__)
-    ap.add_argument("--generic-seeds", type=int, default=16)
-    ap.add_argument("--trigger-seeds", type=int, default=3)
+    ap.add_argument("--generic-seeds", type=int, default=10)
+    ap.add_argument("--trigger-seeds", type=int, default=2)
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--fprs", default="0.01,0.05")
@@ -81,8 +82,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     results: dict[str, dict[str, Any]] = {}
     outs: dict[str, Any] = {}
-    for rep in range(args.repeats):
+    for rep in range(args.repeats):  # the single mitigations run once, cfg and auto repeat
         for label, (spec, prm) in specs.items():
+            if rep and label not in thresholds and label != "cfg":
+                continue
             g, out, wall = run(model, crit, spec, prm, prompts, seeds, args.steps,
                                args.batch_size)
             r = results.setdefault(label, {"wall": float("inf")})
