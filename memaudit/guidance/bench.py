@@ -362,8 +362,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return result
 
 
-if __name__ == "__main__":
+def run_cli(main: Any) -> None:
+    """A bench's `python -m` entry: a UserError is one `error:` line, exit 1."""
     try:
         main()
     except UserError as e:
         raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -23,8 +23,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from memaudit.common import UserError
-
 
 def run(model: Any, crit: Any, spec: str, params: dict, prompts: list[str], seeds: list[int],
         steps: int, batch_size: int) -> tuple[Any, Any, float]:
@@ -147,7 +145,6 @@ def markdown(res: dict[str, Any]) -> str:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as e:
-        raise SystemExit(f"error: {e}") from None
+    from memaudit.guidance.bench import run_cli
+
+    run_cli(main)

@@ -168,7 +168,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as e:
-        raise SystemExit(f"error: {e}") from None
+    from memaudit.guidance.bench import run_cli
+
+    run_cli(main)
