@@ -16,8 +16,9 @@ import numpy as np
 import torch
 
 from memaudit.common import UserError, progress_bar
+from memaudit.models.base import CAPABILITIES, TEXT, UNCOND
 from memaudit.models.cond import Cond, as_cond
-from memaudit.sampler import initial_noise
+from memaudit.sampler import initial_noise, scale_input
 
 __all__ = ["auc", "calibrate_threshold", "initial_noise", "screen_prompts", "tpr_at_fpr"]
 
@@ -35,7 +36,7 @@ def _seed_list(seeds: int | list[int]) -> list[int]:
 @torch.no_grad()
 def screen_prompts(model: Any, prompts: list[str], steps: int = 1, seeds: int | list[int] = 4,
                    guidance_scale: float | None = None, batch_size: int = 32,
-                   num_inference_steps: int | None = None, scheduler: str = "ddim"
+                   num_inference_steps: int | None = None, scheduler: str | None = None
                    ) -> np.ndarray:
     """Wen et al.'s screening score per prompt (METHODS 2): float64 [len(prompts)].
 
@@ -45,6 +46,11 @@ def screen_prompts(model: Any, prompts: list[str], steps: int = 1, seeds: int | 
     """
     if steps < 1:
         raise UserError("--steps must be >= 1")
+    missing = [c for c in (TEXT, UNCOND) if c not in getattr(model, "capabilities", (TEXT, UNCOND))]
+    if missing:
+        raise UserError(f"screening does not apply to {getattr(model, 'family', '')} model "
+                        f"{getattr(model, 'name', '')}: it needs "
+                        f"{' and '.join(CAPABILITIES[c] for c in missing)}")
     seed_list = _seed_list(seeds)
     n_inf = int(num_inference_steps or getattr(model, "default_steps", 50))
     if steps > n_inf:
@@ -58,12 +64,11 @@ def screen_prompts(model: Any, prompts: list[str], steps: int = 1, seeds: int | 
             pidx = [i for i, _ in chunk]
             emb_c = as_cond(model.encode_prompts([prompts[i] for i in pidx]))
             emb = Cond.cat([as_cond(model.null_embedding(len(chunk))), emb_c])
-            sched = model.make_scheduler(scheduler)
-            sched.set_timesteps(n_inf, device=model.device)
+            sched = model.scheduler(scheduler, n_inf)
             x = initial_noise(model, [s for _, s in chunk], float(sched.init_noise_sigma))
             acc = torch.zeros(len(chunk), dtype=torch.float64)
             for j, t in enumerate(sched.timesteps[:steps]):
-                xin = sched.scale_model_input(torch.cat([x, x]), t)
+                xin = scale_input(sched, torch.cat([x, x]), t)
                 e = model.eps(xin, t, emb)
                 e_u, e_c = e.chunk(2)
                 acc += (e_c - e_u).flatten(1).float().norm(dim=1).double().cpu()

@@ -13,6 +13,7 @@ from memaudit.guidance import REGISTRY, StepState, make_guidance
 from memaudit.guidance.spec import build_guidance, parse_method_spec, parse_params
 from memaudit.models.base import Denoiser
 from memaudit.models.cond import Cond, as_cond
+from memaudit.models.prediction import EpsPrediction
 
 B, C, H, W, L, D = 3, 1, 4, 4, 3, 5
 
@@ -252,10 +253,11 @@ class PixelNL2:
 
 def test_amg_sim_lowers_similarity_and_nl2_schedule():
     model = FakeDenoiser()
+    abar = torch.tensor(0.6)
+    model.prediction = EpsPrediction(torch.full((1000,), float(abar)))  # AMG asks the model
     torch.manual_seed(0)
     target = torch.rand(1, 1, H, W).expand(1, 3, H, W)
     crit = PixelNL2(target)
-    abar = torch.tensor(0.6)
     x0 = (target[:, :1] * 2 - 1) + 0.01 * torch.randn(B, C, H, W)  # decodes near target
     e_c = torch.randn(B, C, H, W)
     e_u = e_c.clone()

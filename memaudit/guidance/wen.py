@@ -6,6 +6,8 @@ sample, L(e) = || eps(x_T, e) - eps(x_T, null) ||_2 with AdamW (lr 0.05), at mos
 iterations; a sample stops once L <= target, where target is `target` when given (3.0 for
 SD v1 latents) else `fraction` (0.5) of its initial loss. Then sampling is plain CFG from the
 same x_T with the adjusted e. Deterministic given x_T (which comes from the generation seed).
+The embedding and AdamW's state are float32 whatever the model's dtype. For flow-matching
+models the loss is taken on the velocity the same way (METHODS.md 0).
 """
 
 from __future__ import annotations
@@ -16,11 +18,13 @@ from typing import Any
 import torch
 
 from memaudit.guidance.base import Guidance, StepState, cfg_combine, per_sample_norm
+from memaudit.models.base import TEXT, UNCOND
 from memaudit.models.cond import Cond
 
 
 class Wen(Guidance):
     name = "wen"
+    requires = frozenset({TEXT, UNCOND})
 
     @dataclass
     class Params:
@@ -39,9 +43,10 @@ class Wen(Guidance):
         p = self.params
         with torch.no_grad():
             e_null = model.eps(x_T, t0, emb_u).detach()
-        with torch.enable_grad():
-            e = emb_c.emb.detach().clone().requires_grad_(True)
-            first = emb_c.emb[:, :1].detach().clone()
+        with torch.enable_grad():  # optimised in float32 whatever the model's dtype (issue 13:
+            # AdamW's eps = 1e-8 underflows in fp16 and gave NaN embeddings); cast at the forward
+            e = emb_c.emb.detach().float().clone().requires_grad_(True)
+            first = e[:, :1].detach().clone()
             opt = torch.optim.AdamW([e], lr=p.lr)
             b = len(emb_c)
             done = torch.zeros(b, dtype=torch.bool, device=e.device)
