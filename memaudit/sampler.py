@@ -133,7 +133,7 @@ def _sample_chunk(model: Denoiser, prompts: list[str], seeds: list[int], guidanc
                          f"for {b} rows")
     with torch.no_grad():
         emb_c = as_cond(model.encode_prompts(prompts)).detach()
-        emb_u = as_cond(model.null_embedding(b)).detach()
+        emb_u = as_cond(model.null_embedding(b)).detach() if has_uncond else emb_c
     emb_c, emb_u = guidance.prepare_embeddings(emb_c, emb_u, x, list(seeds), model, t0)
     emb_c, emb_u = as_cond(emb_c).detach(), as_cond(emb_u).detach()
 

@@ -156,8 +156,13 @@ class Denoiser(ABC):
             raise UserError(f"scheduler {kind!r} does not apply to {self.family} model "
                             f"{self.name}; known: {', '.join(self.schedulers)}")
         sched = self.make_scheduler(kind)
-        sched.set_timesteps(steps, device=self.device)
+        self.set_timesteps(sched, steps)
         return sched
+
+    def set_timesteps(self, sched: Any, steps: int) -> None:
+        """Set `steps` timesteps on a fresh scheduler (families whose pipeline passes more,
+        e.g. FLUX's sigmas and shift, override this)."""
+        sched.set_timesteps(steps, device=self.device)
 
     def random_tokens(self, n: int, generator: torch.Generator) -> list[str]:
         """n random vocabulary tokens, decoded to text (for the `rta` perturbation)."""

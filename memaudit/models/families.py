@@ -141,9 +141,10 @@ class DiffusersDenoiser(Denoiser):
     def __init__(self, pipe: Any, name: str, model_hash: str, device: str | torch.device,
                  dtype: torch.dtype, revision: str | None = None,
                  loras: list[dict[str, Any]] | None = None,
-                 resolution: int | None = None) -> None:
+                 resolution: int | None = None, folder: Path | None = None) -> None:
         super().__init__()
         self.pipe = pipe
+        self.folder = folder
         self.vae = getattr(pipe, "vae", None)
         self.tokenizer = getattr(pipe, "tokenizer", None)
         self.scheduler_config = dict(pipe.scheduler.config)
@@ -159,7 +160,9 @@ class DiffusersDenoiser(Denoiser):
                 m.requires_grad_(False)
                 m.eval()
         if self.vae is not None:
-            self.vae.to(torch.float32)
+            if self.vae.dtype != torch.float32:
+                with quiet_loading():
+                    self.vae.to(torch.float32)
             self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.setup(resolution)
 
@@ -196,7 +199,8 @@ class DiffusersDenoiser(Denoiser):
             pipe.to(device)
             records = load_loras(pipe, list(loras or []))
         return cls(pipe, name=spec, model_hash=hash_pipeline_weights(folder), device=device,
-                   dtype=dtype, revision=revision, loras=records, resolution=resolution)
+                   dtype=dtype, revision=revision, loras=records, resolution=resolution,
+                   folder=folder)
 
     # --- shared pieces ------------------------------------------------------------------------
     def resolution_from(self, resolution: int | None, default_sample_size: int) -> int:
