@@ -8,7 +8,8 @@ Output layout in `out_dir`:
   images/{method}/{prompt_id:05d}_{seed}.png
   generations.parquet  one row per image: prompt_id, prompt, final_prompt, label, source, seed,
                        method, params_json, file, wall_seconds, unet_calls, forwards, steps,
-                       guidance_scale, scheduler, model, model_hash
+                       guidance_scale, scheduler, model, model_hash, model_json (the model's
+                       provenance: family, dtype, prediction type, LoRAs with SHA-256, notes)
   trace.parquet        one row per image and step: file, method, prompt_id, seed, step, t, u,
                        guidance_norm and every trace field of the guidance
 Both tables are rewritten (atomically) after every batch, so a killed run started again with
@@ -34,14 +35,14 @@ from memaudit.data.prompts import PromptRecord
 
 GEN_COLUMNS = ["prompt_id", "prompt", "final_prompt", "label", "source", "seed", "method",
                "params_json", "file", "wall_seconds", "unet_calls", "forwards", "steps",
-               "guidance_scale", "scheduler", "model", "model_hash"]
+               "guidance_scale", "scheduler", "model", "model_hash", "model_json"]
 GEN_SCHEMA = pa.schema([
     ("prompt_id", pa.int64()), ("prompt", pa.string()), ("final_prompt", pa.string()),
     ("label", pa.string()), ("source", pa.string()), ("seed", pa.int64()),
     ("method", pa.string()), ("params_json", pa.string()), ("file", pa.string()),
     ("wall_seconds", pa.float64()), ("unet_calls", pa.float64()), ("forwards", pa.int64()),
     ("steps", pa.int64()), ("guidance_scale", pa.float64()), ("scheduler", pa.string()),
-    ("model", pa.string()), ("model_hash", pa.string()),
+    ("model", pa.string()), ("model_hash", pa.string()), ("model_json", pa.string()),
 ])
 TRACE_FIXED = ["file", "method", "prompt_id", "seed", "step", "t", "u"]
 
@@ -144,7 +145,7 @@ def _concat_traces(tables: list[pa.Table]) -> pa.Table:
 def generate(model: Any, prompts: Sequence[PromptRecord | str],
              methods: Sequence[str | tuple[str, dict[str, Any]]], seeds: int | Sequence[int],
              out_dir: str | Path, steps: int | None = None, guidance_scale: float | None = None,
-             scheduler: str = "ddim", criterion: Any = None, batch_size: int = 8,
+             scheduler: str | None = None, criterion: Any = None, batch_size: int = 8,
              params: dict[str, dict[str, Any]] | None = None) -> pa.Table:
     """Generate every (method, prompt, seed) image into `out_dir` (layout: module docstring).
 
@@ -154,6 +155,7 @@ def generate(model: Any, prompts: Sequence[PromptRecord | str],
     seeds: N for seeds 0..N-1, or an explicit list; params: per-method overrides by name.
     Returns the generations table (all rows in out_dir, including earlier ones).
     """
+    from memaudit.guidance.base import check_supported
     from memaudit.sampler import SCHEDULERS, sample
 
     if isinstance(model, (str, Path)):
@@ -168,14 +170,18 @@ def generate(model: Any, prompts: Sequence[PromptRecord | str],
         [int(s) for s in seeds]
     if not seed_list:
         raise UserError("no seeds (give --seeds N with N >= 1)")
-    if scheduler not in SCHEDULERS:
-        raise UserError(f"unknown scheduler {scheduler!r}; known: {', '.join(SCHEDULERS)}")
+    scheduler = scheduler or getattr(model, "default_scheduler", "ddim")
+    known = getattr(model, "schedulers", SCHEDULERS)
+    if scheduler not in known:
+        raise UserError(f"unknown scheduler {scheduler!r} for this model; known: "
+                        f"{', '.join(known)}")
     if batch_size < 1:
         raise UserError(f"batch size must be at least 1, got {batch_size}")
     steps = int(model.default_steps if steps is None else steps)
     scale = float(model.default_guidance_scale if guidance_scale is None else guidance_scale)
     resolved = _resolve_methods(methods, params)
     for label, g in resolved:
+        check_supported(g, model, label)
         if g.needs_criterion and criterion is None:
             raise UserError(f"method {label!r} needs a copy criterion: give an index")
 
@@ -185,7 +191,10 @@ def generate(model: Any, prompts: Sequence[PromptRecord | str],
     gen_tables: list[pa.Table] = []  # earlier rows, then one table per batch
     trace_tables: list[pa.Table] = []
     if gen_path.exists():
-        gen_tables.append(pq.read_table(gen_path).cast(GEN_SCHEMA))
+        old = pq.read_table(gen_path)
+        if "model_json" not in old.column_names:  # written before the column existed
+            old = old.append_column("model_json", pa.nulls(old.num_rows, pa.string()))
+        gen_tables.append(old.select(GEN_COLUMNS).cast(GEN_SCHEMA))
         if trace_path.exists():  # drop rows of a batch killed before its generations write
             import pyarrow.compute as pc
 
@@ -194,6 +203,8 @@ def generate(model: Any, prompts: Sequence[PromptRecord | str],
     done = {(r["method"], r["prompt_id"], r["seed"]): r
             for t in gen_tables for r in t.to_pylist()}
     model_hash = str(getattr(model, "model_hash", ""))
+    model_json = json.dumps(model.provenance(), sort_keys=True, default=str) \
+        if hasattr(model, "provenance") else None
 
     work: list[tuple[str, Any, str, list[tuple[int, int]]]] = []
     for label, g in resolved:
@@ -231,7 +242,8 @@ def generate(model: Any, prompts: Sequence[PromptRecord | str],
                         params_json=pj, file=rel, wall_seconds=res.wall_seconds,
                         unet_calls=res.unet_rows, forwards=res.forwards, steps=steps,
                         guidance_scale=scale, scheduler=scheduler,
-                        model=str(getattr(model, "name", "")), model_hash=model_hash))
+                        model=str(getattr(model, "name", "")), model_hash=model_hash,
+                        model_json=model_json))
                     for j, step in enumerate(res.trace):
                         row = dict(file=rel, method=label, prompt_id=pid, seed=seed, step=j,
                                    t=step["t"], u=step["u"])

@@ -13,7 +13,7 @@ from memaudit.common import UserError, read_toml
 
 _PLAN_KEYS = {"out", "model", "index", "criteria", "methods", "seeds", "steps",
               "guidance_scale", "scheduler", "batch_size", "alignment", "params", "prompts",
-              "screen", "device", "guidance_criterion"}
+              "screen", "device", "guidance_criterion", "lora", "dtype"}
 
 
 
@@ -46,13 +46,19 @@ class Plan:
     seeds: list[int] = field(default_factory=lambda: [0])
     steps: int | None = None
     guidance_scale: float | None = None
-    scheduler: str = "ddim"
+    scheduler: str | None = None  # None: the model family's default (ddim; euler for SD3/FLUX)
     batch_size: int = 16
     alignment: str = "auto"
     guidance_criterion: str | None = None
     prompts: list[PromptList] = field(default_factory=list)
     screen: ScreenSpec | None = None
     device: str | None = None
+    lora: list[str] = field(default_factory=list)  # PATH[:SCALE] (memaudit.models.lora)
+    dtype: str | None = None  # fp32 / fp16 / bf16 (default: the family's on CUDA)
+
+    def model_options(self) -> dict[str, Any]:
+        """load_model keyword arguments beyond (spec, device), only those set."""
+        return {k: v for k, v in (("loras", self.lora), ("dtype", self.dtype)) if v}
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -169,10 +175,25 @@ def plan_from_dict(d: dict[str, Any], base: str | Path = ".") -> Plan:
         criteria=str_list("criteria", ["nl2"]), methods=methods,
         params=normalise_params(params),
         seeds=list(seeds), steps=d.get("steps"), guidance_scale=d.get("guidance_scale"),
-        scheduler=str(d.get("scheduler", "ddim")), batch_size=batch, alignment=alignment,
+        scheduler=d.get("scheduler"), batch_size=batch, alignment=alignment,
         guidance_criterion=d.get("guidance_criterion"), prompts=prompts, screen=screen,
-        device=d.get("device"),
+        device=d.get("device"), lora=_lora_list(d.get("lora", []), base),
+        dtype=d.get("dtype"),
     )
+
+
+def _lora_list(value: Any, base: Path) -> list[str]:
+    """`lora = "x.safetensors:0.8"` or a list of them; paths made absolute."""
+    from memaudit.models.lora import parse_lora_spec
+
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(x, str) for x in items):
+        raise UserError("plan: 'lora' must be a PATH[:SCALE] string or a list of them")
+    out = []
+    for item in items:
+        path, scale = parse_lora_spec(item)
+        out.append(f"{_abs(base, str(path))}:{scale!r}")
+    return out
 
 
 def load_plan(path: str | Path) -> Plan:

@@ -19,6 +19,7 @@ from memaudit.audit.components import Components, default_components
 from memaudit.audit.plan import Plan, ScreenSpec, plan_difference
 from memaudit.common import UserError, package_versions, progress_bar, resolve_device
 from memaudit.generate import save_png
+from memaudit.guidance.base import check_supported
 from memaudit.store import AuditStore
 
 KILL_ENV = "MEMAUDIT_TEST_KILL_AFTER_UNITS"  # test hook: os._exit after N committed units
@@ -116,9 +117,14 @@ def run_audit(plan: Plan, *, new_run: bool = False, device: str | None = None,
     ihash = index_hash(index, plan.index)
 
     # 2. model, criteria, methods (fail early on a bad name, before any run row)
-    model = comp.load_model(plan.model, device)
+    model = comp.load_model(plan.model, device, **plan.model_options())
     criteria = {name: comp.make_criterion(name, index) for name in plan.criteria}
     methods = {spec: comp.make_method(spec, plan.params) for spec in plan.methods}
+    for spec, g in methods.items():
+        check_supported(g, model, spec)
+    scheduler = plan.scheduler or getattr(model, "default_scheduler", "ddim")
+    for note in getattr(model, "notes", []):
+        log(f"model: {note}")
     steps = plan.steps or getattr(model, "default_steps", 50)
     scale = plan.guidance_scale
     if scale is None:
@@ -157,7 +163,8 @@ def run_audit(plan: Plan, *, new_run: bool = False, device: str | None = None,
                 raise UserError(f"index changed since run {latest['id']}; use --new-run")
             run_id = int(latest["id"])
             log(f"resuming run {run_id}")
-        settings = {"steps": steps, "guidance_scale": scale, "scheduler": plan.scheduler,
+        settings = {"steps": steps, "guidance_scale": scale, "scheduler": scheduler,
+                    "model": model.provenance() if hasattr(model, "provenance") else None,
                     "criteria": {n: {"threshold": getattr(c, "threshold", None),
                                      "calibrated_threshold":
                                          getattr(c, "calibrated_threshold", None)}
@@ -199,7 +206,7 @@ def run_audit(plan: Plan, *, new_run: bool = False, device: str | None = None,
                     _generation_unit(
                         store, comp, model, run_id, unit, method, methods[method],
                         batches[bi], prompt_ids, criteria, criteria[guide_crit_name], index,
-                        neighbour_cache, img_dir, out, steps, scale, plan.scheduler,
+                        neighbour_cache, img_dir, out, steps, scale, scheduler,
                         use_alignment, kill_mid and n_committed + 1 >= kill_mid)
                 n_committed += 1
                 advance(1)

@@ -121,7 +121,8 @@ def check_supported(guidance: Guidance, model: Any, label: str | None = None) ->
     from memaudit.models.base import CAPABILITIES
 
     have = set(getattr(model, "capabilities", CAPABILITIES))
-    missing = {c: why for c, why in guidance.required().items() if c not in have}
+    required = guidance.required() if hasattr(guidance, "required") else {}
+    missing = {c: why for c, why in required.items() if c not in have}
     if missing:
         what = "; ".join(f"{why} needs {CAPABILITIES.get(c, c)}" for c, why in missing.items())
         family = getattr(model, "family", type(model).__name__)
