@@ -65,7 +65,8 @@ def screen_prompts(model: Any, prompts: list[str], steps: int = 1, seeds: int | 
             emb_c = as_cond(model.encode_prompts([prompts[i] for i in pidx]))
             emb = Cond.cat([as_cond(model.null_embedding(len(chunk))), emb_c])
             sched = model.scheduler(scheduler, n_inf)
-            x = initial_noise(model, [s for _, s in chunk], float(sched.init_noise_sigma))
+            x = initial_noise(model, [s for _, s in chunk],
+                              float(getattr(sched, "init_noise_sigma", 1.0)))
             acc = torch.zeros(len(chunk), dtype=torch.float64)
             for j, t in enumerate(sched.timesteps[:steps]):
                 xin = scale_input(sched, torch.cat([x, x]), t)
