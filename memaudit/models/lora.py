@@ -52,7 +52,7 @@ def load_loras(pipe: Any, specs: list[str]) -> list[dict[str, Any]]:
     """Load every `PATH[:SCALE]` into `pipe`; returns [{"path", "sha256", "scale"}]."""
     if not specs:
         return []
-    from safetensors import SafetensorsError
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     if not hasattr(pipe, "load_lora_weights"):
@@ -63,7 +63,7 @@ def load_loras(pipe: Any, specs: list[str]) -> list[dict[str, Any]]:
         f = lora_file(path)
         try:
             state = load_file(str(f))
-        except (SafetensorsError, OSError) as e:
+        except (SafetensorError, OSError) as e:
             raise UserError(f"LoRA {f}: not a readable safetensors file ({e})") from e
         name = f"lora{i}"
         try:
