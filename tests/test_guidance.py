@@ -394,3 +394,32 @@ def test_wen_loss_decreases_and_stops_at_target():
     g3 = make_guidance("wen", target=1e9)
     e3, _ = g3.prepare_embeddings(emb_c, emb_u, x_T, [0, 1], model, t0)
     assert torch.equal(e3.emb, emb_c.emb) and g3.last["wen_iters"].tolist() == [0, 0]
+
+
+def test_amg_c3_default_is_the_criterions():
+    """METHODS 3.2 / issue 11: c3 unset means 3000 for nL2 (tuned on the canary,
+    docs/mitigations.md) and 100 for cosine criteria (the official SSCD value)."""
+    model = FakeDenoiser()
+    torch.manual_seed(0)
+    target = torch.rand(1, 1, H, W).expand(1, 3, H, W)
+    crit = PixelNL2(target)
+    abar = torch.tensor(0.6)
+    x0 = (target[:, :1] * 2 - 1) + 0.01 * torch.randn(B, C, H, W)
+    e_c = torch.randn(B, C, H, W)
+    x = abar.sqrt() * x0 + (1 - abar).sqrt() * e_c
+
+    def step(**params):
+        g = make_guidance("amg", parts="sim", **params)
+        return g, g.guide(state(0, 10, 0.4, e_c.clone(), e_c, s0=2.0, model=model,
+                                criterion=crit, x=x, abar=float(abar)))[0]
+
+    g, default = step()
+    assert g.params.c3 is None and g.c3(crit) == 3000.0
+    assert torch.equal(default, step(c3=3000.0)[1])
+    assert not torch.allclose(default, step(c3=100.0)[1])
+
+    class Cosine:
+        higher_is_more_similar = True
+
+    assert g.c3(Cosine()) == 100.0 and make_guidance("amg", c3=7).c3(Cosine()) == 7.0
+    assert build_guidance("amg", parse_params(["amg.c3=none"])).params.c3 is None

@@ -19,6 +19,10 @@ Per step and per sample, from the CFG estimate eps = e_u + s0 (e_c - e_u):
   through the decoder and descriptor only (eps detached). Cosine:
   w = (sigma - lambda0) exp((1 - u)/0.17) (official code); nL2: w = sigma - lambda(u), the
   margin past the threshold (METHODS 3.2).
+  c3 = None (default) means the criterion's own: 100 for cosine criteria (official SSCD
+  value), 3000 for nL2, tuned on the canary (docs/mitigations.md "Tuning": the lowest
+  64x+16x calibrated copy rate at >= 0.9x cfg's digit agreement on seeds disjoint from the
+  evaluation; METHODS 3.2). A number sets it for every criterion.
 lambda(u): SSCD exponential 0.3 + 0.1 exp(-5u) (lambda0 = 0.3); nL2 "guide when
 nL2 < L(u)", L(u) = tau (1.95 - 0.45 exp(-6.25u)) / 1.5 with tau the index's calibrated nL2
 threshold (1.5 when uncalibrated), lambda0 = L at u -> inf = 1.95 tau / 1.5; `parabolic`
@@ -40,6 +44,9 @@ from memaudit.models.base import COND, TEXT, UNCOND
 from memaudit.models.cond import Cond
 
 PARTS = ("spe", "dup", "sim")
+#: Gsim strength when `c3` is None: per criterion kind (see the module docstring)
+C3_COSINE = 100.0
+C3_NL2 = 3000.0
 
 
 def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -55,7 +62,7 @@ class AMG(Guidance):
     class Params:
         parts: str = "spe,dup,sim"
         c1: float = 13.0
-        c3: float = 100.0
+        c3: float | None = None  # None: C3_COSINE for cosine criteria, C3_NL2 for nL2
         gate_spe: bool = True
         schedule: str = "exponential"  # or "parabolic"
         a: float = 0.3  # parabolic: lambda(u) = a + b (1 - u)^2 (criterion's own scale)
@@ -90,6 +97,12 @@ class AMG(Guidance):
     # --- the threshold schedule -------------------------------------------------------
     def is_cosine(self, criterion: Any) -> bool:
         return bool(getattr(criterion, "higher_is_more_similar", True))
+
+    def c3(self, criterion: Any) -> float:
+        """The Gsim strength in effect: the `c3` parameter, else the criterion's default."""
+        if self.params.c3 is not None:
+            return float(self.params.c3)
+        return C3_COSINE if self.is_cosine(criterion) else C3_NL2
 
     def nl2_tau(self, criterion: Any) -> float:
         tau = getattr(criterion, "calibrated_threshold", None)
@@ -139,6 +152,9 @@ class AMG(Guidance):
         p, crit, s0 = self.params, state.criterion, float(state.s0)
         if crit is None:
             raise UserError("method 'amg' needs a training index criterion (--index)")
+        if not getattr(crit, "differentiable", True):
+            raise UserError(f"criterion {getattr(crit, 'name', crit)!r} has no differentiable "
+                            "similarity, so it cannot guide amg")
         b = state.e_c.shape[0]
         diff = state.e_c - state.e_u
         eps = state.e_u + s0 * diff
@@ -201,7 +217,8 @@ class AMG(Guidance):
                 w = sigma - lam
             w = torch.where(sim_on, w, zeros)
             gain = state.gain().to(eps.device, torch.float32)
-            eps = eps + p.c3 * _bcast(w, eps) * _bcast(gain.reshape(-1), eps) * grad.to(eps)
+            eps = eps + self.c3(crit) * _bcast(w, eps) * _bcast(gain.reshape(-1), eps) \
+                * grad.to(eps)
 
         trace = {"sigma": sigma, "lambda": float(lam), "fired": fired.float(),
                  "amg_spe": (s1 > 0).float(), "amg_dup": dup_on.float(),
