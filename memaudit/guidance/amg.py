@@ -133,20 +133,28 @@ class AMG(Guidance):
         return {"amg_dup": state.memory["dup_emb"].where(active, state.emb_u)}
 
     def similarity(self, state: StepState, eps: torch.Tensor, need_grad: bool
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """sigma_t [B] (detached), neighbour ids [B], grad_{x_t} sigma_t (eps held constant)."""
+                   ) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """sigma_t [B] (detached), neighbour ids [B], and a function returning
+        grad_{x_t} sigma_t (eps held constant; None without need_grad). The backward runs
+        only when that function is called, i.e. on steps where some row fires: the decode and
+        descriptor forward keep their graph until then (docs/benchmarks.md, AMG's cost)."""
         t0 = time.perf_counter()
         with torch.enable_grad():  # float32 x_t; the model's x0 estimate, float32 VAE decode
             x = state.x_t.detach().clone().float().requires_grad_(need_grad)
             x0 = state.x0_hat(eps.detach().float(), x)
             img = state.model.decode(x0)
             sigma, ids = state.criterion.similarity_tensor(img)
-            grad = None
-            if need_grad:
-                (grad,) = torch.autograd.grad(sigma.sum(), x)
         self.cost["similarity_s"] += time.perf_counter() - t0
         self.cost["similarity_calls"] += 1
-        return sigma.detach().float().cpu(), torch.as_tensor(ids).long().cpu(), grad
+
+        def grad() -> torch.Tensor:
+            t1 = time.perf_counter()
+            (g,) = torch.autograd.grad(sigma.sum(), x)
+            self.cost["similarity_s"] += time.perf_counter() - t1
+            return g
+
+        return (sigma.detach().float().cpu(), torch.as_tensor(ids).long().cpu(),
+                grad if need_grad else None)
 
     def guide(self, state: StepState):
         p, crit, s0 = self.params, state.criterion, float(state.s0)
@@ -158,7 +166,7 @@ class AMG(Guidance):
         b = state.e_c.shape[0]
         diff = state.e_c - state.e_u
         eps = state.e_u + s0 * diff
-        sigma, ids, grad = self.similarity(state, eps, "sim" in self.parts)
+        sigma, ids, grad_fn = self.similarity(state, eps, "sim" in self.parts)
         lam, lam0 = self.threshold(state.u, crit)
         fired = sigma > lam
         cosine = self.is_cosine(crit)
@@ -209,7 +217,8 @@ class AMG(Guidance):
         # Gsim
         sim_on = torch.zeros(b, dtype=torch.bool)
         w = zeros.clone()
-        if "sim" in self.parts and grad is not None:
+        if "sim" in self.parts and grad_fn is not None and bool(fired.any()):
+            grad = grad_fn()  # the backward, only when some row fires
             sim_on = fired
             if cosine:
                 w = (sigma - lam0) * math.exp((1.0 - state.u) / 0.17)
