@@ -3,17 +3,24 @@ prompts that fit its conditioning, and an always-firing stand-in criterion for A
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from memaudit.models import load_model
+
+#: MEMAUDIT_TEST_DEVICE=cuda runs the family tests on a GPU (docs/generate.md); CI: the CPU
+DEVICE = os.environ.get("MEMAUDIT_TEST_DEVICE", "cpu")
 
 FAMILIES = ["sd", "sdxl", "sd3", "flux", "ddpm", "ddpm-class"]
 TEXT_FAMILIES = {"sd", "sdxl", "sd3", "flux"}
 
 
 def load_family(family_dir, name: str, **kw):
-    """The tiny pipeline loaded by path (FLUX at 16 px; short T5 sequences for speed)."""
-    m = load_model(family_dir(name), device="cpu",
+    """The tiny pipeline loaded by path (FLUX at 16 px; short T5 sequences for speed), fp32
+    unless `dtype` is given."""
+    kw.setdefault("dtype", "fp32")
+    m = load_model(family_dir(name), device=DEVICE,
                    resolution=16 if name == "flux" else None, **kw)
     if name in ("sd3", "flux"):
         m.max_sequence_length = 8

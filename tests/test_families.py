@@ -65,7 +65,7 @@ def _reference(m, name, prompts, scale, steps):
         return torch.from_numpy(img).permute(0, 3, 1, 2)
     sched = DDIMScheduler.from_config(p.scheduler.config)
     sched.set_timesteps(steps)
-    labels, null = torch.tensor([1, 2]), torch.tensor([3, 3])
+    labels, null = torch.tensor([1, 2]).to(x.device), torch.tensor([3, 3]).to(x.device)
     for t in sched.timesteps:
         with torch.no_grad():
             e_c = p.unet(x, t, class_labels=labels).sample
