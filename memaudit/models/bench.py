@@ -9,7 +9,9 @@ GeM (p = 3) + linear 2048 -> 512 at 288 px (short edge), random weights, cosine 
 random unit vectors, offset so that it always fires (the worst case: every step decodes,
 differentiates and batches a Gdup row).
 
-Two measurements, interleaved with cfg so the machine's load hits both alike:
+Two measurements, interleaved with cfg so the machine's load hits both alike, timed in CPU
+seconds of the process (one thread: what the work costs, whatever else shares the machine;
+`--clock wall` for wall time):
 - components (median of --repeats): one cfg step (the denoiser on 2 rows), one wen iteration
   (forward + backward of 1 row to the embedding), AMG's similarity step (x0 estimate, VAE
   decode, descriptor, gradient to x_t: `AMG.similarity` itself) with and without the
@@ -181,14 +183,21 @@ class DescriptorCriterion:
 
 
 # --- measurements ------------------------------------------------------------------------
-def _timed(fn) -> float:
-    t = time.perf_counter()
+def _timed(fn) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process): on a shared machine with one thread the
+    CPU time is what the work costs, the wall time also counts the other jobs' share."""
+    t, c = time.perf_counter(), time.process_time()
     fn()
-    return time.perf_counter() - t
+    return time.perf_counter() - t, time.process_time() - c
 
 
-def components(model: Any, crit: DescriptorCriterion, repeats: int) -> dict[str, float]:
-    """Median seconds of the per-step and per-image parts (module docstring), interleaved."""
+def components(model: Any, crit: DescriptorCriterion, repeats: int,
+               only: list[str] | None = None, amg_px: int | None = None
+               ) -> dict[str, dict[str, float]]:
+    """{"cpu": .., "wall": ..}: median seconds of the per-step and per-image parts (module
+    docstring), interleaved;
+    `only` names a subset; `amg_px` decodes AMG's x0 estimate at that image size (a latent
+    resized to amg_px / 8: what decoding at the descriptor's size would cost)."""
     from memaudit.guidance import make_guidance
     from memaudit.guidance.base import StepState
 
@@ -208,15 +217,20 @@ def components(model: Any, crit: DescriptorCriterion, repeats: int) -> dict[str,
         e = emb_c.emb.detach().float().clone().requires_grad_(True)
         model.eps(x, t, emb_c.replace(emb=e)).norm().backward()
 
-    state = StepState(index=10, num_steps=50, t=t, u=float(t) / 1000, x_t=x,
+    xs = x
+    if amg_px:
+        f = model.resolution // model.latent_shape[-1]
+        xs = torch.nn.functional.interpolate(x, size=(amg_px // f, amg_px // f),
+                                             mode="bilinear", align_corners=False)
+    state = StepState(index=10, num_steps=50, t=t, u=float(t) / 1000, x_t=xs,
                       alpha_bar=model.prediction.alpha_bar(t), s0=7.5, model=model,
                       criterion=crit)
 
     def similarity():  # a step where a row fires: forward and the gradient to x_t
-        amg.similarity(state, torch.zeros_like(x), True)[2]()
+        amg.similarity(state, torch.zeros_like(xs), True)[2]()
 
     def similarity_fwd():  # a step where none fires: the forward only
-        amg.similarity(state, torch.zeros_like(x), True)
+        amg.similarity(state, torch.zeros_like(xs), True)
 
     def decode():
         with torch.no_grad():
@@ -224,12 +238,15 @@ def components(model: Any, crit: DescriptorCriterion, repeats: int) -> dict[str,
 
     parts = {"step_s": step, "wen_iter_s": wen_iter, "similarity_s": similarity,
              "similarity_fwd_s": similarity_fwd, "decode_s": decode}
-    times: dict[str, list[float]] = {k: [] for k in parts}
+    parts = {k: fn for k, fn in parts.items() if not only or k in only}
+    times: dict[str, list[tuple[float, float]]] = {k: [] for k in parts}
     for r in range(repeats):
         for k, fn in parts.items():
             times[k].append(_timed(fn))
-            print(f"  repeat {r}: {k} {times[k][-1]:.2f}", flush=True)
-    return {k: statistics.median(v) for k, v in times.items()}
+            print(f"  repeat {r}: {k} wall {times[k][-1][0]:.2f} cpu {times[k][-1][1]:.2f}",
+                  flush=True)
+    return {clock: {k: statistics.median(x[i] for x in v) for k, v in times.items()}
+            for i, clock in enumerate(("wall", "cpu"))}
 
 
 def sampled(model: Any, crit: DescriptorCriterion, steps: int, methods: list[str],
@@ -242,12 +259,14 @@ def sampled(model: Any, crit: DescriptorCriterion, steps: int, methods: list[str
     for name in methods:
         for label in (["cfg"] if name == "cfg" else ["cfg", name]):
             g = make_guidance(label, **({"max_iters": wen_iters} if label == "wen" else {}))
+            c = time.process_time()
             res = sample(model, ["a photo"], [0], g, steps=steps, guidance_scale=7.5,
                          criterion=crit if g.needs_criterion else None)
-            rec = out.setdefault(label, {"wall_s": [], "unet_rows": res.unet_rows})
+            rec = out.setdefault(label, {"wall_s": [], "cpu_s": [], "unet_rows": res.unet_rows})
             rec["wall_s"].append(res.wall_seconds)
-    return {k: {"wall_s": statistics.median(v["wall_s"]), "unet_rows": v["unet_rows"]}
-            for k, v in out.items()}
+            rec["cpu_s"].append(time.process_time() - c)
+    return {k: {"wall_s": statistics.median(v["wall_s"]), "cpu_s": statistics.median(v["cpu_s"]),
+                "unet_rows": v["unet_rows"]} for k, v in out.items()}
 
 
 def project(c: dict[str, float], steps: int, wen_iters: int) -> dict[str, dict[str, float]]:
@@ -274,7 +293,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--methods", default=",".join(METHODS),
                     help="methods run through the sampler (empty: components only)")
     ap.add_argument("--wen-iters", type=int, default=10, help="wen's max_iters")
+    ap.add_argument("--parts", default="", help="components to measure (default: all), e.g. "
+                    "step_s,similarity_s,similarity_fwd_s")
+    ap.add_argument("--amg-decode-px", type=int, default=None,
+                    help="decode AMG's x0 estimate at this size (default: the full image)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
+                    help="what the ratios and projections use: CPU seconds of this process "
+                    "(right for --threads 1 on a shared machine) or wall seconds")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -284,25 +310,37 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     crit = DescriptorCriterion()
     print(f"{args.arch}: built in {time.perf_counter() - t0:.0f} s, latents "
           f"{model.latent_shape}, {args.threads} thread(s)", flush=True)
-    comp = components(model, crit, args.repeats)
-    print("components (s): " + ", ".join(f"{k} {v:.2f}" for k, v in comp.items()), flush=True)
+    comp = components(model, crit, args.repeats, [p for p in args.parts.split(",") if p],
+                      args.amg_decode_px)
+    for clock, vals in comp.items():
+        print(f"components ({clock} s): " + ", ".join(f"{k} {v:.2f}" for k, v in vals.items()),
+              flush=True)
     result: dict[str, Any] = {"arch": args.arch, "resolution": model.resolution,
                               "latent_shape": list(model.latent_shape),
-                              "threads": args.threads, "components": comp}
+                              "threads": args.threads, "amg_decode_px": args.amg_decode_px,
+                              "clock": args.clock, "components": comp}
     methods = [m for m in args.methods.split(",") if m]
     if methods:
         runs = sampled(model, crit, args.steps, methods, args.wen_iters)
         result["sampled"] = {"steps": args.steps, **runs}
-        result["projected_at_sampled_steps"] = project(comp, args.steps, args.wen_iters)
-        base = runs["cfg"]["wall_s"]
+        key = f"{args.clock}_s"
+        base = runs["cfg"][key]
         for k, v in runs.items():
-            print(f"  {args.steps} steps, {k}: {v['wall_s']:.1f} s/image "
-                  f"({v['wall_s'] / base:.2f}x cfg), {v['unet_rows']:g} UNet rows", flush=True)
+            print(f"  {args.steps} steps, {k}: {v[key]:.1f} {args.clock} s/image "
+                  f"({v[key] / base:.2f}x cfg), {v['unet_rows']:g} UNet rows", flush=True)
+    comp = comp[args.clock]
     steps = args.project_steps or steps0
+    if methods and set(comp) >= {"step_s", "similarity_s", "similarity_fwd_s", "decode_s",
+                                 "wen_iter_s"}:
+        result["projected_at_sampled_steps"] = project(comp, args.steps, args.wen_iters)
+    if not {"step_s", "similarity_s", "similarity_fwd_s", "decode_s", "wen_iter_s"} <= set(comp):
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=2))
+        return result  # a subset of the components: no projection
     proj = project(comp, steps, args.wen_iters)
     result["projected"] = {"steps": steps, **proj}
     for k, v in proj.items():
-        print(f"  projected at {steps} steps, {k}: {v['seconds']:.0f} s/image "
+        print(f"  projected at {steps} steps, {k}: {v['seconds']:.0f} {args.clock} s/image "
               f"({v['ratio']:.2f}x cfg), {v['unet_rows']:g} UNet rows")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
