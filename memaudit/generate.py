@@ -8,9 +8,11 @@ Output layout in `out_dir`:
   images/{method}/{prompt_id:05d}_{seed}.png
   generations.parquet  one row per image: prompt_id, prompt, final_prompt, label, source, seed,
                        method, params_json, file, wall_seconds, unet_calls, forwards, steps,
-                       guidance_scale, scheduler, model, model_hash, and for methods guided by
-                       a copy criterion (amg) guidance_criterion, guidance_index and
-                       guidance_index_hash (null otherwise), as the audit database records
+                       guidance_scale, scheduler, model, model_hash, model_json (the model's
+                       provenance: family, dtype, prediction type, LoRAs with SHA-256, notes),
+                       and for methods guided by a copy criterion (amg) guidance_criterion,
+                       guidance_index and guidance_index_hash (null otherwise), as the audit
+                       database records
   trace.parquet        one row per image and step: file, method, prompt_id, seed, step, t, u,
                        guidance_norm and every trace field of the guidance
 Both tables are rewritten (atomically) after every batch, so a killed run started again with
@@ -37,7 +39,7 @@ from memaudit.data.prompts import PromptRecord
 GEN_COLUMNS = ["prompt_id", "prompt", "final_prompt", "label", "source", "seed", "method",
                "params_json", "file", "wall_seconds", "unet_calls", "forwards", "steps",
                "guidance_scale", "scheduler", "model", "model_hash", "guidance_criterion",
-               "guidance_index", "guidance_index_hash"]
+               "guidance_index", "guidance_index_hash", "model_json"]
 GEN_SCHEMA = pa.schema([
     ("prompt_id", pa.int64()), ("prompt", pa.string()), ("final_prompt", pa.string()),
     ("label", pa.string()), ("source", pa.string()), ("seed", pa.int64()),
@@ -46,6 +48,7 @@ GEN_SCHEMA = pa.schema([
     ("steps", pa.int64()), ("guidance_scale", pa.float64()), ("scheduler", pa.string()),
     ("model", pa.string()), ("model_hash", pa.string()), ("guidance_criterion", pa.string()),
     ("guidance_index", pa.string()), ("guidance_index_hash", pa.string()),
+    ("model_json", pa.string()),
 ])
 TRACE_FIXED = ["file", "method", "prompt_id", "seed", "step", "t", "u"]
 
@@ -171,7 +174,7 @@ def _concat_traces(tables: list[pa.Table]) -> pa.Table:
 def generate(model: Any, prompts: Sequence[PromptRecord | str],
              methods: Sequence[str | tuple[str, dict[str, Any]]], seeds: int | Sequence[int],
              out_dir: str | Path, steps: int | None = None, guidance_scale: float | None = None,
-             scheduler: str = "ddim", criterion: Any = None, batch_size: int = 8,
+             scheduler: str | None = None, criterion: Any = None, batch_size: int = 8,
              params: dict[str, dict[str, Any]] | None = None) -> pa.Table:
     """Generate every (method, prompt, seed) image into `out_dir` (layout: module docstring).
 
@@ -181,6 +184,7 @@ def generate(model: Any, prompts: Sequence[PromptRecord | str],
     seeds: N for seeds 0..N-1, or an explicit list; params: per-method overrides by name.
     Returns the generations table (all rows in out_dir, including earlier ones).
     """
+    from memaudit.guidance.base import check_supported
     from memaudit.sampler import SCHEDULERS, sample
 
     if isinstance(model, (str, Path)):
@@ -195,8 +199,11 @@ def generate(model: Any, prompts: Sequence[PromptRecord | str],
         [int(s) for s in seeds]
     if not seed_list:
         raise UserError("no seeds (give --seeds N with N >= 1)")
-    if scheduler not in SCHEDULERS:
-        raise UserError(f"unknown scheduler {scheduler!r}; known: {', '.join(SCHEDULERS)}")
+    scheduler = scheduler or getattr(model, "default_scheduler", "ddim")
+    known = getattr(model, "schedulers", SCHEDULERS)
+    if scheduler not in known:
+        raise UserError(f"unknown scheduler {scheduler!r} for this model; known: "
+                        f"{', '.join(known)}")
     if batch_size < 1:
         raise UserError(f"batch size must be at least 1, got {batch_size}")
     steps = int(model.default_steps if steps is None else steps)
@@ -205,6 +212,7 @@ def generate(model: Any, prompts: Sequence[PromptRecord | str],
     scale = float(model.default_guidance_scale if guidance_scale is None else guidance_scale)
     resolved = _resolve_methods(methods, params)
     for label, g in resolved:
+        check_supported(g, model, label)
         if g.needs_criterion and criterion is None:
             raise UserError(f"method {label!r} needs a copy criterion: give an index")
         if g.needs_criterion and not getattr(criterion, "differentiable", True):
@@ -231,6 +239,8 @@ def generate(model: Any, prompts: Sequence[PromptRecord | str],
     done = {(r["method"], r["prompt_id"], r["seed"]): r
             for t in gen_tables for r in t.to_pylist()}
     model_hash = str(getattr(model, "model_hash", ""))
+    model_json = json.dumps(model.provenance(), sort_keys=True, default=str) \
+        if hasattr(model, "provenance") else None
 
     work: list[tuple[str, Any, str, list[tuple[int, int]]]] = []
     for label, g in resolved:
@@ -274,7 +284,8 @@ def generate(model: Any, prompts: Sequence[PromptRecord | str],
                         params_json=pj, file=rel, wall_seconds=res.wall_seconds,
                         unet_calls=res.unet_rows, forwards=res.forwards, steps=steps,
                         guidance_scale=scale, scheduler=scheduler,
-                        model=str(getattr(model, "name", "")), model_hash=model_hash, **gsrc))
+                        model=str(getattr(model, "name", "")), model_hash=model_hash,
+                        model_json=model_json, **gsrc))
                     for j, step in enumerate(res.trace):
                         row = dict(file=rel, method=label, prompt_id=pid, seed=seed, step=j,
                                    t=step["t"], u=step["u"])

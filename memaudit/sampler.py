@@ -6,11 +6,17 @@ receives"; the baseline `cfg` is eps_hat = e_u + s0 (e_c - e_u).
 
 Contract (what every guidance may rely on; memaudit/guidance/base.py):
 
+* The model. `model.eps` returns the prediction in the family's guidance space (eps for
+  DDPM-style families, velocity for flow matching: METHODS.md 0), float32; "eps" below means
+  that prediction. `check_supported(guidance, model)` runs first: a method needing a capability
+  the model lacks (text, a condition, an unconditional branch) is a one-line error.
 * Rows. One row per (prompt, seed) pair. x_T of a row is
   `torch.randn(model.latent_shape, generator=torch.Generator("cpu").manual_seed(seed))`
   (times the scheduler's `init_noise_sigma`), then moved to the device, so a row's result
   does not depend on the batch it is in. `batch_size` < B processes the rows in chunks, each
-  chunk with its own fresh scheduler and its own `state.memory`.
+  chunk with its own fresh scheduler (`model.scheduler(kind, steps)`: the family's scheduler
+  with timesteps set as its pipeline sets them; kind None = the family's default, DDIM for
+  DDPM-style families, flow-matching Euler for SD3/FLUX) and its own `state.memory`.
 * Conditions are `Cond`s (memaudit/models/cond.py: named tensors sharing the batch
   dimension; `emb` the text states, plus whatever the family needs), never bare tensors.
 * Before the loop (per chunk): `prompts = guidance.prepare_prompts(prompts, seeds, model)`;
@@ -20,15 +26,21 @@ Contract (what every guidance may rely on; memaudit/guidance/base.py):
   (both called with gradients enabled; results are detached; x_T is the sample as the sampler
   holds it, before `scale_model_input`, the identity for DDIM and DPM-Solver; it keeps its shape).
 * Step j (t = scheduler.timesteps[j], T = num_train_timesteps): a `StepState` with index=j,
-  num_steps, t (scalar tensor), u = t / T, x_t = scheduler.scale_model_input(x, t),
-  alpha_bar = abar_t (scalar), s0 = guidance_scale, model, criterion, emb_u, emb_c, memory
-  (one dict persisting across the steps of a chunk), prompts (after prepare_prompts), seeds.
+  num_steps, t (scalar tensor), u = t / T (for flow matching t = sigma T, so u = sigma),
+  x_t = scheduler.scale_model_input(x, t) (x where the scheduler has none),
+  alpha_bar = abar_t (scalar; None for flow matching: use `state.x0_hat(pred)` and
+  `state.gain()`, which ask the model), s0 = guidance_scale, model, criterion, emb_u, emb_c,
+  memory (one dict persisting across the steps of a chunk), prompts (after prepare_prompts),
+  seeds.
   `extra = guidance.extra_conditions(state)` (name -> a `Cond` like emb_c); then ONE batched
   `model.eps(cat([x_t] * (2 + len(extra))), t, Cond.cat([emb_u, emb_c, *extra.values()]))`
   under `torch.no_grad()`; `state.e_u`, `state.e_c`, `state.extra[name]` get the chunks.
+  A model without an unconditional branch (unconditional DDPMs, class-conditional ones
+  without a null class) skips the e_u rows: e_u = e_c, so cfg is plain conditional sampling.
   `eps_hat, trace = guidance.guide(state)` runs with gradients enabled (a guidance needing
   gradients, e.g. AMG, builds them itself: the UNet outputs carry no graph). Then
-  `x = scheduler.step(eps_hat, t, x).prev_sample` (DDIM: eta = 0). `callback(j, state, eps_hat)`.
+  `x = scheduler.step(eps_hat, t, x).prev_sample` (DDIM: eta = 0; flow matching: Euler on v).
+  `callback(j, state, eps_hat)`.
 * Trace: per step a dict with `t` (int), `u` (float) and per-sample lists of length B:
   `guidance_norm` = ||eps_hat - e_u||_2 per sample plus every key of the guidance's trace
   (tensors [B] -> lists; scalars are repeated for every row).
@@ -51,11 +63,11 @@ import numpy as np
 import torch
 
 from memaudit.common import UserError
-from memaudit.guidance.base import Guidance, StepState, per_sample_norm
-from memaudit.models.base import Denoiser
+from memaudit.guidance.base import Guidance, StepState, check_supported, per_sample_norm
+from memaudit.models.base import UNCOND, Denoiser
 from memaudit.models.cond import Cond, as_cond
 
-SCHEDULERS = ("ddim", "dpm")
+SCHEDULERS = ("ddim", "dpm", "euler")  # every kind some family offers (model.schedulers)
 
 
 @dataclass
@@ -74,6 +86,12 @@ class SampleOutput:
     steps: int = 0
     guidance_scale: float = 0.0
     scheduler: str = "ddim"
+
+
+def scale_input(sched: Any, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """scheduler.scale_model_input(x, t), or x for schedulers without one (flow matching)."""
+    fn = getattr(sched, "scale_model_input", None)
+    return x if fn is None else fn(x, t)
 
 
 def initial_noise(model: Denoiser, seeds: list[int], init_sigma: float = 1.0) -> torch.Tensor:
@@ -101,14 +119,13 @@ def _per_sample(value: Any, b: int) -> list[Any]:
 
 
 def _sample_chunk(model: Denoiser, prompts: list[str], seeds: list[int], guidance: Guidance,
-                  steps: int, scale: float, scheduler_kind: str, criterion: Any,
+                  steps: int, scale: float, scheduler_kind: str | None, criterion: Any,
                   callback: Callable[[int, StepState, torch.Tensor], Any] | None):
     b = len(prompts)
-    sched = model.make_scheduler(scheduler_kind)
-    sched.set_timesteps(steps, device=model.device)
+    sched = model.scheduler(scheduler_kind, steps)
     timesteps = sched.timesteps
     big_t = int(sched.config.num_train_timesteps)
-    abar_all = model.alphas_cumprod(sched)
+    has_uncond = UNCOND in getattr(model, "capabilities", {UNCOND})
     x = initial_noise(model, seeds, float(getattr(sched, "init_noise_sigma", 1.0)))
     t0 = timesteps[0]
 
@@ -118,7 +135,7 @@ def _sample_chunk(model: Denoiser, prompts: list[str], seeds: list[int], guidanc
                          f"for {b} rows")
     with torch.no_grad():
         emb_c = as_cond(model.encode_prompts(prompts)).detach()
-        emb_u = as_cond(model.null_embedding(b)).detach()
+        emb_u = as_cond(model.null_embedding(b)).detach() if has_uncond else emb_c
     emb_c, emb_u = guidance.prepare_embeddings(emb_c, emb_u, x, list(seeds), model, t0)
     emb_c, emb_u = as_cond(emb_c).detach(), as_cond(emb_u).detach()
     x_new = guidance.prepare_noise(x, emb_c, emb_u, list(seeds), model, t0)
@@ -131,13 +148,14 @@ def _sample_chunk(model: Denoiser, prompts: list[str], seeds: list[int], guidanc
     memory: dict[str, Any] = {}
     trace: list[dict[str, Any]] = []
     for j, t in enumerate(timesteps):
-        x_t = sched.scale_model_input(x, t)
+        x_t = scale_input(sched, x, t)
+        abar = model.prediction.alpha_bar(t)
         state = StepState(index=j, num_steps=len(timesteps), t=t, u=float(t) / big_t, x_t=x_t,
-                          alpha_bar=abar_all[t.long()], s0=scale, model=model,
+                          alpha_bar=abar, s0=scale, model=model,
                           criterion=criterion, emb_u=emb_u, emb_c=emb_c, memory=memory,
                           prompts=prompts, seeds=list(seeds))
         extra = {k: as_cond(e) for k, e in (guidance.extra_conditions(state) or {}).items()}
-        embs = [emb_u, emb_c, *extra.values()]
+        embs = [emb_u, emb_c, *extra.values()] if has_uncond else [emb_c, *extra.values()]
         for name, e in extra.items():
             if len(e) != b or e.signature().keys() != emb_c.signature().keys() or \
                     any(e.signature()[k][0] != s for k, (s, _) in emb_c.signature().items()):
@@ -145,7 +163,9 @@ def _sample_chunk(model: Denoiser, prompts: list[str], seeds: list[int], guidanc
                                  f"expected the rows of {emb_c}")
         with torch.no_grad():
             out = model.eps(torch.cat([x_t] * len(embs)), t, Cond.cat(embs))
-        parts = out.float().chunk(len(embs))
+        parts = list(out.float().chunk(len(embs)))
+        if not has_uncond:
+            parts.insert(0, parts[0])  # e_u = e_c: nothing to guide from
         state.e_u, state.e_c = parts[0], parts[1]
         state.extra = dict(zip(extra.keys(), parts[2:], strict=True))
         eps_hat, gtrace = guidance.guide(state)
@@ -184,21 +204,26 @@ def _merge_traces(parts: list[tuple[list[dict[str, Any]], int]]) -> list[dict[st
 
 def sample(model: Denoiser, prompts: list[str], seeds: list[int], guidance: Guidance, *,
            steps: int | None = None, guidance_scale: float | None = None,
-           scheduler: str = "ddim", criterion: Any = None,
+           scheduler: str | None = None, criterion: Any = None,
            callback: Callable[[int, StepState, torch.Tensor], Any] | None = None,
            batch_size: int | None = None) -> SampleOutput:
     """Generate one image per (prompt, seed) pair with `guidance` (contract: module docstring).
 
-    steps / guidance_scale default to model.default_steps / model.default_guidance_scale;
-    scheduler is "ddim" (eta 0) or "dpm" (DPM-Solver++ multistep).
+    steps / guidance_scale / scheduler default to the model's; scheduler is one of
+    `model.schedulers`: "ddim" (eta 0) or "dpm" (DPM-Solver++ multistep) for DDPM-style
+    families, "euler" (flow-matching Euler) for SD3 / FLUX.
     """
     prompts, seeds = list(prompts), [int(s) for s in seeds]
     if len(prompts) != len(seeds):
         raise UserError(f"{len(prompts)} prompts but {len(seeds)} seeds: give one seed per row")
     if not prompts:
         raise UserError("nothing to sample: no prompts")
-    if scheduler not in SCHEDULERS:
-        raise UserError(f"unknown scheduler {scheduler!r}; known: {', '.join(SCHEDULERS)}")
+    scheduler = scheduler or getattr(model, "default_scheduler", "ddim")
+    known = getattr(model, "schedulers", SCHEDULERS)
+    if scheduler not in known:
+        raise UserError(f"unknown scheduler {scheduler!r} for this model; known: "
+                        f"{', '.join(known)}")
+    check_supported(guidance, model)
     steps = int(model.default_steps if steps is None else steps)
     if steps < 1:
         raise UserError(f"steps must be at least 1, got {steps}")

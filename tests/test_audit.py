@@ -260,7 +260,7 @@ _OK_PROMPTS = '[[prompts]]\nfile = "trig.txt"\n[[prompts]]\nfile = "gen.txt"\nla
     ("steps = 0\n", "'steps' must be an integer >= 1"),
     ("steps = -3\n", "'steps' must be an integer >= 1"),
     ("steps = 2.5\n", "'steps' must be an integer >= 1"),
-    ('scheduler = "euler"\n', "unknown scheduler 'euler'; known: ddim, dpm"),
+    ('scheduler = "heun"\n', "unknown scheduler 'heun'; known: ddim, dpm, euler"),
     ('batch_size = "big"\n', "'batch_size' must be an integer >= 1"),
     ('seeds = "0,1"\n', "'seeds' must be a list of integers"),
     ("seeds = [-1]\n", "'seeds' must be a list of integers >= 0"),

@@ -219,7 +219,7 @@ CASES = [
     Case("audit-steps-0", lambda w, t: ["audit", _plan(w, t, f'index = "{w}/idx"\nsteps = 0')],
          "'steps' must be an integer >= 1"),
     Case("audit-unknown-scheduler", lambda w, t: ["audit", _plan(w, t, f'index = "{w}/idx"\n'
-         'scheduler = "euler"')], "unknown scheduler 'euler'"),
+         'scheduler = "heun"')], "unknown scheduler 'heun'"),
     Case("audit-bad-toml", lambda w, t: ["audit", _plan(w, t, "steps = [")], "invalid TOML"),
     Case("audit-index-table-bad-size", lambda w, t: ["audit", _plan(w, t, "[index]\n"
          f'source = "{w}/data"\nsize = "big"')], "bad pixel size"),

@@ -13,6 +13,7 @@ from memaudit.guidance import REGISTRY, StepState, make_guidance
 from memaudit.guidance.spec import build_guidance, parse_method_spec, parse_params
 from memaudit.models.base import Denoiser
 from memaudit.models.cond import Cond, as_cond
+from memaudit.models.prediction import EpsPrediction
 
 B, C, H, W, L, D = 3, 1, 4, 4, 3, 5
 
@@ -252,10 +253,11 @@ class PixelNL2:
 
 def test_amg_sim_lowers_similarity_and_nl2_schedule():
     model = FakeDenoiser()
+    abar = torch.tensor(0.6)
+    model.prediction = EpsPrediction(torch.full((1000,), float(abar)))  # AMG asks the model
     torch.manual_seed(0)
     target = torch.rand(1, 1, H, W).expand(1, 3, H, W)
     crit = PixelNL2(target)
-    abar = torch.tensor(0.6)
     x0 = (target[:, :1] * 2 - 1) + 0.01 * torch.randn(B, C, H, W)  # decodes near target
     e_c = torch.randn(B, C, H, W)
     e_u = e_c.clone()
@@ -275,6 +277,36 @@ def test_amg_sim_lowers_similarity_and_nl2_schedule():
     assert torch.allclose(before, tr["sigma"])
     assert (after < before).all()
     assert torch.allclose(tr["w"], before - (-lam_nl2))
+
+
+def test_amg_runs_the_backward_only_on_steps_where_a_row_fires():
+    """Gsim's gradient is needed only where a row fires, so a quiet step costs the decode and
+    descriptor forward only (docs/benchmarks.md, AMG's cost at real size)."""
+    model = FakeDenoiser()
+    abar = torch.tensor(0.6)
+    model.prediction = EpsPrediction(torch.full((1000,), float(abar)))
+    torch.manual_seed(0)
+    target = torch.rand(1, 1, H, W).expand(1, 3, H, W)
+    e_c = torch.randn(B, C, H, W)
+    backwards = []
+
+    class Counting(PixelNL2):
+        def similarity_tensor(self, images):
+            sim, ids = super().similarity_tensor(images)
+            if sim.requires_grad:
+                sim.register_hook(lambda g: backwards.append(1))
+            return sim, ids
+
+    for near, want_fired, want_backwards in ((True, 1.0, 1), (False, 0.0, 0)):
+        backwards.clear()
+        x0 = (target[:, :1] * 2 - 1) + (0.01 if near else 5.0) * torch.randn(B, C, H, W)
+        x = abar.sqrt() * x0 + (1 - abar).sqrt() * e_c
+        g = make_guidance("amg", parts="sim", c3=0.5)
+        eps, tr = g.guide(state(0, 10, 0.4, e_c.clone(), e_c, s0=2.0, model=model,
+                                criterion=Counting(target), x=x, abar=float(abar)))
+        assert tr["fired"].tolist() == [want_fired] * B
+        assert len(backwards) == want_backwards
+        assert torch.equal(eps, e_c) == (not near)  # quiet: plain cfg (e_u = e_c here)
 
 
 def test_amg_part_spec_and_errors():
@@ -402,6 +434,7 @@ def test_amg_c3_default_is_the_criterions():
     target = torch.rand(1, 1, H, W).expand(1, 3, H, W)
     crit = PixelNL2(target)
     abar = torch.tensor(0.6)
+    model.prediction = EpsPrediction(torch.full((1000,), float(abar)))  # AMG asks the model
     x0 = (target[:, :1] * 2 - 1) + 0.01 * torch.randn(B, C, H, W)
     e_c = torch.randn(B, C, H, W)
     x = abar.sqrt() * x0 + (1 - abar).sqrt() * e_c

@@ -14,7 +14,7 @@ from memaudit.common import UserError, read_toml
 
 _PLAN_KEYS = {"out", "model", "index", "criteria", "methods", "seeds", "steps",
               "guidance_scale", "scheduler", "batch_size", "alignment", "params", "prompts",
-              "screen", "device", "guidance_criterion", "weights", "quality"}
+              "screen", "device", "guidance_criterion", "weights", "lora", "dtype", "quality"}
 _SCREEN_KEYS = {"steps", "seeds", "threshold", "clean_label", "fpr", "score", "params"}
 #: what an audit writes under OUT (besides an index it builds): checked against the inputs
 OUT_WRITES = ("audit.duckdb", "audit.duckdb.wal", "images")
@@ -51,7 +51,7 @@ class Plan:
     seeds: list[int] = field(default_factory=lambda: [0])
     steps: int | None = None
     guidance_scale: float | None = None
-    scheduler: str = "ddim"
+    scheduler: str | None = None  # None: the model family's default (ddim; euler for SD3/FLUX)
     batch_size: int = 16
     alignment: str = "auto"
     guidance_criterion: str | None = None
@@ -60,6 +60,12 @@ class Plan:
     device: str | None = None
     weights: str | None = None  # the embedder weights file the user names (SSCD index)
     quality: QualitySpec | None = field(default_factory=QualitySpec)
+    lora: list[str] = field(default_factory=list)  # PATH[:SCALE] (memaudit.models.lora)
+    dtype: str | None = None  # fp32 / fp16 / bf16 (default: the family's on CUDA)
+
+    def model_options(self) -> dict[str, Any]:
+        """load_model keyword arguments beyond (spec, device), only those set."""
+        return {k: v for k, v in (("loras", self.lora), ("dtype", self.dtype)) if v}
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -116,6 +122,7 @@ def plan_from_dict(d: dict[str, Any], base: str | Path = ".") -> Plan:
     parameters, schedulers, [screen], the criteria an index to build supports, the output
     folder against the inputs. `UserError` names what is wrong."""
     from memaudit.index.recipe import index_options
+    from memaudit.models.base import DTYPES
     from memaudit.sampler import SCHEDULERS
 
     base = Path(base)
@@ -164,9 +171,13 @@ def plan_from_dict(d: dict[str, Any], base: str | Path = ".") -> Plan:
     scale = d.get("guidance_scale")
     _need(scale is None or (_num(scale) and scale >= 0),
           f"'guidance_scale' must be a number >= 0, got {scale!r}")
-    scheduler = d.get("scheduler", "ddim")
-    _need(scheduler in SCHEDULERS,
+    scheduler = d.get("scheduler")
+    _need(scheduler is None or scheduler in SCHEDULERS,
           f"unknown scheduler {scheduler!r}; known: {', '.join(SCHEDULERS)}")
+    dtype = d.get("dtype")
+    _need(dtype is None or (isinstance(dtype, str) and dtype.lower() in DTYPES),
+          f"unknown dtype {dtype!r}; known: fp32, fp16, bf16")
+    lora = _lora_list(d.get("lora", []), base)
     batch = d.get("batch_size", 16)
     _need(_int(batch) and batch >= 1, f"'batch_size' must be an integer >= 1, got {batch!r}")
     alignment = d.get("alignment", "auto")
@@ -184,10 +195,26 @@ def plan_from_dict(d: dict[str, Any], base: str | Path = ".") -> Plan:
         methods=methods, params=params, seeds=list(seeds), steps=steps,
         guidance_scale=None if scale is None else float(scale), scheduler=scheduler,
         batch_size=batch, alignment=alignment, guidance_criterion=guide, prompts=prompts,
-        screen=screen, device=d.get("device"), weights=weights,
+        screen=screen, device=d.get("device"), weights=weights, lora=lora, dtype=dtype,
         quality=quality_from_plan(d.get("quality"), base))
     check_plan_outputs(plan)
     return plan
+
+
+def _lora_list(value: Any, base: Path) -> list[str]:
+    """`lora = "x.safetensors:0.8"` or a list of them; paths made absolute and checked."""
+    from memaudit.models.lora import parse_lora_spec
+
+    items = [value] if isinstance(value, str) else value
+    _need(isinstance(items, list) and all(isinstance(x, str) and x for x in items),
+          "'lora' must be a PATH[:SCALE] string or a list of them")
+    out = []
+    for item in items:
+        path, scale = parse_lora_spec(item)
+        path = Path(_abs(base, str(path)))
+        _need(path.exists(), f"LoRA {path} not found")
+        out.append(f"{path}:{scale!r}")
+    return out
 
 
 def _prompt_lists(raw: Any, base: Path) -> tuple[list[PromptList], set[str | None]]:

@@ -19,6 +19,7 @@ from memaudit.audit.components import Components, default_components
 from memaudit.audit.plan import Plan, ScreenSpec, check_plan_outputs, plan_difference
 from memaudit.common import UserError, package_versions, progress_bar, resolve_device
 from memaudit.generate import save_png
+from memaudit.guidance.base import check_supported
 from memaudit.models.resolution import finer_than_model, output_size
 from memaudit.store import AuditStore
 
@@ -112,8 +113,13 @@ def run_audit(plan: Plan, *, new_run: bool = False, device: str | None = None,
     kill_mid = int(os.environ.get(KILL_BEFORE_COMMIT_ENV, "0") or 0)
 
     # 1. model and methods (the model's output size decides a built pixel index's size)
-    model = comp.load_model(plan.model, device)
+    model = comp.load_model(plan.model, device, **plan.model_options())
     methods = {spec: comp.make_method(spec, plan.params) for spec in plan.methods}
+    for spec, g in methods.items():
+        check_supported(g, model, spec)
+    scheduler = plan.scheduler or getattr(model, "default_scheduler", "ddim")
+    for note in getattr(model, "notes", []):
+        log(f"model: {note}")
     steps = plan.steps if plan.steps is not None else getattr(model, "default_steps", 50)
     scale = plan.guidance_scale
     if scale is None:
@@ -169,7 +175,8 @@ def run_audit(plan: Plan, *, new_run: bool = False, device: str | None = None,
     run_id: int | None = None
     try:
         run_id = _start_or_resume(store, plan, model, ihash, new_run, log)
-        settings = {"steps": steps, "guidance_scale": scale, "scheduler": plan.scheduler,
+        settings = {"steps": steps, "guidance_scale": scale, "scheduler": scheduler,
+                    "model": model.provenance() if hasattr(model, "provenance") else None,
                     "criteria": {n: {"threshold": getattr(c, "threshold", None),
                                      "calibrated_threshold":
                                          getattr(c, "calibrated_threshold", None)}
@@ -222,7 +229,7 @@ def run_audit(plan: Plan, *, new_run: bool = False, device: str | None = None,
                     _generation_unit(
                         store, comp, model, run_id, unit, method, methods[method],
                         batches[bi], prompt_ids, criteria, criteria[guide_crit_name], index,
-                        neighbour_cache, img_dir, out, steps, scale, plan.scheduler,
+                        neighbour_cache, img_dir, out, steps, scale, scheduler,
                         use_alignment, kill_mid and n_committed + 1 >= kill_mid, quality)
                 n_committed += 1
                 advance(1)

@@ -2,7 +2,8 @@
 Models", CVPR 2024; METHODS.md 3.2). Parts switchable: `amg:spe,dup,sim` (default all).
 
 Per step and per sample, from the CFG estimate eps = e_u + s0 (e_c - e_u):
-  x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t), decoded to [0, 1];
+  x0_hat = the model's x0 estimate (eps: (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t); flow
+  matching: x_t - sigma v; memaudit/models/prediction.py), decoded to [0, 1];
   sigma_t, n0 = criterion.similarity_tensor(x0_hat)  (SSCD cosine, or -nL2: higher = closer);
   fired = sigma_t > lambda(u).
 - Gspe: s1 = clip(c1 q, 0, s0 - 1), eps -= s1 (e_c - e_u); gated by `fired` (paper) unless
@@ -13,9 +14,11 @@ Per step and per sample, from the CFG estimate eps = e_u + s0 (e_c - e_u):
   r = sigma_t / lambda0 for cosine criteria and r = lambda0 / nL2 for nL2 (both > 1 past
   lambda0). eps(x_t, y_N) comes from `extra_conditions` (batched with e_u, e_c); on the step
   it first fires, the triggered rows are evaluated here (counted as UNet rows).
-- Gsim: eps += c3 w(t) sqrt(1 - abar_t) grad_{x_t} sigma_t when fired, gradient through the
-  decoder and descriptor only (eps detached). Cosine: w = (sigma - lambda0) exp((1 - u)/0.17)
-  (official code); nL2: w = sigma - lambda(u), the margin past the threshold (METHODS 3.2).
+- Gsim: eps += c3 w(t) gain(t) grad_{x_t} sigma_t when fired, gain = the model's
+  -d pred / d score (sqrt(1 - abar_t) for eps, sigma / (1 - sigma) for velocity), gradient
+  through the decoder and descriptor only (eps detached). Cosine:
+  w = (sigma - lambda0) exp((1 - u)/0.17) (official code); nL2: w = sigma - lambda(u), the
+  margin past the threshold (METHODS 3.2).
   c3 = None (default) means the criterion's own: 100 for cosine criteria (official SSCD
   value), 3000 for nL2, tuned on the canary (docs/mitigations.md "Tuning": the lowest
   64x+16x calibrated copy rate at >= 0.9x cfg's digit agreement on seeds disjoint from the
@@ -37,6 +40,7 @@ import torch
 
 from memaudit.common import UserError
 from memaudit.guidance.base import Guidance, StepState
+from memaudit.models.base import COND, TEXT, UNCOND
 from memaudit.models.cond import Cond
 
 PARTS = ("spe", "dup", "sim")
@@ -65,6 +69,17 @@ class AMG(Guidance):
         b: float = 0.1
         dup_steps: int = 10
         calibrated: bool = True  # nL2: scale lambda(u) to the index's calibrated threshold
+
+    def required(self) -> dict[str, str]:
+        """Gsim needs only a decodable x0 estimate (AMG's unconditional iDDPM case); Gspe
+        needs a condition and e_u, Gdup a text caption to condition on and e_u."""
+        need: dict[str, str] = {}
+        if "spe" in self.parts:
+            need.update({COND: "AMG part spe", UNCOND: "AMG part spe"})
+        if "dup" in self.parts:
+            need[TEXT] = "AMG part dup"
+            need.setdefault(UNCOND, "AMG part dup")
+        return need
 
     def __init__(self, **params: Any) -> None:
         super().__init__(**params)
@@ -118,21 +133,28 @@ class AMG(Guidance):
         return {"amg_dup": state.memory["dup_emb"].where(active, state.emb_u)}
 
     def similarity(self, state: StepState, eps: torch.Tensor, need_grad: bool
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """sigma_t [B] (detached), neighbour ids [B], grad_{x_t} sigma_t (eps held constant)."""
-        abar = state.alpha_bar.to(state.x_t.device, torch.float32)
+                   ) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """sigma_t [B] (detached), neighbour ids [B], and a function returning
+        grad_{x_t} sigma_t (eps held constant; None without need_grad). The backward runs
+        only when that function is called, i.e. on steps where some row fires: the decode and
+        descriptor forward keep their graph until then (docs/benchmarks.md, AMG's cost)."""
         t0 = time.perf_counter()
-        with torch.enable_grad():
+        with torch.enable_grad():  # float32 x_t; the model's x0 estimate, float32 VAE decode
             x = state.x_t.detach().clone().float().requires_grad_(need_grad)
-            x0 = (x - (1 - abar).sqrt() * eps.detach().float()) / abar.sqrt()
+            x0 = state.x0_hat(eps.detach().float(), x)
             img = state.model.decode(x0)
             sigma, ids = state.criterion.similarity_tensor(img)
-            grad = None
-            if need_grad:
-                (grad,) = torch.autograd.grad(sigma.sum(), x)
         self.cost["similarity_s"] += time.perf_counter() - t0
         self.cost["similarity_calls"] += 1
-        return sigma.detach().float().cpu(), torch.as_tensor(ids).long().cpu(), grad
+
+        def grad() -> torch.Tensor:
+            t1 = time.perf_counter()
+            (g,) = torch.autograd.grad(sigma.sum(), x)
+            self.cost["similarity_s"] += time.perf_counter() - t1
+            return g
+
+        return (sigma.detach().float().cpu(), torch.as_tensor(ids).long().cpu(),
+                grad if need_grad else None)
 
     def guide(self, state: StepState):
         p, crit, s0 = self.params, state.criterion, float(state.s0)
@@ -144,7 +166,7 @@ class AMG(Guidance):
         b = state.e_c.shape[0]
         diff = state.e_c - state.e_u
         eps = state.e_u + s0 * diff
-        sigma, ids, grad = self.similarity(state, eps, "sim" in self.parts)
+        sigma, ids, grad_fn = self.similarity(state, eps, "sim" in self.parts)
         lam, lam0 = self.threshold(state.u, crit)
         fired = sigma > lam
         cosine = self.is_cosine(crit)
@@ -195,15 +217,17 @@ class AMG(Guidance):
         # Gsim
         sim_on = torch.zeros(b, dtype=torch.bool)
         w = zeros.clone()
-        if "sim" in self.parts and grad is not None:
+        if "sim" in self.parts and grad_fn is not None and bool(fired.any()):
+            grad = grad_fn()  # the backward, only when some row fires
             sim_on = fired
             if cosine:
                 w = (sigma - lam0) * math.exp((1.0 - state.u) / 0.17)
             else:
                 w = sigma - lam
             w = torch.where(sim_on, w, zeros)
-            abar = state.alpha_bar.to(eps.device, torch.float32)
-            eps = eps + self.c3(crit) * _bcast(w, eps) * (1 - abar).sqrt() * grad.to(eps)
+            gain = state.gain().to(eps.device, torch.float32)
+            eps = eps + self.c3(crit) * _bcast(w, eps) * _bcast(gain.reshape(-1), eps) \
+                * grad.to(eps)
 
         trace = {"sigma": sigma, "lambda": float(lam), "fired": fired.float(),
                  "amg_spe": (s1 > 0).float(), "amg_dup": dup_on.float(),

@@ -25,11 +25,13 @@ import torch
 
 from memaudit.common import UserError
 from memaudit.guidance.base import Guidance, StepState, cfg_combine
+from memaudit.models.base import TEXT, UNCOND
 from memaudit.models.cond import Cond
 
 
 class Auto(Guidance):
     name = "auto"
+    requires = frozenset({TEXT, UNCOND})  # screening reads the prompt and e_u
     uses_criterion = True
 
     @dataclass
@@ -56,6 +58,14 @@ class Auto(Guidance):
         self.rows: list[str] = []
 
     # --- configuration -------------------------------------------------------------------
+    def required(self) -> dict[str, str]:
+        """Screening's needs, and those of the mitigation flagged rows get (once bound)."""
+        need = {c: "method 'auto' (screening)" for c in self.requires}
+        inner = getattr(self, "inner", None)
+        if inner is not None:
+            need.update(inner.required())
+        return need
+
     def bind_params(self, params: dict[str, dict[str, Any]]) -> None:
         """Build the inner mitigation and AMG with the run's parameters of those methods."""
         from memaudit.guidance.spec import build_guidance

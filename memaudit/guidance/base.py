@@ -12,6 +12,13 @@ sample x_T (init-noise), all per sample. Conditions are `Cond`s (memaudit/models
 guidance never learns the model family.
 
 Every rule is per sample: `state.memory` holds per-sample tensors across steps.
+
+Predictions are in the model's guidance space (eps, or velocity for flow matching; METHODS.md
+0): `e_u`, `e_c`, eps_hat are whatever `model.eps` returns, and a guidance that needs the x0
+estimate or turns a gradient into a prediction change uses `state.x0_hat(pred)` and
+`state.gain()`, never schedule formulas of its own. A guidance declares the model capabilities
+it needs in `requires` (memaudit.models.base.CAPABILITIES); `check_supported` refuses a
+method a model cannot run in one line, before any work.
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ class StepState:
     t: torch.Tensor  # scalar timestep
     u: float  # t / T in [0, 1], 1 = pure noise
     x_t: torch.Tensor  # [B, C, H, W]
-    alpha_bar: torch.Tensor  # scalar abar_t
+    alpha_bar: torch.Tensor | None  # scalar abar_t (eps families; None for flow matching)
     s0: float  # the user's CFG scale
     model: Any  # the Denoiser adapter
     criterion: Any = None  # a Criterion when the guidance needs one (AMG)
@@ -46,17 +53,29 @@ class StepState:
     prompts: list[str] = field(default_factory=list)
     seeds: list[int] = field(default_factory=list)
 
+    def x0_hat(self, pred: torch.Tensor, x_t: torch.Tensor | None = None) -> torch.Tensor:
+        """The model's x0 estimate from a prediction (default at this step's x_t; pass an x_t
+        that requires grad to differentiate through it)."""
+        return self.model.x0_estimate(self.x_t if x_t is None else x_t, pred, self.t)
+
+    def gain(self) -> torch.Tensor:
+        """-d prediction / d score at this step (sqrt(1 - abar_t) for eps, sigma / (1 - sigma)
+        for velocity): a gradient g of a log-likelihood moves the prediction by -gain g."""
+        return self.model.guidance_gain(self.t)
+
 
 class Guidance:
     """Base class: classifier-free guidance with a per-sample scale hook.
 
     Subclasses set `name`, a `Params` dataclass (defaults from METHODS.md) and override what
-    they change. `needs_criterion` tells the sampler to pass the index criterion.
+    they change. `needs_criterion` tells the sampler to pass the index criterion; `requires`
+    names the model capabilities the method needs (memaudit.models.base.CAPABILITIES).
     """
 
     name: ClassVar[str] = "base"
     needs_criterion: ClassVar[bool] = False
     uses_criterion: ClassVar[bool] = False  # takes the criterion when one is given (auto)
+    requires: ClassVar[frozenset[str]] = frozenset()
 
     @dataclass
     class Params:
@@ -66,6 +85,11 @@ class Guidance:
         from memaudit.common import make_params
 
         self.params = make_params(self.Params, params, f"method {self.name!r}")
+
+    def required(self) -> dict[str, str]:
+        """capability -> why this method needs it (a guidance whose needs depend on its
+        parameters, e.g. AMG's parts, overrides this)."""
+        return {c: f"method {self.name!r}" for c in self.requires}
 
     # --- before the loop -------------------------------------------------------------
     def prepare_prompts(self, prompts: list[str], seeds: list[int], model: Any) -> list[str]:
@@ -93,6 +117,21 @@ class Guidance:
         """eps_hat and a trace; the default is plain CFG, which mitigations that only change
         the prompt or the embeddings (rna, rta, cwr, gni) keep."""
         return cfg_combine(state.e_u, state.e_c, state.s0), {}
+
+
+def check_supported(guidance: Guidance, model: Any, label: str | None = None) -> None:
+    """A one-line `UserError` when `model` lacks a capability `guidance` requires."""
+    from memaudit.common import UserError
+    from memaudit.models.base import CAPABILITIES
+
+    have = set(getattr(model, "capabilities", CAPABILITIES))
+    required = guidance.required() if hasattr(guidance, "required") else {}
+    missing = {c: why for c, why in required.items() if c not in have}
+    if missing:
+        what = "; ".join(f"{why} needs {CAPABILITIES.get(c, c)}" for c, why in missing.items())
+        family = getattr(model, "family", type(model).__name__)
+        raise UserError(f"method {label or guidance.name!r} does not apply to {family} model "
+                        f"{getattr(model, 'name', '')}: {what}")
 
 
 def cfg_combine(e_u: torch.Tensor, e_c: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:

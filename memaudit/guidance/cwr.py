@@ -9,10 +9,12 @@ from typing import Any
 
 from memaudit.guidance.base import Guidance
 from memaudit.guidance.perturb import insert_items, row_rng
+from memaudit.models.base import TEXT
 
 
 class CWR(Guidance):
     name = "cwr"
+    requires = frozenset({TEXT})
 
     @dataclass
     class Params:

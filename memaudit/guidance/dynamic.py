@@ -12,10 +12,12 @@ from dataclasses import dataclass
 
 from memaudit.guidance.base import Guidance, StepState
 from memaudit.guidance.transition import apply_scale, dynamic_switch, scale_from_switch
+from memaudit.models.base import COND, UNCOND
 
 
 class Dynamic(Guidance):
     name = "dynamic"
+    requires = frozenset({COND, UNCOND})
 
     @dataclass
     class Params:

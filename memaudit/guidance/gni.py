@@ -13,11 +13,13 @@ import torch
 
 from memaudit.guidance.base import Guidance
 from memaudit.guidance.perturb import row_torch_generator
+from memaudit.models.base import TEXT
 from memaudit.models.cond import TEXT_KEYS, Cond
 
 
 class GNI(Guidance):
     name = "gni"
+    requires = frozenset({TEXT})
 
     @dataclass
     class Params:

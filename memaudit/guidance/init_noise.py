@@ -29,6 +29,7 @@ from memaudit.common import UserError
 from memaudit.guidance.base import Guidance, StepState, per_sample_norm
 from memaudit.guidance.optim import minimise_per_row
 from memaudit.guidance.transition import apply_scale, scale_from_switch
+from memaudit.models.base import COND, UNCOND
 from memaudit.models.cond import Cond
 
 MODES = ("per-sample", "batch-wise")
@@ -40,6 +41,7 @@ def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 class InitNoise(Guidance):
     name = "init-noise"
+    requires = frozenset({COND, UNCOND})
     spec_param = "mode"  # `init-noise:batch-wise`
 
     @dataclass

@@ -17,10 +17,12 @@ from memaudit.guidance.transition import (
     scale_from_switch,
     static_switch,
 )
+from memaudit.models.base import COND, UNCOND
 
 
 class Opposite(Guidance):
     name = "opposite"
+    requires = frozenset({COND, UNCOND})
 
     @dataclass
     class Params:
@@ -34,6 +36,7 @@ class Opposite(Guidance):
 
 class OppositeDynamic(Guidance):
     name = "opposite-dynamic"
+    requires = frozenset({COND, UNCOND})
 
     @dataclass
     class Params:

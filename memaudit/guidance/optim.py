@@ -34,7 +34,8 @@ def minimise_per_row(start: torch.Tensor, loss_fn: Callable[[torch.Tensor], torc
     `after_step(value)` may edit the value in place, under no_grad."""
     b = start.shape[0]
     with torch.enable_grad():
-        value = start.detach().clone().requires_grad_(True)
+        value = start.detach().float().clone().requires_grad_(True)  # float32 whatever the model's
+        # dtype: AdamW's eps = 1e-8 underflows in fp16 (NaN rows, issue 13)
         opt = torch.optim.AdamW([value], lr=lr)
         done = torch.zeros(b, dtype=torch.bool, device=value.device)
         kept = value.detach().clone()

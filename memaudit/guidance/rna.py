@@ -8,10 +8,12 @@ from typing import Any
 
 from memaudit.guidance.base import Guidance
 from memaudit.guidance.perturb import insert_items, row_rng
+from memaudit.models.base import TEXT
 
 
 class RNA(Guidance):
     name = "rna"
+    requires = frozenset({TEXT})
 
     @dataclass
     class Params:

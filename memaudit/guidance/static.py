@@ -10,10 +10,12 @@ from dataclasses import dataclass
 
 from memaudit.guidance.base import Guidance, StepState
 from memaudit.guidance.transition import apply_scale, scale_from_switch, static_switch
+from memaudit.models.base import COND, UNCOND
 
 
 class Static(Guidance):
     name = "static"
+    requires = frozenset({COND, UNCOND})
 
     @dataclass
     class Params:

@@ -6,6 +6,8 @@ sample, L(e) = || eps(x_T, e) - eps(x_T, null) ||_2 with AdamW (lr 0.05), at mos
 iterations; a sample stops once L <= target, where target is `target` when given (3.0 for
 SD v1 latents) else `fraction` (0.5) of its initial loss. Then sampling is plain CFG from the
 same x_T with the adjusted e. Deterministic given x_T (which comes from the generation seed).
+The embedding and AdamW's state are float32 whatever the model's dtype. For flow-matching
+models the loss is taken on the velocity the same way (METHODS.md 0).
 """
 
 from __future__ import annotations
@@ -17,11 +19,13 @@ import torch
 
 from memaudit.guidance.base import Guidance, StepState, cfg_combine, per_sample_norm
 from memaudit.guidance.optim import minimise_per_row
+from memaudit.models.base import TEXT, UNCOND
 from memaudit.models.cond import Cond
 
 
 class Wen(Guidance):
     name = "wen"
+    requires = frozenset({TEXT, UNCOND})
 
     @dataclass
     class Params:

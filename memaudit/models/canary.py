@@ -15,6 +15,7 @@ import torch
 from memaudit.common import UserError, sha256_file
 from memaudit.models.base import Denoiser
 from memaudit.models.cond import Cond
+from memaudit.models.prediction import EpsPrediction
 
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "canary" / "weights"
 
@@ -28,9 +29,10 @@ class CanaryDenoiser(Denoiser):
 
     is_latent = False
     default_steps = 50
+    family = "canary"
 
     def __init__(self, net, info: dict, name: str, model_hash: str,
-                 device: str | torch.device = "cpu") -> None:
+                 device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> None:
         super().__init__()
         from memaudit.canary.model import TextEncoder
 
@@ -40,18 +42,21 @@ class CanaryDenoiser(Denoiser):
         self.name = name
         self.model_hash = model_hash
         self.device = torch.device(device)
-        self.dtype = torch.float32
+        self.dtype = dtype or torch.float32
+        self.net.to(self.dtype)
         self.latent_shape = (self.cfg.channels, self.cfg.resolution, self.cfg.resolution)
         self.default_guidance_scale = float(info.get("default_guidance_scale", 2.0))
         self.default_steps = int(info.get("default_steps", 50))
         self.screen_params = dict(info.get("screen_params", CANARY_SCREEN_PARAMS))
         self.text = TextEncoder(self.cfg.text_len, device=self.device)
         self._states: dict[str, torch.Tensor] = {}
+        self.prediction = EpsPrediction(self.make_scheduler("ddim").alphas_cumprod)
 
     @classmethod
-    def load(cls, path: str | Path | None = None,
-             device: str | torch.device = "cpu") -> CanaryDenoiser:
-        """Load a canary folder (canary.json + canary.safetensors); None = the shipped model."""
+    def load(cls, path: str | Path | None = None, device: str | torch.device = "cpu",
+             dtype: torch.dtype | None = None) -> CanaryDenoiser:
+        """Load a canary folder (canary.json + canary.safetensors); None = the shipped model.
+        dtype: the network's (default float32; the text encoder stays float32)."""
         from memaudit.canary.model import WEIGHTS_FILE, load_canary
 
         folder = SHIPPED_DIR if path is None else Path(path)
@@ -60,7 +65,7 @@ class CanaryDenoiser(Denoiser):
         net, info = load_canary(folder, device=device)
         name = "canary" if path is None else str(folder)
         return cls(net, info, name=name, model_hash=sha256_file(folder / WEIGHTS_FILE),
-                   device=device)
+                   device=device, dtype=dtype)
 
     @torch.no_grad()
     def _text_states(self, prompts: list[str]) -> torch.Tensor:
@@ -73,10 +78,11 @@ class CanaryDenoiser(Denoiser):
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Cond:
         """MiniLM token states (pads zeroed) -> trained projection: emb [B, text_len, 64]."""
-        return Cond(emb=self.net.embed(self._text_states(list(prompts))))
+        states = self._text_states(list(prompts)).to(self.dtype)
+        return Cond(emb=self.net.embed(states))
 
     def _eps(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
-        return self.net.eps(x_t.float(), t, cond.emb.float()).float()
+        return self.net.eps(x_t.to(self.dtype), t, cond.emb.to(self.dtype)).float()
 
     def attention_model(self) -> torch.nn.Module:
         return self.net.unet

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from memaudit.common import UserError, progress_bar
+from memaudit.models.base import CAPABILITIES, TEXT, UNCOND
 from memaudit.models.cond import as_cond
 from memaudit.sampler import initial_noise
 from memaudit.screen.anisotropy import Anisotropy
@@ -56,7 +57,7 @@ def _seed_list(seeds: int | list[int]) -> list[int]:
 @torch.no_grad()
 def screen_prompts(model: Any, prompts: list[str], steps: int = 1, seeds: int | list[int] = 4,
                    guidance_scale: float | None = None, batch_size: int = 32,
-                   num_inference_steps: int | None = None, scheduler: str = "ddim",
+                   num_inference_steps: int | None = None, scheduler: str | None = None,
                    score: str | ScreenScore | None = None, params: dict[str, Any] | None = None,
                    progress: bool = True) -> np.ndarray:
     """The screening score of each prompt (METHODS 2): float64 [len(prompts)].
@@ -70,6 +71,11 @@ def screen_prompts(model: Any, prompts: list[str], steps: int = 1, seeds: int | 
     sc = score if isinstance(score, ScreenScore) else score_for(model, score, params)
     if steps < 1:
         raise UserError("--steps must be >= 1")
+    missing = [c for c in (TEXT, UNCOND) if c not in getattr(model, "capabilities", (TEXT, UNCOND))]
+    if missing:
+        raise UserError(f"screening does not apply to {getattr(model, 'family', '')} model "
+                        f"{getattr(model, 'name', '')}: it needs "
+                        f"{' and '.join(CAPABILITIES[c] for c in missing)}")
     sc.check(model, steps)
     seed_list = _seed_list(seeds)
     n_inf = int(num_inference_steps or getattr(model, "default_steps", 50))
@@ -86,9 +92,9 @@ def screen_prompts(model: Any, prompts: list[str], steps: int = 1, seeds: int | 
             pidx = [i for i, _ in chunk]
             emb_c = as_cond(model.encode_prompts([prompts[i] for i in pidx]))
             emb_u = as_cond(model.null_embedding(len(chunk)))
-            sched = model.make_scheduler(scheduler)
-            sched.set_timesteps(n_inf, device=model.device)
-            x = initial_noise(model, [s for _, s in chunk], float(sched.init_noise_sigma))
+            sched = model.scheduler(scheduler, n_inf)
+            x = initial_noise(model, [s for _, s in chunk],
+                              float(getattr(sched, "init_noise_sigma", 1.0)))
             vals = sc.score_rows(ScoreInput(model=model, x=x, emb_c=emb_c, emb_u=emb_u,
                                             scheduler=sched, steps=steps, s0=s0))
             np.add.at(total, np.array(pidx), vals.double().cpu().numpy())

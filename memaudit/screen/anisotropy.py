@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from memaudit.models.cond import Cond
+from memaudit.sampler import scale_input
 from memaudit.screen.base import ScoreInput, ScreenScore, row_norm
 
 
@@ -44,7 +45,7 @@ class Anisotropy(ScreenScore):
         """(N, A) per row, float64 on the CPU."""
         sched, x, b = inp.scheduler, inp.x, inp.x.shape[0]
         t_hi, t_lo = sched.timesteps[0], sched.timesteps[self.params.low_index]
-        x_hi, x_lo = sched.scale_model_input(x, t_hi), sched.scale_model_input(x, t_lo)
+        x_hi, x_lo = scale_input(sched, x, t_hi), scale_input(sched, x, t_lo)
         t = torch.cat([t_hi.reshape(1).expand(2 * b), t_lo.reshape(1).expand(2 * b)])
         e = inp.model.eps(torch.cat([x_hi, x_hi, x_lo, x_lo]), t,
                           Cond.cat([inp.emb_u, inp.emb_c, inp.emb_u, inp.emb_c])).float()

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from memaudit.common import UserError
+from memaudit.sampler import scale_input
 from memaudit.screen.attention import capture_cross_attention, cross_attention_layers
 from memaudit.screen.base import ScoreInput, ScreenScore
 
@@ -64,7 +65,7 @@ class AttentionEntropy(ScreenScore):
         sched = inp.scheduler
         t = sched.timesteps[0]
         with capture_cross_attention(self._module(inp.model)) as seen:
-            inp.model.eps(sched.scale_model_input(inp.x, t), t, inp.emb_c)
+            inp.model.eps(scale_input(sched, inp.x, t), t, inp.emb_c)
         return torch.stack([token_entropy(p) for _, p in seen], dim=1)
 
     def score_rows(self, inp: ScoreInput) -> torch.Tensor:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from memaudit.sampler import scale_input
 from memaudit.screen.base import ScoreInput, ScreenScore, cond_uncond, row_norm
 
 
@@ -33,7 +34,7 @@ class Wen(ScreenScore):
         sched, x = inp.scheduler, inp.x
         acc = torch.zeros(x.shape[0], dtype=torch.float64)
         for j, t in enumerate(sched.timesteps[:inp.steps]):
-            e_u, e_c = cond_uncond(inp.model, sched.scale_model_input(x, t), t, inp.emb_u,
+            e_u, e_c = cond_uncond(inp.model, scale_input(sched, x, t), t, inp.emb_u,
                                    inp.emb_c)
             acc += row_norm(e_c - e_u)
             if j + 1 < inp.steps:
