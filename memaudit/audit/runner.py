@@ -17,7 +17,7 @@ import numpy as np
 
 from memaudit.audit.components import Components, default_components
 from memaudit.audit.plan import Plan, ScreenSpec, plan_difference
-from memaudit.common import UserError, package_versions, progress_bar, resolve_device
+from memaudit.common import UserError, package_versions, progress_bar
 from memaudit.generate import save_png
 from memaudit.store import AuditStore
 
@@ -89,33 +89,28 @@ def set_threads(threads: int) -> int:
     return torch.get_num_threads()
 
 
-# --- the runner ---------------------------------------------------------------------------
-def run_audit(plan: Plan, *, new_run: bool = False, device: str | None = None,
-              components: Components | None = None,
-              log: Callable[[str], None] | None = None) -> AuditResult:
-    """Run (or resume) the audit a plan describes; returns the run id and the DB path."""
-    t_start = time.perf_counter()
-    comp = components or default_components()
-    log = log or (lambda s: None)
-    device = resolve_device(device or plan.device)
-    out = plan.out_dir
-    out.mkdir(parents=True, exist_ok=True)
-    kill_after = int(os.environ.get(KILL_ENV, "0") or 0)
-    kill_mid = int(os.environ.get(KILL_BEFORE_COMMIT_ENV, "0") or 0)
+# --- what computing a unit needs ------------------------------------------------------------
+@dataclass
+class UnitContext:
+    """The model, criteria and methods of a plan, built once per worker (and on the driver)."""
 
-    # 1. index (built once; the builder writes its manifest last)
-    assert plan.index is not None
-    if plan.index_build is not None and not (Path(plan.index) / "manifest.json").exists():
-        b = dict(plan.index_build)
-        log(f"building index {plan.index} from {b['source']} ({b['embedder']})")
-        source, embedder, factory = b.pop("source"), b.pop("embedder"), b.pop("factory")
-        comp.build_index(source, embedder, plan.index, factory=factory, device=device, **b)
-    if not Path(plan.index).exists():
-        raise UserError(f"index {plan.index} not found")
-    index = comp.open_index(plan.index)
-    ihash = index_hash(index, plan.index)
+    comp: Components
+    model: Any
+    index: Any
+    criteria: dict[str, Any]
+    methods: dict[str, Any]
+    guide_crit_name: str
+    steps: int
+    scale: float
+    scheduler: str
+    use_alignment: bool
+    out: Path
+    neighbour_cache: dict[int, dict[str, Any]]
 
-    # 2. model, criteria, methods (fail early on a bad name, before any run row)
+
+def build_context(plan: Plan, comp: Components, device: str, index: Any = None) -> UnitContext:
+    """Load the model, criteria and methods of a plan (fails early on a bad name)."""
+    index = comp.open_index(plan.index) if index is None else index
     model = comp.load_model(plan.model, device)
     criteria = {name: comp.make_criterion(name, index) for name in plan.criteria}
     methods = {spec: comp.make_method(spec, plan.params) for spec in plan.methods}
@@ -129,6 +124,96 @@ def run_audit(plan: Plan, *, new_run: bool = False, device: str | None = None,
     use_alignment = comp.alignment is not None and (
         plan.alignment == "digits"
         or (plan.alignment == "auto" and "canary" in type(model).__name__.lower()))
+    return UnitContext(comp, model, index, criteria, methods, guide_crit_name, steps, scale,
+                       plan.scheduler, use_alignment, plan.out_dir, {})
+
+
+@dataclass
+class GenerationItem:
+    """One unit of work: one method over one batch of (prompt, seed) pairs."""
+
+    unit: str
+    method: str
+    batch: list[tuple[str, int]]
+    prompt_ids: dict[str, int]
+    img_dir: str
+
+
+@dataclass
+class ScreenItem:
+    unit: str
+    spec: ScreenSpec
+    texts: list[str]
+    labels: dict[str, str | None]
+
+
+class UnitFactory:
+    """The engines' worker factory for audits: `factory(device)` builds a `UnitContext` (one
+    model replica) and returns `worker(item) -> result`; the driver commits the results. In
+    this process it reuses the driver's context, which is not pickled."""
+
+    def __init__(self, plan: Plan, comp: Components, ctx: UnitContext | None = None):
+        self.plan, self.comp, self.ctx = plan, comp, ctx
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "ctx": None}
+
+    def __call__(self, device: str) -> Callable[[Any], dict[str, Any]]:
+        ctx = self.ctx or build_context(self.plan, self.comp, device)
+        return lambda item: (_compute_screen(ctx, item) if isinstance(item, ScreenItem)
+                             else _compute_generation(ctx, item))
+
+
+# --- the runner ---------------------------------------------------------------------------
+def run_audit(plan: Plan, *, new_run: bool = False, device: str | None = None,
+              components: Components | None = None,
+              log: Callable[[str], None] | None = None, engine: Any = "local",
+              address: str | None = None, actors: int | None = None) -> AuditResult:
+    """Run (or resume) the audit a plan describes; returns the run id and the DB path.
+
+    `engine` ("local", "ray" or an engine object, see memaudit.engine) decides where the
+    units are computed; this process commits each finished unit, in unit order."""
+    from memaudit.engine import make_engine
+
+    eng = (make_engine(engine, address, actors, device or plan.device)
+           if isinstance(engine, str) else engine)
+    try:
+        return _run_audit(plan, eng, new_run, components, log)
+    finally:
+        if isinstance(engine, str):
+            eng.close()
+
+
+def _run_audit(plan: Plan, eng: Any, new_run: bool, components: Components | None,
+               log: Callable[[str], None] | None) -> AuditResult:
+    t_start = time.perf_counter()
+    comp = components or default_components()
+    log = log or (lambda s: None)
+    local = eng.name == "local"
+    device = eng.worker_device()
+    out = plan.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    kill_after = int(os.environ.get(KILL_ENV, "0") or 0)
+    kill_mid = int(os.environ.get(KILL_BEFORE_COMMIT_ENV, "0") or 0)
+
+    # 1. index (built once; the builder writes its manifest last)
+    assert plan.index is not None
+    if plan.index_build is not None and not (Path(plan.index) / "manifest.json").exists():
+        b = dict(plan.index_build)
+        log(f"building index {plan.index} from {b['source']} ({b['embedder']})")
+        source, embedder, factory = b.pop("source"), b.pop("embedder"), b.pop("factory")
+        comp.build_index(source, embedder, plan.index, factory=factory, device=device, **b,
+                         **({} if local else {"engine": eng}))
+    if not Path(plan.index).exists():
+        raise UserError(f"index {plan.index} not found")
+    index = comp.open_index(plan.index)
+    ihash = index_hash(index, plan.index)
+
+    # 2. model, criteria, methods (fail early on a bad name, before any run row); with Ray
+    # the driver's copy (names, hashes, thresholds) stays on CPU, the actors load their own
+    ctx = build_context(plan, comp, device if local else "cpu", index)
+    model, criteria, steps, scale = ctx.model, ctx.criteria, ctx.steps, ctx.scale
+    guide_crit_name = ctx.guide_crit_name
 
     # 3. prompts
     records: list[tuple[str, str, str | None]] = []  # (text, source, label)
@@ -163,7 +248,8 @@ def run_audit(plan: Plan, *, new_run: bool = False, device: str | None = None,
                                          getattr(c, "calibrated_threshold", None)}
                                  for n, c in criteria.items()},
                     "guidance_criterion": guide_crit_name,
-                    "index_manifest": getattr(index, "manifest", None)}
+                    "index_manifest": getattr(index, "manifest", None),
+                    "engine": eng.describe()}
         with store.transaction():
             if latest is None or new_run:
                 run_id = store.add_run(
@@ -187,20 +273,24 @@ def run_audit(plan: Plan, *, new_run: bool = False, device: str | None = None,
         if plan.screen is not None:
             units.append(("screen|0", "", -1))
         todo = [u for u in units if u[0] not in done]
+        labels = {t: lab for t, _, lab in records}
+        items = [ScreenItem(unit, plan.screen, texts, labels) if unit.startswith("screen")
+                 else GenerationItem(unit, method, batches[bi],
+                                     {t: prompt_ids[t] for t, _ in batches[bi]},
+                                     f"images/run{run_id}")
+                 for unit, method, bi in todo]
         n_committed = 0
-        neighbour_cache: dict[int, dict[str, Any]] = {}
-        img_dir = out / "images" / f"run{run_id}"
+        work = UnitFactory(plan, comp, ctx if local else None)
         with progress_bar("audit", total=len(todo), unit="units") as advance:
-            for unit, method, bi in todo:
-                if unit.startswith("screen"):
-                    _screen_unit(store, comp, model, plan.screen, run_id, texts, records,
-                                 prompt_ids, unit, kill_mid and n_committed + 1 >= kill_mid)
-                else:
-                    _generation_unit(
-                        store, comp, model, run_id, unit, method, methods[method],
-                        batches[bi], prompt_ids, criteria, criteria[guide_crit_name], index,
-                        neighbour_cache, img_dir, out, steps, scale, plan.scheduler,
-                        use_alignment, kill_mid and n_committed + 1 >= kill_mid)
+            for item, result in zip(items, eng.map(work, items), strict=True):
+                if kill_mid and n_committed + 1 >= kill_mid:
+                    os._exit(4)  # test hook: the unit's images are written, its rows not
+                with store.transaction():
+                    if isinstance(item, ScreenItem):
+                        _commit_screen(store, run_id, item, result, prompt_ids)
+                    else:
+                        _commit_generation(store, run_id, item, result)
+                    store.mark_unit(run_id, item.unit)
                 n_committed += 1
                 advance(1)
                 if kill_after and n_committed >= kill_after:
@@ -214,85 +304,94 @@ def run_audit(plan: Plan, *, new_run: bool = False, device: str | None = None,
                        seconds=time.perf_counter() - t_start)
 
 
-def _generation_unit(store: AuditStore, comp: Components, model: Any, run_id: int, unit: str,
-                     method: str, guidance: Any, batch: list[tuple[str, int]],
-                     prompt_ids: dict[str, int], criteria: dict[str, Any], guide_crit: Any,
-                     index: Any, neighbour_cache: dict[int, dict[str, Any]], img_dir: Path,
-                     out: Path, steps: int, scale: float, scheduler: str, use_alignment: bool,
-                     kill_mid: bool) -> None:
-    """Generate one batch with one method, score it, commit it (METHODS 1, 3)."""
+def _compute_generation(ctx: UnitContext, item: GenerationItem) -> dict[str, Any]:
+    """Generate one batch with one method, write its images, score them (METHODS 1, 3)."""
+    comp, batch = ctx.comp, item.batch
+    guidance = ctx.methods[item.method]
+    guide_crit = ctx.criteria[ctx.guide_crit_name]
     prompts = [t for t, _ in batch]
     seeds = [s for _, s in batch]
-    res = comp.sample(model, prompts, seeds, guidance, steps=steps, guidance_scale=scale,
-                      scheduler=scheduler,
+    res = comp.sample(ctx.model, prompts, seeds, guidance, steps=ctx.steps,
+                      guidance_scale=ctx.scale, scheduler=ctx.scheduler,
                       criterion=guide_crit if getattr(guidance, "needs_criterion", False)
                       else None)
     images = res.images
     b = len(prompts)
     paths = []
     for i, (t, s) in enumerate(batch):
-        rel = Path("images") / img_dir.name / _slug(method) / f"p{prompt_ids[t]}_s{s}.png"
-        save_png(images[i], out / rel)
+        rel = Path(item.img_dir) / _slug(item.method) / f"p{item.prompt_ids[t]}_s{s}.png"
+        save_png(images[i], ctx.out / rel)
         paths.append(rel.as_posix())
-    scores = {name: c.score(images) for name, c in criteria.items()}
-    finals = list(getattr(res, "prompts", None) or prompts)
-    align = comp.alignment(model, prompts, images) if use_alignment and comp.alignment \
-        else [None] * b
-    unet = _per_image(getattr(res, "unet_rows", None), b)
-    wall = float(getattr(res, "wall_seconds", 0.0) or 0.0)  # per image (SampleOutput)
-    trace = list(getattr(res, "trace", None) or [])
-    if kill_mid:
-        os._exit(4)
-    with store.transaction():
-        gids = []
-        for i, (t, s) in enumerate(batch):
-            gid = store.add_generation(
-                run_id=run_id, prompt_id=prompt_ids[t], method=method, seed=s,
-                image_path=paths[i], guidance_scale=scale, steps=steps, wall_seconds=wall,
-                unet_calls=unet[i], final_prompt=finals[i], alignment=align[i])
-            gids.append(gid)
-            for name, sc in scores.items():
-                crit = criteria[name]
-                row = int(sc.neighbour[i]) if sc.neighbour is not None else None
-                info = _neighbour_info(index, row, neighbour_cache) if row is not None else {}
-                cal = None if sc.is_copy_calibrated is None else bool(sc.is_copy_calibrated[i])
-                store.add_match(
-                    generation_id=gid, criterion=name, score=float(sc.score[i]),
-                    higher_is_more_similar=bool(crit.higher_is_more_similar),
-                    is_copy=bool(sc.is_copy[i]), is_copy_calibrated=cal,
-                    threshold=getattr(crit, "threshold", None),
-                    calibrated_threshold=getattr(crit, "calibrated_threshold", None),
-                    neighbour_row=row, neighbour_key=_opt_str(info.get("key")),
-                    neighbour_caption=_opt_str(info.get("caption")),
-                    dup_count=_opt_int(info.get("group_count", info.get("dup_count"))),
-                    extra={k: np.asarray(v)[i] for k, v in (sc.extra or {}).items()})
-        store.add_steps(gids, trace)
-        store.mark_unit(run_id, unit)
+    scores = {name: c.score(images) for name, c in ctx.criteria.items()}
+    crit_info = {name: {"higher": bool(c.higher_is_more_similar),
+                        "threshold": getattr(c, "threshold", None),
+                        "calibrated_threshold": getattr(c, "calibrated_threshold", None)}
+                 for name, c in ctx.criteria.items()}
+    neighbours = {name: [_neighbour_info(ctx.index, int(r), ctx.neighbour_cache)
+                         for r in sc.neighbour] if sc.neighbour is not None else None
+                  for name, sc in scores.items()}
+    return {
+        "paths": paths, "scores": scores, "criteria": crit_info, "neighbours": neighbours,
+        "finals": list(getattr(res, "prompts", None) or prompts),
+        "align": (comp.alignment(ctx.model, prompts, images)
+                  if ctx.use_alignment and comp.alignment else [None] * b),
+        "unet": _per_image(getattr(res, "unet_rows", None), b),
+        "wall": float(getattr(res, "wall_seconds", 0.0) or 0.0),  # per image (SampleOutput)
+        "trace": list(getattr(res, "trace", None) or []),
+        "steps": ctx.steps, "scale": ctx.scale,
+    }
 
 
-def _screen_unit(store: AuditStore, comp: Components, model: Any, spec: ScreenSpec | None,
-                 run_id: int, texts: list[str], records: list[tuple[str, str, str | None]],
-                 prompt_ids: dict[str, int], unit: str, kill_mid: bool) -> None:
+def _commit_generation(store: AuditStore, run_id: int, item: GenerationItem,
+                       r: dict[str, Any]) -> None:
+    """The rows of one computed generation unit (inside the caller's transaction)."""
+    gids = []
+    for i, (t, s) in enumerate(item.batch):
+        gid = store.add_generation(
+            run_id=run_id, prompt_id=item.prompt_ids[t], method=item.method, seed=s,
+            image_path=r["paths"][i], guidance_scale=r["scale"], steps=r["steps"],
+            wall_seconds=r["wall"], unet_calls=r["unet"][i], final_prompt=r["finals"][i],
+            alignment=r["align"][i])
+        gids.append(gid)
+        for name, sc in r["scores"].items():
+            crit = r["criteria"][name]
+            row = int(sc.neighbour[i]) if sc.neighbour is not None else None
+            info = r["neighbours"][name][i] if row is not None else {}
+            cal = None if sc.is_copy_calibrated is None else bool(sc.is_copy_calibrated[i])
+            store.add_match(
+                generation_id=gid, criterion=name, score=float(sc.score[i]),
+                higher_is_more_similar=crit["higher"], is_copy=bool(sc.is_copy[i]),
+                is_copy_calibrated=cal, threshold=crit["threshold"],
+                calibrated_threshold=crit["calibrated_threshold"],
+                neighbour_row=row, neighbour_key=_opt_str(info.get("key")),
+                neighbour_caption=_opt_str(info.get("caption")),
+                dup_count=_opt_int(info.get("group_count", info.get("dup_count"))),
+                extra={k: np.asarray(v)[i] for k, v in (sc.extra or {}).items()})
+    store.add_steps(gids, r["trace"])
+
+
+def _compute_screen(ctx: UnitContext, item: ScreenItem) -> dict[str, Any]:
     """Wen et al. screening of every prompt (METHODS 2); threshold fixed or calibrated."""
-    assert spec is not None
-    scores = np.asarray(comp.screen_prompts(model, texts, steps=spec.steps, seeds=spec.seeds),
-                        dtype=float).reshape(-1)
+    spec, comp = item.spec, ctx.comp
+    scores = np.asarray(comp.screen_prompts(ctx.model, item.texts, steps=spec.steps,
+                                            seeds=spec.seeds), dtype=float).reshape(-1)
     threshold = spec.threshold
     if threshold is None and spec.clean_label:
-        labels = {t: lab for t, _, lab in records}
-        clean = np.array([s for t, s in zip(texts, scores, strict=True)
-                          if labels.get(t) == spec.clean_label])
+        clean = np.array([s for t, s in zip(item.texts, scores, strict=True)
+                          if item.labels.get(t) == spec.clean_label])
         if clean.size == 0:
             raise UserError(f"plan: [screen] clean_label {spec.clean_label!r} matches no prompt")
         threshold = float(comp.calibrate_threshold(clean, spec.fpr))
-    if kill_mid:
-        os._exit(4)
-    with store.transaction():
-        for t, s in zip(texts, scores, strict=True):
-            store.add_screen(run_id=run_id, prompt_id=prompt_ids[t], score=float(s),
-                             steps=spec.steps, seeds=spec.seeds, threshold=threshold,
-                             flagged=None if threshold is None else bool(s > threshold))
-        store.mark_unit(run_id, unit)
+    return {"scores": scores, "threshold": threshold}
+
+
+def _commit_screen(store: AuditStore, run_id: int, item: ScreenItem, r: dict[str, Any],
+                   prompt_ids: dict[str, int]) -> None:
+    spec, threshold = item.spec, r["threshold"]
+    for t, s in zip(item.texts, r["scores"], strict=True):
+        store.add_screen(run_id=run_id, prompt_id=prompt_ids[t], score=float(s),
+                         steps=spec.steps, seeds=spec.seeds, threshold=threshold,
+                         flagged=None if threshold is None else bool(s > threshold))
 
 
 def _opt_str(v: Any) -> str | None:
