@@ -23,6 +23,12 @@ def audit_cmd(
                                  help="Start a new run even though the plan changed."),
     device: str = typer.Option(None, help="cpu, cuda, ... (default: cuda when available)."),
     threads: int = typer.Option(None, help="Torch CPU threads (default: torch's)."),
+    engine: str = typer.Option("local", "--engine",
+                               help="Where units run: local, or ray (memaudit[ray])."),
+    address: str = typer.Option(None, "--address", help="ray: auto or HOST:PORT of a running "
+                                "cluster (default: a local instance)."),
+    actors: int = typer.Option(None, "--actors", help="ray: model replicas (default: one "
+                               "per GPU, else one per CPU)."),
 ) -> None:
     """Run (or resume) a whole audit: generate, detect, screen -> OUT/audit.duckdb."""
     from memaudit.audit import load_plan, run_audit, set_threads
@@ -30,7 +36,8 @@ def audit_cmd(
     if threads is not None:
         set_threads(threads)
     p = load_plan(plan)
-    res = run_audit(p, new_run=new_run, device=device, log=_log)
+    res = run_audit(p, new_run=new_run, device=device, log=_log, engine=engine,
+                    address=address, actors=actors)
     print(f"run {res.run_id}: {res.units_done} units done, {res.units_skipped} already done, "
           f"{res.seconds:.1f} s")
     print(f"database: {res.db_path}")

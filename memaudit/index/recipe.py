@@ -23,7 +23,8 @@ from memaudit.common import UserError, read_toml
 
 BUILD_KEYS = {"data", "source", "embedder", "out", "factory", "device", "batch_size",
               "image_col", "caption_col", "key_col", "shard_rows", "calibrate", "workers",
-              "overwrite", "train_sample", "embedder_opts", "calibration"}
+              "overwrite", "train_sample", "embedder_opts", "calibration", "faiss_params",
+              "rerank"}
 EMBEDDER_KEYS = {"weights", "weights_sha256", "preprocessing", "short_edge", "crop", "size",
                  "model", "pretrained", "model_config"}
 
