@@ -197,5 +197,18 @@ def bench(
               memory=not skip_memory, throughput=not skip_throughput, repeat=repeat)
 
 
+@index_app.command("bench-rerank")
+def bench_rerank(
+    n: int = typer.Option(100_000, "--n", help="synthetic training vectors"),
+    queries: int = typer.Option(2000, "--queries", help="half near-copies, half fresh"),
+    train_sample: int = typer.Option(25_000, "--train-sample",
+                                     help="vectors the IVF-PQ is trained on"),
+) -> None:
+    """Compressed index + exact re-ranking vs Flat: recall@1 and copy verdicts (sscd, nl2)."""
+    from memaudit.index.bench_rerank import run_bench_rerank
+
+    run_bench_rerank(n=n, queries=queries, train_sample=train_sample)
+
+
 def register(app: typer.Typer) -> None:
     app.add_typer(index_app, name="index")
