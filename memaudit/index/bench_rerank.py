@@ -62,8 +62,8 @@ def near_copies(train: np.ndarray, n: int, rng: np.random.Generator, unit: bool
 
 
 def index_from_vectors(vectors: np.ndarray, out: Path, factory: str, metric: str,
-                       embedder: str, rerank: int = 100, faiss_params: str | None = None,
-                       train_sample: int = 100_000, shard_rows: int = 16_384) -> Path:
+                       embedder: str, rerank: int = 100, train_sample: int = 100_000,
+                       shard_rows: int = 16_384) -> Path:
     """An index directory from raw vectors, through the build's shard files and finalisation
     (every vector its own group)."""
     import pyarrow as pa
@@ -107,8 +107,6 @@ def index_from_vectors(vectors: np.ndarray, out: Path, factory: str, metric: str
                                    "rerank_candidates": rerank}
                                   if stats["exact_vectors"] else None),
                 "calibration": None}
-    if faiss_params:
-        manifest["faiss_params"] = faiss_params
     write_json_atomic(staging / MANIFEST_FILE, manifest)
     publish_dir(staging, out)
     shutil.rmtree(partial)
@@ -122,16 +120,21 @@ def _compare(crit, truth, vectors: np.ndarray, truth_scores) -> dict[str, Any]:
     secs = time.perf_counter() - t0
     g_truth = truth.group_of_rows(truth_scores.neighbour)
     g = crit.index.group_of_rows(s.neighbour)
+    copies = truth_scores.is_copy
     return {"recall_at_1": round(float(np.mean(g == g_truth)), 4),
-            "verdict_agreement": round(float(np.mean(s.is_copy == truth_scores.is_copy)), 4),
-            "max_abs_score_error": float(np.abs(s.score - truth_scores.score).max()),
+            "recall_at_1_of_flat_copies": round(float(np.mean((g == g_truth)[copies])), 4),
+            "verdict_agreement": round(float(np.mean(s.is_copy == copies)), 4),
+            "missed_copies": int(np.sum(copies & ~s.is_copy)),
+            "extra_copies": int(np.sum(s.is_copy & ~copies)),
+            "max_abs_score_error": round(float(np.abs(s.score - truth_scores.score).max()), 4),
             "seconds": round(secs, 2)}
 
 
-def bench_case(name: str, criterion: str, factory: str, faiss_params: str, n: int, dim: int,
-               queries: int, reranks: tuple[int, ...], train_sample: int, work: Path,
-               seed: int = 0) -> dict[str, Any]:
-    """One criterion: Flat vs `factory` alone vs `factory` + re-ranking R candidates."""
+def bench_case(name: str, criterion: str, factory: str, nprobes: tuple[int, ...], n: int,
+               dim: int, queries: int, reranks: tuple[int, ...], train_sample: int,
+               work: Path, seed: int = 0) -> dict[str, Any]:
+    """One criterion: Flat vs `factory` alone vs `factory` + re-ranking R candidates, at
+    each IVF nprobe."""
     import faiss
 
     from memaudit.criteria import make_criterion
@@ -150,7 +153,7 @@ def bench_case(name: str, criterion: str, factory: str, faiss_params: str, n: in
     t_flat = time.perf_counter() - t0
     t0 = time.perf_counter()
     pq_dir = index_from_vectors(train, work / f"{name}-pq", factory, metric, embedder,
-                                faiss_params=faiss_params, train_sample=train_sample)
+                                train_sample=train_sample)
     t_pq = time.perf_counter() - t0
     del train
 
@@ -159,7 +162,7 @@ def bench_case(name: str, criterion: str, factory: str, faiss_params: str, n: in
     truth = truth_crit.score_from_vectors(q)
     out: dict[str, Any] = {
         "case": name, "criterion": criterion, "n": n, "dim": dim, "queries": len(q),
-        "factory": factory, "faiss_params": faiss_params, "train_sample": train_sample,
+        "factory": factory, "train_sample": train_sample,
         "bytes_per_vector": {"flat": 4 * dim, "exact_vectors_npy": 4 * dim,
                              "compressed_code": int(faiss.extract_index_ivf(faiss.read_index(
                                  str(pq_dir / "index.faiss"))).code_size),
@@ -173,15 +176,18 @@ def bench_case(name: str, criterion: str, factory: str, faiss_params: str, n: in
         "results": {}}
     idx = TrainingIndex.open(pq_dir)
     exact = idx.exact_vectors
-    # the compressed index alone: candidates and scores from PQ codes (the old behaviour)
-    idx.exact_vectors = None
     faiss.extract_index_ivf(idx.index).make_direct_map()
-    out["results"]["pq"] = _compare(make_criterion(criterion, idx), flat, q, truth)
-    idx.exact_vectors = exact
-    for r in reranks:
-        idx.rerank_candidates = r
-        out["results"][f"rerank {r}"] = _compare(make_criterion(criterion, idx), flat, q,
-                                                 truth)
+    for nprobe in nprobes:
+        faiss.ParameterSpace().set_index_parameters(idx.index, f"nprobe={nprobe}")
+        # the compressed index alone: candidates and scores from PQ codes (the old way)
+        idx.exact_vectors = None
+        out["results"][f"nprobe {nprobe}, pq"] = _compare(make_criterion(criterion, idx),
+                                                         flat, q, truth)
+        idx.exact_vectors = exact
+        for r in reranks:
+            idx.rerank_candidates = r
+            out["results"][f"nprobe {nprobe}, rerank {r}"] = _compare(
+                make_criterion(criterion, idx), flat, q, truth)
     return out
 
 
@@ -192,14 +198,15 @@ def run_bench_rerank(n: int = 100_000, queries: int = 2000, train_sample: int = 
     import warnings
 
     nlist = 2 ** max(0, round(np.log2(1.6 * np.sqrt(n))))
-    cases = [("sscd", "sscd", f"IVF{nlist},PQ64", "nprobe=16", 512, (1, 10, 100)),
-             ("nl2", "nl2", f"IVF{nlist},PQ96", "nprobe=16", 768, (50, 100, 200))]
+    probes = tuple(p for p in (16, 64, 256) if p <= nlist) or (nlist,)
+    cases = [("sscd", "sscd", f"IVF{nlist},PQ64", probes, 512, (1, 10, 100)),
+             ("nl2", "nl2", f"IVF{nlist},PQ96", probes, 768, (50, 100, 200))]
     results = []
     with tempfile.TemporaryDirectory(prefix="memaudit-rerank-") as tmp:
-        for name, crit, factory, params, dim, reranks in cases:
+        for name, crit, factory, nprobes, dim, reranks in cases:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the "pq" row is lossy on purpose
-                r = bench_case(name, crit, factory, params, n, dim, queries, reranks,
+                r = bench_case(name, crit, factory, nprobes, n, dim, queries, reranks,
                                train_sample, Path(work or tmp))
             print(json.dumps(r), flush=True)
             results.append(r)

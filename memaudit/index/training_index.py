@@ -92,8 +92,9 @@ class TrainingIndex:
         except json.JSONDecodeError as e:
             raise UserError(f"{p / MANIFEST_FILE}: invalid JSON ({e})") from e
         items = pq.read_table(p / ITEMS_FILE, read_dictionary=["source_file"])
-        try:
-            index = faiss.read_index(str(p / INDEX_FILE))
+        try:  # memory-mapped: processes on one node (Ray actors) share one copy in RAM
+            index = faiss.read_index(str(p / INDEX_FILE),
+                                     faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
         except RuntimeError as e:
             raise UserError(f"cannot read {p / INDEX_FILE}: {str(e).splitlines()[0]}") from e
         params = manifest.get("faiss_params")
