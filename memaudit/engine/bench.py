@@ -10,7 +10,10 @@ throughputs (ray / local) printed as JSON lines (docs/benchmarks.md "Engines"):
 2. an audit of the shipped canary (cfg, nl2) on the canary prompts x `--seeds` seeds.
 
 Ray runs on a local instance over all cores (started once, its start-up time reported
-apart); each Ray build or audit includes starting its actors and loading their model.
+apart); each Ray build or audit includes starting its actors and loading their model. Ray
+starts its workers at niceness 15 (they yield to every other process); the bench sets
+`RAY_worker_niceness=0` unless given, so that on a shared machine both engines compete for
+the CPU on equal terms.
 """
 
 from __future__ import annotations
@@ -109,11 +112,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from memaudit.engine.ray_engine import RayEngine
 
     os.environ.setdefault("MEMAUDIT_QUIET", "1")
+    os.environ.setdefault("RAY_worker_niceness", "0")
     t0 = time.perf_counter()
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, configure_logging=False)
     info = {"cpus": os.cpu_count(), "torch_threads_local": torch.get_num_threads(),
             "ray_init_s": round(time.perf_counter() - t0, 1),
-            "python": platform.python_version(), "ray": ray.__version__}
+            "python": platform.python_version(), "ray": ray.__version__,
+            "ray_worker_niceness": os.environ["RAY_worker_niceness"]}
     eng = RayEngine(device="cpu")
     info["ray_engine"] = eng.describe()
     print(json.dumps(info), flush=True)
