@@ -1,11 +1,18 @@
-"""`memaudit gate`: pass/fail an audit for CI (exit 0 pass, 1 fail, 2 usage error).
+"""`memaudit gate`: pass/fail an audit for CI (exit 0 pass, 1 fail, 2 usage or input error,
+3 incomplete: the run is unfinished or failed, which is never a pass).
 
 Two modes:
 - `gate_db`: read an audit database and fail when a method's copy rate under a criterion
   exceeds `max_copy_rate`, or a screened prompt's score exceeds `max_screen_score`
   (METHODS 1 copy verdicts; METHODS 2 screening). The copy verdict is the index-calibrated
   one where the index has a calibration (METHODS 1.2 "Calibration"), else the fixed one,
-  unless `threshold` forces one; the result says which was used.
+  unless `threshold` forces one; the result says which was used. The run's status is read
+  first: a run that is still `running` (or was killed) or `failed` gates INCOMPLETE (exit 3)
+  whatever its committed units show.
+- `--max-quality-loss X` (`gate_db(max_quality_loss=X)`): fail a method whose image quality
+  or text alignment is more than X (a fraction) worse than `cfg`'s in the same run (METHODS
+  4): FD above (1 + X) x cfg's in a feature space, or digit agreement / CLIP score below
+  (1 - X) x cfg's.
 - `gate_screen`: screening only (Wen et al. ICLR 2024), straight from a model and a prompt
   list, no generation: the fast per-checkpoint check.
 """
@@ -19,8 +26,9 @@ from typing import Any
 
 import numpy as np
 
-from memaudit.common import UserError
+from memaudit.common import EXIT_FAIL, EXIT_INCOMPLETE, EXIT_OK, UserError
 from memaudit.store import AuditStore
+from memaudit.text import terminal_text, xml_text
 
 THRESHOLD_KINDS = ("auto", "calibrated", "fixed")
 
@@ -41,34 +49,63 @@ class Check:
 class GateResult:
     checks: list[Check]
     source: str
+    incomplete: str | None = None  # why the audit cannot be gated (unfinished/failed run)
 
     @property
     def passed(self) -> bool:
-        return all(c.passed for c in self.checks)
+        return self.incomplete is None and all(c.passed for c in self.checks)
+
+    @property
+    def verdict(self) -> str:
+        return "INCOMPLETE" if self.incomplete else "PASS" if self.passed else "FAIL"
 
     @property
     def exit_code(self) -> int:
-        return 0 if self.passed else 1
+        if self.incomplete:
+            return EXIT_INCOMPLETE
+        return EXIT_OK if self.passed else EXIT_FAIL
 
 
 def gate_db(db: str | Path, *, criteria: list[str] | None = None,
             methods: list[str] | None = None, max_copy_rate: float | None = 0.0,
             max_screen_score: float | None = None, threshold: str = "auto",
-            run_id: int | None = None) -> GateResult:
+            run_id: int | None = None, max_quality_loss: float | None = None) -> GateResult:
     """Evaluate the gate on one run (default the latest) of an audit database."""
     if threshold not in THRESHOLD_KINDS:
         raise UserError(f"--threshold must be one of {', '.join(THRESHOLD_KINDS)}")
-    if max_copy_rate is None and max_screen_score is None:
-        raise UserError("nothing to gate on: give --max-copy-rate and/or --max-screen-score")
+    if max_copy_rate is None and max_screen_score is None and max_quality_loss is None:
+        raise UserError("nothing to gate on: give --max-copy-rate, --max-screen-score and/or "
+                        "--max-quality-loss")
     checks: list[Check] = []
     with AuditStore(db, read_only=True) as store:
         run = store.run(run_id)
         rid = int(run["id"])
-        if max_copy_rate is not None:
-            checks += _copy_checks(store, rid, criteria, methods, max_copy_rate, threshold)
-        if max_screen_score is not None:
-            checks.append(_screen_check_db(store, rid, max_screen_score))
-    return GateResult(checks=checks, source=f"{db} (run {rid})")
+        incomplete = _incomplete(store, run)
+        try:
+            if max_copy_rate is not None:
+                checks += _copy_checks(store, rid, criteria, methods, max_copy_rate, threshold)
+            if max_screen_score is not None:
+                checks.append(_screen_check_db(store, rid, max_screen_score))
+            if max_quality_loss is not None:
+                checks += _quality_checks(store, rid, methods, max_quality_loss)
+        except UserError:
+            if incomplete is None:
+                raise
+            # an unfinished run may have nothing to check yet; the verdict is INCOMPLETE
+    return GateResult(checks=checks, source=f"{db} (run {rid})", incomplete=incomplete)
+
+
+def _incomplete(store: AuditStore, run: dict[str, Any]) -> str | None:
+    """Why a run cannot pass (None when it finished)."""
+    status = str(run.get("status"))
+    if status == "finished":
+        return None
+    units = store.con.execute("SELECT count(*) FROM units WHERE run_id = ?",
+                              [int(run["id"])]).fetchone()[0]
+    why = ("an error ended it part-way" if status == "failed"
+           else "still running, or killed part-way")
+    return (f"run {run['id']} is {status} ({why}; {units} unit(s) committed): an unfinished "
+            "audit is never a pass; rerun `memaudit audit PLAN` to finish it")
 
 
 def _copy_checks(store: AuditStore, rid: int, criteria: list[str] | None,
@@ -133,6 +170,44 @@ def _copy_checks(store: AuditStore, rid: int, criteria: list[str] | None,
     return checks
 
 
+def _quality_checks(store: AuditStore, rid: int, methods: list[str] | None,
+                    limit: float) -> list[Check]:
+    """Quality and alignment of each method relative to cfg's in the same run (METHODS 4)."""
+    cost = {r["method"]: r for r in store.query(
+        "SELECT * FROM method_cost WHERE run_id = ?", [rid])}
+    if "cfg" not in cost:
+        raise UserError("--max-quality-loss is relative to cfg, and this run has no cfg")
+    for w in methods or []:
+        if w not in cost:
+            raise UserError(f"method {w!r} not in this run; it has: {', '.join(cost)}")
+    quality = store.query("SELECT * FROM method_quality WHERE run_id = ? AND method != 'cfg' "
+                          "ORDER BY method, features", [rid])
+    checks = []
+    for m in [m for m in methods or list(cost) if m != "cfg"]:
+        for q in (q for q in quality if q["method"] == m and q["fd_ratio_to_cfg"] is not None):
+            loss = q["fd_ratio_to_cfg"] - 1.0
+            checks.append(Check(
+                name=f"quality[{m},{q['features']}]", value=loss, limit=limit,
+                passed=loss <= limit,
+                detail=(f"{m}: FD {q['fd']:.4g} vs cfg {q['cfg_fd']:.4g} in {q['features']} "
+                        f"(n {q['n']}, reference {q['n_reference']}; KID {q['kid']:.4g} "
+                        f"± {q['kid_std']:.2g} vs cfg {q['cfg_kid']:.4g}); quality loss "
+                        f"{loss:+.3f}, limit {limit:g}")))
+        for key, what in (("alignment", "digit agreement"), ("clip_score", "CLIP score")):
+            v, base = cost[m][key], cost["cfg"][key]
+            if v is None or not base:
+                continue
+            loss = 1.0 - v / base
+            checks.append(Check(
+                name=f"{key}[{m}]", value=loss, limit=limit, passed=loss <= limit,
+                detail=(f"{m}: {what} {v:.4g} vs cfg {base:.4g}; loss {loss:+.3f}, "
+                        f"limit {limit:g}")))
+    if not checks:
+        raise UserError("no quality or alignment figures to compare with cfg in this run "
+                        "(plan quality = false, no alignment, no CLIP model?)")
+    return checks
+
+
 def _screen_check_db(store: AuditStore, rid: int, limit: float) -> Check:
     rows = store.query("SELECT p.text AS prompt, p.label, s.score, s.steps, s.seeds "
                        "FROM screens s JOIN prompts p ON p.id = s.prompt_id "
@@ -185,8 +260,11 @@ def gate_screen(model: str, prompts: str | Path, *, max_screen_score: float | No
 
 
 def format_result(res: GateResult, max_rows: int = 20) -> str:
-    """The text the CLI prints: verdict, one line per check, offending prompts."""
-    lines = [f"memaudit gate: {'PASS' if res.passed else 'FAIL'} ({res.source})"]
+    """The text the CLI prints: verdict, one line per check, offending prompts (every line
+    through the terminal sanitiser: prompts are untrusted)."""
+    lines = [f"memaudit gate: {res.verdict} ({res.source})"]
+    if res.incomplete:
+        lines.append(f"  [INCOMPLETE] {res.incomplete}")
     for c in res.checks:
         lines.append(f"  [{'pass' if c.passed else 'FAIL'}] {c.name}: {c.detail}")
     for c in res.checks:
@@ -204,7 +282,7 @@ def format_result(res: GateResult, max_rows: int = 20) -> str:
                 lines.append(f"  {r['score']:>8.4g}  {_one_line(r['prompt'])}")
         if len(c.offending) > max_rows:
             lines.append(f"  ... and {len(c.offending) - max_rows} more")
-    return "\n".join(lines)
+    return "\n".join(terminal_text(line) for line in "\n".join(lines).split("\n"))
 
 
 def _one_line(s: str, n: int = 80) -> str:
@@ -220,22 +298,33 @@ def _offending_line(r: dict[str, Any]) -> str:
 
 
 def write_junit(res: GateResult, path: str | Path) -> Path:
-    """JUnit XML: one testcase per check, a <failure> listing the offending prompts."""
+    """JUnit XML: one testcase per check, a <failure> listing the offending prompts; an
+    incomplete run is one <error> testcase. Every text goes through the XML sanitiser and
+    the file is written atomically."""
+    from memaudit.paths import atomic_write
+
     path = Path(path)
     failures = sum(not c.passed for c in res.checks)
-    suites = ET.Element("testsuites", name="memaudit", tests=str(len(res.checks)),
-                        failures=str(failures))
+    errors = 1 if res.incomplete else 0
+    tests = len(res.checks) + errors
+    suites = ET.Element("testsuites", name="memaudit", tests=str(tests),
+                        failures=str(failures), errors=str(errors))
     suite = ET.SubElement(suites, "testsuite", name="memaudit gate",
-                          tests=str(len(res.checks)), failures=str(failures), errors="0")
+                          tests=str(tests), failures=str(failures), errors=str(errors))
     ET.SubElement(ET.SubElement(suite, "properties"), "property", name="source",
-                  value=res.source)
+                  value=xml_text(res.source))
+    if res.incomplete:
+        case = ET.SubElement(suite, "testcase", classname="memaudit.gate", name="run_status")
+        ET.SubElement(case, "error", message=xml_text(res.incomplete), type="AuditIncomplete")
     for c in res.checks:
-        case = ET.SubElement(suite, "testcase", classname="memaudit.gate", name=c.name)
+        case = ET.SubElement(suite, "testcase", classname="memaudit.gate",
+                             name=xml_text(c.name))
         if c.passed:
-            ET.SubElement(case, "system-out").text = c.detail
+            ET.SubElement(case, "system-out").text = xml_text(c.detail)
         else:
-            fail = ET.SubElement(case, "failure", message=c.detail, type="GateFailure")
-            fail.text = "\n".join(_offending_line(r) for r in c.offending)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ET.ElementTree(suites).write(path, encoding="utf-8", xml_declaration=True)
+            fail = ET.SubElement(case, "failure", message=xml_text(c.detail),
+                                 type="GateFailure")
+            fail.text = xml_text("\n".join(_offending_line(r) for r in c.offending))
+    with atomic_write(path, "JUnit file") as tmp:
+        ET.ElementTree(suites).write(tmp, encoding="utf-8", xml_declaration=True)
     return path

@@ -121,3 +121,122 @@ def test_offending_counts_all_generations_of_the_prompt(tmp_path):
     (row,) = res.checks[0].offending
     assert (row["copies"], row["n"], row["best_score"]) == (1, 2, 1.0)
     assert "  1/2           1  k3" in format_result(res)
+
+
+def _copy_db(audit_db, tmp_path, sql: list[tuple[str, list]]):
+    import shutil
+
+    import duckdb
+
+    db = tmp_path / "copy.duckdb"
+    shutil.copy(audit_db, db)
+    con = duckdb.connect(str(db))
+    for q, params in sql:
+        con.execute(q, params)
+    con.close()
+    return db
+
+
+@pytest.mark.parametrize("status", ["running", "failed"])
+def test_unfinished_run_is_never_a_pass(audit_db, tmp_path, status):
+    """issue 11: a run killed part-way gated PASS on the units it had."""
+    db = _copy_db(audit_db, tmp_path, [("UPDATE runs SET status = ?", [status])])
+    res = gate_db(db, methods=["static"], max_copy_rate=1.0)  # its units would pass
+    assert all(c.passed for c in res.checks)
+    assert res.verdict == "INCOMPLETE" and not res.passed and res.exit_code == 3
+    text = format_result(res)
+    assert text.startswith("memaudit gate: INCOMPLETE") and f"is {status}" in text
+    suite = ET.parse(write_junit(res, tmp_path / "j.xml")).getroot().find("testsuite")
+    assert suite.get("errors") == "1"
+    assert suite.find("testcase/error").get("type") == "AuditIncomplete"
+    p = _cli("gate", str(db), "--method", "static", "--max-copy-rate", "1")
+    assert p.returncode == 3 and "INCOMPLETE" in p.stdout and "PASS" not in p.stdout
+    # an unfinished run without a single scored unit is still exit 3, not a usage error
+    (tmp_path / "e").mkdir()
+    empty = _copy_db(db, tmp_path / "e", [("DELETE FROM matches", []),
+                                          ("DELETE FROM units", [])])
+    assert gate_db(empty).exit_code == 3
+
+
+def test_control_characters_never_reach_the_terminal_or_break_the_junit(audit_db, tmp_path):
+    """issue 9: prompts printed raw (ANSI escapes in terminals and CI logs); \\x00 or \\x1b
+    made the JUnit file malformed XML."""
+    evil = "\x1b[2J\x1b]0;pwned\x07 planted \x00 \u202egnp.exe\x9b31m"
+    db = _copy_db(audit_db, tmp_path, [
+        ("UPDATE prompts SET text = ? WHERE text = 'another planted one'", [evil])])
+    res = gate_db(db, criteria=["nl2"], methods=["cfg"], max_copy_rate=0.0)
+    text = format_result(res)
+    for c in ("\x1b", "\x00", "\x07", "\u202e", "\x9b"):
+        assert c not in text
+    assert "\\x1b[2J" in text and "\\u202egnp.exe" in text
+    assert "\noffending prompts for copy_rate[cfg,nl2]:" in text  # real line breaks kept
+    root = ET.parse(write_junit(res, tmp_path / "j.xml")).getroot()  # well-formed
+    failure = root.find("testsuite/testcase/failure").text
+    assert "\\x00" in failure and "\x00" not in failure
+    p = _cli("gate", str(db), "--criterion", "nl2", "--method", "cfg")
+    assert p.returncode == 1 and "\x1b" not in p.stdout and "\\x1b[2J" in p.stdout
+
+
+def test_junit_never_overwrites_an_input_or_a_foreign_file(audit_db, tmp_path):
+    before = audit_db.read_bytes()
+    p = _cli("gate", str(audit_db), "--junit", str(audit_db))
+    assert p.returncode == 2 and "is one of this command's inputs" in p.stderr
+    assert audit_db.read_bytes() == before
+    notes = tmp_path / "notes.xml"
+    notes.write_text("<notes>mine</notes>")
+    p = _cli("gate", str(audit_db), "--junit", str(notes))
+    assert p.returncode == 2 and "not a memaudit JUnit file" in p.stderr
+    assert notes.read_text() == "<notes>mine</notes>"
+    p = _cli("gate", str(audit_db), "--method", "static", "--junit", str(notes),
+             "--overwrite")
+    assert p.returncode == 0 and "memaudit" in notes.read_text()
+    p = _cli("gate", str(audit_db), "--method", "static", "--junit", str(notes))
+    assert p.returncode == 0  # its own earlier JUnit file is replaced without --overwrite
+def _quality_db(tmp_path, with_cfg=True):
+    """cfg, amg and rna on one prompt: FD 2.0 / 2.1 / 3.0 in one feature space, digit
+    agreement 1 / 0.5 / 1, CLIP score 30 / 29 / 30."""
+    from memaudit.store import AuditStore
+
+    db = tmp_path / "quality.duckdb"
+    rows = [("cfg", 2.0, 1.0, 30.0), ("amg", 2.1, 0.5, 29.0), ("rna", 3.0, 1.0, 30.0)]
+    with AuditStore(db) as s, s.transaction():
+        run = s.add_run(model="m", model_hash=None, index_path=None, index_hash=None, plan={},
+                        plan_hash="h", settings={}, versions={}, device="cpu", seeds=[0, 1])
+        pid = s.upsert_prompt("a handwritten digit 3")
+        for m, fd, align, clip in rows[0 if with_cfg else 1:]:
+            for seed in (0, 1):
+                s.add_generation(run_id=run, prompt_id=pid, method=m, seed=seed,
+                                 image_path=f"{m}{seed}.png", alignment=align, clip_score=clip)
+            s.add_quality(run_id=run, method=m, features="digits-logits-16px", dim=10, n=2,
+                          n_reference=5, reference_seed=0, kid=fd / 10, kid_std=0.01,
+                          kid_subsets=100, kid_subset_size=2, fd=fd)
+        s.finish_run(run)  # a finished run: an unfinished one gates INCOMPLETE (issue 11)
+    return db
+
+
+def test_quality_loss_gate(tmp_path):
+    db = _quality_db(tmp_path)
+    res = gate_db(db, max_copy_rate=None, max_quality_loss=0.1)
+    got = {c.name: (round(c.value, 6), c.passed) for c in res.checks}
+    assert got == {"quality[amg,digits-logits-16px]": (0.05, True),
+                   "alignment[amg]": (0.5, False),
+                   "clip_score[amg]": (round(1 - 29 / 30, 6), True),
+                   "quality[rna,digits-logits-16px]": (0.5, False),
+                   "alignment[rna]": (0.0, True), "clip_score[rna]": (0.0, True)}
+    assert not res.passed
+    detail = next(c.detail for c in res.checks if c.name.startswith("quality[rna"))
+    assert "FD 3 vs cfg 2 in digits-logits-16px (n 2, reference 5" in detail
+    assert gate_db(db, max_copy_rate=None, max_quality_loss=0.5).passed
+    only = gate_db(db, max_copy_rate=None, methods=["amg"], max_quality_loss=0.6)
+    assert only.passed and {c.name.split("[")[1] for c in only.checks} == {"amg]",
+                                                                          "amg,digits-logits-16px]"}
+    with pytest.raises(UserError, match="relative to cfg"):
+        gate_db(_quality_db(tmp_path / "nocfg", with_cfg=False), max_copy_rate=None,
+                max_quality_loss=0.1)
+    with pytest.raises(UserError, match="method 'wen' not in this run"):
+        gate_db(db, max_copy_rate=None, methods=["wen"], max_quality_loss=0.1)
+    # the CLI: only the quality limit given -> no copy-rate check, exit 1 on the failures
+    p = subprocess.run([sys.executable, "-m", "memaudit", "gate", str(db),
+                        "--max-quality-loss", "0.1"], capture_output=True, text=True)
+    assert p.returncode == 1 and "[FAIL] alignment[amg]" in p.stdout
+    assert "copy_rate" not in p.stdout

@@ -150,7 +150,7 @@ def test_ray_audit_killed_mid_unit_resumes_and_equals_local(tmp_path, ray_addres
     with AuditStore(work / "out" / "audit.duckdb", read_only=True) as s:
         assert s.count("units") == 3 and s.count("generations") == 6
     res = run_audit(load_plan(plan), device="cpu", engine="ray")
-    assert res.units_done == 9 - 3
+    assert res.units_done == 11 - 3  # 8 generation units, screening, quality per method
     got, want = _rows(res.db_path), _rows(ref.db_path)
     # ids included: units are committed in unit order whichever engine computed them
     assert got["counts"] == want["counts"] and got["counts"]["generations"] == 16
@@ -158,6 +158,11 @@ def test_ray_audit_killed_mid_unit_resumes_and_equals_local(tmp_path, ray_addres
     assert [r[-1] for r in got["gens"]] == pytest.approx([r[-1] for r in want["gens"]],
                                                          abs=1e-5)
     assert got["screens"][0] == want["screens"][0]
+    # quality (computed here from the images the actors wrote) as the local run's
+    assert got["counts"]["quality"] == 2
+    assert [r[:3] for r in got["quality"]] == [r[:3] for r in want["quality"]]
+    assert [x for r in got["quality"] for x in r[3:]] == pytest.approx(
+        [x for r in want["quality"] for x in r[3:]], rel=1e-4, abs=1e-6)
     assert got["screens"][1] == pytest.approx(want["screens"][1], abs=1e-4)
     with AuditStore(res.db_path, read_only=True) as s:
         settings = json.loads(s.run()["settings_json"])
@@ -175,8 +180,10 @@ def _rows(db):
             "ORDER BY g.id").fetchall()
         scr = s.con.execute("SELECT prompt_id, flagged, score, threshold FROM screens "
                             "ORDER BY prompt_id").fetchall()
+        qual = s.con.execute("SELECT method, features, n, kid, fd FROM quality "
+                             "ORDER BY method, features").fetchall()
         counts = {t: s.count(t) for t in ("generations", "matches", "steps", "screens",
-                                          "units", "runs")}
-    return {"gens": gens, "counts": counts,
+                                          "quality", "units", "runs")}
+    return {"gens": gens, "counts": counts, "quality": qual,
             "screens": ([r[:2] for r in scr], [x for r in scr for x in r[2:]])}
 

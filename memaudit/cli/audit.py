@@ -14,7 +14,9 @@ from memaudit.common import UserError
 
 
 def _log(msg: str) -> None:
-    print(msg, file=sys.stderr)
+    from memaudit.text import terminal_text
+
+    print(terminal_text(msg, one_line=False), file=sys.stderr)
 
 
 def audit_cmd(
@@ -23,6 +25,12 @@ def audit_cmd(
                                  help="Start a new run even though the plan changed."),
     device: str = typer.Option(None, help="cpu, cuda, ... (default: cuda when available)."),
     threads: int = typer.Option(None, help="Torch CPU threads (default: torch's)."),
+    clip_model: str = typer.Option(None, "--clip-model", help="CLIP score per generation with "
+                                   "this open_clip model (sets [quality] clip_model)."),
+    clip_pretrained: Path = typer.Option(None, "--clip-pretrained",
+                                         help="Its local checkpoint file (never downloaded)."),
+    inception: Path = typer.Option(None, "--inception", help="FID's Inception-v3 weights file: "
+                                   "KID / FD in Inception features (sets [quality] inception)."),
     engine: str = typer.Option("local", "--engine",
                                help="Where units run: local, or ray (memaudit[ray])."),
     address: str = typer.Option(None, "--address", help="ray: auto or HOST:PORT of a running "
@@ -30,12 +38,22 @@ def audit_cmd(
     actors: int = typer.Option(None, "--actors", help="ray: model replicas (default: one "
                                "per GPU, else one per CPU)."),
 ) -> None:
-    """Run (or resume) a whole audit: generate, detect, screen -> OUT/audit.duckdb."""
+    """Run (or resume) a whole audit: generate, detect, screen, quality -> OUT/audit.duckdb."""
     from memaudit.audit import load_plan, run_audit, set_threads
 
     if threads is not None:
         set_threads(threads)
     p = load_plan(plan)
+    overrides = {"clip_model": clip_model, "clip_pretrained": clip_pretrained,
+                 "inception": inception}
+    if any(v is not None for v in overrides.values()):
+        if p.quality is None:
+            raise UserError("the plan has quality = false; --clip-model / --inception need it")
+        for k, v in overrides.items():
+            if v is not None:
+                setattr(p.quality, k, str(v.resolve()) if isinstance(v, Path) else v)
+        if bool(p.quality.clip_model) != bool(p.quality.clip_pretrained):
+            raise UserError("--clip-model and --clip-pretrained (a local checkpoint) go together")
     res = run_audit(p, new_run=new_run, device=device, log=_log, engine=engine,
                     address=address, actors=actors)
     print(f"run {res.run_id}: {res.units_done} units done, {res.units_skipped} already done, "
@@ -49,12 +67,23 @@ def report_cmd(
     pdf: bool = typer.Option(False, "--pdf", help="Also print a PDF with headless chromium."),
     run: int = typer.Option(None, help="Run id (default: the latest)."),
     max_flagged: int = typer.Option(200, help="At most this many flagged outputs shown."),
+    index: Path = typer.Option(None, "--index", help="The run's training index, to show the "
+                               "training images (default: the index the database names)."),
+    overwrite: bool = typer.Option(False, "--overwrite",
+                                   help="Replace an existing file that is not a report."),
 ) -> None:
     """Render the self-contained HTML report (and optionally a PDF)."""
+    from memaudit.paths import check_output_file, is_memaudit_html, is_pdf
     from memaudit.report import render_pdf, write_report
 
     out = out or db.parent / "report.html"
-    path = write_report(db, out, run_id=run, max_flagged=max_flagged)
+    check_output_file(out, [db, index], overwrite=overwrite, own=is_memaudit_html,
+                      what="report")  # before the work; write_report checks again
+    if pdf:
+        check_output_file(out.with_suffix(".pdf"), [db, index], overwrite=overwrite,
+                          own=is_pdf, what="PDF")
+    path = write_report(db, out, run_id=run, max_flagged=max_flagged, index=index,
+                        overwrite=overwrite)
     print(f"report: {path}")
     if pdf:
         print(f"pdf: {render_pdf(path, path.with_suffix('.pdf'))}")
@@ -67,11 +96,17 @@ def gate_cmd(
     method: list[str] = typer.Option(None, "--method",
                                      help="Method to gate on (repeatable; default all)."),
     max_copy_rate: float = typer.Option(None, help="Fail above this copy rate (default 0.0 "
-                                        "unless only --max-screen-score is given)."),
+                                        "unless another limit is given)."),
     max_screen_score: float = typer.Option(None, help="Fail when a prompt screens above this."),
+    max_quality_loss: float = typer.Option(
+        None, help="Fail a method more than this fraction worse than cfg in quality or "
+        "alignment (0.1: FD 10% above cfg's, or agreement / CLIP score 10% below)."),
     threshold: str = typer.Option("auto", help="Copy verdict: calibrated | fixed | auto "
                                   "(calibrated where the index has a calibration)."),
     junit: Path = typer.Option(None, "--junit", help="Write a JUnit XML file."),
+    overwrite: bool = typer.Option(False, "--overwrite",
+                                   help="Let --junit replace a file that is not a JUnit file "
+                                        "memaudit wrote."),
     run: int = typer.Option(None, help="Run id (default: the latest)."),
     screen: bool = typer.Option(False, "--screen",
                                 help="Screening only, on --model and --prompts (no DB)."),
@@ -84,9 +119,14 @@ def gate_cmd(
     device: str = typer.Option(None, help="With --screen: cpu, cuda, ..."),
     threads: int = typer.Option(None, help="With --screen: torch CPU threads."),
 ) -> None:
-    """CI gate: exit 0 pass, 1 fail, 2 usage error; prints the offending prompts."""
+    """CI gate: exit 0 pass, 1 fail, 2 usage or input error, 3 incomplete (an unfinished or
+    failed run) or memaudit failed; prints the offending prompts."""
     from memaudit.gate import format_result, gate_db, gate_screen, write_junit
+    from memaudit.paths import check_output_file, is_memaudit_junit
 
+    if junit is not None:
+        check_output_file(junit, [db, prompts, calibrate], overwrite=overwrite,
+                          own=is_memaudit_junit, what="JUnit file")
     if screen:
         if threads is not None:
             from memaudit.audit import set_threads
@@ -100,11 +140,11 @@ def gate_cmd(
     else:
         if db is None:
             raise UserError("gate needs an audit database (or --screen --model --prompts)")
-        if max_copy_rate is None and max_screen_score is None:
+        if max_copy_rate is None and max_screen_score is None and max_quality_loss is None:
             max_copy_rate = 0.0
         res = gate_db(db, criteria=criterion or None, methods=method or None,
                       max_copy_rate=max_copy_rate, max_screen_score=max_screen_score,
-                      threshold=threshold, run_id=run)
+                      threshold=threshold, run_id=run, max_quality_loss=max_quality_loss)
     print(format_result(res))
     if junit is not None:
         print(f"junit: {write_junit(res, junit)}")
@@ -121,7 +161,9 @@ def demo_cmd(
 ) -> None:
     """The whole chain on the shipped canary: data, index, audit, database, report."""
     from memaudit.demo import run_demo
+    from memaudit.paths import check_output_dir
 
+    check_output_dir(out, [model if Path(model).exists() else None], what="demo folder")
     summary = run_demo(out, device=device, threads=threads, model=model, log=_log)
     print(summary["text"])
     print(f"database: {summary['db']}")

@@ -33,6 +33,7 @@ from memaudit.data.parquet import (
     iter_training_batches,
     resolve_sources,
 )
+from memaudit.index.output import check_index_out, remove_partial
 from memaudit.index.shards import ShardFactory, ShardSpec, last_build_stats, shard_paths
 from memaudit.index.training_index import (
     INDEX_FILE,
@@ -146,11 +147,10 @@ def build_index(source: str | Path, embedder: str, out: str | Path, factory: str
     if batch_size < 1 or shard_rows < 1:
         raise UserError("--batch-size and --shard-rows must be positive")
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise UserError(f"{out} already exists (use --overwrite to replace it)")
     if rerank < 1:
         raise UserError("--rerank must be at least 1")
     files = [f.resolve() for f in resolve_sources(source)]  # workers may run elsewhere
+    check_index_out(out, source, files, overwrite)
     counts = file_row_counts(files)
     total = sum(counts)
     cols = {"image_col": image_col, "caption_col": caption_col, "key_col": key_col}
@@ -175,10 +175,9 @@ def build_index(source: str | Path, embedder: str, out: str | Path, factory: str
             old = json.loads(state_file.read_text())
         except (OSError, json.JSONDecodeError):
             old = None
-        if old != settings:
-            raise UserError(f"{partial} holds an unfinished build with other settings or "
-                            "inputs; remove it or rerun with the same arguments")
-    else:
+        if old != settings:  # another build's shards: start over, never mix them
+            remove_partial(partial)
+    if not partial.exists():
         partial.mkdir(parents=True)
         write_json_atomic(state_file, settings)
 
@@ -205,6 +204,16 @@ def build_index(source: str | Path, embedder: str, out: str | Path, factory: str
         if isinstance(engine, str):
             eng.close()
 
+    kept = sum(json.loads(shard_paths(partial, k)["done"].read_text())["items"]
+               for k in range(nshards))
+    if kept == 0:
+        skipped: dict[str, int] = {}
+        for k in range(nshards):
+            for item in json.loads(shard_paths(partial, k)["done"].read_text())["skipped"]:
+                skipped[item["reason"]] = skipped.get(item["reason"], 0) + 1
+        remove_partial(partial)
+        why = ", ".join(f"{n} {r}" for r, n in sorted(skipped.items())) or "no rows"
+        raise UserError(f"no usable image in {source} ({why}): no index written")
     staging = partial / "final"
     if staging.exists():
         shutil.rmtree(staging)

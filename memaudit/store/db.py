@@ -16,7 +16,11 @@ from typing import Any
 import pyarrow as pa
 
 from memaudit.common import UserError
-from memaudit.store.schema import SCHEMA_VERSION, TABLES, VIEWS
+from memaudit.store.schema import SCHEMA_VERSION, TABLE_NAMES, TABLES, VIEWS
+
+#: runs.status: running (in progress, or killed: nothing can tell them apart once the
+#: writer is gone), finished, failed (an error ended it part-way; marked by the runner)
+RUN_STATUSES = ("running", "finished", "failed")
 
 _STEP_KEYS = {
     "t": ("t", "timestep"),
@@ -67,9 +71,15 @@ class AuditStore:
 
     # --- schema -----------------------------------------------------------------------
     def _check_or_create(self) -> None:
-        tables = {r[0] for r in self.con.execute(
-            "SELECT table_name FROM information_schema.tables WHERE table_schema = 'main'"
-        ).fetchall()}
+        import duckdb
+
+        try:
+            tables = {r[0] for r in self.con.execute(
+                "SELECT table_name FROM information_schema.tables WHERE table_schema = 'main'"
+            ).fetchall()}
+        except duckdb.Error as e:
+            raise UserError(f"{self.path} is not a readable DuckDB database: "
+                            f"{str(e).splitlines()[0]}") from e
         if "meta" not in tables:
             if tables:
                 raise UserError(f"{self.path} is not a memaudit audit database (no meta table)")
@@ -85,14 +95,25 @@ class AuditStore:
                 for view in VIEWS:
                     self.con.execute(view)
             return
-        row = self.con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-        version = int(row[0]) if row else 0
+        try:
+            row = self.con.execute(
+                "SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            version = int(row[0]) if row else None
+        except (duckdb.Error, TypeError, ValueError):
+            version = None
+        if version is None:
+            raise UserError(f"{self.path} is not a memaudit audit database (its meta table "
+                            "records no schema_version)")
         if version != SCHEMA_VERSION:
             older = "an older" if version < SCHEMA_VERSION else "a newer"
             raise UserError(
                 f"{self.path} uses {older} audit schema (version {version}; this memaudit "
                 f"reads version {SCHEMA_VERSION}); rerun the audit into a new output directory"
             )
+        missing = sorted(set(TABLE_NAMES) - tables)
+        if missing:
+            raise UserError(f"{self.path} is not a complete memaudit audit database (missing "
+                            f"table(s) {', '.join(missing)})")
 
     @property
     def schema_version(self) -> int:
@@ -127,8 +148,7 @@ class AuditStore:
         return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
 
     def count(self, table: str) -> int:
-        if table not in {"meta", "runs", "prompts", "generations", "matches", "screens",
-                         "steps", "units"}:
+        if table not in TABLE_NAMES:
             raise ValueError(table)
         return self.con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
 
@@ -173,6 +193,13 @@ class AuditStore:
         self.con.execute("UPDATE runs SET status = 'finished', finished_at = ? WHERE id = ?",
                          [_now(), run_id])
 
+    def set_run_status(self, run_id: int, status: str) -> None:
+        """'running' (again, on resume) or 'failed' (an error ended it part-way)."""
+        if status not in RUN_STATUSES:
+            raise ValueError(status)
+        self.con.execute("UPDATE runs SET status = ?, finished_at = ? WHERE id = ?",
+                         [status, _now() if status == "failed" else None, run_id])
+
     def upsert_prompt(self, text: str, source: str | None = None,
                       label: str | None = None) -> int:
         """The prompt's id; a new source is appended to its source list, a label is kept."""
@@ -195,15 +222,27 @@ class AuditStore:
                        image_path: str, guidance_scale: float | None = None,
                        steps: int | None = None, wall_seconds: float | None = None,
                        unet_calls: float | None = None, final_prompt: str | None = None,
-                       alignment: float | None = None,
+                       alignment: float | None = None, clip_score: float | None = None,
                        extra: dict[str, Any] | None = None) -> int:
         gid = self._next_id("generations")
         self.con.execute(
-            "INSERT INTO generations VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO generations VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [gid, run_id, prompt_id, method, int(seed), guidance_scale, steps, image_path,
-             wall_seconds, unet_calls, final_prompt, alignment,
+             wall_seconds, unet_calls, final_prompt, alignment, clip_score,
              json.dumps({k: _jsonable(v) for k, v in (extra or {}).items()})])
         return gid
+
+    def add_quality(self, *, run_id: int, method: str, features: str, dim: int | None, n: int,
+                    n_reference: int, reference_seed: int | None, kid: float | None,
+                    kid_std: float | None, kid_subsets: int | None,
+                    kid_subset_size: int | None, fd: float | None,
+                    extra: dict[str, Any] | None = None) -> None:
+        """One method's quality in one feature space (METHODS 4; memaudit.audit.quality)."""
+        self.con.execute(
+            "INSERT INTO quality VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [run_id, method, features, dim, int(n), int(n_reference), reference_seed, kid,
+             kid_std, kid_subsets, kid_subset_size, fd,
+             json.dumps({k: _jsonable(v) for k, v in (extra or {}).items()})])
 
     def add_match(self, *, generation_id: int, criterion: str, score: float,
                   higher_is_more_similar: bool, is_copy: bool,
