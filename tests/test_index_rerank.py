@@ -98,3 +98,23 @@ def test_untrusted_exact_vectors_refused(pair, tmp_path):
     (bad / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(UserError, match="exact_vectors must name vectors.npy"):
         TrainingIndex.open(bad)
+    m["exact_vectors"] = {"file": "vectors.npy", "rerank_candidates": "all"}
+    (bad / "manifest.json").write_text(json.dumps(m))
+    np.save(bad / "vectors.npy", np.zeros((pq.ntotal, pq.dim), np.float32))
+    with pytest.raises(UserError, match="rerank_candidates must be a positive integer"):
+        TrainingIndex.open(bad)
+
+
+def test_recipe_rerank_and_faiss_params_are_type_checked(tmp_path):
+    from memaudit.index.recipe import load_recipe
+
+    recipe = tmp_path / "r.toml"
+    base = 'data = "train.parquet"\nembedder = "pixels"\n'
+    recipe.write_text(base + 'faiss_params = "nprobe=32"\nrerank = 200\n')
+    got = load_recipe(recipe)
+    assert got["faiss_params"] == "nprobe=32" and got["rerank"] == 200
+    for bad, msg in (("rerank = 0", "rerank must be a positive integer"),
+                     ("faiss_params = 32", "faiss_params must be a string")):
+        recipe.write_text(base + bad + "\n")
+        with pytest.raises(UserError, match=msg):
+            load_recipe(recipe)
