@@ -7,7 +7,8 @@ throughputs (ray / local) printed as JSON lines (docs/benchmarks.md "Engines"):
 1. index builds of `--rows` synthetic 64x64 JPEGs: the `pixels` embedder (16x16; decoding
    bound, so the engine's overhead shows) and a small SSCD-like model (ResNet-18 trunk at
    short edge 64; model bound);
-2. an audit of the shipped canary (cfg, nl2) on the canary prompts x `--seeds` seeds.
+2. an audit of the shipped canary (cfg, nl2) on the canary prompts x `--seeds` seeds, with
+   the default quality stage (its `quality|cfg` unit runs on the driver in both cases).
 
 Ray runs on a local instance over all cores (started once, its start-up time reported
 apart); each Ray build or audit includes starting its actors and loading their model. Ray
