@@ -208,22 +208,22 @@ def test_killed_build_resumes_identical(tmp_path, digits_data):
 
 def test_resume_skips_finished_shards(tmp_path, digits_data, monkeypatch):
     """In-process: shards already on disk are not re-embedded on restart."""
-    from memaudit.index import build as build_mod
+    from memaudit.index import shards
 
     out = tmp_path / "idx"
     env = {**os.environ, EXIT_AFTER_SHARD_ENV: "1", "OMP_NUM_THREADS": "1"}
     r = subprocess.run(_build_cmd(digits_data, out), env=env, capture_output=True, text=True)
     assert r.returncode == 75, r.stderr
-    seen: list[tuple[int, int]] = []
-    orig = build_mod._embed_range
+    seen: list[int] = []
+    orig = shards.build_shard
 
-    def spy(partial, emb, source, cols, start, stop, *a, **kw):
-        seen.append((start, stop))
-        return orig(partial, emb, source, cols, start, stop, *a, **kw)
+    def spy(spec, k, *a, **kw):
+        seen.append(k)
+        return orig(spec, k, *a, **kw)
 
-    monkeypatch.setattr(build_mod, "_embed_range", spy)
+    monkeypatch.setattr(shards, "build_shard", spy)
     build_index(digits_data, "pixels", out, batch_size=4, shard_rows=8, calibrate=False)
-    assert seen == [(16, N)]
+    assert seen == [2, 3, 4]  # 40 rows in shards of 8; 0 and 1 were on disk
 
 
 def test_calibration_hook_and_recipe_cli(tmp_path, digits_data, capsys):
@@ -392,7 +392,7 @@ def test_decoding_runs_ahead_in_worker_threads(tmp_path):
 
     from memaudit.data.parquet import iter_training_batches
     from memaudit.embedders.pixels import PixelEmbedder
-    from memaudit.index.build import prepared_batches
+    from memaudit.index.shards import prepared_batches
 
     p = digits_parquet(tmp_path / "d.parquet", n=40)
     threads: set[str] = set()

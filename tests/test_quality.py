@@ -334,6 +334,49 @@ def test_audit_records_quality_and_clip_score(tmp_path, clip_checkpoint):
     assert settings["clip_score"]["sha256"] == sc.sha256
 
 
+def test_clip_score_computed_by_an_engine_worker(tmp_path, clip_checkpoint):
+    """With `--engine ray` the CLIP score is computed where the images are, by a worker that
+    loads its own scorer from the plan: an engine that, like Ray's, hands the worker only
+    pickled copies (factory, items, results) records the local run's scores."""
+    import pickle
+
+    from audit_fixtures import copying_sample, make_tiny_canary, write_plan
+
+    from memaudit.audit import default_components, load_plan, run_audit
+    from memaudit.engine import LocalEngine
+    from memaudit.store import AuditStore
+
+    class PicklingEngine(LocalEngine):
+        name = "pickling"
+
+        def map(self, factory, items, cpus=1):
+            if items:
+                worker = pickle.loads(pickle.dumps(factory))(self.worker_device())
+                for it in items:
+                    yield pickle.loads(pickle.dumps(worker(pickle.loads(pickle.dumps(it)))))
+
+    ckpt, cfg = clip_checkpoint
+    src = make_training_parquet(tmp_path / "train.parquet")
+    canary = make_tiny_canary(tmp_path / "canary")
+    extra = (f'[quality]\nfeatures = ["index"]\nreference = 8\n'
+             f'clip_model = "memaudit-quality-tiny-clip"\nclip_pretrained = "{ckpt}"\n'
+             f'clip_model_config = "{cfg}"\n')
+    comp = default_components()
+    comp.sample = copying_sample
+    scores = []
+    for name, eng in (("local", "local"), ("pickling", PicklingEngine("cpu"))):
+        (tmp_path / name).mkdir()
+        plan = load_plan(write_plan(tmp_path / name, src, str(canary), methods=("cfg",),
+                                    criteria=("nl2",), screen=False, extra=extra))
+        res = run_audit(plan, components=comp, device="cpu", engine=eng)
+        with AuditStore(res.db_path, read_only=True) as s:
+            scores.append([r["clip_score"] for r in s.query(
+                "SELECT clip_score FROM generations ORDER BY id")])
+            assert json.loads(s.run()["settings_json"])["engine"]["name"] == name
+    assert len(scores[0]) == 8 and all(v is not None for v in scores[1])
+    np.testing.assert_allclose(scores[1], scores[0], atol=1e-4)
+
+
 def plan_index(db):
     from memaudit.index import TrainingIndex
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from memaudit.audit.components import Components, default_components
 from memaudit.audit.plan import Plan, ScreenSpec, check_plan_outputs, plan_difference
-from memaudit.common import UserError, package_versions, progress_bar, resolve_device
+from memaudit.common import UserError, package_versions, progress_bar
 from memaudit.generate import save_png
 from memaudit.guidance.base import check_supported
 from memaudit.models.resolution import finer_than_model, output_size
@@ -91,10 +91,108 @@ def set_threads(threads: int) -> int:
     return torch.get_num_threads()
 
 
+# --- what computing a unit needs ------------------------------------------------------------
+@dataclass
+class UnitContext:
+    """The model, criteria and methods of a plan, built once per worker (and on the driver)."""
+
+    comp: Components
+    model: Any
+    index: Any
+    criteria: dict[str, Any]
+    methods: dict[str, Any]
+    guide_crit_name: str
+    steps: int
+    scale: float
+    scheduler: str
+    use_alignment: bool
+    out: Path
+    neighbour_cache: dict[int, dict[str, Any]]
+    clip_scores: Callable[[Any, list[str]], list[float | None]] | None = None
+
+
+def build_context(plan: Plan, comp: Components, device: str, *, model: Any = None,
+                  index: Any = None, methods: dict[str, Any] | None = None,
+                  quality: Any = None) -> UnitContext:
+    """The model, index, criteria and methods of a plan: what the driver already loaded, the
+    rest loaded here (a worker loads its own replica; a bad name fails early)."""
+    model = (comp.load_model(plan.model, device, **plan.model_options()) if model is None
+             else model)
+    if index is None:
+        index = comp.open_index(plan.index,
+                                **({"weights": plan.weights} if plan.weights else {}))
+    if methods is None:
+        methods = {spec: comp.make_method(spec, plan.params) for spec in plan.methods}
+    criteria = {name: comp.make_criterion(name, index) for name in plan.criteria}
+    steps = plan.steps if plan.steps is not None else getattr(model, "default_steps", 50)
+    scale = plan.guidance_scale
+    if scale is None:
+        scale = getattr(model, "default_guidance_scale", 7.5)
+    guide_crit_name = plan.guidance_criterion or plan.criteria[0]
+    if guide_crit_name not in criteria:
+        criteria[guide_crit_name] = comp.make_criterion(guide_crit_name, index)
+    use_alignment = comp.alignment is not None and (
+        plan.alignment == "digits"
+        or (plan.alignment == "auto" and "canary" in type(model).__name__.lower()))
+    clip = quality.clip_scores if quality is not None else _worker_clip(plan, comp, device)
+    scheduler = plan.scheduler or getattr(model, "default_scheduler", "ddim")
+    return UnitContext(comp, model, index, criteria, methods, guide_crit_name, steps, scale,
+                       scheduler, use_alignment, plan.out_dir, {}, clip)
+
+
+def _worker_clip(plan: Plan, comp: Components, device: str):
+    """A worker's CLIP scorer for the plan's `[quality]` (the driver keeps KID/FD)."""
+    q = plan.quality
+    if comp.quality is None or q is None or not q.clip_model:
+        return None
+    from memaudit.quality.clipscore import ClipScorer
+
+    clip = ClipScorer(q.clip_model, q.clip_pretrained, q.clip_model_config, device=device)
+    return lambda images, prompts: [float(v) for v in clip.score(images, prompts)]
+
+
+@dataclass
+class GenerationItem:
+    """One unit of work: one method over one batch of (prompt, seed) pairs."""
+
+    unit: str
+    method: str
+    batch: list[tuple[str, int]]
+    prompt_ids: dict[str, int]
+    img_dir: str
+    screen: dict[str, Any] | None = None  # the run's screening, for `auto` (use_screen kwargs)
+
+
+@dataclass
+class ScreenItem:
+    unit: str
+    spec: ScreenSpec
+    texts: list[str]
+    labels: dict[str, str | None]
+
+
+class UnitFactory:
+    """The engines' worker factory for audits: `factory(device)` builds a `UnitContext` (one
+    model replica) and returns `worker(item) -> result`; the driver commits the results. In
+    this process it reuses the driver's context, which is not pickled."""
+
+    def __init__(self, plan: Plan, comp: Components, ctx: UnitContext | None = None):
+        self.plan, self.comp, self.ctx = plan, comp, ctx
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "ctx": None}
+
+    def __call__(self, device: str) -> Callable[[Any], dict[str, Any]]:
+        ctx = self.ctx or build_context(self.plan, self.comp, device)
+        return lambda item: (_compute_screen(ctx, item) if isinstance(item, ScreenItem)
+                             else _compute_generation(ctx, item))
+
+
 # --- the runner ---------------------------------------------------------------------------
 def run_audit(plan: Plan, *, new_run: bool = False, device: str | None = None,
               components: Components | None = None,
-              log: Callable[[str], None] | None = None) -> AuditResult:
+              log: Callable[[str], None] | None = None, engine: Any = "local",
+              address: str | None = None, actors: int | None = None) -> AuditResult:
     """Run (or resume) the audit a plan describes; returns the run id and the DB path.
 
     Everything that can be checked is checked before the database is written: the plan
@@ -102,28 +200,43 @@ def run_audit(plan: Plan, *, new_run: bool = False, device: str | None = None,
     and the criteria over it, the prompts. A run an error ends part-way is marked `failed`;
     the same plan resumes it, a changed plan starts a new run beside it (as it does over a
     killed run, still marked `running`). A finished run is only ever extended by the same
-    plan, or superseded with `new_run`."""
+    plan, or superseded with `new_run`.
+
+    `engine` ("local", "ray" or an engine object, see memaudit.engine) decides where the
+    units are computed; this process commits each finished unit, in unit order."""
+    from memaudit.engine import make_engine
+
+    check_plan_outputs(plan)  # again: files may have moved since the plan was read
+    eng = (make_engine(engine, address, actors, device or plan.device)
+           if isinstance(engine, str) else engine)
+    try:
+        return _run_audit(plan, eng, new_run, components, log)
+    finally:
+        if isinstance(engine, str):
+            eng.close()
+
+
+def _run_audit(plan: Plan, eng: Any, new_run: bool, components: Components | None,
+               log: Callable[[str], None] | None) -> AuditResult:
     t_start = time.perf_counter()
     comp = components or default_components()
     log = log or (lambda s: None)
-    device = resolve_device(device or plan.device)
-    check_plan_outputs(plan)  # again: files may have moved since the plan was read
+    local = eng.name == "local"
+    device = eng.worker_device()
     out = plan.out_dir
     kill_after = int(os.environ.get(KILL_ENV, "0") or 0)
     kill_mid = int(os.environ.get(KILL_BEFORE_COMMIT_ENV, "0") or 0)
+    # with Ray the driver's copy (names, hashes, thresholds, quality) stays on the CPU; the
+    # actors load their own replicas
+    drv = device if local else "cpu"
 
     # 1. model and methods (the model's output size decides a built pixel index's size)
-    model = comp.load_model(plan.model, device, **plan.model_options())
+    model = comp.load_model(plan.model, drv, **plan.model_options())
     methods = {spec: comp.make_method(spec, plan.params) for spec in plan.methods}
     for spec, g in methods.items():
         check_supported(g, model, spec)
-    scheduler = plan.scheduler or getattr(model, "default_scheduler", "ddim")
     for note in getattr(model, "notes", []):
         log(f"model: {note}")
-    steps = plan.steps if plan.steps is not None else getattr(model, "default_steps", 50)
-    scale = plan.guidance_scale
-    if scale is None:
-        scale = getattr(model, "default_guidance_scale", 7.5)
     n_sched = int(getattr(model, "default_steps", 50))
     if plan.screen is not None and plan.screen.steps > n_sched:
         raise UserError(f"plan: [screen] steps = {plan.screen.steps} exceeds the model's "
@@ -152,7 +265,7 @@ def run_audit(plan: Plan, *, new_run: bool = False, device: str | None = None,
             + (f", compared at the model's output size {size_from_model[0]}x"
                f"{size_from_model[1]}" if size_from_model else "") + ")")
         comp.build_index(source, embedder, plan.index, factory=factory, device=device,
-                         embedder_opts=opts, **b)
+                         embedder_opts=opts, **b, **({} if local else {"engine": eng}))
     if not Path(plan.index).exists():
         raise UserError(f"index {plan.index} not found")
     index = comp.open_index(plan.index, **({"weights": plan.weights} if plan.weights else {}))
@@ -160,15 +273,12 @@ def run_audit(plan: Plan, *, new_run: bool = False, device: str | None = None,
     if warning:
         log(f"warning: {warning}")
     ihash = index_hash(index, plan.index)
-    criteria = {name: comp.make_criterion(name, index) for name in plan.criteria}
-    guide_crit_name = plan.guidance_criterion or plan.criteria[0]
-    if guide_crit_name not in criteria:
-        criteria[guide_crit_name] = comp.make_criterion(guide_crit_name, index)
-    use_alignment = comp.alignment is not None and (
-        plan.alignment == "digits"
-        or (plan.alignment == "auto" and "canary" in type(model).__name__.lower()))
-    quality = (comp.quality(plan.quality, index, model, device, log)
+    quality = (comp.quality(plan.quality, index, model, drv, log)
                if plan.quality is not None and comp.quality is not None else None)
+    ctx = build_context(plan, comp, drv, model=model, index=index, methods=methods,
+                        quality=quality)
+    criteria, steps, scale, scheduler = ctx.criteria, ctx.steps, ctx.scale, ctx.scheduler
+    guide_crit_name = ctx.guide_crit_name
 
     out.mkdir(parents=True, exist_ok=True)
     store = AuditStore(plan.db_path)
@@ -184,7 +294,8 @@ def run_audit(plan: Plan, *, new_run: bool = False, device: str | None = None,
                     "guidance_criterion": guide_crit_name,
                     "index_size_from_model": size_from_model,
                     "index_manifest": getattr(index, "manifest", None),
-                    "quality": quality.settings() if quality else None}
+                    "quality": quality.settings() if quality else None,
+                    "engine": eng.describe()}
         with store.transaction():
             if run_id is None:
                 run_id = store.add_run(
@@ -213,24 +324,46 @@ def run_audit(plan: Plan, *, new_run: bool = False, device: str | None = None,
         if quality is not None:  # after every generation unit of the method
             units += [(f"quality|{m}", m, -1) for m in plan.methods]
         todo = [u for u in units if u[0] not in done]
+        labels = {t: lab for t, _, lab in records}
+        autos = any(hasattr(g, "use_screen") for g in methods.values())
         n_committed = 0
-        neighbour_cache: dict[int, dict[str, Any]] = {}
-        img_dir = out / "images" / f"run{run_id}"
+        work = UnitFactory(plan, comp, ctx if local else None)
+
+        def item_of(unit: str, method: str, bi: int) -> Any:
+            if unit.startswith("screen"):
+                return ScreenItem(unit, plan.screen, texts, labels)
+            return GenerationItem(unit, method, batches[bi],
+                                  {t: prompt_ids[t] for t, _ in batches[bi]},
+                                  f"images/run{run_id}",
+                                  _screen_binding(store, run_id, plan.screen) if autos else None)
+
+        # generation and screening on the engine's workers, in phases: the screening unit
+        # first when `auto` decides with its scores (committed before any generation unit is
+        # handed out), then the generation units; quality (reads the committed images back)
+        # here, last
+        first = [u for u in todo if u[0].startswith("screen")] if autos else []
+        rest = [u for u in todo if u not in first and not u[0].startswith("quality")]
+        quality_units = [(unit, method) for unit, method, _ in todo
+                         if unit.startswith("quality")]
         with progress_bar("audit", total=len(todo), unit="units") as advance:
-            for unit, method, bi in todo:
-                if unit.startswith("screen"):
-                    _screen_unit(store, comp, model, plan.screen, run_id, texts, records,
-                                 prompt_ids, unit, kill_mid and n_committed + 1 >= kill_mid)
-                elif unit.startswith("quality"):
-                    assert quality is not None
-                    quality.unit(store, run_id, method, out, unit)
-                else:
-                    _bind_screen(store, run_id, plan.screen, methods[method])
-                    _generation_unit(
-                        store, comp, model, run_id, unit, method, methods[method],
-                        batches[bi], prompt_ids, criteria, criteria[guide_crit_name], index,
-                        neighbour_cache, img_dir, out, steps, scale, scheduler,
-                        use_alignment, kill_mid and n_committed + 1 >= kill_mid, quality)
+            for phase in (first, rest):
+                items = [item_of(*u) for u in phase]
+                for item, result in zip(items, eng.map(work, items), strict=True):
+                    if kill_mid and n_committed + 1 >= kill_mid:
+                        os._exit(4)  # test hook: the unit's images are written, its rows not
+                    with store.transaction():
+                        if isinstance(item, ScreenItem):
+                            _commit_screen(store, run_id, item, result, prompt_ids)
+                        else:
+                            _commit_generation(store, run_id, item, result)
+                        store.mark_unit(run_id, item.unit)
+                    n_committed += 1
+                    advance(1)
+                    if kill_after and n_committed >= kill_after:
+                        os._exit(3)
+            for unit, method in quality_units:
+                assert quality is not None
+                quality.unit(store, run_id, method, out, unit)
                 n_committed += 1
                 advance(1)
                 if kill_after and n_committed >= kill_after:
@@ -285,103 +418,119 @@ def _mark_failed(store: AuditStore, run_id: int, log: Callable[[str], None]) -> 
         pass
 
 
-def _generation_unit(store: AuditStore, comp: Components, model: Any, run_id: int, unit: str,
-                     method: str, guidance: Any, batch: list[tuple[str, int]],
-                     prompt_ids: dict[str, int], criteria: dict[str, Any], guide_crit: Any,
-                     index: Any, neighbour_cache: dict[int, dict[str, Any]], img_dir: Path,
-                     out: Path, steps: int, scale: float, scheduler: str, use_alignment: bool,
-                     kill_mid: bool, quality: Any = None) -> None:
-    """Generate one batch with one method, score it, commit it (METHODS 1, 3)."""
+def _compute_generation(ctx: UnitContext, item: GenerationItem) -> dict[str, Any]:
+    """Generate one batch with one method, write its images, score them (METHODS 1, 3)."""
+    comp, batch = ctx.comp, item.batch
+    guidance = ctx.methods[item.method]
+    guide_crit = ctx.criteria[ctx.guide_crit_name]
+    if item.screen is not None and hasattr(guidance, "use_screen") and guidance.screen is None:
+        guidance.use_screen(**item.screen)
     prompts = [t for t, _ in batch]
     seeds = [s for _, s in batch]
-    res = comp.sample(model, prompts, seeds, guidance, steps=steps, guidance_scale=scale,
-                      scheduler=scheduler,
+    res = comp.sample(ctx.model, prompts, seeds, guidance, steps=ctx.steps,
+                      guidance_scale=ctx.scale, scheduler=ctx.scheduler,
                       criterion=guide_crit if getattr(guidance, "needs_criterion", False)
                       or getattr(guidance, "uses_criterion", False) else None)
     images = res.images
     b = len(prompts)
     paths = []
     for i, (t, s) in enumerate(batch):
-        rel = Path("images") / img_dir.name / _slug(method) / f"p{prompt_ids[t]}_s{s}.png"
-        save_png(images[i], out / rel)
+        rel = Path(item.img_dir) / _slug(item.method) / f"p{item.prompt_ids[t]}_s{s}.png"
+        save_png(images[i], ctx.out / rel)
         paths.append(rel.as_posix())
-    scores = {name: c.score(images) for name, c in criteria.items()}
-    finals = list(getattr(res, "prompts", None) or prompts)
-    align = comp.alignment(model, prompts, images) if use_alignment and comp.alignment \
-        else [None] * b
-    clip = quality.clip_scores(images, prompts) if quality is not None else [None] * b
-    unet = _per_image(getattr(res, "unet_rows", None), b)
-    wall = float(getattr(res, "wall_seconds", 0.0) or 0.0)  # per image (SampleOutput)
-    trace = list(getattr(res, "trace", None) or [])
-    if kill_mid:
-        os._exit(4)
-    with store.transaction():
-        gids = []
-        for i, (t, s) in enumerate(batch):
-            gid = store.add_generation(
-                run_id=run_id, prompt_id=prompt_ids[t], method=method, seed=s,
-                image_path=paths[i], guidance_scale=scale, steps=steps, wall_seconds=wall,
-                unet_calls=unet[i], final_prompt=finals[i], alignment=align[i],
-                clip_score=clip[i], extra=_record(guidance, t, s))
-            gids.append(gid)
-            for name, sc in scores.items():
-                crit = criteria[name]
-                row = int(sc.neighbour[i]) if sc.neighbour is not None else None
-                info = _neighbour_info(index, row, neighbour_cache) if row is not None else {}
-                cal = None if sc.is_copy_calibrated is None else bool(sc.is_copy_calibrated[i])
-                store.add_match(
-                    generation_id=gid, criterion=name, score=float(sc.score[i]),
-                    higher_is_more_similar=bool(crit.higher_is_more_similar),
-                    is_copy=bool(sc.is_copy[i]), is_copy_calibrated=cal,
-                    threshold=getattr(crit, "threshold", None),
-                    calibrated_threshold=getattr(crit, "calibrated_threshold", None),
-                    neighbour_row=row, neighbour_key=_opt_str(info.get("key")),
-                    neighbour_caption=_opt_str(info.get("caption")),
-                    dup_count=_opt_int(info.get("group_count", info.get("dup_count"))),
-                    extra={k: np.asarray(v)[i] for k, v in (sc.extra or {}).items()})
-        store.add_steps(gids, trace)
-        store.mark_unit(run_id, unit)
+    scores = {name: c.score(images) for name, c in ctx.criteria.items()}
+    crit_info = {name: {"higher": bool(c.higher_is_more_similar),
+                        "threshold": getattr(c, "threshold", None),
+                        "calibrated_threshold": getattr(c, "calibrated_threshold", None)}
+                 for name, c in ctx.criteria.items()}
+    neighbours = {name: [_neighbour_info(ctx.index, int(r), ctx.neighbour_cache)
+                         for r in sc.neighbour] if sc.neighbour is not None else None
+                  for name, sc in scores.items()}
+    return {
+        "paths": paths, "scores": scores, "criteria": crit_info, "neighbours": neighbours,
+        "finals": list(getattr(res, "prompts", None) or prompts),
+        "align": (comp.alignment(ctx.model, prompts, images)
+                  if ctx.use_alignment and comp.alignment else [None] * b),
+        "clip": ctx.clip_scores(images, prompts) if ctx.clip_scores else [None] * b,
+        "unet": _per_image(getattr(res, "unet_rows", None), b),
+        "wall": float(getattr(res, "wall_seconds", 0.0) or 0.0),  # per image (SampleOutput)
+        "trace": list(getattr(res, "trace", None) or []),
+        "steps": ctx.steps, "scale": ctx.scale,
+        "extra": [_record(guidance, t, s) for t, s in batch],
+    }
 
 
-def _screen_unit(store: AuditStore, comp: Components, model: Any, spec: ScreenSpec | None,
-                 run_id: int, texts: list[str], records: list[tuple[str, str, str | None]],
-                 prompt_ids: dict[str, int], unit: str, kill_mid: bool) -> None:
+def _commit_generation(store: AuditStore, run_id: int, item: GenerationItem,
+                       r: dict[str, Any]) -> None:
+    """The rows of one computed generation unit (inside the caller's transaction)."""
+    gids = []
+    for i, (t, s) in enumerate(item.batch):
+        gid = store.add_generation(
+            run_id=run_id, prompt_id=item.prompt_ids[t], method=item.method, seed=s,
+            image_path=r["paths"][i], guidance_scale=r["scale"], steps=r["steps"],
+            wall_seconds=r["wall"], unet_calls=r["unet"][i], final_prompt=r["finals"][i],
+            alignment=r["align"][i], clip_score=r["clip"][i], extra=r["extra"][i])
+        gids.append(gid)
+        for name, sc in r["scores"].items():
+            crit = r["criteria"][name]
+            row = int(sc.neighbour[i]) if sc.neighbour is not None else None
+            info = r["neighbours"][name][i] if row is not None else {}
+            cal = None if sc.is_copy_calibrated is None else bool(sc.is_copy_calibrated[i])
+            store.add_match(
+                generation_id=gid, criterion=name, score=float(sc.score[i]),
+                higher_is_more_similar=crit["higher"], is_copy=bool(sc.is_copy[i]),
+                is_copy_calibrated=cal, threshold=crit["threshold"],
+                calibrated_threshold=crit["calibrated_threshold"],
+                neighbour_row=row, neighbour_key=_opt_str(info.get("key")),
+                neighbour_caption=_opt_str(info.get("caption")),
+                dup_count=_opt_int(info.get("group_count", info.get("dup_count"))),
+                extra={k: np.asarray(v)[i] for k, v in (sc.extra or {}).items()})
+    store.add_steps(gids, r["trace"])
+
+
+def _compute_screen(ctx: UnitContext, item: ScreenItem) -> dict[str, Any]:
     """Wen et al. screening of every prompt (METHODS 2); threshold fixed or calibrated."""
-    assert spec is not None
-    scores = np.asarray(comp.screen_prompts(model, texts, steps=spec.steps, seeds=spec.seeds,
-                                            score=spec.score or None,
+    spec, comp = item.spec, ctx.comp
+    scores = np.asarray(comp.screen_prompts(ctx.model, item.texts, steps=spec.steps,
+                                            seeds=spec.seeds, score=spec.score or None,
                                             params=spec.params or None),
                         dtype=float).reshape(-1)
     threshold = spec.threshold
     if threshold is None and spec.clean_label:
-        labels = {t: lab for t, _, lab in records}
-        clean = np.array([s for t, s in zip(texts, scores, strict=True)
-                          if labels.get(t) == spec.clean_label])
+        clean = np.array([s for t, s in zip(item.texts, scores, strict=True)
+                          if item.labels.get(t) == spec.clean_label])
         if clean.size == 0:
             raise UserError(f"plan: [screen] clean_label {spec.clean_label!r} matches no prompt")
         threshold = float(comp.calibrate_threshold(clean, spec.fpr))
-    if kill_mid:
-        os._exit(4)
-    with store.transaction():
-        for t, s in zip(texts, scores, strict=True):
-            store.add_screen(run_id=run_id, prompt_id=prompt_ids[t], score=float(s),
-                             steps=spec.steps, seeds=spec.seeds, threshold=threshold,
-                             flagged=None if threshold is None else bool(s > threshold))
-        store.mark_unit(run_id, unit)
+    return {"scores": scores, "threshold": threshold}
 
 
-def _bind_screen(store: AuditStore, run_id: int, spec: ScreenSpec | None, guidance: Any) -> None:
-    """Hand `auto` the run's screening (scores and threshold from the screening unit)."""
-    if spec is None or not hasattr(guidance, "use_screen") or guidance.screen is not None:
-        return
+def _commit_screen(store: AuditStore, run_id: int, item: ScreenItem, r: dict[str, Any],
+                   prompt_ids: dict[str, int]) -> None:
+    spec, threshold = item.spec, r["threshold"]
+    for t, s in zip(item.texts, r["scores"], strict=True):
+        store.add_screen(run_id=run_id, prompt_id=prompt_ids[t], score=float(s),
+                         steps=spec.steps, seeds=spec.seeds, threshold=threshold,
+                         flagged=None if threshold is None else bool(s > threshold))
+
+
+def _screen_binding(store: AuditStore, run_id: int, spec: ScreenSpec | None
+                    ) -> dict[str, Any] | None:
+    """The run's screening (scores and threshold of the committed screening unit) as
+    `auto`'s `use_screen` arguments; None without a plan [screen] or before it ran."""
+    if spec is None:
+        return None
     rows = store.query("SELECT p.text AS prompt, s.score, s.threshold FROM screens s "
                        "JOIN prompts p ON p.id = s.prompt_id WHERE s.run_id = ? "
                        "AND s.steps = ? AND s.seeds = ?", [run_id, spec.steps, spec.seeds])
+    if not rows:
+        return None
     thr = next((r["threshold"] for r in rows if r["threshold"] is not None), None)
     how = "plan [screen] " + ("threshold" if spec.threshold is not None else
                               f"calibrated on label {spec.clean_label!r} at FPR {spec.fpr:g}")
-    guidance.use_screen({r["prompt"]: r["score"] for r in rows}, thr, spec.score or "",
-                        spec.seeds, spec.steps, how)
+    return {"scores": {r["prompt"]: r["score"] for r in rows}, "threshold": thr,
+            "score": spec.score or "", "seeds": spec.seeds, "steps": spec.steps,
+            "source": how}
 
 
 def _record(guidance: Any, prompt: str, seed: int) -> dict[str, Any] | None:

@@ -31,6 +31,12 @@ def audit_cmd(
                                          help="Its local checkpoint file (never downloaded)."),
     inception: Path = typer.Option(None, "--inception", help="FID's Inception-v3 weights file: "
                                    "KID / FD in Inception features (sets [quality] inception)."),
+    engine: str = typer.Option("local", "--engine",
+                               help="Where units run: local, or ray (memaudit[ray])."),
+    address: str = typer.Option(None, "--address", help="ray: auto or HOST:PORT of a running "
+                                "cluster (default: a local instance)."),
+    actors: int = typer.Option(None, "--actors", help="ray: model replicas (default: one "
+                               "per GPU, else one per CPU)."),
 ) -> None:
     """Run (or resume) a whole audit: generate, detect, screen, quality -> OUT/audit.duckdb."""
     from memaudit.audit import load_plan, run_audit, set_threads
@@ -48,7 +54,8 @@ def audit_cmd(
                 setattr(p.quality, k, str(v.resolve()) if isinstance(v, Path) else v)
         if bool(p.quality.clip_model) != bool(p.quality.clip_pretrained):
             raise UserError("--clip-model and --clip-pretrained (a local checkpoint) go together")
-    res = run_audit(p, new_run=new_run, device=device, log=_log)
+    res = run_audit(p, new_run=new_run, device=device, log=_log, engine=engine,
+                    address=address, actors=actors)
     print(f"run {res.run_id}: {res.units_done} units done, {res.units_skipped} already done, "
           f"{res.seconds:.1f} s")
     print(f"database: {res.db_path}")

@@ -35,6 +35,17 @@ def build(
     calibrate: bool = typer.Option(None, "--calibrate/--no-calibrate",
                                    help="score a sample against the rest (METHODS 1.2)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing DIR"),
+    faiss_params: str = typer.Option(None, "--faiss-params",
+                                     help="search parameters kept in the manifest, e.g. "
+                                     "nprobe=32 for IVF factories"),
+    rerank: int = typer.Option(None, "--rerank", help="compressed factories (PQ, SQ): "
+                               "candidates re-scored with the exact vectors [100]"),
+    engine: str = typer.Option("local", "--engine", help="local, or ray (memaudit[ray])"),
+    address: str = typer.Option(None, "--address",
+                                help="ray: auto or HOST:PORT of a running cluster "
+                                "[a local instance]"),
+    actors: int = typer.Option(None, "--actors",
+                               help="ray: model replicas [one per GPU, else per CPU]"),
 ) -> None:
     """Build DIR/{index.faiss, items.parquet, manifest.json} from a training set or recipe."""
     from memaudit.common import UserError
@@ -54,7 +65,8 @@ def build(
     for k, v in {"embedder": embedder, "out": out, "factory": factory, "device": device,
                  "batch_size": batch_size, "shard_rows": shard_rows, "workers": workers,
                  "image_col": image_col, "caption_col": caption_col, "key_col": key_col,
-                 "calibrate": calibrate}.items():
+                 "calibrate": calibrate, "faiss_params": faiss_params,
+                 "rerank": rerank}.items():
         if v is not None:
             kwargs[k] = v
     if overwrite:
@@ -63,7 +75,8 @@ def build(
         raise UserError("--embedder is required (pixels, sscd or clip)")
     if "out" not in kwargs:
         raise UserError("--out is required")
-    path = build_index(embedder_opts=opts, **kwargs)
+    path = build_index(embedder_opts=opts, engine=engine, address=address, actors=actors,
+                       **kwargs)
     _print_summary(path)
 
 
@@ -189,6 +202,19 @@ def bench(
 
     run_bench(rows=rows, batch_size=batch_size, mem_rows=tuple(mem_rows), device=device,
               memory=not skip_memory, throughput=not skip_throughput, repeat=repeat)
+
+
+@index_app.command("bench-rerank")
+def bench_rerank(
+    n: int = typer.Option(100_000, "--n", help="synthetic training vectors"),
+    queries: int = typer.Option(2000, "--queries", help="half near-copies, half fresh"),
+    train_sample: int = typer.Option(25_000, "--train-sample",
+                                     help="vectors the IVF-PQ is trained on"),
+) -> None:
+    """Compressed index + exact re-ranking vs Flat: recall@1 and copy verdicts (sscd, nl2)."""
+    from memaudit.index.bench_rerank import run_bench_rerank
+
+    run_bench_rerank(n=n, queries=queries, train_sample=train_sample)
 
 
 def register(app: typer.Typer) -> None:

@@ -24,6 +24,7 @@ import torch
 
 from memaudit.common import UserError
 from memaudit.criteria.base import Criterion
+from memaudit.index.training_index import is_lossy_factory
 
 #: Above this many floats (ngroups * dim) the group vectors are not copied into torch.
 TORCH_FAST_MAX = 16_000_000
@@ -125,6 +126,8 @@ class GroupVectors:
         if self.fast:
             mat, _ = self.matrix("cpu")
             return mat[torch.from_numpy(ids.reshape(-1))].numpy().reshape(*ids.shape, self.dim)
+        if hasattr(self.index, "vectors"):  # TrainingIndex: exact even for PQ (vectors.npy)
+            return np.asarray(self.index.vectors(ids), np.float32)
         try:
             flat = self.index.index.reconstruct_batch(ids.reshape(-1))
         except RuntimeError:
@@ -199,13 +202,15 @@ class IndexCriterion(Criterion):
         self.groups = GroupVectors(index)
         self.dim = self.groups.dim
         factory = str(index.manifest.get("factory") or "Flat")
-        #: True when the index stores compressed vectors (PQ/SQ...): distances are then
-        #: computed to reconstructions, not to the training images themselves.
-        self.lossy = not factory.replace(" ", "").upper().endswith(("FLAT", "IDMAP,FLAT"))
-        if self.lossy and not self.higher_is_more_similar:
-            warnings.warn(f"{self.name} on a {factory} index compares images with compressed "
-                          "vectors; build pixel indexes with the default Flat factory for exact "
-                          "distances", stacklevel=3)
+        #: True when scores would come from compressed vectors (a PQ/SQ index without its
+        #: exact vectors.npy, e.g. an imported one); built indexes keep the exact vectors
+        #: and re-rank, so candidates are scored exactly (docs/index-format.md).
+        self.lossy = (is_lossy_factory(factory)
+                      and getattr(index, "exact_vectors", None) is None)
+        if self.lossy:
+            warnings.warn(f"{self.name} on a {factory} index without exact vectors compares "
+                          "images with compressed vectors; rebuild it with `memaudit index "
+                          "build` (which keeps vectors.npy) for exact scores", stacklevel=3)
 
     # -- verdict helpers --
     def verdicts(self, score: np.ndarray, rows: np.ndarray,

@@ -120,12 +120,18 @@ def count_rows(source: str | Path) -> int:
 def iter_training_batches(source: str | Path, image_col: str | None = None,
                           caption_col: str | None = None, key_col: str | None = None,
                           batch_rows: int = 256, start_row: int = 0,
-                          stop_row: int | None = None) -> Iterator[list[TrainingRow]]:
+                          stop_row: int | None = None, files: list[Path] | None = None,
+                          counts: list[int] | None = None) -> Iterator[list[TrainingRow]]:
     """Stream lists of `TrainingRow` (at most `batch_rows` each) for global rows
-    [start_row, stop_row). Files and row groups wholly before `start_row` are not read."""
-    files = resolve_sources(source)
+    [start_row, stop_row). Files and row groups wholly before `start_row` are not read.
+    `files` (and their row `counts`) given: `source` is not listed again, and files before
+    `start_row` are not even opened (one shard of a build over many files)."""
+    files = resolve_sources(source) if files is None else files
     offset = 0  # global row number of the first row of the current file
-    for path in files:
+    for i, path in enumerate(files):
+        if counts is not None and offset + counts[i] <= start_row:
+            offset += counts[i]
+            continue
         pf = _open(path)
         n = pf.metadata.num_rows
         if stop_row is not None and offset >= stop_row:

@@ -15,14 +15,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
-import queue
 import shutil
-import threading
 import time
-from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -33,26 +28,25 @@ import pyarrow.parquet as pq
 
 from memaudit.common import UserError, package_versions, progress_bar
 from memaudit.data.parquet import (
-    decode_image,
     file_row_counts,
     image_size,
     iter_training_batches,
     resolve_sources,
 )
 from memaudit.index.output import check_index_out, remove_partial
+from memaudit.index.shards import ShardFactory, ShardSpec, last_build_stats, shard_paths
 from memaudit.index.training_index import (
     INDEX_FILE,
     ITEMS_FILE,
     MANIFEST_FILE,
+    VECTORS_FILE,
     TrainingIndex,
+    is_lossy_factory,
     publish_dir,
     write_json_atomic,
 )
 
 FORMAT_VERSION = 1
-#: timings of the last build in this process (read by `memaudit index bench`): seconds the
-#: model loop waited for decoded batches, and seconds spent in the model
-last_build_stats: dict[str, float] = {}
 #: test hook: os._exit right after this shard number has been saved
 EXIT_AFTER_SHARD_ENV = "MEMAUDIT_INDEX_EXIT_AFTER_SHARD"
 
@@ -78,9 +72,27 @@ def make_faiss_index(dim: int, factory: str, metric: str):
     import faiss
 
     try:
-        return faiss.index_factory(dim, factory, faiss_metric(metric))
+        index = faiss.index_factory(dim, factory, faiss_metric(metric))
     except RuntimeError as e:
         raise UserError(f"bad faiss factory string {factory!r} for dim {dim}: "
+                        f"{str(e).strip().splitlines()[-1]}") from e
+    # PQ codes are trained "polysemous" by default: a centroid reordering that only Hamming
+    # pre-filtering uses (never done here) and that took 250 s of 265 s training IVF256,PQ64
+    # on 5,000 vectors (2-core machine); distances are the same without it
+    inner = faiss.downcast_index(faiss.try_extract_index_ivf(index) or index)
+    if getattr(inner, "do_polysemous_training", False):
+        inner.do_polysemous_training = False
+    return index
+
+
+def set_faiss_params(index, params: str) -> None:
+    """Apply search-time parameters such as "nprobe=16" (faiss ParameterSpace syntax)."""
+    import faiss
+
+    try:
+        faiss.ParameterSpace().set_index_parameters(index, params)
+    except RuntimeError as e:
+        raise UserError(f"bad faiss parameters {params!r}: "
                         f"{str(e).strip().splitlines()[-1]}") from e
 
 
@@ -97,166 +109,6 @@ def common_image_size(source, image_col=None, caption_col=None, key_col=None) ->
             elif s != seen:
                 return None
     return None if seen is None else [seen[1], seen[0]]
-
-
-def _pixel_hash(t) -> bytes:
-    h = hashlib.blake2b(digest_size=16)
-    h.update(repr(tuple(t.shape)).encode())
-    h.update(t.contiguous().numpy().tobytes())
-    return h.digest()
-
-
-def _prepare(embedder, rows) -> list[tuple[Any, Any, str | None, bytes, bytes]]:
-    """Worker thread: decode + preprocess + hash one batch of rows."""
-    out = []
-    for r in rows:
-        content = hashlib.sha256(r.image_bytes or b"").digest()
-        img, reason = decode_image(r.image_bytes)
-        t = None
-        phash = b""
-        if img is not None:
-            try:
-                t = embedder.preprocess(img)
-                phash = _pixel_hash(t)
-            except Exception:
-                t, reason = None, "undecodable"
-        out.append((r, t, reason, phash, content))
-    return out
-
-
-def prepared_batches(embedder, batches: Iterator[list], workers: int,
-                     prefetch: int) -> Iterator[list]:
-    """Read in a producer thread, decode/preprocess in `workers` threads, yield in order with
-    up to `prefetch` batches ready ahead of the consumer (the model)."""
-    q: queue.Queue[Future | BaseException | None] = queue.Queue(maxsize=max(1, prefetch))
-    stop = threading.Event()
-
-    with ThreadPoolExecutor(max_workers=max(1, workers),
-                            thread_name_prefix="memaudit-decode") as ex:
-        def produce() -> None:
-            try:
-                for b in batches:
-                    if stop.is_set():
-                        return
-                    q.put(ex.submit(_prepare, embedder, b))
-                q.put(None)
-            except BaseException as e:  # surfaced in the consumer
-                q.put(e)
-
-        th = threading.Thread(target=produce, daemon=True, name="memaudit-read")
-        th.start()
-        try:
-            while True:
-                t0 = time.perf_counter()
-                item = q.get()
-                if item is None:
-                    break
-                if isinstance(item, BaseException):
-                    raise item
-                res = item.result()
-                last_build_stats["wait_s"] = (last_build_stats.get("wait_s", 0.0)
-                                              + time.perf_counter() - t0)
-                yield res
-        finally:
-            stop.set()
-            while th.is_alive():
-                try:
-                    q.get(timeout=0.05)
-                except queue.Empty:
-                    pass
-            th.join()
-
-
-class _Shard:
-    def __init__(self, k: int):
-        self.k = k
-        self.items: list[tuple[str, str, str, int]] = []
-        self.tensors: list = []  # preprocessed, waiting for a full model batch
-        self.emb_parts: list[np.ndarray] = []
-        self.shape_counts: dict[tuple[int, ...], int] = {}
-        self.hashes: list[bytes] = []
-        self.skipped: list[dict[str, Any]] = []
-        self.digest = hashlib.sha256()
-
-    def flush(self, embedder, batch_size: int) -> None:
-        """Run the model on the waiting tensors."""
-        if self.tensors:
-            t0 = time.perf_counter()
-            self.emb_parts.append(embedder.embed_list(self.tensors, batch_size))
-            last_build_stats["model_s"] = (last_build_stats.get("model_s", 0.0)
-                                           + time.perf_counter() - t0)
-            self.tensors = []
-            self.shape_counts = {}
-
-
-def _shard_paths(partial: Path, k: int) -> dict[str, Path]:
-    base = partial / f"shard_{k:06d}"
-    return {"emb": base.with_suffix(".emb.npy"), "hash": base.with_suffix(".hash.npy"),
-            "items": base.with_suffix(".items.parquet"), "done": base.with_suffix(".json")}
-
-
-def _save_shard(partial: Path, shard: _Shard, embedder, batch_size: int) -> None:
-    p = _shard_paths(partial, shard.k)
-    shard.flush(embedder, batch_size)
-    emb = (np.concatenate(shard.emb_parts) if shard.emb_parts
-           else np.zeros((0, embedder.dim), np.float32))
-    hashes = (np.frombuffer(b"".join(shard.hashes), dtype=np.uint8).reshape(-1, 16)
-              if shard.hashes else np.zeros((0, 16), np.uint8))
-    for name, arr in (("emb", emb), ("hash", hashes)):
-        tmp = p[name].with_name(p[name].name + ".tmp")
-        with open(tmp, "wb") as f:
-            np.save(f, arr)
-        os.replace(tmp, p[name])
-    cols = list(zip(*shard.items, strict=True)) if shard.items else [[], [], [], []]
-    table = pa.table({"key": pa.array(cols[0], pa.string()),
-                      "caption": pa.array(cols[1], pa.string()),
-                      "source_file": pa.array(cols[2], pa.string()),
-                      "source_row": pa.array(cols[3], pa.int64())})
-    tmp = p["items"].with_name(p["items"].name + ".tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, p["items"])
-    write_json_atomic(p["done"], {"shard": shard.k, "items": len(shard.items),
-                                  "skipped": shard.skipped,
-                                  "content_digest": shard.digest.hexdigest()})
-
-
-def _embed_range(partial: Path, embedder, source, cols: dict, start: int, stop: int,
-                 shard_rows: int, batch_size: int, workers: int, prefetch: int,
-                 advance) -> None:
-    """Process input rows [start, stop) (whole shards) and save each shard as it fills."""
-    exit_after = os.environ.get(EXIT_AFTER_SHARD_ENV)
-    batches = iter_training_batches(source, cols["image_col"], cols["caption_col"],
-                                    cols["key_col"], batch_rows=batch_size,
-                                    start_row=start, stop_row=stop)
-    shard = _Shard(start // shard_rows)
-
-    def finish(sh: _Shard) -> None:
-        _save_shard(partial, sh, embedder, batch_size)
-        if exit_after is not None and int(exit_after) == sh.k:
-            os._exit(75)
-
-    for prepared in prepared_batches(embedder, batches, workers, prefetch):
-        for r, t, reason, phash, content in prepared:
-            k = r.row // shard_rows
-            if k != shard.k:
-                finish(shard)
-                shard = _Shard(k)
-            shard.digest.update(r.key.encode() + b"\0" + r.caption.encode() + b"\0" + content)
-            if t is None:
-                shard.skipped.append({"key": r.key, "reason": reason, "row": r.row})
-                continue
-            shard.items.append((r.key, r.caption, r.source_file, r.source_row))
-            shard.tensors.append(t)
-            shard.hashes.append(phash)
-            shape = tuple(t.shape)
-            shard.shape_counts[shape] = shard.shape_counts.get(shape, 0) + 1
-            # full model batches: one shape reached batch_size (aspect-keeping preprocessing
-            # gives several shapes; wait for up to 4 batches' worth to group them)
-            if (shard.shape_counts[shape] >= batch_size
-                    or len(shard.tensors) >= 4 * batch_size):
-                shard.flush(embedder, batch_size)
-        advance(len(prepared))
-    finish(shard)
 
 
 def _settings_fingerprint(files: list[Path], counts: list[int], embedder, factory: str,
@@ -277,10 +129,16 @@ def build_index(source: str | Path, embedder: str, out: str | Path, factory: str
                 caption_col: str | None = None, key_col: str | None = None,
                 embedder_opts: dict[str, Any] | None = None, shard_rows: int = 4096,
                 calibrate: bool = True, workers: int | None = None, overwrite: bool = False,
-                train_sample: int = 100_000, calibration_opts: dict[str, Any] | None = None
-                ) -> Path:
-    """Build a training-set index (see the module docstring); returns the index directory."""
+                train_sample: int = 100_000, calibration_opts: dict[str, Any] | None = None,
+                engine: Any = "local", address: str | None = None, actors: int | None = None,
+                faiss_params: str | None = None, rerank: int = 100) -> Path:
+    """Build a training-set index (see the module docstring); returns the index directory.
+
+    `engine` ("local", "ray" or an engine object, see memaudit.engine) decides only where
+    the shards are computed; `address` and `actors` are Ray's. Compressed factories (PQ, SQ)
+    also keep the exact vectors for re-ranking the `rerank` best candidates."""
     from memaudit.embedders import EMBEDDERS, make_embedder
+    from memaudit.engine import make_engine
 
     t0 = time.time()
     last_build_stats.clear()
@@ -289,7 +147,9 @@ def build_index(source: str | Path, embedder: str, out: str | Path, factory: str
     if batch_size < 1 or shard_rows < 1:
         raise UserError("--batch-size and --shard-rows must be positive")
     out = Path(out)
-    files = resolve_sources(source)
+    if rerank < 1:
+        raise UserError("--rerank must be at least 1")
+    files = [f.resolve() for f in resolve_sources(source)]  # workers may run elsewhere
     check_index_out(out, source, files, overwrite)
     counts = file_row_counts(files)
     total = sum(counts)
@@ -299,8 +159,13 @@ def build_index(source: str | Path, embedder: str, out: str | Path, factory: str
     if embedder == "pixels" and opts.get("size") is None:
         opts["size"] = common_image_size(source, image_col, caption_col, key_col)
         size_auto = True
-    emb = make_embedder(embedder, device=device, **opts)
-    make_faiss_index(emb.dim, factory, emb.metric)  # a bad factory string fails before work
+    eng = make_engine(engine, address, actors, device) if isinstance(engine, str) else engine
+    local = eng.name == "local"
+    # the driver's embedder: the local worker, or (Ray) its config and dim, kept off the GPU
+    emb = make_embedder(embedder, device=device if local else "cpu", **opts)
+    probe = make_faiss_index(emb.dim, factory, emb.metric)  # bad strings fail before work
+    if faiss_params:
+        set_faiss_params(probe, faiss_params)
 
     partial = out.with_name(out.name + ".partial")
     settings = _settings_fingerprint(files, counts, emb, factory, cols, shard_rows)
@@ -316,30 +181,35 @@ def build_index(source: str | Path, embedder: str, out: str | Path, factory: str
         partial.mkdir(parents=True)
         write_json_atomic(state_file, settings)
 
-    nshards = math.ceil(total / shard_rows)
-    todo = [k for k in range(nshards) if not _shard_paths(partial, k)["done"].is_file()]
-    workers = workers or min(4, os.cpu_count() or 1)
+    spec = ShardSpec(partial=partial.absolute(), source=str(source), files=files,
+                     counts=counts, cols=cols, shard_rows=shard_rows, total=total,
+                     batch_size=batch_size,
+                     workers=workers or (min(4, os.cpu_count() or 1) if local else None))
+    nshards = spec.nshards
+    todo = [k for k in range(nshards) if not shard_paths(partial, k)["done"].is_file()]
     done_rows = (nshards - len(todo)) * shard_rows
-    with progress_bar(f"index {embedder}", total=total, unit="rows") as advance:
-        advance(min(done_rows, total))
-        # contiguous runs of unfinished shards
-        runs: list[list[int]] = []
-        for k in todo:
-            if runs and runs[-1][-1] == k - 1:
-                runs[-1].append(k)
-            else:
-                runs.append([k])
-        for run in runs:
-            _embed_range(partial, emb, source, cols, run[0] * shard_rows,
-                         min(total, (run[-1] + 1) * shard_rows), shard_rows, batch_size,
-                         workers, prefetch=2 * workers, advance=advance)
+    exit_after = os.environ.get(EXIT_AFTER_SHARD_ENV)
+    try:
+        with progress_bar(f"index {embedder}", total=total, unit="rows") as advance:
+            advance(min(done_rows, total))
+            work = ShardFactory(spec, emb.name, emb.config(), embedder=emb if local else None,
+                                advance=advance if local else None)
+            for res in eng.map(work, todo):  # in shard order, whichever engine
+                if not local:
+                    advance(res["rows"])
+                if exit_after is not None and int(exit_after) == res["shard"]:
+                    os._exit(75)
+        engine_info = eng.describe()
+    finally:
+        if isinstance(engine, str):
+            eng.close()
 
-    kept = sum(json.loads(_shard_paths(partial, k)["done"].read_text())["items"]
+    kept = sum(json.loads(shard_paths(partial, k)["done"].read_text())["items"]
                for k in range(nshards))
     if kept == 0:
         skipped: dict[str, int] = {}
         for k in range(nshards):
-            for item in json.loads(_shard_paths(partial, k)["done"].read_text())["skipped"]:
+            for item in json.loads(shard_paths(partial, k)["done"].read_text())["skipped"]:
                 skipped[item["reason"]] = skipped.get(item["reason"], 0) + 1
         remove_partial(partial)
         why = ", ".join(f"{n} {r}" for r, n in sorted(skipped.items())) or "no rows"
@@ -349,6 +219,9 @@ def build_index(source: str | Path, embedder: str, out: str | Path, factory: str
         shutil.rmtree(staging)
     staging.mkdir()
     stats = _finalize(partial, staging, nshards, emb, factory, train_sample)
+    exact = None
+    if stats["exact_vectors"]:
+        exact = {"file": VECTORS_FILE, "dtype": "float32", "rerank_candidates": int(rerank)}
     manifest: dict[str, Any] = {
         "format": "memaudit-index",
         "format_version": FORMAT_VERSION,
@@ -357,6 +230,8 @@ def build_index(source: str | Path, embedder: str, out: str | Path, factory: str
         "dim": emb.dim,
         "metric": emb.metric,
         "factory": factory,
+        **({"faiss_params": faiss_params} if faiss_params else {}),
+        "exact_vectors": exact,
         "dedup": "exact-pixel-hash",
         "dedup_note": "faiss holds one representative (first seen) per exact-duplicate group; "
                       "faiss id == group_id; nL2's S_k is over representatives (METHODS 1.2)",
@@ -369,6 +244,7 @@ def build_index(source: str | Path, embedder: str, out: str | Path, factory: str
         "content_hash": stats["content_hash"],
         "pixel_size_auto": size_auto if embedder == "pixels" else None,
         "shard_rows": shard_rows,
+        "engine": engine_info,
         "versions": package_versions(),
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "build_seconds": None,
@@ -438,7 +314,7 @@ def _finalize(partial: Path, staging: Path, nshards: int, emb, factory: str,
     content = hashlib.sha256()
     hash_parts: list[np.ndarray] = []
     for k in range(nshards):
-        p = _shard_paths(partial, k)
+        p = shard_paths(partial, k)
         info = json.loads(p["done"].read_text())
         content.update(bytes.fromhex(info["content_digest"]))
         for s in info["skipped"]:
@@ -465,7 +341,7 @@ def _finalize(partial: Path, staging: Path, nshards: int, emb, factory: str,
             nrep = int(shard_reps[k].sum())
             sel = pick[(pick >= seen) & (pick < seen + nrep)] - seen
             if len(sel):
-                vecs = np.load(_shard_paths(partial, k)["emb"], mmap_mode="r")[shard_reps[k]]
+                vecs = np.load(shard_paths(partial, k)["emb"], mmap_mode="r")[shard_reps[k]]
                 parts.append(np.asarray(vecs[sel], dtype=np.float32))
             seen += nrep
         train = np.ascontiguousarray(np.concatenate(parts))
@@ -482,20 +358,26 @@ def _finalize(partial: Path, staging: Path, nshards: int, emb, factory: str,
         flat.codes.resize(ngroups * flat.code_size)
         direct = faiss.rev_swig_ptr(flat.codes.data(), ngroups * flat.code_size)
         direct = direct.view(np.float32).reshape(ngroups, emb.dim)
+    # compressed factories: the exact vectors too, for re-ranking (docs/index-format.md)
+    exact = (np.lib.format.open_memmap(staging / VECTORS_FILE, mode="w+", dtype=np.float32,
+                                       shape=(ngroups, emb.dim))
+             if is_lossy_factory(factory) else None)
     writer = pq.ParquetWriter(staging / ITEMS_FILE, ITEM_SCHEMA)
     row0 = 0
     filled = 0
     try:
         for k in range(nshards):
-            p = _shard_paths(partial, k)
+            p = shard_paths(partial, k)
             vecs = np.load(p["emb"], mmap_mode="r")
             rep = shard_reps[k]
             nrep = int(rep.sum())
             if nrep and direct is not None:
                 direct[filled:filled + nrep] = vecs[rep]
-                filled += nrep
             elif nrep:
                 index.add(np.ascontiguousarray(vecs[rep], dtype=np.float32))
+            if nrep and exact is not None:
+                exact[filled:filled + nrep] = vecs[rep]
+            filled += nrep
             items = pq.read_table(p["items"])
             n = items.num_rows
             g = shard_groups[k]
@@ -516,8 +398,12 @@ def _finalize(partial: Path, staging: Path, nshards: int, emb, factory: str,
     if direct is not None:
         del direct
         flat.ntotal = ngroups  # same C++ object as `index` (which keeps ownership)
+    if exact is not None:
+        exact.flush()
+        del exact
     faiss.write_index(index, str(staging / INDEX_FILE))
     return {
+        "exact_vectors": is_lossy_factory(factory),
         "rows": row0,
         "groups": ngroups,
         "skipped": {"total": sum(skipped_by_reason.values()), "by_reason": skipped_by_reason,

@@ -27,7 +27,8 @@ from memaudit.common import UserError, read_toml
 
 BUILD_KEYS = {"data", "source", "embedder", "out", "path", "factory", "device", "batch_size",
               "image_col", "caption_col", "key_col", "shard_rows", "calibrate", "workers",
-              "overwrite", "train_sample", "embedder_opts", "calibration"}
+              "overwrite", "train_sample", "embedder_opts", "calibration", "faiss_params",
+              "rerank"}
 EMBEDDER_KEYS = {"weights", "weights_sha256", "preprocessing", "short_edge", "crop", "size",
                  "model", "pretrained", "model_config"}
 #: keys a plan's [index] table may not set (the plan sets them, or builds only once)
@@ -48,6 +49,7 @@ TYPES: dict[str, tuple[str, Any]] = {
     "factory": _STR, "device": _STR, "image_col": _STR, "caption_col": _STR,
     "key_col": _STR, "batch_size": _POS_INT, "shard_rows": _POS_INT, "workers": _POS_INT,
     "train_sample": _POS_INT, "calibrate": _BOOL, "overwrite": _BOOL,
+    "faiss_params": _STR, "rerank": _POS_INT,
     "weights": _STR, "weights_sha256": _STR, "preprocessing": _STR, "short_edge": _POS_INT,
     "crop": _POS_INT, "size": _SIZE, "model": _STR, "pretrained": _STR, "model_config": _STR,
 }

@@ -2,7 +2,9 @@
 
 DIR/index.faiss holds one vector per exact-duplicate group (faiss id == group id);
 DIR/items.parquet every kept training item (row_id, key, caption, source_file, source_row,
-group_id, group_count, is_representative); DIR/manifest.json how it was built. See
+group_id, group_count, is_representative); DIR/manifest.json how it was built; with a
+compressed factory (PQ, SQ...) DIR/vectors.npy the exact group vectors, memory-mapped, so
+`search` re-ranks the compressed index's candidates by exact scores. See
 docs/index-format.md.
 """
 
@@ -24,6 +26,15 @@ from memaudit.common import UserError
 INDEX_FILE = "index.faiss"
 ITEMS_FILE = "items.parquet"
 MANIFEST_FILE = "manifest.json"
+VECTORS_FILE = "vectors.npy"
+
+
+def is_lossy_factory(factory: str | None) -> bool:
+    """True when a faiss factory stores compressed vectors (PQ, SQ, LSH...): distances are
+    then to reconstructions. Flat storage (`Flat`, `IVFn,Flat`, `HNSWm,Flat`, a `RFlat`
+    refinement) is exact."""
+    f = str(factory or "Flat").replace(" ", "").upper()
+    return not f.endswith("FLAT")
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:
@@ -104,6 +115,9 @@ class TrainingIndex:
         self._group_count = np.zeros(self.ntotal, dtype=np.int64)
         np.add.at(self._group_count, self._group_of_row, 1)
         self._members: tuple[np.ndarray, np.ndarray] | None = None
+        #: exact group vectors [ngroups, dim] (memory-mapped vectors.npy) or None
+        self.exact_vectors: np.ndarray | None = None
+        self.rerank_candidates = 0
 
     @classmethod
     def open(cls, path: str | Path, weights: str | Path | None = None) -> TrainingIndex:
@@ -126,8 +140,9 @@ class TrainingIndex:
             items.column_names)
         if missing:
             raise UserError(f"{p / ITEMS_FILE} lacks column(s) {', '.join(sorted(missing))}")
-        try:
-            index = faiss.read_index(str(p / INDEX_FILE))
+        try:  # memory-mapped: processes on one node (Ray actors) share one copy in RAM
+            index = faiss.read_index(str(p / INDEX_FILE),
+                                     faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
         except RuntimeError as e:
             raise UserError(f"cannot read {p / INDEX_FILE}: {str(e).splitlines()[0]}") from e
         if index.d != manifest["dim"]:
@@ -143,7 +158,31 @@ class TrainingIndex:
                 faiss.ParameterSpace().set_index_parameters(index, params)
             except RuntimeError as e:
                 raise UserError(f"bad faiss_params {params!r} in the manifest") from e
-        return cls(p, manifest, items, index, weights=weights)
+        idx = cls(p, manifest, items, index, weights=weights)
+        exact = manifest.get("exact_vectors")
+        if exact:
+            idx._open_exact_vectors(exact)
+        return idx
+
+    def _open_exact_vectors(self, spec: dict[str, Any]) -> None:
+        """Memory-map DIR/vectors.npy (never another file a manifest names) and check it."""
+        f = self.path / VECTORS_FILE
+        if not isinstance(spec, dict) or spec.get("file") != VECTORS_FILE:
+            raise UserError(f"{self.path / MANIFEST_FILE}: exact_vectors must name "
+                            f"{VECTORS_FILE}")
+        try:
+            arr = np.load(f, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot read {f}: {str(e).splitlines()[0]}") from e
+        if arr.dtype != np.float32 or arr.shape != (self.ntotal, self.dim):
+            raise UserError(f"{f} holds {arr.dtype} {arr.shape}, expected float32 "
+                            f"({self.ntotal}, {self.dim})")
+        k = spec.get("rerank_candidates", 100)
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise UserError(f"{self.path / MANIFEST_FILE}: exact_vectors.rerank_candidates "
+                            f"must be a positive integer, got {k!r}")
+        self.exact_vectors = arr
+        self.rerank_candidates = k
 
     # -- basic properties ------------------------------------------------------------------
     @property
@@ -194,11 +233,53 @@ class TrainingIndex:
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise UserError(f"query vectors have shape {x.shape}, index dim is {self.dim}")
         k = max(1, int(k))
-        scores, ids = self.index.search(x, k)
-        return scores, ids.astype(np.int64)
+        if self.exact_vectors is None:
+            scores, ids = self.index.search(x, k)
+            return scores, ids.astype(np.int64)
+        _, cand = self.index.search(x, max(k, self.rerank_candidates))
+        return self._rerank(x, cand.astype(np.int64), k)
+
+    def _rerank(self, x: np.ndarray, cand: np.ndarray, k: int,
+                max_floats: int = 8_000_000) -> tuple[np.ndarray, np.ndarray]:
+        """Exact scores of the candidates (from the exact vectors), best k per row; ties go
+        to the lower group id; missing candidates (-1) last, with faiss' sentinel score."""
+        n, kc = cand.shape
+        ip = self.metric == "ip"
+        worst = np.float32(-np.finfo(np.float32).max if ip else np.finfo(np.float32).max)
+        scores = np.full((n, kc), worst, np.float32)
+        step = max(1, max_floats // max(1, kc * self.dim))
+        for a in range(0, n, step):
+            c = cand[a:a + step]
+            ok = c >= 0
+            vecs = self.vectors(np.where(ok, c, 0)).astype(np.float64)  # [rows, kc, d]
+            q = x[a:a + step, None, :].astype(np.float64)
+            s = (vecs * q).sum(-1) if ip else ((vecs - q) ** 2).sum(-1)
+            scores[a:a + step] = np.where(ok, s, worst)
+        key = -scores.astype(np.float64) if ip else scores.astype(np.float64)
+        order = np.lexsort((np.where(cand >= 0, cand, np.iinfo(np.int64).max), key),
+                           axis=-1)[:, :k]
+        return (np.take_along_axis(scores, order, 1), np.take_along_axis(cand, order, 1))
+
+    def vectors(self, group_ids) -> np.ndarray:
+        """Exact vectors of the given groups, float32 [..., dim] (from vectors.npy when the
+        factory compresses, else from the faiss index)."""
+        ids = np.asarray(group_ids, dtype=np.int64)
+        flat = ids.reshape(-1)
+        if self.exact_vectors is not None:
+            uniq, inv = np.unique(flat, return_inverse=True)  # sorted reads from the mmap
+            out = np.asarray(self.exact_vectors[uniq], np.float32)[inv.reshape(-1)]
+        else:
+            try:
+                out = self.index.reconstruct_batch(flat)
+            except RuntimeError:
+                out = np.asarray(self.group_vectors(), np.float32)[flat]
+        return np.asarray(out, np.float32).reshape(*ids.shape, self.dim)
 
     def group_vectors(self) -> np.ndarray:
-        """All group vectors [ngroups, dim] (reconstructed; exact for Flat indexes)."""
+        """All group vectors [ngroups, dim] (exact, except for a compressed factory without
+        vectors.npy, where they are the index's reconstructions)."""
+        if self.exact_vectors is not None:
+            return np.array(self.exact_vectors, np.float32)
         try:
             return self.index.reconstruct_n(0, self.ntotal)
         except RuntimeError:
