@@ -281,6 +281,14 @@ def test_plan_quality_table(tmp_path):
             quality_from_plan(bad, tmp_path)
 
 
+def _quality_table(clip_checkpoint, features: str, reference: int, seed: int) -> str:
+    """A plan's [quality] table with the tiny CLIP checkpoint."""
+    ckpt, cfg = clip_checkpoint
+    return (f'[quality]\nfeatures = {features}\nreference = {reference}\nseed = {seed}\n'
+            f'clip_model = "memaudit-quality-tiny-clip"\nclip_pretrained = "{ckpt}"\n'
+            f'clip_model_config = "{cfg}"\n')
+
+
 def test_audit_records_quality_and_clip_score(tmp_path, clip_checkpoint):
     """A real index and the real quality stage over the copying stand-in sampler: quality rows
     in two feature spaces per method, a CLIP score on every generation."""
@@ -294,9 +302,7 @@ def test_audit_records_quality_and_clip_score(tmp_path, clip_checkpoint):
     ckpt, cfg = clip_checkpoint
     src = make_training_parquet(tmp_path / "train.parquet")
     canary = make_tiny_canary(tmp_path / "canary")
-    extra = (f'[quality]\nfeatures = ["digits", "index"]\nreference = 12\nseed = 1\n'
-             f'clip_model = "memaudit-quality-tiny-clip"\nclip_pretrained = "{ckpt}"\n'
-             f'clip_model_config = "{cfg}"\n')
+    extra = _quality_table(clip_checkpoint, '["digits", "index"]', reference=12, seed=1)
     plan = load_plan(write_plan(tmp_path, src, str(canary), criteria=("nl2",), screen=False,
                                 extra=extra))
     comp = default_components()
@@ -355,12 +361,9 @@ def test_clip_score_computed_by_an_engine_worker(tmp_path, clip_checkpoint):
                 for it in items:
                     yield pickle.loads(pickle.dumps(worker(pickle.loads(pickle.dumps(it)))))
 
-    ckpt, cfg = clip_checkpoint
     src = make_training_parquet(tmp_path / "train.parquet")
     canary = make_tiny_canary(tmp_path / "canary")
-    extra = (f'[quality]\nfeatures = ["index"]\nreference = 8\n'
-             f'clip_model = "memaudit-quality-tiny-clip"\nclip_pretrained = "{ckpt}"\n'
-             f'clip_model_config = "{cfg}"\n')
+    extra = _quality_table(clip_checkpoint, '["index"]', reference=8, seed=0)
     comp = default_components()
     comp.sample = copying_sample
     scores = []

@@ -3,7 +3,7 @@
 An engine maps a *worker factory* over a list of work items and yields the results in item
 order; it decides only where the work is computed. The work itself is the same function on
 every engine: one index shard (`memaudit.index.shards.build_shard`) or one audit unit
-(`memaudit.audit.runner`), and the driver keeps everything that must have one writer (shard
+(`memaudit.audit.units`), and the driver keeps everything that must have one writer (shard
 bookkeeping and finalisation, the DuckDB transactions).
 
 - `local`: one worker in this process (the factory is called once, here).
