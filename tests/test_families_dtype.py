@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from family_helpers import FAMILIES, FiringCriterion, load_family, prompts_for
+from family_helpers import FAMILIES, FiringCriterion, load_family, method_params, prompts_for
 
 from memaudit.common import UserError
 from memaudit.guidance import REGISTRY, build_guidance, make_guidance
@@ -24,7 +24,7 @@ UNIT_ROUNDOFF = {"fp16": 2.0 ** -11, "bf16": 2.0 ** -8}
 
 
 def _images(m, name, spec):
-    g = build_guidance(spec)
+    g = build_guidance(spec, method_params(spec))
     return sample(m, prompts_for(name)[:1], [0], g, steps=2, guidance_scale=2.0,
                   criterion=FiringCriterion() if g.needs_criterion else None).images
 

@@ -63,7 +63,8 @@ class Denoiser(ABC):
       default_guidance_scale (s0), default_steps, default_scheduler, schedulers (kinds);
       is_latent: False for pixel-space models; capabilities (see CAPABILITIES);
       prediction: EpsPrediction or FlowPrediction (what `eps` returns; x0 and gain);
-      loras: [{"path", "sha256", "scale"}]; notes: lines a run prints and records.
+      loras: [{"path", "sha256", "scale"}]; notes: lines a run prints and records;
+      screen_params: screening-score parameters calibrated for this model.
     """
 
     name: str
@@ -78,6 +79,9 @@ class Denoiser(ABC):
     schedulers: tuple[str, ...] = ("ddim", "dpm")
     is_latent: bool = True
     capabilities: frozenset[str] = frozenset({TEXT, COND, UNCOND})
+    #: Screening-score parameters calibrated for this model, {score: {param: value}}
+    #: (memaudit/screen; e.g. the anisotropy weights, METHODS 2.1); explicit ones override.
+    screen_params: dict[str, dict[str, float]] = {}
 
     def __init__(self) -> None:
         self.unet_rows = 0  # rows evaluated by eps(); the sampler turns it into UNet calls
@@ -174,6 +178,13 @@ class Denoiser(ABC):
                 "dtype": dtype_name(self.dtype), "prediction": self.prediction.kind,
                 "capabilities": sorted(self.capabilities), "loras": list(self.loras),
                 "notes": list(self.notes)}
+    def attention_model(self) -> torch.nn.Module | None:
+        """The diffusers model whose cross-attention layers screening may read (the
+        `attention-entropy` score); None for families without cross-attention."""
+        return None
+
+    def alphas_cumprod(self, scheduler) -> torch.Tensor:
+        return scheduler.alphas_cumprod.to(self.device, torch.float32)
 
 
 def load_model(spec: str | Path, device: str | None = None, dtype: str | torch.dtype | None = None,
