@@ -21,6 +21,10 @@ from memaudit.guidance import REGISTRY, build_guidance, make_guidance
 from memaudit.sampler import sample
 
 UNIT_ROUNDOFF = {"fp16": 2.0 ** -11, "bf16": 2.0 ** -8}
+#: absolute (max, mean) bounds for methods that optimise x_T itself with a per-row stop:
+#: half precision can stop init-noise an iteration earlier or later, which moves x_T and the
+#: image (measured on sd3 in fp16: max 0.12, mean 0.013); a NaN or an overflow is still order 1
+LOOSE = {"init-noise": (0.25, 0.05)}
 
 
 def _images(m, name, spec):
@@ -43,7 +47,8 @@ def test_every_method_in_half_precision_is_finite_and_close_to_fp32(family_dir, 
             img = _images(models[dt], name, spec)
             assert torch.isfinite(img).all(), (name, spec, dt)
             diff = (img - ref).abs()
-            assert diff.max() <= 64 * u and diff.mean() <= 8 * u, \
+            top, mean = LOOSE.get(spec, (64 * u, 8 * u))
+            assert diff.max() <= top and diff.mean() <= mean, \
                 (name, spec, dt, float(diff.max() / u), float(diff.mean() / u))
         checked += 1
     assert checked >= 2
