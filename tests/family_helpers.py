@@ -27,6 +27,12 @@ def load_family(family_dir, name: str, **kw):
     return m
 
 
+def method_params(spec: str) -> dict:
+    """Run parameters a method needs to run at all here: `auto` a screening threshold (0:
+    every prompt flagged, so its mitigation runs)."""
+    return {"auto": {"threshold": 0.0}} if spec == "auto" else {}
+
+
 def prompts_for(name: str) -> list[str]:
     if name == "ddpm":
         return ["", ""]

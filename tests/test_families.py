@@ -6,7 +6,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from family_helpers import FAMILIES, TEXT_FAMILIES, FiringCriterion, load_family, prompts_for
+from family_helpers import (
+    FAMILIES,
+    TEXT_FAMILIES,
+    FiringCriterion,
+    load_family,
+    method_params,
+    prompts_for,
+)
 
 from memaudit.common import UserError
 from memaudit.guidance import REGISTRY, build_guidance, make_guidance
@@ -93,22 +100,22 @@ def test_cfg_equals_the_family_pipeline(family_dir, name, scale):
 
 METHODS = sorted(REGISTRY) + ["amg:sim", "amg:spe,sim"]
 KNOWN = {"cfg", "static", "dynamic", "opposite", "opposite-dynamic", "amg", "rna", "rta", "cwr",
-         "gni", "wen", "amg:sim", "amg:spe,sim", "init-noise", "reanchor", "auto"}
-# ^ this file's expectations cover these
-TEXT_ONLY = {"rna", "rta", "cwr", "gni"}
+         "gni", "wen", "amg:sim", "amg:spe,sim", "init-noise", "reanchor",
+         "auto"}  # this file's expectations cover these
+TEXT_ONLY = {"rna", "rta", "cwr", "gni", "reanchor", "auto"}
 #: family -> {method: the reason's words} for every refusal the capabilities imply
 REFUSED = {
-    "ddpm": {**dict.fromkeys(TEXT_ONLY | {"wen", "reanchor", "auto"}, "text prompts"),
+    "ddpm": {**dict.fromkeys(TEXT_ONLY | {"wen"}, "text prompts"),
              **dict.fromkeys(["static", "dynamic", "opposite", "opposite-dynamic",
                               "amg:spe,sim", "init-noise"], "a conditional prediction"),
              "amg": "AMG part"},
-    "ddpm-class": {**dict.fromkeys(TEXT_ONLY | {"wen", "reanchor", "auto"}, "text prompts"),
+    "ddpm-class": {**dict.fromkeys(TEXT_ONLY | {"wen"}, "text prompts"),
                    "amg": "AMG part dup needs text prompts"},
 }
 
 
 def run_method(m, name, spec, steps=2, scale=2.0):
-    g = build_guidance(spec, {"auto": {"threshold": float("-inf")}})  # auto: flag every row
+    g = build_guidance(spec, method_params(spec))
     return sample(m, prompts_for(name), SEEDS, g, steps=steps, guidance_scale=scale,
                   criterion=FiringCriterion() if g.needs_criterion else None)
 

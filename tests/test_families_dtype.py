@@ -14,23 +14,21 @@ from __future__ import annotations
 
 import pytest
 import torch
-from family_helpers import FAMILIES, FiringCriterion, load_family, prompts_for
+from family_helpers import FAMILIES, FiringCriterion, load_family, method_params, prompts_for
 
 from memaudit.common import UserError
 from memaudit.guidance import REGISTRY, build_guidance, make_guidance
 from memaudit.sampler import sample
 
 UNIT_ROUNDOFF = {"fp16": 2.0 ** -11, "bf16": 2.0 ** -8}
-
-
-#: optimisers before the loop run a few iterations here: over its default 100 AdamW steps on x_T,
-#: init-noise's path drifts from fp32's by the accumulated half-precision gradient error (240 u
-#: max, 26 u mean on sd3), which says nothing about the sampling arithmetic checked here
-FEW_ITERS = {"init-noise": {"max_iters": 3}, "reanchor": {"max_iters": 3}}
+#: absolute (max, mean) bounds for methods that optimise x_T itself with a per-row stop:
+#: half precision can stop init-noise an iteration earlier or later, which moves x_T and the
+#: image (measured on sd3 in fp16: max 0.12, mean 0.013); a NaN or an overflow is still order 1
+LOOSE = {"init-noise": (0.25, 0.05)}
 
 
 def _images(m, name, spec):
-    g = build_guidance(spec, FEW_ITERS)
+    g = build_guidance(spec, method_params(spec))
     return sample(m, prompts_for(name)[:1], [0], g, steps=2, guidance_scale=2.0,
                   criterion=FiringCriterion() if g.needs_criterion else None).images
 
@@ -49,7 +47,8 @@ def test_every_method_in_half_precision_is_finite_and_close_to_fp32(family_dir, 
             img = _images(models[dt], name, spec)
             assert torch.isfinite(img).all(), (name, spec, dt)
             diff = (img - ref).abs()
-            assert diff.max() <= 64 * u and diff.mean() <= 8 * u, \
+            top, mean = LOOSE.get(spec, (64 * u, 8 * u))
+            assert diff.max() <= top and diff.mean() <= mean, \
                 (name, spec, dt, float(diff.max() / u), float(diff.mean() / u))
         checked += 1
     assert checked >= 2

@@ -31,7 +31,6 @@ from memaudit.models.cond import Cond
 
 class Auto(Guidance):
     name = "auto"
-    requires = frozenset({TEXT, UNCOND})  # screening reads the prompt and e_u
     uses_criterion = True
 
     @dataclass
@@ -57,15 +56,16 @@ class Auto(Guidance):
         self.flags = torch.zeros(0, dtype=torch.bool)
         self.rows: list[str] = []
 
-    # --- configuration -------------------------------------------------------------------
     def required(self) -> dict[str, str]:
-        """Screening's needs, and those of the mitigation flagged rows get (once bound)."""
-        need = {c: "method 'auto' (screening)" for c in self.requires}
-        inner = getattr(self, "inner", None)
-        if inner is not None:
-            need.update(inner.required())
+        """Screening scores text prompts against e_u; plus what the mitigation and AMG need."""
+        need = {TEXT: "auto's screening", UNCOND: "auto's screening"}
+        for g in (self.inner, self.amg):
+            if g is not None:
+                for c, why in g.required().items():
+                    need.setdefault(c, f"auto's {why}")
         return need
 
+    # --- configuration -------------------------------------------------------------------
     def bind_params(self, params: dict[str, dict[str, Any]]) -> None:
         """Build the inner mitigation and AMG with the run's parameters of those methods."""
         from memaudit.guidance.spec import build_guidance

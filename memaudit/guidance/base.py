@@ -74,8 +74,8 @@ class Guidance:
 
     name: ClassVar[str] = "base"
     needs_criterion: ClassVar[bool] = False
-    uses_criterion: ClassVar[bool] = False  # takes the criterion when one is given (auto)
     requires: ClassVar[frozenset[str]] = frozenset()
+    uses_criterion: ClassVar[bool] = False  # takes the criterion when one is given (auto)
 
     @dataclass
     class Params:

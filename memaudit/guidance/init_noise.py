@@ -41,7 +41,7 @@ def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 class InitNoise(Guidance):
     name = "init-noise"
-    requires = frozenset({COND, UNCOND})
+    requires = frozenset({COND, UNCOND})  # the magnitude ||e_c - e_u|| it minimises
     spec_param = "mode"  # `init-noise:batch-wise`
 
     @dataclass

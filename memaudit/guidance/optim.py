@@ -4,7 +4,8 @@ its own target and its own stop.
 
 The loss of every row is checked before each step; a row stops as soon as loss <= target
 (`target` when given, else `fraction` x its initial loss) and keeps the value that met it; at
-most `max_iters` steps. Adam is elementwise, so this equals one optimiser per row.
+most `max_iters` steps. Adam is elementwise, so this equals one optimiser per row. The value
+and AdamW's state are float32 whatever the model's dtype.
 """
 
 from __future__ import annotations
@@ -34,8 +35,9 @@ def minimise_per_row(start: torch.Tensor, loss_fn: Callable[[torch.Tensor], torc
     `after_step(value)` may edit the value in place, under no_grad."""
     b = start.shape[0]
     with torch.enable_grad():
-        value = start.detach().float().clone().requires_grad_(True)  # float32 whatever the model's
-        # dtype: AdamW's eps = 1e-8 underflows in fp16 (NaN rows, issue 13)
+        # float32 whatever the model's dtype (issue 13: AdamW's eps = 1e-8 underflows in fp16
+        # and gave NaN embeddings); the adapter casts at the forward
+        value = start.detach().float().clone().requires_grad_(True)
         opt = torch.optim.AdamW([value], lr=lr)
         done = torch.zeros(b, dtype=torch.bool, device=value.device)
         kept = value.detach().clone()

@@ -78,10 +78,10 @@ class Denoiser(ABC):
     default_scheduler: str = "ddim"
     schedulers: tuple[str, ...] = ("ddim", "dpm")
     is_latent: bool = True
+    capabilities: frozenset[str] = frozenset({TEXT, COND, UNCOND})
     #: Screening-score parameters calibrated for this model, {score: {param: value}}
     #: (memaudit/screen; e.g. the anisotropy weights, METHODS 2.1); explicit ones override.
     screen_params: dict[str, dict[str, float]] = {}
-    capabilities: frozenset[str] = frozenset({TEXT, COND, UNCOND})
 
     def __init__(self) -> None:
         self.unet_rows = 0  # rows evaluated by eps(); the sampler turns it into UNet calls
@@ -172,17 +172,19 @@ class Denoiser(ABC):
         """n random vocabulary tokens, decoded to text (for the `rta` perturbation)."""
         raise NotImplementedError(f"{type(self).__name__} has no tokenizer vocabulary")
 
-    def attention_model(self) -> torch.nn.Module | None:
-        """The diffusers model whose cross-attention layers screening may read (the
-        `attention-entropy` score); None for families without cross-attention."""
-        return None
-
     def provenance(self) -> dict[str, Any]:
         """What a run records about the model (generations.parquet, the runs row)."""
         return {"name": self.name, "family": self.family, "model_hash": self.model_hash,
                 "dtype": dtype_name(self.dtype), "prediction": self.prediction.kind,
                 "capabilities": sorted(self.capabilities), "loras": list(self.loras),
                 "notes": list(self.notes)}
+    def attention_model(self) -> torch.nn.Module | None:
+        """The diffusers model whose cross-attention layers screening may read (the
+        `attention-entropy` score); None for families without cross-attention."""
+        return None
+
+    def alphas_cumprod(self, scheduler) -> torch.Tensor:
+        return scheduler.alphas_cumprod.to(self.device, torch.float32)
 
 
 def load_model(spec: str | Path, device: str | None = None, dtype: str | torch.dtype | None = None,

@@ -58,6 +58,9 @@ class StableDiffusionDenoiser(DiffusersDenoiser):
         width = int(getattr(self.text_encoder.config, "hidden_size", 768))
         self.screen_params = {"anisotropy": {"g2": 2.0 if width <= 768 else 0.1}}
 
+    def attention_model(self) -> torch.nn.Module:
+        return self.unet
+
     # --- conditioning ------------------------------------------------------------------
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Cond:
@@ -82,9 +85,6 @@ class StableDiffusionDenoiser(DiffusersDenoiser):
     def unet_kwargs(self, cond: Cond) -> dict:
         """The UNet's conditioning arguments (SDXL adds its added_cond_kwargs)."""
         return {"encoder_hidden_states": cond.emb.to(self.dtype)}
-
-    def attention_model(self) -> torch.nn.Module:
-        return self.unet
 
     def _eps(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
         """UNet forward in `dtype`, as float32 eps (v-prediction converted:

@@ -92,7 +92,7 @@ def screen_prompts(model: Any, prompts: list[str], steps: int = 1, seeds: int | 
             pidx = [i for i, _ in chunk]
             emb_c = as_cond(model.encode_prompts([prompts[i] for i in pidx]))
             emb_u = as_cond(model.null_embedding(len(chunk)))
-            sched = model.scheduler(scheduler, n_inf)
+            sched = model.scheduler(scheduler, n_inf)  # None: the family's (euler for flow)
             x = initial_noise(model, [s for _, s in chunk],
                               float(getattr(sched, "init_noise_sigma", 1.0)))
             vals = sc.score_rows(ScoreInput(model=model, x=x, emb_c=emb_c, emb_u=emb_u,
