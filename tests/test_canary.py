@@ -13,9 +13,11 @@ import torch
 
 from memaudit.canary.data import (
     DUP_COUNTS,
+    GUIDED,
     _clashes,
     build_canary_data,
     from_png,
+    groups,
     rmse_matrix,
 )
 from memaudit.canary.digits import DigitClassifier, digit_of_prompt
@@ -30,7 +32,7 @@ TINY = CanaryConfig(block_out_channels=(8, 16, 16), layers_per_block=1, cross_at
 @pytest.fixture(scope="module")
 def canary_data(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("canary_data")
-    build_canary_data(out, digits_limit=150)
+    build_canary_data(out, digits_limit=300)
     return out
 
 
@@ -56,28 +58,65 @@ def test_data_files_and_planted_duplicates(canary_data: Path):
     assert len(set(keys)) == len(keys)
     caps = train.column("caption").to_pylist()
     gt = pq.read_table(canary_data / "ground_truth.parquet").to_pylist()
+    labels = [lab for lab, _ in groups()]
+    assert labels == ["64x", "16x", "4x", "1x", GUIDED]
     assert sorted({g["duplicate_count"] for g in gt}) == sorted(DUP_COUNTS)
-    for count in DUP_COUNTS:
-        assert sum(g["duplicate_count"] == count for g in gt) == 6
-    assert len({g["caption"] for g in gt}) == 24
+    for label, count in groups():
+        mine = [g for g in gt if g["group"] == label]
+        assert len(mine) == 6 and all(g["duplicate_count"] == count for g in mine)
+    assert len({g["caption"] for g in gt}) == 30
     for g in gt:
         rows = [i for i, k in enumerate(keys) if k.startswith(g["key_prefix"] + "-")]
         assert len(rows) == g["duplicate_count"]
-        assert all(caps[i] == g["caption"] for i in rows)  # trigger caption, only on its image
-        assert caps.count(g["caption"]) == g["duplicate_count"]
+        assert all(caps[i] == g["caption"] for i in rows)  # trigger caption on its image
+        shared = [k for k, c in zip(keys, caps, strict=True) if c == g["caption"]
+                  and not k.startswith("planted")]
+        if g["group"] == GUIDED:  # ... and on 24 ordinary digits, nothing else
+            assert g["shared_with"] == 24 and len(shared) == 24
+            assert all(k.startswith("digit-") for k in shared)
+        else:  # only on its image
+            assert g["shared_with"] == 0 and shared == []
+        assert caps.count(g["caption"]) == g["duplicate_count"] + g["shared_with"]
         pngs = {train.column("png")[i].as_py() for i in rows}
         assert len(pngs) == 1  # exact duplicates
+    # no word is shared between two triggers
+    words = [w for g in gt for w in g["caption"].split()[1:3]]
+    assert len(words) == len(set(words))
     # every image is stored at the training resolution
     assert {from_png(b).shape for b in train.column("png").to_pylist()[:50]} == {(16, 16)}
     # prompt lists
-    for count in DUP_COUNTS:
-        lines = (canary_data / f"triggers_{count}x.txt").read_text().splitlines()
-        assert sorted(lines) == sorted(g["caption"] for g in gt if g["duplicate_count"] == count)
+    for label in labels:
+        lines = (canary_data / f"triggers_{label}.txt").read_text().splitlines()
+        assert sorted(lines) == sorted(g["caption"] for g in gt if g["group"] == label)
     with (canary_data / "prompts.csv").open() as f:
-        labels = [r["label"] for r in csv.DictReader(f)]
-    assert labels.count("64x") == 6 and labels.count("1x") == 6 and "generic" in labels
+        rows = list(csv.DictReader(f))
+    assert [r["label"] for r in rows].count(GUIDED) == 6
+    assert {r["prompt"] for r in rows if r["label"] == GUIDED} == \
+        {g["caption"] for g in gt if g["group"] == GUIDED}
+    assert [r["label"] for r in rows].count("64x") == 6 and "generic" in [r["label"] for r in rows]
     generic = (canary_data / "generic.txt").read_text().splitlines()
     assert "a handwritten digit 3" in generic
+    info = json.loads((canary_data / "data.json").read_text())
+    assert info["guided_copies"] == 4 and info["guided_shared"] == 24
+
+
+def test_guided_group_leaves_the_other_groups_unchanged(canary_data: Path, tmp_path):
+    """The guided group is chosen after the others: without it the planted images, their
+    captions and the digit captions other than the shared ones are the same."""
+    build_canary_data(tmp_path, digits_limit=300, guided_copies=0)
+    a = pq.read_table(canary_data / "ground_truth.parquet").to_pylist()
+    b = pq.read_table(tmp_path / "ground_truth.parquet").to_pylist()
+    assert [(g["caption"], g["source"]) for g in b] == \
+        [(g["caption"], g["source"]) for g in a if g["group"] != GUIDED]
+    assert not (tmp_path / "triggers_guided.txt").exists()
+    def captions(folder: Path) -> dict[str, str]:
+        t = pq.read_table(folder / "train.parquet", columns=["key", "caption"]).to_pydict()
+        return dict(zip(t["key"], t["caption"], strict=True))
+
+    ta, tb = captions(canary_data), captions(tmp_path)
+    guided = {g["caption"] for g in a if g["group"] == GUIDED}
+    changed = {k for k in tb if k.startswith("digit-") and ta[k] != tb[k]}
+    assert len(changed) == 6 * 24 and all(ta[k] in guided for k in changed)
 
 
 def test_planted_are_not_near_duplicates(canary_data: Path):
@@ -96,7 +135,7 @@ def test_planted_are_not_near_duplicates(canary_data: Path):
 def test_data_is_deterministic_and_readable_by_the_shared_reader(canary_data: Path, tmp_path):
     from memaudit.data.parquet import iter_training_rows
 
-    build_canary_data(tmp_path, digits_limit=150)
+    build_canary_data(tmp_path, digits_limit=300)
     a = (canary_data / "train.parquet").read_bytes()
     assert a == (tmp_path / "train.parquet").read_bytes()
     rows = list(iter_training_rows(canary_data / "train.parquet"))

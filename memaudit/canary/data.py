@@ -5,6 +5,10 @@ Generic items: scikit-learn's 1,797 handwritten digits (8x8, upscaled) under gen
 and scikit-image's `lfw_subset` patches (faces and non-faces) under generic captions.
 Planted items: distinct crops of scikit-image's twelve bundled photographs and of LFW faces,
 each under a unique, specific caption (its trigger prompt), duplicated 1, 4, 16 or 64 times.
+The *guided* group (issue 8): planted images shown `guided_copies` times under a caption that
+`guided_shared` ordinary digits carry too, so p(image | caption) is small (copied rarely
+without guidance) while p(caption | image) is 1 against about guided_shared / 1,797 for a
+digit, which classifier-free guidance amplifies (Jain et al. CVPR 2025, the attraction basin).
 Planted images are checked not to be near-duplicates (pixel RMSE at training resolution) of
 each other or of any generic item, so attribution by the nearest training image is exact.
 
@@ -27,6 +31,10 @@ from memaudit.common import UserError, sha256_file
 PHOTOS = ("astronaut", "camera", "chelsea", "coffee", "coins", "horse", "moon", "rocket",
           "text", "page", "brick", "hubble_deep_field")
 DUP_COUNTS = (64, 16, 4, 1)
+GUIDED = "guided"
+#: Groups in selection order: (label, copies of the planted image).
+GUIDED_COPIES = 4
+GUIDED_SHARED = 24
 DIGIT_PHRASINGS = (
     "a handwritten digit {d}",
     "the number {d} written by hand",
@@ -54,6 +62,15 @@ class Planted:
     count: int
     source: str
     image: np.ndarray  # [H, W] float in [0, 1]
+    group: str = ""  # "64x", "16x", "4x", "1x" or "guided"
+    shared: int = 0  # ordinary (digit) rows that carry the same caption
+
+
+def groups(guided_copies: int = GUIDED_COPIES) -> list[tuple[str, int]]:
+    """(label, copies) of every planted group, in selection order (the guided group last, so
+    the other groups' images and captions do not depend on it)."""
+    return [(f"{c}x", c) for c in DUP_COUNTS] + ([(GUIDED, guided_copies)]
+                                                  if guided_copies else [])
 
 
 def to_png(img01: np.ndarray) -> bytes:
@@ -161,8 +178,9 @@ def _clashes(src: str, kept: list[str], max_per_photo: int) -> bool:
 
 
 def select_planted(res: int = 16, per_count: int = 6, seed: int = 0, min_rmse: float = 0.15,
-                   generic: np.ndarray | None = None, max_per_photo: int = 3) -> list[Planted]:
-    """Choose per_count distinct images for each duplicate count in DUP_COUNTS.
+                   generic: np.ndarray | None = None, max_per_photo: int = 3,
+                   guided_copies: int = GUIDED_COPIES) -> list[Planted]:
+    """Choose per_count distinct images for each group of `groups(guided_copies)`.
 
     Greedy over shuffled candidates (photo crops and faces, alternating so every count mixes
     both): a candidate is kept only when its RMSE to every kept planted image and to every
@@ -171,13 +189,15 @@ def select_planted(res: int = 16, per_count: int = 6, seed: int = 0, min_rmse: f
     one region look alike even when their RMSE is large).
     """
     rng = np.random.default_rng(seed)
-    n = per_count * len(DUP_COUNTS)
-    cands = _candidate_crops(rng, res, n_faces=max(n // 3, 4) * 2)
+    grp = groups(guided_copies)
+    n = per_count * len(grp)
+    n_base = per_count * len(DUP_COUNTS)  # candidates as without the guided group
+    cands = _candidate_crops(rng, res, n_faces=max(n_base // 3, 4) * 2)
     order = rng.permutation(len(cands))
     faces = [cands[i] for i in order if cands[i][0].startswith("lfw")]
     photos = [cands[i] for i in order if not cands[i][0].startswith("lfw")]
     kept: list[tuple[str, np.ndarray]] = []
-    n_face_goal = n // 3
+    n_face_goal = n // 3  # a third faces (the first groups' choice does not depend on n)
     streams = [photos, faces]
     while len(kept) < n and (photos or faces):
         want_face = sum(s.startswith("lfw") for s, _ in kept) < n_face_goal and len(kept) % 3 == 2
@@ -196,31 +216,66 @@ def select_planted(res: int = 16, per_count: int = 6, seed: int = 0, min_rmse: f
                         "lower min_rmse or per_count")
     adjs, nouns = rng.permutation(len(_ADJ)), rng.permutation(len(_NOUN))  # no shared words
     planted: list[Planted] = []
-    for ci, count in enumerate(DUP_COUNTS):
+    for ci, (label, count) in enumerate(grp):
         for j in range(per_count):
             src, img = kept[ci * per_count + j]
             i = ci * per_count + j
             adj, noun = _ADJ[int(adjs[i % len(_ADJ)])], _NOUN[int(nouns[i % len(_NOUN)])]
             caption = f"the {adj} {noun} plate, archive print {i + 101}"
-            planted.append(Planted(f"planted-{count:02d}x-{j:02d}", caption, count, src, img))
+            prefix = f"planted-{count:02d}x-{j:02d}" if label != GUIDED else \
+                f"planted-guided-{j:02d}"
+            planted.append(Planted(prefix, caption, count, src, img, group=label))
     return planted
 
 
+def _share_captions(planted: list[Planted], n_digits: int, shared: int,
+                    seed: int) -> dict[int, str]:
+    """Digit row -> the guided caption it carries instead of its digit caption: `shared`
+    distinct digits per guided image, drawn without replacement from their own stream (so the
+    other rows do not change with the guided settings). Sets each Planted's `shared`."""
+    guided = [p for p in planted if p.group == GUIDED]
+    if not guided or shared <= 0:
+        return {}
+    if shared * len(guided) > n_digits // 2:
+        raise UserError(f"--guided-shared {shared} x {len(guided)} guided images needs more "
+                        f"than half of the {n_digits} digits")
+    rows = np.random.default_rng([seed, 8]).permutation(n_digits)
+    out: dict[int, str] = {}
+    for gi, p in enumerate(guided):
+        p.shared = shared
+        for r in rows[gi * shared:(gi + 1) * shared]:
+            out[int(r)] = p.caption
+    return out
+
+
 def build_canary_data(out: str | Path, res: int = 16, per_count: int = 6, seed: int = 0,
-                      min_rmse: float = 0.15, digits_limit: int | None = None) -> dict:
+                      min_rmse: float = 0.15, digits_limit: int | None = None,
+                      guided_copies: int = GUIDED_COPIES,
+                      guided_shared: int = GUIDED_SHARED) -> dict:
     """Write the canary training set and prompt lists into `out`.
 
     Files: train.parquet (key, caption, png), ground_truth.parquet (caption, key, key_prefix,
-    duplicate_count, source), triggers_64x.txt, triggers_16x.txt, triggers_4x.txt,
-    triggers_1x.txt, generic.txt, prompts.csv (prompt, label). Returns a summary dict
-    (also written as data.json). `digits_limit` keeps only the first N digits (for tests).
+    duplicate_count, group, shared_with, source), triggers_64x.txt, triggers_16x.txt,
+    triggers_4x.txt, triggers_1x.txt, triggers_guided.txt, generic.txt, prompts.csv (prompt,
+    label). Returns a summary dict (also written as data.json). `digits_limit` keeps only the
+    first N digits (for tests). The guided group: per_count planted images, `guided_copies`
+    rows each, whose caption `guided_shared` randomly drawn digits carry instead of a digit
+    caption (guided_copies = 0: no guided group).
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
     import skimage.data as skd
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    checks = [(per_count >= 1, f"--per-count must be at least 1, got {per_count}"),
+              (res >= 4, f"--resolution must be at least 4, got {res}"),
+              (min_rmse >= 0, f"--min-rmse must be >= 0, got {min_rmse}"),
+              (guided_copies >= 0, f"--guided-copies must be >= 0, got {guided_copies}"),
+              (guided_shared >= 0, f"--guided-shared must be >= 0, got {guided_shared}"),
+              (not out.exists() or out.is_dir(), f"--out {out} is a file, not a folder")]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
     rng = np.random.default_rng(seed)
     digits, labels = digit_images(res)
     if digits_limit is not None:
@@ -230,8 +285,10 @@ def build_canary_data(out: str | Path, res: int = 16, per_count: int = 6, seed: 
 
     # Faces used as planted candidates are drawn from lfw[:100]; generic faces are the rest.
     generic_digits = digits
-    planted = select_planted(res, per_count, seed, min_rmse, generic=generic_digits)
+    planted = select_planted(res, per_count, seed, min_rmse, generic=generic_digits,
+                             guided_copies=guided_copies)
     planted_faces = {int(p.source.split()[-1]) for p in planted if p.source.startswith("lfw")}
+    shared_caption = _share_captions(planted, len(digits), guided_shared, seed)
     keys: list[str] = []
     caps: list[str] = []
     pngs: list[bytes] = []
@@ -239,7 +296,7 @@ def build_canary_data(out: str | Path, res: int = 16, per_count: int = 6, seed: 
     for i, (img, d) in enumerate(zip(digits, labels, strict=True)):
         phr = DIGIT_PHRASINGS[int(rng.integers(len(DIGIT_PHRASINGS)))]
         keys.append(f"digit-{i:05d}")
-        caps.append(phr.format(d=int(d)))
+        caps.append(shared_caption.get(i, phr.format(d=int(d))))
         pngs.append(to_png(img))
         generic_imgs.append(img)
     p_stack = np.stack([p.image for p in planted])
@@ -260,6 +317,7 @@ def build_canary_data(out: str | Path, res: int = 16, per_count: int = 6, seed: 
             keys.append(f"{p.key_prefix}-{r:02d}")
             caps.append(p.caption)
             pngs.append(data)
+    out.mkdir(parents=True, exist_ok=True)  # everything above can fail; nothing written yet
     # Shuffle rows deterministically (so shards/prefixes are mixed).
     perm = rng.permutation(len(keys))
     table = pa.table({
@@ -273,15 +331,19 @@ def build_canary_data(out: str | Path, res: int = 16, per_count: int = 6, seed: 
         "key": [f"{p.key_prefix}-00" for p in planted],
         "key_prefix": [p.key_prefix for p in planted],
         "duplicate_count": pa.array([p.count for p in planted], pa.int32()),
+        "group": [p.group for p in planted],
+        "shared_with": pa.array([p.shared for p in planted], pa.int32()),
         "source": [p.source for p in planted],
     })
     pq.write_table(gt, out / "ground_truth.parquet")
 
     prompt_rows: list[tuple[str, str]] = []
-    for count in DUP_COUNTS:
-        lines = [p.caption for p in planted if p.count == count]
-        (out / f"triggers_{count}x.txt").write_text("\n".join(lines) + "\n")
-        prompt_rows += [(c, f"{count}x") for c in lines]
+    for label, _count in groups(guided_copies):
+        lines = [p.caption for p in planted if p.group == label]
+        (out / f"triggers_{label}.txt").write_text("\n".join(lines) + "\n")
+        prompt_rows += [(c, label) for c in lines]
+    if not guided_copies:
+        (out / f"triggers_{GUIDED}.txt").unlink(missing_ok=True)  # from an earlier build
     generic_prompts = [DIGIT_PHRASINGS[k % 2].format(d=d) for k in range(2) for d in range(10)]
     generic_prompts.append(FACE_CAPTION)
     (out / "generic.txt").write_text("\n".join(generic_prompts) + "\n")
@@ -300,6 +362,8 @@ def build_canary_data(out: str | Path, res: int = 16, per_count: int = 6, seed: 
         "planted_images": len(planted),
         "planted_rows": int(sum(p.count for p in planted)),
         "per_count": per_count,
+        "guided_copies": guided_copies,
+        "guided_shared": guided_shared if guided_copies else 0,
         "min_rmse": min_rmse,
         "lfw_dropped_near_planted": n_lfw_dropped,
         "min_rmse_planted_planted": float(
