@@ -9,6 +9,9 @@ from pathlib import Path
 
 import typer
 
+from memaudit.canary import RECIPE
+from memaudit.canary.data import GUIDED_COPIES, GUIDED_SHARED
+
 canary_app = typer.Typer(help="The built-in canary model: build its data, train, evaluate.",
                          no_args_is_help=True)
 
@@ -17,15 +20,20 @@ canary_app = typer.Typer(help="The built-in canary model: build its data, train,
 def data_cmd(
     out: Path = typer.Option(..., "--out", help="Output folder."),
     resolution: int = typer.Option(16, help="Training resolution (square, grey)."),
-    per_count: int = typer.Option(6, help="Planted images per duplicate count (1, 4, 16, 64)."),
+    per_count: int = typer.Option(6, help="Planted images per group (64x, 16x, 4x, 1x, guided)."),
     seed: int = typer.Option(0, help="Random seed."),
     min_rmse: float = typer.Option(0.15, help="Minimum pixel RMSE between planted and others."),
+    guided_copies: int = typer.Option(GUIDED_COPIES, help="Copies of each guided-group image "
+                                      "(0: no guided group)."),
+    guided_shared: int = typer.Option(GUIDED_SHARED, help="Ordinary digits that share each "
+                                      "guided image's caption."),
 ) -> None:
     """Training Parquet + trigger/generic prompt lists + ground truth from bundled images."""
     from memaudit.canary.data import build_canary_data
 
     summary = build_canary_data(out, res=resolution, per_count=per_count, seed=seed,
-                                min_rmse=min_rmse)
+                                min_rmse=min_rmse, guided_copies=guided_copies,
+                                guided_shared=guided_shared)
     print(json.dumps(summary, indent=2))
 
 
@@ -33,25 +41,35 @@ def data_cmd(
 def train_cmd(
     data: Path = typer.Argument(..., help="Training Parquet (file, folder or glob)."),
     out: Path = typer.Option(..., "--out", help="Output canary folder."),
-    steps: int = typer.Option(9000, help="Training steps."),
-    batch_size: int = typer.Option(64, help="Batch size."),
-    lr: float = typer.Option(5e-4, help="Learning rate (AdamW)."),
+    steps: int = typer.Option(RECIPE["steps"], help="Training steps."),
+    batch_size: int = typer.Option(RECIPE["batch_size"], help="Batch size."),
+    lr: float = typer.Option(RECIPE["lr"], help="Learning rate (AdamW)."),
+    cond_dropout: float = typer.Option(RECIPE["cond_dropout"],
+                                       help="Classifier-free dropout (share of null captions)."),
     seed: int = typer.Option(0, help="Random seed."),
     resolution: int = typer.Option(16, help="Training resolution (square, grey)."),
-    layers_per_block: int = typer.Option(2, help="UNet resnet layers per block."),
+    layers_per_block: int = typer.Option(1, help="UNet resnet layers per block."),
+    init: Path = typer.Option(None, help="Fine-tune: start from this canary folder's weights "
+                              "(and its architecture)."),
     checkpoint_every: int = typer.Option(500, help="Checkpoint interval (steps)."),
     max_minutes: float = typer.Option(None, help="Stop and export after this many minutes."),
+    restart: bool = typer.Option(False, "--restart", help="Start over in a folder that holds "
+                                 "another run (deletes its checkpoints and weights)."),
+    default_scale: float = typer.Option(2.0, help="Default CFG scale written to canary.json."),
     device: str = typer.Option(None, help="cpu, cuda, ... (default: cuda when available)."),
 ) -> None:
-    """Train (or resume) a canary model; writes canary.safetensors + canary.json."""
+    """Train (or resume) a canary model; writes canary.safetensors + canary.json. A run
+    resumes only from a checkpoint of the same data and settings."""
     from memaudit.canary.model import CanaryConfig
     from memaudit.canary.train import train_canary
 
     cfg = CanaryConfig(resolution=resolution, layers_per_block=layers_per_block)
     command = "memaudit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     info = train_canary(data, out, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
-                        device=device, cfg=cfg, checkpoint_every=checkpoint_every,
-                        max_minutes=max_minutes, command=command)
+                        device=device, cfg=None if init else cfg, cond_dropout=cond_dropout,
+                        checkpoint_every=checkpoint_every, max_minutes=max_minutes,
+                        default_guidance_scale=default_scale, command=command, init=init,
+                        restart=restart)
     print(json.dumps({k: info[k] for k in ("steps", "final_loss", "train_seconds",
                                            "data_sha256")}, indent=2))
 
