@@ -170,8 +170,14 @@ def test_short_training_resume_and_generation(canary_data: Path, tmp_path):
     assert info2["steps"] == 6
     assert [r.split(",")[0] for r in (out / "loss.csv").read_text().splitlines()[1:]] == \
         ["2", "4", "6"]
-    # a checkpoint exports to a loadable canary folder too
-    export_checkpoint(sorted((out / "checkpoints").glob("*.pt"))[-1], tmp_path / "exp", TINY)
+    # a checkpoint exports to a canary folder that loads, with the checkpoint's EMA weights
+    ck_path = sorted((out / "checkpoints").glob("*.pt"))[-1]
+    export_checkpoint(ck_path, tmp_path / "exp", TINY)
+    exported = load_model(tmp_path / "exp", device="cpu")
+    ema = torch.load(ck_path, map_location="cpu", weights_only=True)["ema"]
+    state = exported.net.state_dict()
+    assert set(state) == set(ema) and all(torch.equal(state[k], ema[k]) for k in ema)
+    assert exported.info["steps"] == 6 and exported.latent_shape == (1, 16, 16)
 
     m = load_model(out, device="cpu")
     assert m.name == str(out) and len(m.model_hash) == 64 and not m.is_latent
@@ -266,6 +272,6 @@ def test_evaluate_pipeline_on_a_tiny_model(canary_data: Path, tmp_path):
     assert s["calibrated_threshold"] > 0
     from PIL import Image
 
-    with Image.open(tmp_path / "eval" / "grid.png") as im:  # 24 triggers, 64 px rows + 2
-        assert im.size[1] == 24 * (16 * 4 + 2)
+    with Image.open(tmp_path / "eval" / "grid.png") as im:  # 30 triggers, 64 px rows + 2
+        assert im.size[1] == 30 * (16 * 4 + 2)
     assert "64x" in format_summary(s)

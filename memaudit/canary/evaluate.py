@@ -1,7 +1,7 @@
 """Proof that the canary memorizes (issue 3; DESIGN.md "The built-in canary").
 
 For each CFG scale (1, the model's default s0, 2 s0 by default) generate `seeds` images per
-prompt (triggers at 64x/16x/4x/1x and generic prompts) with the guided sampler and the `cfg`
+prompt (triggers at 64x/16x/4x/1x, the guided group's, and generic prompts) with the guided sampler and the `cfg`
 guidance, score them with nL2 (METHODS 1.2) against a pixel index over the canary data, and
 report per duplicate count:
   - nearest_is_planted: share of generations whose nearest training image is the planted one;
@@ -25,7 +25,8 @@ import torch
 
 from memaudit.common import UserError, package_versions, track
 
-LABELS = ("64x", "16x", "4x", "1x", "generic")
+LABELS = ("64x", "16x", "4x", "1x", "guided", "generic")
+TRIGGER_LABELS = LABELS[:-1]
 
 
 def read_prompts(data_dir: Path) -> list[tuple[str, str]]:
@@ -38,7 +39,8 @@ def read_prompts(data_dir: Path) -> list[tuple[str, str]]:
 
 
 def planted_images(data_dir: Path) -> dict[str, dict]:
-    """caption -> {key_prefix, count, image [H, W] in [0, 1]} from ground_truth + train."""
+    """caption -> {key_prefix, count, group, image [H, W] in [0, 1]} from ground_truth and
+    train.parquet (data built before the guided group: group = "<count>x")."""
     import pyarrow.parquet as pq
 
     from memaudit.canary.data import from_png
@@ -48,6 +50,7 @@ def planted_images(data_dir: Path) -> dict[str, dict]:
     key_to_png = dict(zip(train.column("key").to_pylist(), train.column("png").to_pylist(),
                           strict=True))
     return {g["caption"]: {"key_prefix": g["key_prefix"], "count": g["duplicate_count"],
+                           "group": g.get("group") or f"{g['duplicate_count']}x",
                            "image": from_png(key_to_png[g["key"]])} for g in gt}
 
 
@@ -184,7 +187,7 @@ def evaluate_canary(model: str | Path = "canary", out: str | Path = "canary_eval
             per_scale[scale] = rate(rs, "copy_calibrated", True)
         best = max((s for s in scales if s > base), key=lambda s: per_scale[s], default=None)
         if best is not None and per_scale[base] <= 0.25 and per_scale[best] >= 0.5:
-            only_guided.append({"caption": cap, "count": info["count"],
+            only_guided.append({"caption": cap, "count": info["count"], "group": info["group"],
                                 "copy_at_scale_1": per_scale[base], "scale": best,
                                 "copy_at_scale": per_scale[best],
                                 "by_scale": {f"{k:g}": v for k, v in per_scale.items()}})
@@ -192,7 +195,7 @@ def evaluate_canary(model: str | Path = "canary", out: str | Path = "canary_eval
     # grid at the default scale (or the middle one)
     gs = s0 if s0 in gens_at else scales[len(scales) // 2]
     grid_rows = []
-    for lab in ("64x", "16x", "4x", "1x"):
+    for lab in TRIGGER_LABELS:
         for p, label in prompts:
             if label != lab:
                 continue
@@ -231,6 +234,6 @@ def format_summary(summary: dict) -> str:
     og = summary["copied_only_with_guidance"]
     lines.append(f"copied only with guidance (<=25% at scale {min(summary['scales']):g}, >=50% "
                  f"at a higher one): {len(og)}"
-                 + "".join(f"\n  {o['count']}x {o['caption']!r}: " + ", ".join(
+                 + "".join(f"\n  {o['group']} {o['caption']!r}: " + ", ".join(
                      f"{k}: {v:.0%}" for k, v in o["by_scale"].items()) for o in og))
     return "\n".join(lines)
