@@ -10,6 +10,7 @@ from pathlib import Path
 import typer
 
 from memaudit.canary import RECIPE
+from memaudit.canary.basin import METHODS as BASIN_METHODS
 from memaudit.canary.data import GUIDED_COPIES, GUIDED_SHARED
 
 canary_app = typer.Typer(help="The built-in canary model: build its data, train, evaluate.",
@@ -98,6 +99,40 @@ def evaluate_cmd(
     summary = evaluate_canary(model, out, data_dir=data, index_dir=index, seeds=seeds,
                               scales=scale_list, steps=steps, device=device, grid_path=grid)
     print(format_summary(summary))
+
+
+@canary_app.command("basin")
+def basin_cmd(
+    out: Path = typer.Option(..., "--out", help="Work folder (data, index, basin.json)."),
+    model: str = typer.Option("canary", help="'canary' (shipped) or a canary folder."),
+    data: Path = typer.Option(None, help="Canary data folder (default: rebuilt into OUT/data)."),
+    index: Path = typer.Option(None, help="Pixel index over the data (default: built in OUT)."),
+    seeds: int = typer.Option(8, help="Seeds per prompt (magnitude curves, mitigation table)."),
+    sweep_seeds: int = typer.Option(4, help="Seeds per prompt in the static tau sweep."),
+    steps: int = typer.Option(None, help="DDIM steps (default: the model's, 50)."),
+    methods: str = typer.Option(",".join(BASIN_METHODS), help="Methods of the table."),
+    timing_repeats: int = typer.Option(3, help="Interleaved wall-time repeats (0: none)."),
+    doc: Path = typer.Option(None, help="Markdown file whose generated section to (re)write, "
+                             "e.g. docs/attraction-basin.md."),
+    img_dir: Path = typer.Option(None, help="Folder of the SVG figures (default: DOC/../img)."),
+    device: str = typer.Option(None, help="cpu, cuda, ... (default: cuda when available)."),
+) -> None:
+    """The attraction-basin evidence (Jain et al. CVPR 2025) on a canary: ||e_c - e_u|| per
+    step by prompt group, copy rate against static's tau, and the mitigation table."""
+    from memaudit.canary.basin import run_basin
+    from memaudit.common import UserError
+
+    if seeds < 1 or sweep_seeds < 1:
+        raise UserError("--seeds and --sweep-seeds must be at least 1")
+    names = tuple(m.strip() for m in methods.split(",") if m.strip())
+    if "cfg" not in names:
+        raise UserError("--methods must include cfg (the baseline of the cost ratios)")
+    res = run_basin(model, out, data_dir=data, index_dir=index, seeds=seeds,
+                    sweep_seeds=sweep_seeds, steps=steps, methods=names,
+                    timing_repeats=timing_repeats, device=device, doc=doc, img_dir=img_dir,
+                    log=lambda s: print(s, file=sys.stderr, flush=True))
+    print(f"basin evidence in {out / 'basin.json'}" + (f" and {doc}" if doc else "")
+          + f" ({res['seconds']:.0f} s)")
 
 
 def register(app: typer.Typer) -> None:
