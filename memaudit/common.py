@@ -15,13 +15,19 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
+#: Exit codes of every command (docs/report.md "Exit codes"): 0 pass / done, 1 the gate
+#: failed (a copy rate or screening score over its limit), 2 a usage or input error,
+#: 3 the audit is incomplete or memaudit itself failed (an unexpected exception).
+EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_INCOMPLETE = 0, 1, 2, 3
+
+
 class UserError(Exception):
     """An error the user caused (bad path, missing column, unknown method...).
 
     The CLI prints its message on one line and exits with `exit_code`; never a traceback.
     """
 
-    def __init__(self, message: str, exit_code: int = 2):
+    def __init__(self, message: str, exit_code: int = EXIT_USAGE):
         super().__init__(message)
         self.exit_code = exit_code
 

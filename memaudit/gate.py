@@ -1,11 +1,14 @@
-"""`memaudit gate`: pass/fail an audit for CI (exit 0 pass, 1 fail, 2 usage error).
+"""`memaudit gate`: pass/fail an audit for CI (exit 0 pass, 1 fail, 2 usage or input error,
+3 incomplete: the run is unfinished or failed, which is never a pass).
 
 Two modes:
 - `gate_db`: read an audit database and fail when a method's copy rate under a criterion
   exceeds `max_copy_rate`, or a screened prompt's score exceeds `max_screen_score`
   (METHODS 1 copy verdicts; METHODS 2 screening). The copy verdict is the index-calibrated
   one where the index has a calibration (METHODS 1.2 "Calibration"), else the fixed one,
-  unless `threshold` forces one; the result says which was used.
+  unless `threshold` forces one; the result says which was used. The run's status is read
+  first: a run that is still `running` (or was killed) or `failed` gates INCOMPLETE (exit 3)
+  whatever its committed units show.
 - `gate_screen`: screening only (Wen et al. ICLR 2024), straight from a model and a prompt
   list, no generation: the fast per-checkpoint check.
 """
@@ -19,8 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from memaudit.common import UserError
+from memaudit.common import EXIT_FAIL, EXIT_INCOMPLETE, EXIT_OK, UserError
 from memaudit.store import AuditStore
+from memaudit.text import terminal_text, xml_text
 
 THRESHOLD_KINDS = ("auto", "calibrated", "fixed")
 
@@ -41,14 +45,21 @@ class Check:
 class GateResult:
     checks: list[Check]
     source: str
+    incomplete: str | None = None  # why the audit cannot be gated (unfinished/failed run)
 
     @property
     def passed(self) -> bool:
-        return all(c.passed for c in self.checks)
+        return self.incomplete is None and all(c.passed for c in self.checks)
+
+    @property
+    def verdict(self) -> str:
+        return "INCOMPLETE" if self.incomplete else "PASS" if self.passed else "FAIL"
 
     @property
     def exit_code(self) -> int:
-        return 0 if self.passed else 1
+        if self.incomplete:
+            return EXIT_INCOMPLETE
+        return EXIT_OK if self.passed else EXIT_FAIL
 
 
 def gate_db(db: str | Path, *, criteria: list[str] | None = None,
@@ -64,11 +75,30 @@ def gate_db(db: str | Path, *, criteria: list[str] | None = None,
     with AuditStore(db, read_only=True) as store:
         run = store.run(run_id)
         rid = int(run["id"])
-        if max_copy_rate is not None:
-            checks += _copy_checks(store, rid, criteria, methods, max_copy_rate, threshold)
-        if max_screen_score is not None:
-            checks.append(_screen_check_db(store, rid, max_screen_score))
-    return GateResult(checks=checks, source=f"{db} (run {rid})")
+        incomplete = _incomplete(store, run)
+        try:
+            if max_copy_rate is not None:
+                checks += _copy_checks(store, rid, criteria, methods, max_copy_rate, threshold)
+            if max_screen_score is not None:
+                checks.append(_screen_check_db(store, rid, max_screen_score))
+        except UserError:
+            if incomplete is None:
+                raise
+            # an unfinished run may have nothing to check yet; the verdict is INCOMPLETE
+    return GateResult(checks=checks, source=f"{db} (run {rid})", incomplete=incomplete)
+
+
+def _incomplete(store: AuditStore, run: dict[str, Any]) -> str | None:
+    """Why a run cannot pass (None when it finished)."""
+    status = str(run.get("status"))
+    if status == "finished":
+        return None
+    units = store.con.execute("SELECT count(*) FROM units WHERE run_id = ?",
+                              [int(run["id"])]).fetchone()[0]
+    why = ("an error ended it part-way" if status == "failed"
+           else "still running, or killed part-way")
+    return (f"run {run['id']} is {status} ({why}; {units} unit(s) committed): an unfinished "
+            "audit is never a pass; rerun `memaudit audit PLAN` to finish it")
 
 
 def _copy_checks(store: AuditStore, rid: int, criteria: list[str] | None,
@@ -185,8 +215,11 @@ def gate_screen(model: str, prompts: str | Path, *, max_screen_score: float | No
 
 
 def format_result(res: GateResult, max_rows: int = 20) -> str:
-    """The text the CLI prints: verdict, one line per check, offending prompts."""
-    lines = [f"memaudit gate: {'PASS' if res.passed else 'FAIL'} ({res.source})"]
+    """The text the CLI prints: verdict, one line per check, offending prompts (every line
+    through the terminal sanitiser: prompts are untrusted)."""
+    lines = [f"memaudit gate: {res.verdict} ({res.source})"]
+    if res.incomplete:
+        lines.append(f"  [INCOMPLETE] {res.incomplete}")
     for c in res.checks:
         lines.append(f"  [{'pass' if c.passed else 'FAIL'}] {c.name}: {c.detail}")
     for c in res.checks:
@@ -204,7 +237,7 @@ def format_result(res: GateResult, max_rows: int = 20) -> str:
                 lines.append(f"  {r['score']:>8.4g}  {_one_line(r['prompt'])}")
         if len(c.offending) > max_rows:
             lines.append(f"  ... and {len(c.offending) - max_rows} more")
-    return "\n".join(lines)
+    return "\n".join(terminal_text(line) for line in "\n".join(lines).split("\n"))
 
 
 def _one_line(s: str, n: int = 80) -> str:
@@ -220,22 +253,33 @@ def _offending_line(r: dict[str, Any]) -> str:
 
 
 def write_junit(res: GateResult, path: str | Path) -> Path:
-    """JUnit XML: one testcase per check, a <failure> listing the offending prompts."""
+    """JUnit XML: one testcase per check, a <failure> listing the offending prompts; an
+    incomplete run is one <error> testcase. Every text goes through the XML sanitiser and
+    the file is written atomically."""
+    from memaudit.paths import atomic_write
+
     path = Path(path)
     failures = sum(not c.passed for c in res.checks)
-    suites = ET.Element("testsuites", name="memaudit", tests=str(len(res.checks)),
-                        failures=str(failures))
+    errors = 1 if res.incomplete else 0
+    tests = len(res.checks) + errors
+    suites = ET.Element("testsuites", name="memaudit", tests=str(tests),
+                        failures=str(failures), errors=str(errors))
     suite = ET.SubElement(suites, "testsuite", name="memaudit gate",
-                          tests=str(len(res.checks)), failures=str(failures), errors="0")
+                          tests=str(tests), failures=str(failures), errors=str(errors))
     ET.SubElement(ET.SubElement(suite, "properties"), "property", name="source",
-                  value=res.source)
+                  value=xml_text(res.source))
+    if res.incomplete:
+        case = ET.SubElement(suite, "testcase", classname="memaudit.gate", name="run_status")
+        ET.SubElement(case, "error", message=xml_text(res.incomplete), type="AuditIncomplete")
     for c in res.checks:
-        case = ET.SubElement(suite, "testcase", classname="memaudit.gate", name=c.name)
+        case = ET.SubElement(suite, "testcase", classname="memaudit.gate",
+                             name=xml_text(c.name))
         if c.passed:
-            ET.SubElement(case, "system-out").text = c.detail
+            ET.SubElement(case, "system-out").text = xml_text(c.detail)
         else:
-            fail = ET.SubElement(case, "failure", message=c.detail, type="GateFailure")
-            fail.text = "\n".join(_offending_line(r) for r in c.offending)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ET.ElementTree(suites).write(path, encoding="utf-8", xml_declaration=True)
+            fail = ET.SubElement(case, "failure", message=xml_text(c.detail),
+                                 type="GateFailure")
+            fail.text = xml_text("\n".join(_offending_line(r) for r in c.offending))
+    with atomic_write(path, "JUnit file") as tmp:
+        ET.ElementTree(suites).write(tmp, encoding="utf-8", xml_declaration=True)
     return path

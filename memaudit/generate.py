@@ -8,7 +8,9 @@ Output layout in `out_dir`:
   images/{method}/{prompt_id:05d}_{seed}.png
   generations.parquet  one row per image: prompt_id, prompt, final_prompt, label, source, seed,
                        method, params_json, file, wall_seconds, unet_calls, forwards, steps,
-                       guidance_scale, scheduler, model, model_hash
+                       guidance_scale, scheduler, model, model_hash, and for methods guided by
+                       a copy criterion (amg) guidance_criterion, guidance_index and
+                       guidance_index_hash (null otherwise), as the audit database records
   trace.parquet        one row per image and step: file, method, prompt_id, seed, step, t, u,
                        guidance_norm and every trace field of the guidance
 Both tables are rewritten (atomically) after every batch, so a killed run started again with
@@ -34,14 +36,16 @@ from memaudit.data.prompts import PromptRecord
 
 GEN_COLUMNS = ["prompt_id", "prompt", "final_prompt", "label", "source", "seed", "method",
                "params_json", "file", "wall_seconds", "unet_calls", "forwards", "steps",
-               "guidance_scale", "scheduler", "model", "model_hash"]
+               "guidance_scale", "scheduler", "model", "model_hash", "guidance_criterion",
+               "guidance_index", "guidance_index_hash"]
 GEN_SCHEMA = pa.schema([
     ("prompt_id", pa.int64()), ("prompt", pa.string()), ("final_prompt", pa.string()),
     ("label", pa.string()), ("source", pa.string()), ("seed", pa.int64()),
     ("method", pa.string()), ("params_json", pa.string()), ("file", pa.string()),
     ("wall_seconds", pa.float64()), ("unet_calls", pa.float64()), ("forwards", pa.int64()),
     ("steps", pa.int64()), ("guidance_scale", pa.float64()), ("scheduler", pa.string()),
-    ("model", pa.string()), ("model_hash", pa.string()),
+    ("model", pa.string()), ("model_hash", pa.string()), ("guidance_criterion", pa.string()),
+    ("guidance_index", pa.string()), ("guidance_index_hash", pa.string()),
 ])
 TRACE_FIXED = ["file", "method", "prompt_id", "seed", "step", "t", "u"]
 
@@ -97,6 +101,29 @@ def _params_json(name: str, guidance: Any, steps: int, scale: float, scheduler: 
     p = asdict(guidance.params) if is_dataclass(guidance.params) else {}
     return json.dumps({"method": name, "params": p, "steps": steps, "guidance_scale": scale,
                        "scheduler": scheduler}, sort_keys=True, default=str)
+
+
+def guidance_source(criterion: Any) -> dict[str, str | None]:
+    """Which criterion and index guide a method (amg): name, index folder, content hash."""
+    if criterion is None:
+        return {"guidance_criterion": None, "guidance_index": None, "guidance_index_hash": None}
+    index = getattr(criterion, "index", None)
+    man = getattr(index, "manifest", None) or {}
+    path = getattr(index, "path", None)
+    return {"guidance_criterion": str(getattr(criterion, "name", type(criterion).__name__)),
+            "guidance_index": None if path is None else str(Path(path).resolve()),
+            "guidance_index_hash": None if not man.get("content_hash")
+            else str(man["content_hash"])}
+
+
+def _read_earlier(path: Path) -> pa.Table:
+    """generations.parquet of an earlier run into this folder (older files lack the
+    guidance_* columns: null)."""
+    t = pq.read_table(path)
+    for f in GEN_SCHEMA:
+        if f.name not in t.column_names:
+            t = t.append_column(f, pa.nulls(t.num_rows, f.type))
+    return t.select([f.name for f in GEN_SCHEMA]).cast(GEN_SCHEMA)
 
 
 def _write_atomic(table: pa.Table, path: Path) -> None:
@@ -173,19 +200,29 @@ def generate(model: Any, prompts: Sequence[PromptRecord | str],
     if batch_size < 1:
         raise UserError(f"batch size must be at least 1, got {batch_size}")
     steps = int(model.default_steps if steps is None else steps)
+    if steps < 1:
+        raise UserError(f"steps must be at least 1, got {steps}")
     scale = float(model.default_guidance_scale if guidance_scale is None else guidance_scale)
     resolved = _resolve_methods(methods, params)
     for label, g in resolved:
         if g.needs_criterion and criterion is None:
             raise UserError(f"method {label!r} needs a copy criterion: give an index")
+        if g.needs_criterion and not getattr(criterion, "differentiable", True):
+            from memaudit.criteria import check_guiding
+
+            check_guiding(criterion.name, label)
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder")
+    from memaudit.paths import make_dirs
+
+    make_dirs(out)
     gen_path, trace_path = out / "generations.parquet", out / "trace.parquet"
     gen_tables: list[pa.Table] = []  # earlier rows, then one table per batch
     trace_tables: list[pa.Table] = []
     if gen_path.exists():
-        gen_tables.append(pq.read_table(gen_path).cast(GEN_SCHEMA))
+        gen_tables.append(_read_earlier(gen_path))
         if trace_path.exists():  # drop rows of a batch killed before its generations write
             import pyarrow.compute as pc
 
@@ -198,6 +235,7 @@ def generate(model: Any, prompts: Sequence[PromptRecord | str],
     work: list[tuple[str, Any, str, list[tuple[int, int]]]] = []
     for label, g in resolved:
         pj = _params_json(g.name, g, steps, scale, scheduler)
+        gsrc = guidance_source(criterion if g.needs_criterion else None)
         todo = []
         for pid in range(len(records)):
             for s in seed_list:
@@ -205,15 +243,20 @@ def generate(model: Any, prompts: Sequence[PromptRecord | str],
                 if prev is None:
                     todo.append((pid, s))
                 elif prev["params_json"] != pj or prev["model_hash"] != model_hash \
-                        or prev["prompt"] != records[pid].text:
+                        or prev["prompt"] != records[pid].text or (
+                        g.needs_criterion and prev["guidance_index_hash"] is not None
+                        and (prev["guidance_criterion"], prev["guidance_index_hash"])
+                        != (gsrc["guidance_criterion"], gsrc["guidance_index_hash"])):
                     raise UserError(f"{out} already holds {label} image {prev['file']} made "
-                                    "with other settings, model or prompts; use a new --out")
+                                    "with other settings, model, prompts or guiding index; "
+                                    "use a new --out")
         work.append((label, g, pj, todo))
 
     total = sum(len(w[3]) for w in work)
     with progress_bar("generate", total=total, unit="images") as advance:
         for label, g, pj, todo in work:
             crit = criterion if g.needs_criterion else None
+            gsrc = guidance_source(crit)
             for lo in range(0, len(todo), batch_size):
                 batch = todo[lo:lo + batch_size]
                 gen_rows: list[dict[str, Any]] = []
@@ -231,7 +274,7 @@ def generate(model: Any, prompts: Sequence[PromptRecord | str],
                         params_json=pj, file=rel, wall_seconds=res.wall_seconds,
                         unet_calls=res.unet_rows, forwards=res.forwards, steps=steps,
                         guidance_scale=scale, scheduler=scheduler,
-                        model=str(getattr(model, "name", "")), model_hash=model_hash))
+                        model=str(getattr(model, "name", "")), model_hash=model_hash, **gsrc))
                     for j, step in enumerate(res.trace):
                         row = dict(file=rel, method=label, prompt_id=pid, seed=seed, step=j,
                                    t=step["t"], u=step["u"])

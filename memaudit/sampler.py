@@ -11,6 +11,8 @@ Contract (what every guidance may rely on; memaudit/guidance/base.py):
   (times the scheduler's `init_noise_sigma`), then moved to the device, so a row's result
   does not depend on the batch it is in. `batch_size` < B processes the rows in chunks, each
   chunk with its own fresh scheduler and its own `state.memory`.
+* Conditions are `Cond`s (memaudit/models/cond.py: named tensors sharing the batch
+  dimension; `emb` the text states, plus whatever the family needs), never bare tensors.
 * Before the loop (per chunk): `prompts = guidance.prepare_prompts(prompts, seeds, model)`;
   `emb_c = model.encode_prompts(prompts)`; `emb_u = model.null_embedding(B)`;
   `emb_c, emb_u = guidance.prepare_embeddings(emb_c, emb_u, x_T, seeds, model, t0)` with t0
@@ -19,8 +21,8 @@ Contract (what every guidance may rely on; memaudit/guidance/base.py):
   num_steps, t (scalar tensor), u = t / T, x_t = scheduler.scale_model_input(x, t),
   alpha_bar = abar_t (scalar), s0 = guidance_scale, model, criterion, emb_u, emb_c, memory
   (one dict persisting across the steps of a chunk), prompts (after prepare_prompts), seeds.
-  `extra = guidance.extra_conditions(state)` (name -> [B, L, D]); then ONE batched
-  `model.eps(cat([x_t] * (2 + len(extra))), t, cat([emb_u, emb_c, *extra.values()]))`
+  `extra = guidance.extra_conditions(state)` (name -> a `Cond` like emb_c); then ONE batched
+  `model.eps(cat([x_t] * (2 + len(extra))), t, Cond.cat([emb_u, emb_c, *extra.values()]))`
   under `torch.no_grad()`; `state.e_u`, `state.e_c`, `state.extra[name]` get the chunks.
   `eps_hat, trace = guidance.guide(state)` runs with gradients enabled (a guidance needing
   gradients, e.g. AMG, builds them itself: the UNet outputs carry no graph). Then
@@ -49,6 +51,7 @@ import torch
 from memaudit.common import UserError
 from memaudit.guidance.base import Guidance, StepState, per_sample_norm
 from memaudit.models.base import Denoiser
+from memaudit.models.cond import Cond, as_cond
 
 SCHEDULERS = ("ddim", "dpm")
 
@@ -112,10 +115,10 @@ def _sample_chunk(model: Denoiser, prompts: list[str], seeds: list[int], guidanc
         raise ValueError(f"{guidance.name}.prepare_prompts returned {len(prompts)} prompts "
                          f"for {b} rows")
     with torch.no_grad():
-        emb_c = model.encode_prompts(prompts).detach()
-        emb_u = model.null_embedding(b).detach()
+        emb_c = as_cond(model.encode_prompts(prompts)).detach()
+        emb_u = as_cond(model.null_embedding(b)).detach()
     emb_c, emb_u = guidance.prepare_embeddings(emb_c, emb_u, x, list(seeds), model, t0)
-    emb_c, emb_u = emb_c.detach(), emb_u.detach()
+    emb_c, emb_u = as_cond(emb_c).detach(), as_cond(emb_u).detach()
 
     memory: dict[str, Any] = {}
     trace: list[dict[str, Any]] = []
@@ -125,14 +128,15 @@ def _sample_chunk(model: Denoiser, prompts: list[str], seeds: list[int], guidanc
                           alpha_bar=abar_all[t.long()], s0=scale, model=model,
                           criterion=criterion, emb_u=emb_u, emb_c=emb_c, memory=memory,
                           prompts=prompts, seeds=list(seeds))
-        extra = guidance.extra_conditions(state) or {}
-        embs = [emb_u, emb_c, *(e.to(emb_c.dtype) for e in extra.values())]
+        extra = {k: as_cond(e) for k, e in (guidance.extra_conditions(state) or {}).items()}
+        embs = [emb_u, emb_c, *extra.values()]
         for name, e in extra.items():
-            if tuple(e.shape) != tuple(emb_c.shape):
-                raise ValueError(f"{guidance.name}: extra condition {name!r} has shape "
-                                 f"{tuple(e.shape)}, expected {tuple(emb_c.shape)}")
+            if len(e) != b or e.signature().keys() != emb_c.signature().keys() or \
+                    any(e.signature()[k][0] != s for k, (s, _) in emb_c.signature().items()):
+                raise ValueError(f"{guidance.name}: extra condition {name!r} is {e}, "
+                                 f"expected the rows of {emb_c}")
         with torch.no_grad():
-            out = model.eps(torch.cat([x_t] * len(embs)), t, torch.cat(embs))
+            out = model.eps(torch.cat([x_t] * len(embs)), t, Cond.cat(embs))
         parts = out.float().chunk(len(embs))
         state.e_u, state.e_c = parts[0], parts[1]
         state.extra = dict(zip(extra.keys(), parts[2:], strict=True))

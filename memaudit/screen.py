@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from memaudit.common import UserError, progress_bar
+from memaudit.models.cond import Cond, as_cond
 from memaudit.sampler import initial_noise
 
 __all__ = ["auc", "calibrate_threshold", "initial_noise", "screen_prompts", "tpr_at_fpr"]
@@ -55,9 +56,8 @@ def screen_prompts(model: Any, prompts: list[str], steps: int = 1, seeds: int | 
         for start in range(0, len(rows), max(1, batch_size)):
             chunk = rows[start:start + batch_size]
             pidx = [i for i, _ in chunk]
-            emb_c = model.encode_prompts([prompts[i] for i in pidx])
-            emb_u = model.null_embedding(len(chunk)).to(emb_c)
-            emb = torch.cat([emb_u, emb_c])
+            emb_c = as_cond(model.encode_prompts([prompts[i] for i in pidx]))
+            emb = Cond.cat([as_cond(model.null_embedding(len(chunk))), emb_c])
             sched = model.make_scheduler(scheduler)
             sched.set_timesteps(n_inf, device=model.device)
             x = initial_noise(model, [s for _, s in chunk], float(sched.init_noise_sigma))

@@ -75,7 +75,8 @@ def fake_sample(model, prompts, seeds, guidance, steps=4, guidance_scale=2.0, sc
 
 
 def fake_components() -> Components:
-    model = SimpleNamespace(name="fake", model_hash="modelhash", default_steps=3,
+    # default_steps differs from the plan's steps = 3, so the plan's value is seen to win
+    model = SimpleNamespace(name="fake", model_hash="modelhash", default_steps=7,
                             default_guidance_scale=2.0)
     return Components(
         load_model=lambda spec, device: model,
@@ -101,7 +102,7 @@ def write_plan(tmp: Path, methods=("cfg", "amg:spe,dup"), seeds=(0, 1, 2), extra
 out = "out"
 model = "fake"
 index = "idx"
-criteria = ["mean"]
+criteria = ["nl2"]
 methods = {json.dumps(list(methods))}
 seeds = {json.dumps(list(seeds))}
 steps = 3
@@ -226,7 +227,8 @@ def test_killed_run_resumes_without_duplicates(tmp_path, env):
 
 def test_changed_plan_refused_unless_new_run(tmp_path):
     run_plan(write_plan(tmp_path))
-    with pytest.raises(UserError, match=r"differs from run 1.*seeds: \[0, 1, 2\] -> \[0, 1\]"):
+    with pytest.raises(UserError, match=r"differs from run 1.*seeds: \[0, 1, 2\] -> \[0, 1\].*"
+                                        r"finished: use --new-run"):
         run_plan(write_plan(tmp_path, seeds=(0, 1)))
     res = run_plan(write_plan(tmp_path, seeds=(0, 1)), new_run=True)
     assert res.run_id == 2
@@ -239,3 +241,201 @@ def test_changed_plan_refused_unless_new_run(tmp_path):
 def test_plan_difference_names_nested_keys():
     d = plan_difference({"a": 1, "p": {"amg": {"c3": 50}}}, {"a": 1, "p": {"amg": {"c3": 60}}})
     assert d == ["p.amg.c3: 50 -> 60"]
+
+
+def _plan_text(tmp: Path, body: str) -> Path:
+    (tmp / "idx").mkdir(exist_ok=True)
+    (tmp / "trig.txt").write_text("a very specific caption\n")
+    (tmp / "gen.txt").write_text("a digit\n")
+    plan = tmp / "plan.toml"
+    plan.write_text('out = "out"\nmodel = "fake"\n' + body)
+    return plan
+
+
+_OK_INDEX = 'index = "idx"\n'
+_OK_PROMPTS = '[[prompts]]\nfile = "trig.txt"\n[[prompts]]\nfile = "gen.txt"\nlabel = "generic"\n'
+
+
+@pytest.mark.parametrize("body, message", [
+    ("steps = 0\n", "'steps' must be an integer >= 1"),
+    ("steps = -3\n", "'steps' must be an integer >= 1"),
+    ("steps = 2.5\n", "'steps' must be an integer >= 1"),
+    ('scheduler = "euler"\n', "unknown scheduler 'euler'; known: ddim, dpm"),
+    ('batch_size = "big"\n', "'batch_size' must be an integer >= 1"),
+    ('seeds = "0,1"\n', "'seeds' must be a list of integers"),
+    ("seeds = [-1]\n", "'seeds' must be a list of integers >= 0"),
+    ('guidance_scale = "high"\n', "'guidance_scale' must be a number"),
+    ('methods = ["cfg", "nonsense"]\n', "unknown method 'nonsense'"),
+    ('methods = ["amg:spe,fast"]\n', "unknown AMG part"),
+    ('methods = ["amg"]\n[params.amg]\nc3 = "strong"\n', "parameter amg.c3"),
+    ('[params.dynamic]\nmin_stepz = 3\n', "unknown parameter 'min_stepz'"),
+    ('criteria = ["l2-tiled"]\nmethods = ["amg"]\n',
+     "'l2-tiled' has no differentiable similarity, so it cannot guide amg"),
+    ('criteria = ["lpips"]\n', "unknown criterion 'lpips'"),
+    ("model = 3\n", "'model' must be a non-empty string"),
+])
+def test_bad_plan_refused_before_anything_is_written(tmp_path, body, message):
+    """issue 11: `steps = 0` silently ran 50 steps; negative steps, an unknown scheduler and
+    wrong types were caught after the run row existed (or ended in a traceback)."""
+    if body.startswith("model"):
+        plan = tmp_path / "plan.toml"
+        _plan_text(tmp_path, "")
+        plan.write_text('out = "out"\n' + body + _OK_INDEX + _OK_PROMPTS)
+    else:
+        plan = _plan_text(tmp_path, body.split("[params")[0] + _OK_INDEX + _OK_PROMPTS
+                          + ("[params" + body.split("[params")[1] if "[params" in body else ""))
+    with pytest.raises(UserError, match=message):
+        run_plan(plan)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("screen, message", [
+    ("steps = 0\n", r"\[screen\] steps must be an integer >= 1"),
+    ("seeds = -2\n", r"\[screen\] seeds must be an integer >= 1"),
+    ("fpr = 2.0\n", r"\[screen\] fpr must be in \(0, 1\)"),
+    ('threshold = "high"\n', r"\[screen\] threshold must be a number"),
+    ('clean_label = "clean"\n', r"clean_label 'clean' matches no prompt label"),
+    ("stepz = 1\n", r"unknown \[screen\] key\(s\) stepz"),
+])
+def test_bad_screen_table_refused_before_anything_is_written(tmp_path, screen, message):
+    plan = _plan_text(tmp_path, _OK_INDEX + _OK_PROMPTS + "[screen]\n" + screen)
+    with pytest.raises(UserError, match=message):
+        run_plan(plan)
+    assert not (tmp_path / "out").exists()
+
+
+def test_screen_steps_beyond_the_schedule_refused_before_the_run_row(tmp_path):
+    plan = _plan_text(tmp_path, _OK_INDEX + _OK_PROMPTS + "[screen]\nsteps = 8\n")
+    with pytest.raises(UserError, match="exceeds the model's 7-step schedule"):
+        run_plan(plan)  # the fake model's default_steps is 7
+    assert not (tmp_path / "out" / "audit.duckdb").exists()
+
+
+def test_plan_index_table_uses_the_recipe_reader(tmp_path):
+    """issue 11: `size = 16` worked in a recipe and was a TypeError traceback in a plan."""
+    from memaudit.index.recipe import load_recipe
+
+    (tmp_path / "train.parquet").write_bytes(b"")
+    plan = load_plan(_plan_text(tmp_path, '[index]\nsource = "train.parquet"\nsize = 16\n'
+                                "batch_size = 8\n" + _OK_PROMPTS))
+    assert plan.index_build == {"source": str(tmp_path / "train.parquet"), "embedder": "pixels",
+                                "factory": "Flat", "batch_size": 8,
+                                "embedder_opts": {"size": 16}}
+    assert plan.index == str(tmp_path / "out" / "index")
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('data = "train.parquet"\nembedder = "pixels"\nsize = 16\nbatch_size = 8\n')
+    assert load_recipe(recipe)["embedder_opts"] == {"size": 16}
+    for bad, msg in (('size = "big"', "bad pixel size|size must be"),
+                     ("batch_size = 0", "batch_size must be a positive integer"),
+                     ('device = "cpu"', "unknown keys device"),
+                     ('embedder = "sscd"', "criterion 'nl2' needs another index")):
+        p = _plan_text(tmp_path, f'[index]\nsource = "train.parquet"\n{bad}\n' + _OK_PROMPTS)
+        with pytest.raises(UserError, match=msg):
+            load_plan(p)
+
+
+def test_output_folder_may_not_hold_or_be_an_input(tmp_path):
+    for out, msg in (("trig.txt", "exists and is a file"),
+                     ("idx/out", "inside the input folder .*idx")):
+        plan = _plan_text(tmp_path, _OK_INDEX + _OK_PROMPTS)
+        plan.write_text(plan.read_text().replace('out = "out"', f'out = "{out}"'))
+        with pytest.raises(UserError, match=msg):
+            load_plan(plan)
+    # OUT may hold inputs, but not where the audit writes (images/, audit.duckdb)
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "gen.txt").write_text("a digit\n")
+    plan = _plan_text(tmp_path, _OK_INDEX + '[[prompts]]\nfile = "images/gen.txt"\n')
+    plan.write_text(plan.read_text().replace('out = "out"', 'out = "."'))
+    with pytest.raises(UserError, match="memaudit writes .*images, which holds the input"):
+        load_plan(plan)
+    plan.write_text(plan.read_text().replace("images/gen.txt", "gen.txt"))
+    assert load_plan(plan).out == str(tmp_path)
+    assert (tmp_path / "trig.txt").read_text() == "a very specific caption\n"
+
+
+class Boom(RuntimeError):
+    pass
+
+
+def _failing_sample(after: int, exc: type[BaseException] = Boom):
+    calls = {"n": 0}
+
+    def sample(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] > after:
+            raise exc("the GPU fell off")
+        return fake_sample(*a, **kw)
+
+    return sample
+
+
+def test_failed_run_is_marked_failed_and_the_gate_does_not_pass_it(tmp_path):
+    from memaudit.gate import gate_db
+
+    plan = write_plan(tmp_path)
+    comp = fake_components()
+    comp.sample = _failing_sample(after=2)
+    with pytest.raises(Boom):
+        run_audit(load_plan(plan), components=comp, device="cpu")
+    db = tmp_path / "out" / "audit.duckdb"
+    with AuditStore(db, read_only=True) as s:
+        assert s.run()["status"] == "failed" and s.count("units") == 2
+    res = gate_db(db, max_copy_rate=1.0)  # every committed unit would pass
+    assert res.verdict == "INCOMPLETE" and res.exit_code == 3 and not res.passed
+    # the same plan resumes the failed run and finishes it
+    res = run_plan(plan)
+    assert res.run_id == 1 and res.units_skipped == 2 and res.units_done == 7
+    with AuditStore(db, read_only=True) as s:
+        assert s.run()["status"] == "finished"
+    assert gate_db(db, max_copy_rate=1.0).exit_code == 0
+
+
+def test_corrected_plan_starts_over_a_failed_or_killed_run(tmp_path):
+    for exc, status in ((Boom, "failed"), (KeyboardInterrupt, "running")):
+        work = tmp_path / status
+        work.mkdir()
+        comp = fake_components()
+        comp.sample = _failing_sample(after=1, exc=exc)
+        with pytest.raises(exc):
+            run_audit(load_plan(write_plan(work)), components=comp, device="cpu")
+        with AuditStore(work / "out" / "audit.duckdb", read_only=True) as s:
+            assert s.run()["status"] == status
+        logs: list[str] = []
+        res = run_audit(load_plan(write_plan(work, seeds=(0, 1))),
+                        components=fake_components(), device="cpu", log=logs.append)
+        assert res.run_id == 2 and any(f"run 1 is {status}" in m for m in logs)
+        with AuditStore(res.db_path, read_only=True) as s:
+            assert [r["status"] for r in s.query("SELECT status FROM runs ORDER BY id")] == [
+                status, "finished"]
+
+
+def test_built_pixel_index_compares_at_the_model_output_size(tmp_path):
+    """issue 11: a plan that builds a pixel index compares at what the model draws unless
+    it sets size; an index finer than the model is warned about."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"png": [b"x"]}), tmp_path / "train.parquet")
+    built: list[dict] = []
+    logs: list[str] = []
+
+    class PixelIndex(FakeIndex):
+        manifest = {"content_hash": "h", "embedder": {"name": "pixels",
+                                                      "config": {"size": [32, 32]}}}
+
+    for extra in ("", "size = 32\n"):
+        work = tmp_path / f"w{len(extra)}"
+        work.mkdir()
+        (work / "train.parquet").write_bytes((tmp_path / "train.parquet").read_bytes())
+        plan = _plan_text(work, '[index]\nsource = "train.parquet"\n' + extra + _OK_PROMPTS)
+        comp = fake_components()
+        model = comp.load_model("fake", "cpu")
+        model.latent_shape, model.is_latent = (1, 16, 16), False  # draws 16x16
+        comp.build_index = lambda src, emb, out, **kw: (built.append(kw),
+                                                        Path(out).mkdir(parents=True))
+        comp.open_index = lambda path: PixelIndex()
+        run_audit(load_plan(plan), components=comp, device="cpu", log=logs.append)
+    assert built[0]["embedder_opts"] == {"size": [16, 16]}  # the model's output size
+    assert built[1]["embedder_opts"] == {"size": 32}  # the plan's own choice wins
+    warn = [m for m in logs if m.startswith("warning:")]
+    assert warn and "compares pixels at 32x32, finer than the 16x16 images" in warn[0]

@@ -182,9 +182,9 @@ def test_short_training_resume_and_generation(canary_data: Path, tmp_path):
     m = load_model(out, device="cpu")
     assert m.name == str(out) and len(m.model_hash) == 64 and not m.is_latent
     assert m.latent_shape == (1, 16, 16)
-    emb = m.encode_prompts(["a handwritten digit 3", ""])
+    emb = m.encode_prompts(["a handwritten digit 3", ""]).emb
     assert emb.shape == (2, 8, 16)
-    torch.testing.assert_close(m.null_embedding(2), emb[1:].expand(2, -1, -1))
+    torch.testing.assert_close(m.null_embedding(2).emb, emb[1:].expand(2, -1, -1))
     prompts, seeds = ["a handwritten digit 3", "a handwritten digit 3"], [0, 1]
     a = sample(m, prompts, seeds, make_guidance("cfg"), steps=3)
     b = sample(m, prompts, seeds, make_guidance("cfg"), steps=3)

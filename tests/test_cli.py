@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from memaudit.cli.reference import render
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,9 +26,35 @@ def test_user_error_is_one_line_and_exit_2(tmp_path):
 
 
 def test_unknown_method_lists_known(tmp_path):
+    (tmp_path / "p.txt").write_text("a prompt\n")  # a real prompt list: the method is wrong
     r = run("generate", "--model", "canary", "--prompts", str(tmp_path / "p.txt"),
             "--method", "nonsense", "--seeds", "1", "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.startswith("error: unknown method 'nonsense'; known: amg, cfg")
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_a_crash_is_exit_3_in_one_line_and_debug_shows_the_traceback(monkeypatch, capsys):
+    """Exit codes: 1 means the gate found a copy; memaudit failing itself is 3, never 1."""
+    import memaudit.gate
+    from memaudit.cli import main
+
+    def crash(*a, **kw):
+        raise ZeroDivisionError("division by zero")
+
+    monkeypatch.setattr(memaudit.gate, "gate_db", crash)
+    for debug in ("", "1"):
+        monkeypatch.setenv("MEMAUDIT_DEBUG", debug)
+        with pytest.raises(SystemExit) as e:
+            main(["gate", "whatever.duckdb"])
+        err = capsys.readouterr().err
+        assert e.value.code == 3
+        if debug:
+            assert "Traceback" in err and "ZeroDivisionError" in err
+        else:
+            assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+            assert "memaudit failed: ZeroDivisionError: division by zero (at " in err
+            assert "(at memaudit/cli/audit.py:" in err and "MEMAUDIT_DEBUG=1" in err
 
 
 def test_cli_reference_is_current():

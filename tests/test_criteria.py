@@ -122,22 +122,51 @@ def test_tiled_rmse_hand_computation():
     assert tiled_rmse(x.reshape(1, -1), y.reshape(1, -1), (3, 8, 8))[0] == pytest.approx(0.3)
 
 
-def test_l2_tiled_criterion_uses_pixel_nearest_neighbour():
+def test_l2_tiled_criterion_takes_the_best_of_the_k_nearest():
     train = _pixel_set(n=30, size=8, dups=())
     idx = FakeIndex(train, PixelEmbedder(8))
     crit = make_criterion("l2-tiled", idx)
-    assert crit.shape == (3, 8, 8) and crit.threshold == 0.15
+    assert crit.shape == (3, 8, 8) and crit.threshold == 0.15 and crit.k == 50
     q = train[[7, 11]].copy()
     q[0, :48] += 0.1  # small change: copy
     q[1] = np.clip(q[1] + 0.3, 0, 1)  # large: not a copy
     s = crit.score(torch.from_numpy(q).reshape(2, 3, 8, 8))
-    for i in range(2):
-        d2 = ((train.astype(np.float64) - q[i]) ** 2).sum(1)
-        nn = int(d2.argmin())
-        assert s.neighbour[i] == nn
-        assert s.score[i] == pytest.approx(_ref_tiled(q[i], train[nn], 3, 8, 8))
+    for i in range(2):  # k = 50 >= 30 items: every training image is a candidate
+        tiled = [_ref_tiled(q[i], t, 3, 8, 8) for t in train]
+        assert s.neighbour[i] == int(np.argmin(tiled))
+        assert s.score[i] == pytest.approx(min(tiled))
     assert s.is_copy.tolist() == [True, False]
     assert crit.is_copy(np.array([0.15, 0.1500001])).tolist() == [True, False]  # <= 0.15
+
+
+def test_l2_tiled_finds_a_tiled_copy_of_a_neighbour_that_is_not_the_l2_nearest():
+    """issue 11 / METHODS 1.2: the plain-l2 nearest B differs from the query by 0.4 in one
+    tile (tiled 0.40); A, a little farther in plain l2, is within 0.12 everywhere (tiled
+    0.12, a copy). Scoring only the l2-nearest reported 0.40."""
+    rng = np.random.default_rng(4)
+    a = rng.uniform(0.2, 0.6, (3, 8, 8))
+    q = a + 0.12  # every tile of q is 0.12 from A (plain l2 0.12)
+    b = q.copy()
+    b[:, :2, :2] += 0.4  # one 2x2 tile of B is 0.4 from q (plain l2 0.1)
+    others = rng.random((10, 3 * 64))
+    train = np.vstack([a.reshape(1, -1), b.reshape(1, -1), others]).astype(np.float32)
+    crit = make_criterion("l2-tiled", FakeIndex(train, PixelEmbedder(8)))
+    qv = q.reshape(1, -1).astype(np.float32)
+    d2 = ((train.astype(np.float64) - qv) ** 2).sum(1)
+    assert int(d2.argmin()) == 1  # B is the plain-l2 nearest
+    s = crit.score_from_vectors(qv)
+    assert s.score[0] == pytest.approx(0.12, abs=1e-6) and s.neighbour[0] == 0
+    assert s.is_copy[0]
+    assert make_criterion("l2-tiled", FakeIndex(train, PixelEmbedder(8)), k=1
+                          ).score_from_vectors(qv).score[0] == pytest.approx(0.4, abs=1e-6)
+
+
+def test_l2_tiled_cannot_guide_amg():
+    from memaudit.criteria import check_guiding
+
+    with pytest.raises(UserError, match="cannot guide amg; use one of sscd, nl2, clip"):
+        check_guiding("l2-tiled")
+    assert check_guiding("nL2") == "nl2"
 
 
 def _proj_set(name, n=40, seed=3):

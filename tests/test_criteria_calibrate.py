@@ -34,9 +34,13 @@ def test_calibration_hand_check_excludes_own_duplicate_group():
     idx = FakeIndex(train, PixelEmbedder(4))
     reps = [0, 1, 2, 3, 5, 6, 7, 8, 10, 11, 12, 13]
     cal = calibrate_index(idx, sample=8, seed=3, k=5)
-    sampled = np.sort(np.random.default_rng(3).choice(12, size=8, replace=False))
+    # training items are sampled (METHODS 1.2), each scored without its own group
+    rows = np.sort(np.random.default_rng(3).choice(14, size=8, replace=False))
+    group = {r: g for g, r in enumerate(reps)} | {4: 2, 9: 2}
+    sampled = [group[int(r)] for r in rows]
     null = _hand_null_nl2(train, reps, sampled, k=5)
     assert cal["settings"]["sampled"] == 8 and cal["settings"]["k_effective"] == 5
+    assert cal["settings"]["unit"] == "training items" and cal["settings"]["items"] == 14
     assert cal["nl2"]["n"] == 8
     assert cal["nl2"]["fpr"]["0.01"] == pytest.approx(np.quantile(null, 0.01))
     assert cal["nl2"]["fpr"]["0.001"] == pytest.approx(np.quantile(null, 0.001))
@@ -48,14 +52,16 @@ def test_calibration_hand_check_excludes_own_duplicate_group():
     # ... while scoring the same image as a query finds its group at distance 0
     crit = make_criterion("nl2", idx, k=5)
     assert crit.score(torch.from_numpy(train[[9]]).reshape(1, 3, 4, 4)).score[0] == 0
-    # l2-tiled null by hand: max tile RMSE to the pixel-nearest OTHER group
+    # l2-tiled null by hand: the best max tile RMSE among the k = 5 pixel-nearest OTHER
+    # groups
     tiled_null = []
     for g in sampled:
         q = train[reps[g]].astype(np.float64)
         others = [r for j, r in enumerate(reps) if j != g]
-        nn = others[int(np.argmin([((q - train[r]) ** 2).sum() for r in others]))]
-        d = (q - train[nn]).reshape(3, 4, 4) ** 2  # 4x4 tiles of 1x1 pixels
-        tiled_null.append(np.sqrt(d.mean(axis=0)).max())
+        near = np.argsort([((q - train[r]) ** 2).sum() for r in others])[:5]
+        tiled = [np.sqrt(((q - train[others[j]]).reshape(3, 4, 4) ** 2).mean(axis=0)).max()
+                 for j in near]  # 4x4 tiles of 1x1 pixels
+        tiled_null.append(min(tiled))
     assert cal["l2-tiled"]["fpr"]["0.01"] == pytest.approx(np.quantile(tiled_null, 0.01))
     assert cal["l2-tiled"]["direction"] == "lower"
 
@@ -76,6 +82,38 @@ def test_calibration_cosine_index_upper_quantile():
     assert cal["sscd"]["direction"] == "higher"
 
 
+def test_calibration_samples_items_not_groups():
+    """METHODS 1.2 samples training items: a group of 40 copies is 40 of the 60 null scores
+    (sampling groups would give it 1 of 21)."""
+    rng = np.random.default_rng(1)
+    train = rng.random((60, 48)).astype(np.float32)
+    train[:40] = train[0]  # items 0..39: one image planted 40 times
+    idx = FakeIndex(train, PixelEmbedder(4))
+    assert idx.ntotal == 21
+    cal = calibrate_index(idx, sample=60, k=5, criteria=["nl2"])
+    assert cal["nl2"]["n"] == 60 and cal["settings"]["sampled"] == 60
+    crit = make_criterion("nl2", idx, k=5)
+    planted = crit.score_vectors(train[[0]], exclude=np.array([0]))[0][0]
+    from memaudit.criteria.calibrate import null_scores
+
+    null = null_scores(crit, np.array(idx.items.column("group_id").to_numpy()))
+    assert np.sum(null == planted) == 40
+    assert cal["nl2"]["quantiles"]["0.5"] == pytest.approx(np.quantile(null, 0.5))
+    assert cal["nl2"]["quantiles"]["0.5"] == pytest.approx(planted)  # 40 of 60 share it
+
+
+def test_calibration_arguments_are_checked():
+    from memaudit.common import UserError
+
+    idx = FakeIndex(np.random.default_rng(0).random((6, 48)).astype(np.float32),
+                    PixelEmbedder(4))
+    for kw, msg in (({"sample": 0}, "--sample must be at least 1"),
+                    ({"fprs": (2.0,)}, "--fpr must be between 0 and 1"),
+                    ({"fprs": (0.0,)}, "--fpr must be between 0 and 1")):
+        with pytest.raises(UserError, match=msg):
+            calibrate_index(idx, **kw)
+
+
 def _digits_pixels(size=16):
     from sklearn.datasets import load_digits
 
@@ -91,13 +129,13 @@ def test_digits_fixed_threshold_flags_real_images_calibrated_flags_about_one_per
     images scored leave-one-out; the calibrated 1% threshold flags about 1% of held-out
     training images (calibrated on one half of the groups, checked on the other)."""
     idx = FakeIndex(_digits_pixels(), PixelEmbedder(16))
-    ngroups = idx.ntotal
-    cal = calibrate_index(idx, sample=ngroups // 2, seed=0, criteria=["nl2"])
+    ngroups, nitems = idx.ntotal, idx.items.num_rows
+    cal = calibrate_index(idx, sample=nitems // 2, seed=0, criteria=["nl2"])
     assert cal["nl2"]["fixed_flag_rate"] > 0.5
     t = cal["nl2"]["fpr"]["0.01"]
     assert t < 1.4
-    calibrated = set(np.random.default_rng(0).choice(ngroups, size=ngroups // 2,
-                                                     replace=False).tolist())
+    rows = np.random.default_rng(0).choice(nitems, size=nitems // 2, replace=False)
+    calibrated = set(idx.items.column("group_id").to_numpy()[rows].tolist())
     held_out = np.array([g for g in range(ngroups) if g not in calibrated])
     crit = make_criterion("nl2", idx, calibrated_threshold=t)
     null, _, _ = crit.score_vectors(crit.groups.gather(held_out), exclude=held_out)

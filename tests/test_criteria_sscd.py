@@ -55,7 +55,7 @@ def sscd_index(tmp_path_factory):
     pq.write_table(pa.Table.from_pylist(rows), tmp / "train.parquet")
     out = build_index(tmp / "train.parquet", "sscd", tmp / "idx", batch_size=8,
                       embedder_opts={"weights": str(weights), "short_edge": 32})
-    return open_index(out)
+    return open_index(out, weights=str(weights))  # TorchScript only from a path we name
 
 
 def test_sscd_score_hand_computation(sscd_index):

@@ -111,7 +111,8 @@ def test_detect_cli_against_real_index(tmp_path, capsys):
     out = build_index(tmp_path / "train.parquet", "pixels", tmp_path / "idx", batch_size=32)
     manifest = json.loads((out / "manifest.json").read_text())
     cal = manifest["calibration"]
-    assert cal["settings"]["groups"] == 120 and cal["nl2"]["n"] == 120
+    assert cal["settings"]["groups"] == 120 and cal["settings"]["items"] == 121
+    assert cal["nl2"]["n"] == 121  # every training item (METHODS 1.2), the duplicate too
     assert set(cal) >= {"settings", "nl2", "l2-tiled"}
     folder = _folder(tmp_path, train, copies=(5, 30))
     main(["detect", str(folder), "--index", str(out), "--out", str(tmp_path / "r.parquet"),

@@ -121,3 +121,74 @@ def test_offending_counts_all_generations_of_the_prompt(tmp_path):
     (row,) = res.checks[0].offending
     assert (row["copies"], row["n"], row["best_score"]) == (1, 2, 1.0)
     assert "  1/2           1  k3" in format_result(res)
+
+
+def _copy_db(audit_db, tmp_path, sql: list[tuple[str, list]]):
+    import shutil
+
+    import duckdb
+
+    db = tmp_path / "copy.duckdb"
+    shutil.copy(audit_db, db)
+    con = duckdb.connect(str(db))
+    for q, params in sql:
+        con.execute(q, params)
+    con.close()
+    return db
+
+
+@pytest.mark.parametrize("status", ["running", "failed"])
+def test_unfinished_run_is_never_a_pass(audit_db, tmp_path, status):
+    """issue 11: a run killed part-way gated PASS on the units it had."""
+    db = _copy_db(audit_db, tmp_path, [("UPDATE runs SET status = ?", [status])])
+    res = gate_db(db, methods=["static"], max_copy_rate=1.0)  # its units would pass
+    assert all(c.passed for c in res.checks)
+    assert res.verdict == "INCOMPLETE" and not res.passed and res.exit_code == 3
+    text = format_result(res)
+    assert text.startswith("memaudit gate: INCOMPLETE") and f"is {status}" in text
+    suite = ET.parse(write_junit(res, tmp_path / "j.xml")).getroot().find("testsuite")
+    assert suite.get("errors") == "1"
+    assert suite.find("testcase/error").get("type") == "AuditIncomplete"
+    p = _cli("gate", str(db), "--method", "static", "--max-copy-rate", "1")
+    assert p.returncode == 3 and "INCOMPLETE" in p.stdout and "PASS" not in p.stdout
+    # an unfinished run without a single scored unit is still exit 3, not a usage error
+    (tmp_path / "e").mkdir()
+    empty = _copy_db(db, tmp_path / "e", [("DELETE FROM matches", []),
+                                          ("DELETE FROM units", [])])
+    assert gate_db(empty).exit_code == 3
+
+
+def test_control_characters_never_reach_the_terminal_or_break_the_junit(audit_db, tmp_path):
+    """issue 9: prompts printed raw (ANSI escapes in terminals and CI logs); \\x00 or \\x1b
+    made the JUnit file malformed XML."""
+    evil = "\x1b[2J\x1b]0;pwned\x07 planted \x00 \u202egnp.exe\x9b31m"
+    db = _copy_db(audit_db, tmp_path, [
+        ("UPDATE prompts SET text = ? WHERE text = 'another planted one'", [evil])])
+    res = gate_db(db, criteria=["nl2"], methods=["cfg"], max_copy_rate=0.0)
+    text = format_result(res)
+    for c in ("\x1b", "\x00", "\x07", "\u202e", "\x9b"):
+        assert c not in text
+    assert "\\x1b[2J" in text and "\\u202egnp.exe" in text
+    assert "\noffending prompts for copy_rate[cfg,nl2]:" in text  # real line breaks kept
+    root = ET.parse(write_junit(res, tmp_path / "j.xml")).getroot()  # well-formed
+    failure = root.find("testsuite/testcase/failure").text
+    assert "\\x00" in failure and "\x00" not in failure
+    p = _cli("gate", str(db), "--criterion", "nl2", "--method", "cfg")
+    assert p.returncode == 1 and "\x1b" not in p.stdout and "\\x1b[2J" in p.stdout
+
+
+def test_junit_never_overwrites_an_input_or_a_foreign_file(audit_db, tmp_path):
+    before = audit_db.read_bytes()
+    p = _cli("gate", str(audit_db), "--junit", str(audit_db))
+    assert p.returncode == 2 and "is one of this command's inputs" in p.stderr
+    assert audit_db.read_bytes() == before
+    notes = tmp_path / "notes.xml"
+    notes.write_text("<notes>mine</notes>")
+    p = _cli("gate", str(audit_db), "--junit", str(notes))
+    assert p.returncode == 2 and "not a memaudit JUnit file" in p.stderr
+    assert notes.read_text() == "<notes>mine</notes>"
+    p = _cli("gate", str(audit_db), "--method", "static", "--junit", str(notes),
+             "--overwrite")
+    assert p.returncode == 0 and "memaudit" in notes.read_text()
+    p = _cli("gate", str(audit_db), "--method", "static", "--junit", str(notes))
+    assert p.returncode == 0  # its own earlier JUnit file is replaced without --overwrite

@@ -136,9 +136,7 @@ def test_cli_missing_model_and_prompts(prompt_file, tmp_path, capsys):
     assert e.value.code == 2 and "prompt file" in capsys.readouterr().err
 
 
-def test_generate_from_a_canary_folder(tmp_path):
-    """A pixel-space canary folder (random weights, the canary engineer's format) through the
-    same path as `--model FOLDER`: grey images, perturbed final prompts for rta."""
+def _tiny_canary(folder):
     import torch
 
     from memaudit.canary.model import CanaryConfig, CanaryNet, save_canary
@@ -146,7 +144,14 @@ def test_generate_from_a_canary_folder(tmp_path):
     torch.manual_seed(0)
     cfg = CanaryConfig(resolution=8, block_out_channels=(8, 16), layers_per_block=1,
                        cross_attention_dim=16, attention_head_dim=4)
-    save_canary(CanaryNet(cfg), tmp_path / "canary", {"default_guidance_scale": 2.0})
+    save_canary(CanaryNet(cfg), folder, {"default_guidance_scale": 2.0})
+    return folder
+
+
+def test_generate_from_a_canary_folder(tmp_path):
+    """A pixel-space canary folder (random weights, the canary engineer's format) through the
+    same path as `--model FOLDER`: grey images, perturbed final prompts for rta."""
+    _tiny_canary(tmp_path / "canary")
     prompts = tmp_path / "p.txt"
     prompts.write_text("the digit 3\na photo of a cat\n", encoding="utf-8")
     out = tmp_path / "out"
@@ -162,6 +167,43 @@ def test_generate_from_a_canary_folder(tmp_path):
     rta = [r for r in rows if r["method"] == "rta"]
     assert all(r["final_prompt"] != r["prompt"] for r in rta)
     assert all(r["final_prompt"] == r["prompt"] for r in rows if r["method"] == "cfg")
+
+
+def test_generations_record_the_criterion_and_index_that_guided_amg(tmp_path, capsys):
+    """issue 11: the audit database recorded which criterion and index guided AMG,
+    generations.parquet did not."""
+    from index_helpers import digits_parquet
+
+    from memaudit.index import TrainingIndex, build_index
+
+    canary = _tiny_canary(tmp_path / "canary")
+    data = digits_parquet(tmp_path / "d.parquet", n=20)  # 8x8, what the canary draws
+    idx = build_index(data, "pixels", tmp_path / "idx", calibrate=False)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("the digit 3\n", encoding="utf-8")
+    out = tmp_path / "out"
+    main(["generate", "--model", str(canary), "--prompts", str(prompts), "--method", "cfg",
+          "--method", "amg", "--index", str(idx), "--out", str(out), "--steps", "2"])
+    assert "warning" not in capsys.readouterr().err
+    rows = {r["method"]: r for r in pq.read_table(out / "generations.parquet").to_pylist()}
+    assert (rows["amg"]["guidance_criterion"], rows["amg"]["guidance_index"],
+            rows["amg"]["guidance_index_hash"]) == (
+        "nl2", str(idx.resolve()), TrainingIndex.open(idx).manifest["content_hash"])
+    assert rows["cfg"]["guidance_criterion"] is None and rows["cfg"]["guidance_index"] is None
+    # l2-tiled cannot guide amg: refused before the model loads, in one line
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--model", str(canary), "--prompts", str(prompts), "--method",
+              "amg", "--index", str(idx), "--criterion", "l2-tiled", "--out",
+              str(tmp_path / "o2")])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "\n" not in err and "cannot guide amg" in err
+    assert not (tmp_path / "o2").exists()
+    # an index comparing finer than the 8x8 the model draws is warned about
+    fine = build_index(data, "pixels", tmp_path / "fine", calibrate=False,
+                       embedder_opts={"size": 16})
+    main(["generate", "--model", str(canary), "--prompts", str(prompts), "--method", "amg",
+          "--index", str(fine), "--out", str(tmp_path / "o3"), "--steps", "1"])
+    assert "compares pixels at 16x16, finer than the 8x8 images" in capsys.readouterr().err
 
 
 def test_resume_after_a_kill_between_the_two_table_writes(model, tmp_path):

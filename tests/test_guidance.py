@@ -12,6 +12,7 @@ from memaudit.common import UserError
 from memaudit.guidance import REGISTRY, StepState, make_guidance
 from memaudit.guidance.spec import build_guidance, parse_method_spec, parse_params
 from memaudit.models.base import Denoiser
+from memaudit.models.cond import Cond, as_cond
 
 B, C, H, W, L, D = 3, 1, 4, 4, 3, 5
 
@@ -36,10 +37,10 @@ class FakeDenoiser(Denoiser):
         for p in prompts:
             g = torch.Generator().manual_seed(zlib.crc32(p.encode()))
             rows.append(torch.randn(L, D, generator=g) if p else torch.zeros(L, D))
-        return torch.stack(rows)
+        return Cond(emb=torch.stack(rows))
 
-    def _eps(self, x_t, t, emb):
-        return 0.5 * x_t + torch.tanh(emb.mean(1) @ self.P).view(-1, C, H, W)
+    def _eps(self, x_t, t, cond):
+        return 0.5 * x_t + torch.tanh(cond.emb.mean(1) @ self.P).view(-1, C, H, W)
 
     def decode(self, x0):
         return ((x0 + 1) / 2).expand(-1, 3, -1, -1)
@@ -68,8 +69,8 @@ def state(j, n, u, e_u, e_c, s0=7.5, memory=None, model=None, criterion=None, x=
                      x_t=torch.zeros(b, C, H, W) if x is None else x,
                      alpha_bar=torch.tensor(abar), s0=s0, model=model, criterion=criterion,
                      e_u=e_u, e_c=e_c, extra=extra or {}, memory={} if memory is None else memory,
-                     emb_u=torch.zeros(b, L, D) if emb_u is None else emb_u,
-                     emb_c=torch.ones(b, L, D))
+                     emb_u=Cond(emb=torch.zeros(b, L, D)) if emb_u is None else as_cond(emb_u),
+                     emb_c=Cond(emb=torch.ones(b, L, D)))
 
 
 def implied_scale(eps, e_u, e_c):
@@ -204,7 +205,7 @@ def test_amg_dup_clips_uses_group_caption_and_stays_on():
     eps, tr = g.guide(st)
     assert model.unet_rows - rows0 == 2  # the two newly fired rows, evaluated once
     cap = model.encode_prompts(["caption of group 7", "caption of group 9"])
-    assert torch.allclose(mem["dup_emb"][[0, 2]], cap)
+    assert torch.allclose(mem["dup_emb"].emb[[0, 2]], cap.emb)
     e_dup = model.eps(x[[0, 2]], 0, cap)
     # s1 = 4.55, room 1.95, r = 0.35 / 0.3 > 1 -> s2 = 1.95
     assert torch.allclose(tr["s2"], torch.tensor([1.95, 0.0, 1.95]))
@@ -215,8 +216,8 @@ def test_amg_dup_clips_uses_group_caption_and_stays_on():
     crit.sigma = torch.tensor([0.15, 0.1, -0.1])
     st = state(1, 20, 0.45, e_u, e_c, model=model, criterion=crit, memory=mem, x=x)
     extra = g.extra_conditions(st)
-    assert torch.allclose(extra["amg_dup"][[0, 2]], cap)
-    assert torch.equal(extra["amg_dup"][1], st.emb_u[1])
+    assert torch.allclose(extra["amg_dup"].emb[[0, 2]], cap.emb)
+    assert torch.equal(extra["amg_dup"].emb[1], st.emb_u.emb[1])
     st.extra = {"amg_dup": model.eps(x, 0, extra["amg_dup"])}
     rows0 = model.unet_rows
     eps, tr = g.guide(st)
@@ -326,21 +327,38 @@ def test_perturbations_reproducible_and_insert_exactly_n(name):
 def test_gni_noise_scale_and_reproducible():
     from memaudit.guidance.perturb import row_torch_generator
 
-    emb_c, emb_u = torch.randn(2, L, D), torch.zeros(2, L, D)
+    emb_c, emb_u = Cond(emb=torch.randn(2, L, D)), Cond(emb=torch.zeros(2, L, D))
     g = make_guidance("gni")
     c1, u1 = g.prepare_embeddings(emb_c, emb_u, torch.zeros(2, C, H, W), [3, 4], None,
                                   torch.tensor(999))
     gen = row_torch_generator(3, 4)
     nc, nu = torch.randn(L, D, generator=gen), torch.randn(L, D, generator=gen)
-    assert torch.allclose(c1[0], emb_c[0] + 0.1 * nc)
-    assert torch.allclose(u1[0], 0.1 * nu)
+    assert torch.allclose(c1.emb[0], emb_c.emb[0] + 0.1 * nc)
+    assert torch.allclose(u1.emb[0], 0.1 * nu)
     c2, _ = g.prepare_embeddings(emb_c, emb_u, torch.zeros(2, C, H, W), [3, 4], None,
                                  torch.tensor(999))
-    assert torch.equal(c1, c2)
+    assert torch.equal(c1.emb, c2.emb)
     big = make_guidance("gni", lam=0.1).prepare_embeddings(
-        torch.zeros(64, 16, 16), torch.zeros(64, 16, 16), torch.zeros(64, 1), list(range(64)),
-        None, torch.tensor(0))[0]
-    assert big.std().item() == pytest.approx(0.1, rel=0.05)
+        Cond(emb=torch.zeros(64, 16, 16)), Cond(emb=torch.zeros(64, 16, 16)),
+        torch.zeros(64, 1), list(range(64)), None, torch.tensor(0))[0]
+    assert big.emb.std().item() == pytest.approx(0.1, rel=0.05)
+
+
+def test_gni_perturbs_every_text_tensor_and_only_those():
+    """A family with a pooled embedding and time ids (SDXL's shape): pooled gets noise too,
+    the ids are passed through; the states' noise is what a states-only model would get."""
+    from memaudit.guidance.perturb import row_torch_generator
+
+    ids = torch.arange(12.0).view(2, 6)
+    emb_c = Cond(emb=torch.randn(2, L, D), pooled=torch.randn(2, 5), time_ids=ids)
+    emb_u = Cond(emb=torch.zeros(2, L, D), pooled=torch.zeros(2, 5), time_ids=ids)
+    c, u = make_guidance("gni").prepare_embeddings(emb_c, emb_u, torch.zeros(2, C, H, W),
+                                                   [3, 4], None, torch.tensor(999))
+    gen = row_torch_generator(3, 4)
+    n_emb, n_pool = torch.randn(L, D, generator=gen), torch.randn(5, generator=gen)
+    assert torch.allclose(c.emb[0], emb_c.emb[0] + 0.1 * n_emb)
+    assert torch.allclose(c.pooled[0], emb_c.pooled[0] + 0.1 * n_pool)
+    assert torch.equal(c.time_ids, ids) and torch.equal(u.time_ids, ids)
 
 
 # --- Wen et al. 2024 embedding adjustment (METHODS 3.4) ----------------------------------------
@@ -355,8 +373,8 @@ def test_wen_loss_decreases_and_stops_at_target():
     rows0 = model.unet_rows
     e, eu = g.prepare_embeddings(emb_c, emb_u, x_T, [0, 1], model, t0)
     info = g.last
-    assert torch.equal(eu, emb_u)
-    assert torch.equal(e[:, 0], emb_c[:, 0])  # first token frozen
+    assert torch.equal(eu.emb, emb_u.emb)
+    assert torch.equal(e.emb[:, 0], emb_c.emb[:, 0])  # first token frozen
     assert (info["wen_loss"] < info["wen_loss0"]).all()
     assert (info["wen_iters"] <= 10).all()
     loss = (model.eps(x_T, t0, e) - model.eps(x_T, t0, emb_u)).flatten(1).norm(dim=1)
@@ -373,4 +391,33 @@ def test_wen_loss_decreases_and_stops_at_target():
     # an absolute target above the initial loss stops at once with no change
     g3 = make_guidance("wen", target=1e9)
     e3, _ = g3.prepare_embeddings(emb_c, emb_u, x_T, [0, 1], model, t0)
-    assert torch.equal(e3, emb_c) and g3.last["wen_iters"].tolist() == [0, 0]
+    assert torch.equal(e3.emb, emb_c.emb) and g3.last["wen_iters"].tolist() == [0, 0]
+
+
+def test_amg_c3_default_is_the_criterions():
+    """METHODS 3.2 / issue 11: c3 unset means 3000 for nL2 (tuned on the canary,
+    docs/mitigations.md) and 100 for cosine criteria (the official SSCD value)."""
+    model = FakeDenoiser()
+    torch.manual_seed(0)
+    target = torch.rand(1, 1, H, W).expand(1, 3, H, W)
+    crit = PixelNL2(target)
+    abar = torch.tensor(0.6)
+    x0 = (target[:, :1] * 2 - 1) + 0.01 * torch.randn(B, C, H, W)
+    e_c = torch.randn(B, C, H, W)
+    x = abar.sqrt() * x0 + (1 - abar).sqrt() * e_c
+
+    def step(**params):
+        g = make_guidance("amg", parts="sim", **params)
+        return g, g.guide(state(0, 10, 0.4, e_c.clone(), e_c, s0=2.0, model=model,
+                                criterion=crit, x=x, abar=float(abar)))[0]
+
+    g, default = step()
+    assert g.params.c3 is None and g.c3(crit) == 3000.0
+    assert torch.equal(default, step(c3=3000.0)[1])
+    assert not torch.allclose(default, step(c3=100.0)[1])
+
+    class Cosine:
+        higher_is_more_similar = True
+
+    assert g.c3(Cosine()) == 100.0 and make_guidance("amg", c3=7).c3(Cosine()) == 7.0
+    assert build_guidance("amg", parse_params(["amg.c3=none"])).params.c3 is None

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -127,11 +128,42 @@ def test_exists_overwrite_and_settings_mismatch(tmp_path, digits_data):
                 embedder_opts={"size": 4})
     assert TrainingIndex.open(out).dim == 48
     assert not list(tmp_path.glob("idx.old-*"))
+    # a .partial from a build with other settings is replaced, not resumed (nor refused)
     partial = tmp_path / "other.partial"
     partial.mkdir()
     (partial / "state.json").write_text("{}")
-    with pytest.raises(UserError, match="unfinished build with other settings"):
-        build_index(digits_data, "pixels", tmp_path / "other", calibrate=False)
+    (partial / "shard_000000.json").write_text("{}")
+    out2 = build_index(digits_data, "pixels", tmp_path / "other", calibrate=False)
+    assert TrainingIndex.open(out2).nitems == N - len(BAD) and not partial.exists()
+
+
+def test_overwrite_never_replaces_data_or_a_foreign_folder(tmp_path, digits_data):
+    """issue 11: `index build DATA --out DATA --overwrite` deleted the training data."""
+    data_dir = digits_data.parent
+    before = digits_data.read_bytes()
+    for out in (data_dir, tmp_path):  # the source folder, a folder holding it
+        with pytest.raises(UserError, match="input"):
+            build_index(data_dir, "pixels", out, overwrite=True, calibrate=False)
+    with pytest.raises(UserError, match="is a file"):
+        build_index(digits_data, "pixels", digits_data, overwrite=True, calibrate=False)
+    with pytest.raises(UserError, match="inside the input folder"):
+        build_index(data_dir, "pixels", data_dir / "idx", calibrate=False)
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "holiday.jpg").write_bytes(b"not an index")
+    with pytest.raises(UserError, match="not a memaudit index folder"):
+        build_index(digits_data, "pixels", foreign, overwrite=True, calibrate=False)
+    assert digits_data.read_bytes() == before and (foreign / "holiday.jpg").exists()
+    assert sorted(p.name for p in data_dir.iterdir()) == ["digits.parquet"]
+
+
+def test_no_index_from_only_corrupt_rows(tmp_path):
+    """issue 11: a Parquet whose rows are all corrupt published a 0-item index (exit 0)."""
+    bad = write_parquet(tmp_path / "bad.parquet", [b"", b"\x89PNG broken", None],
+                        ["a", "b", "c"])
+    with pytest.raises(UserError, match=r"no usable image.*2 empty, 1 undecodable"):
+        build_index(bad, "pixels", tmp_path / "idx", calibrate=False)
+    assert not (tmp_path / "idx").exists() and not (tmp_path / "idx.partial").exists()
 
 
 def _build_cmd(data: Path, out: Path) -> list[str]:
@@ -155,6 +187,13 @@ def test_killed_build_resumes_identical(tmp_path, digits_data):
     assert sorted(p.name for p in partial.glob("shard_*.json")) == [
         "shard_000000.json", "shard_000001.json", "shard_000002.json"]
     done_before = {p.name: p.stat().st_mtime_ns for p in partial.glob("shard_*")}
+    # restart, killed again after the next shard: the three finished shards are untouched
+    env[EXIT_AFTER_SHARD_ENV] = "3"
+    r = subprocess.run(_build_cmd(digits_data, out), env=env, capture_output=True, text=True)
+    assert r.returncode == 75, r.stderr
+    after = {p.name: p.stat().st_mtime_ns for p in partial.glob("shard_*")}
+    assert {k: after[k] for k in done_before} == done_before  # kept, not recomputed
+    assert "shard_000003.json" in after and "shard_000003.json" not in done_before
     env.pop(EXIT_AFTER_SHARD_ENV)
     r = subprocess.run(_build_cmd(digits_data, out), env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
@@ -165,7 +204,6 @@ def test_killed_build_resumes_identical(tmp_path, digits_data):
     for volatile in ("created", "build_seconds"):
         a.pop(volatile), b.pop(volatile)
     assert a == b
-    assert done_before  # the finished shards were kept (not recomputed) across the restart
 
 
 def test_resume_skips_finished_shards(tmp_path, digits_data, monkeypatch):
@@ -244,15 +282,66 @@ def test_sscd_build_and_query_cli(tmp_path, capsys):
     q = tmp_path / "query.png"
     Image.fromarray(ph["rocket"]).save(q)
     capsys.readouterr()
-    main(["index", "query", str(tmp_path / "sidx"), str(q), "--k", "2"])
+    main(["index", "query", str(tmp_path / "sidx"), str(q), "--k", "2", "--weights",
+          str(weights)])
     out = capsys.readouterr().out
     assert "rocket" in out and "a photo of rocket" in out and "cosine" in out
     from memaudit.index.query import query_images
 
-    (_, rows), = query_images(tmp_path / "sidx", [q], k=4)
+    (_, rows), = query_images(tmp_path / "sidx", [q], k=4, weights=str(weights))
     assert rows[0]["key"] == "rocket" and rows[0]["score"] > 0.99
+    # k = 4 = every group: chelsea (the representative of {chelsea, cat}) is among them
     cat = [r for r in rows if r["key"] == "chelsea"]
-    assert not cat or cat[0]["group_count"] == 2
+    assert len(rows) == 4 and len(cat) == 1 and cat[0]["group_count"] == 2
+    _shared_index_runs_no_code(tmp_path, tmp_path / "sidx", weights, q, capsys)
+
+
+def _shared_index_runs_no_code(tmp_path, sidx, weights, q, capsys):
+    """issue 11: an index's manifest never makes memaudit load (or fetch) the TorchScript it
+    names; only a file the user names, with the SHA-256 the manifest recorded."""
+    import torch
+
+    from memaudit.cli import main
+    from memaudit.common import sha256_file
+
+    loaded: list[str] = []
+    real_load = torch.jit.load
+
+    def spy(f, *a, **kw):
+        loaded.append(str(f))
+        return real_load(f, *a, **kw)
+
+    torch.jit.load = spy
+    try:
+        sha = sha256_file(weights)
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:  # the user named no weights
+            main(["index", "query", str(sidx), str(q)])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and len(err.strip().splitlines()) == 1
+        assert "sscd_disc_mixup.torchscript.pt" in err and sha in err and "--weights" in err
+        # a third party's manifest pointing at "their" model (a path, then a URL)
+        evil = tmp_path / "evil.pt"
+        with warnings.catch_warnings():  # torch 2.x deprecation notice of jit.script
+            warnings.simplefilter("ignore", FutureWarning)
+            torch.jit.script(torch.nn.Linear(2, 2)).save(str(evil))
+        man = json.loads((sidx / "manifest.json").read_text())
+        for target in (str(evil), "https://example.invalid/evil.pt"):
+            man["embedder"]["config"]["weights"] = target
+            (sidx / "manifest.json").write_text(json.dumps(man))
+            with pytest.raises(SystemExit) as e:
+                main(["index", "query", str(sidx), str(q)])
+            err = capsys.readouterr().err  # it names the file it needs, and loads nothing
+            assert e.value.code == 2 and "pass --weights PATH" in err
+        # a file the user names that is not the one the index was built with
+        with pytest.raises(SystemExit) as e:
+            main(["index", "query", str(sidx), str(q), "--weights", str(evil)])
+        assert e.value.code == 2 and "SHA-256" in capsys.readouterr().err
+        assert loaded == []  # nothing was ever loaded: not the manifest's, not the wrong one
+        main(["index", "query", str(sidx), str(q), "--weights", str(weights)])
+        assert loaded == [str(weights.resolve())]
+    finally:
+        torch.jit.load = real_load
 
 
 def test_clip_build_tiny(tmp_path):

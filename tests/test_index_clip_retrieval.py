@@ -91,7 +91,10 @@ def test_import_reuses_autofaiss_index(tmp_path):
 def test_import_errors_and_cli(tmp_path, capsys):
     from memaudit.cli import main
 
+    (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="not a clip-retrieval folder"):
+        import_clip_retrieval(tmp_path / "empty", tmp_path / "o")
+    with pytest.raises(UserError, match="inside the input folder"):  # never into the source
         import_clip_retrieval(tmp_path, tmp_path / "o")
     src = tmp_path / "cr"
     _write_folder(src, [3])

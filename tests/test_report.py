@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -106,3 +107,80 @@ def test_report_cli(audit_db, tmp_path):
     except SystemExit as ok:
         assert ok.code in (0, None)
     assert PLANTED_CAPTION not in out.read_text() and out.stat().st_size > 1000
+
+
+def _secret_png(path):
+    a = np.zeros((16, 16), np.uint8)
+    a[::2, ::2] = 255  # a checkerboard no audit image looks like
+    Image.fromarray(a).save(path)
+    return a
+
+
+def test_foreign_database_and_index_cannot_pull_local_files_in(audit_db, tmp_path):
+    """issue 11: the report inlined any image path stored in the database and any Parquet
+    an index named; now only files under the database's folder and the index's recorded
+    sources, and it says what it left out."""
+    import shutil
+
+    import duckdb
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    secret = _secret_png(tmp_path / "secret.png")
+    buf = io.BytesIO()
+    Image.fromarray(secret).save(buf, format="PNG")
+    pq.write_table(pa.table({"png": [buf.getvalue()] * 4}), tmp_path / "private.parquet")
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    shutil.copy(audit_db, foreign / "audit.duckdb")
+    shutil.copytree(audit_db.parent / "images", foreign / "images")
+    index = shutil.copytree(audit_db.parent / "index", foreign / "index")
+    items = pq.read_table(index / "items.parquet")
+    i = items.column_names.index("source_file")
+    items = items.set_column(i, "source_file", pa.array(
+        [str(tmp_path / "private.parquet")] * items.num_rows, pa.string()))
+    pq.write_table(items, index / "items.parquet")
+    con = duckdb.connect(str(foreign / "audit.duckdb"))
+    gids = [r[0] for r in con.execute("SELECT DISTINCT generation_id FROM matches "
+                                      "WHERE is_copy ORDER BY 1").fetchall()]
+    con.execute("UPDATE generations SET image_path = ? WHERE id = ?",
+                ["../secret.png", gids[0]])
+    con.execute("UPDATE generations SET image_path = ? WHERE id = ?",
+                [str(tmp_path / "secret.png"), gids[1]])
+    con.execute("UPDATE runs SET index_path = ?", [str(index)])
+    con.close()
+    html = write_report(foreign / "audit.duckdb", foreign / "report.html").read_text()
+    shown = [np.asarray(Image.open(io.BytesIO(b)).convert("L")) for b in _data_uris(html)]
+    assert not any(np.array_equal(a, secret) for a in shown)
+    assert sum(np.array_equal(a, planted_image()) for a in shown) == 2  # the untouched two
+    assert "Files not shown" in html
+    assert "2 generated image path(s) outside" in html
+    assert "training images from 1 file(s) the index does not record as its sources" in html
+
+
+def test_report_never_overwrites_its_input_and_names_the_real_problem(audit_db, tmp_path,
+                                                                       capsys):
+    """issue 11: `report DB --out DB` overwrote the database with HTML; `--out
+    /proc/x.html` said "file not found: ...tmp"."""
+    from memaudit.cli import main
+
+    before = audit_db.read_bytes()
+    for out, message in ((audit_db, "is one of this command's inputs"),
+                         (tmp_path, "is a folder; give a file name"),
+                         (Path("/proc/x.html"), "the folder /proc does not accept new files")):
+        with pytest.raises(SystemExit) as e:
+            main(["report", str(audit_db), "--out", str(out)])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
+        assert ".tmp" not in err
+    assert audit_db.read_bytes() == before
+    mine = tmp_path / "notes.html"
+    mine.write_text("<p>my notes</p>")
+    with pytest.raises(SystemExit):
+        main(["report", str(audit_db), "--out", str(mine)])
+    assert "not a memaudit report; use --overwrite" in capsys.readouterr().err
+    assert mine.read_text() == "<p>my notes</p>"
+    main(["report", str(audit_db), "--out", str(mine), "--overwrite"])
+    main(["report", str(audit_db), "--out", str(mine)])  # its own report: replaced
+    assert "Memorization audit" in mine.read_text()
+    assert not list(tmp_path.glob(".*tmp*"))

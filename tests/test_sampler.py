@@ -36,9 +36,9 @@ class ToyDenoiser(Denoiser):
     def encode_prompts(self, prompts):
         return torch.stack([torch.full((3, 2), len(p) / 10.0) for p in prompts])
 
-    def _eps(self, x_t, t, emb):
+    def _eps(self, x_t, t, cond):
         self.calls.append(x_t.shape[0])
-        m = emb.mean(dim=(1, 2)).view(-1, 1, 1, 1)
+        m = cond.emb.mean(dim=(1, 2)).view(-1, 1, 1, 1)
         return 0.5 * x_t + m * (1 + t.float().view(-1, 1, 1, 1) / 1000)
 
     def decode(self, x0):
@@ -145,10 +145,10 @@ class Recorder(Guidance):
     def prepare_embeddings(self, emb_c, emb_u, x_T, seeds, model, t0):
         self.log["x_T"] = x_T.clone()
         self.log["t0"] = int(t0)
-        return emb_c * 2, emb_u
+        return emb_c.map(lambda v: v * 2), emb_u
 
     def extra_conditions(self, state):
-        return {"dup": torch.full_like(state.emb_c, 1.0)}
+        return {"dup": state.emb_c.map(lambda v: torch.full_like(v, 1.0))}
 
     def guide(self, state: StepState):
         state.memory["n"] = state.memory.get("n", 0) + 1
@@ -177,7 +177,7 @@ def test_guidance_hooks_follow_the_contract():
     assert (s0["index"], s0["n"], s1["index"], s1["n"]) == (0, 1, 1, 2)  # memory persists
     assert s0["prompts"] == out.prompts and s0["s0"] == 2.0
     # prepare_embeddings' result is what the step sees; extra eps came from the same forward
-    assert torch.allclose(s0["emb_c"], model.encode_prompts(out.prompts) * 2)
+    assert torch.allclose(s0["emb_c"].emb, model.encode_prompts(out.prompts) * 2)
     expected_dup = 0.5 * s0["x_t"] + 1.0 * (1 + 500 / 1000)
     assert torch.allclose(s0["extra"], expected_dup)
     assert s0["abar"] == pytest.approx(float(model.make_scheduler().alphas_cumprod[500]))

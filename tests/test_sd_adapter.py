@@ -44,18 +44,18 @@ def test_hash_changes_with_weights(pipe_dir, tmp_path):
 
 def test_embeddings_match_the_pipeline(model):
     prompts = ["a photo of a cat", "a red car"]
-    emb = model.encode_prompts(prompts)
+    emb = model.encode_prompts(prompts).emb
     assert emb.shape == (2, 16, 16)
     ref_c, ref_u = model.pipe.encode_prompt(prompts, "cpu", 1, True)
     assert torch.allclose(emb, ref_c, atol=1e-6)
-    assert torch.allclose(model.null_embedding(2), ref_u, atol=1e-6)
+    assert torch.allclose(model.null_embedding(2).emb, ref_u, atol=1e-6)
 
 
 def test_eps_is_the_unet_and_decode_is_differentiable(model):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 4, 8, 8, generator=g)
     t = torch.tensor([999, 10])
-    emb = model.encode_prompts(["a cat", "a dog"])
+    emb = model.encode_prompts(["a cat", "a dog"]).emb
     rows = model.unet_rows
     with torch.no_grad():
         ref = model.unet(x, t, encoder_hidden_states=emb).sample
@@ -77,7 +77,7 @@ def test_v_prediction_is_converted_to_eps(tmp_path):
     assert m.make_scheduler("ddim").config.prediction_type == "epsilon"
     x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     t = torch.tensor([900, 100])
-    emb = m.encode_prompts(["a", "b"])
+    emb = m.encode_prompts(["a", "b"]).emb
     with torch.no_grad():
         v = m.unet(x, t, encoder_hidden_states=emb).sample
         eps = m.eps(x, t, emb)

@@ -5,9 +5,11 @@ The plan (TOML; relative paths are relative to the plan file)::
     out = "audit-out"                 # OUT: audit.duckdb and images/ go here
     model = "canary"                  # load_model spec
     index = "indexes/canary-pixels"   # an index folder, or an [index] table to build one:
-    # [index]
+    # [index]                         # (any index-recipe key; memaudit.index.recipe)
     # source = "canary-data/train.parquet"; embedder = "pixels"; factory = "Flat"
     # path = "index"                  # where to build it (default OUT/index)
+    # size = 16                       # pixels: default the model's output size
+    weights = "sscd.torchscript.pt"   # sscd index only: the TorchScript file you name
     criteria = ["nl2"]
     methods = ["cfg", "static", "amg:spe,dup"]
     seeds = [0, 1]
@@ -32,8 +34,10 @@ Resumable (DESIGN.md "The data flow"): the work is cut into units (one method x 
 (prompt, seed) pairs, and one screening unit); a unit's images are written first (fixed
 names, atomic renames), then all its rows and its `units` row are committed in one
 transaction. A rerun skips committed units, so a kill at any point loses or duplicates
-nothing. A plan that differs from the run in the database is refused, naming the
-difference, unless `new_run=True`.
+nothing. The whole plan is validated before anything is written. A run an error ends is
+marked failed; the same plan resumes it, a changed plan starts a new run beside a failed or
+killed one; a plan that differs from a finished run is refused, naming the difference,
+unless `new_run=True`.
 """
 
 from __future__ import annotations

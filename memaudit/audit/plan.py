@@ -13,8 +13,10 @@ from memaudit.common import UserError, read_toml
 
 _PLAN_KEYS = {"out", "model", "index", "criteria", "methods", "seeds", "steps",
               "guidance_scale", "scheduler", "batch_size", "alignment", "params", "prompts",
-              "screen", "device", "guidance_criterion"}
-
+              "screen", "device", "guidance_criterion", "weights"}
+_SCREEN_KEYS = {"steps", "seeds", "threshold", "clean_label", "fpr"}
+#: what an audit writes under OUT (besides an index it builds): checked against the inputs
+OUT_WRITES = ("audit.duckdb", "audit.duckdb.wal", "images")
 
 
 @dataclass
@@ -53,6 +55,7 @@ class Plan:
     prompts: list[PromptList] = field(default_factory=list)
     screen: ScreenSpec | None = None
     device: str | None = None
+    weights: str | None = None  # the embedder weights file the user names (SSCD index)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -80,99 +83,212 @@ def _abs(base: Path, p: str) -> str:
     return str(q if q.is_absolute() else (base / q).resolve())
 
 
+def _int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _num(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _need(ok: bool, message: str) -> None:
+    if not ok:
+        raise UserError(f"plan: {message}")
+
+
+def _str_list(d: dict[str, Any], key: str, default: list[str]) -> list[str]:
+    v = d.get(key, default)
+    if isinstance(v, str):
+        v = [v]
+    _need(isinstance(v, list) and bool(v) and all(isinstance(x, str) and x for x in v),
+          f"{key!r} must be a non-empty list of strings")
+    _need(len(set(v)) == len(v), f"{key!r} has duplicates")
+    return list(v)
+
+
 def plan_from_dict(d: dict[str, Any], base: str | Path = ".") -> Plan:
-    """Validate a plan dictionary (as read from TOML); `UserError` names what is wrong."""
+    """Validate a whole plan dictionary (as read from TOML) before anything is written:
+    types and ranges, files (prompt lists read, index source found), methods and their
+    parameters, schedulers, [screen], the criteria an index to build supports, the output
+    folder against the inputs. `UserError` names what is wrong."""
+    from memaudit.index.recipe import index_options
+    from memaudit.sampler import SCHEDULERS
+
     base = Path(base)
     unknown = set(d) - _PLAN_KEYS
     if unknown:
         raise UserError(f"plan: unknown key(s) {', '.join(sorted(unknown))}; "
                         f"known: {', '.join(sorted(_PLAN_KEYS))}")
     for req in ("out", "model", "prompts"):
-        if req not in d:
-            raise UserError(f"plan: missing required key {req!r}")
-    model = str(d["model"])
+        _need(req in d, f"missing required key {req!r}")
+    for key in ("out", "model", "guidance_criterion", "device", "weights"):
+        _need(key not in d or (isinstance(d[key], str) and d[key] != ""),
+              f"{key!r} must be a non-empty string, got {d.get(key)!r}")
+    model = d["model"]
     if model != "canary" and (base / model).exists():
         model = _abs(base, model)
+    weights = d.get("weights")
+    if weights is not None and "://" not in weights:
+        weights = _abs(base, weights)
+        _need(Path(weights).is_file(), f"weights file {weights} not found")
+    out = _abs(base, d["out"])
     index: str | None = None
     build: dict[str, Any] | None = None
     raw_index = d.get("index")
-    if isinstance(raw_index, str):
+    if isinstance(raw_index, str) and raw_index:
         index = _abs(base, raw_index)
+        _need(Path(index).is_dir(), f"index {index} not found (give an existing index "
+              "folder, or an [index] table with source/embedder to build one)")
     elif isinstance(raw_index, dict):
-        if "source" not in raw_index:
-            raise UserError("plan: [index] needs 'source' (training Parquet) to build an index, "
-                            "or give index = \"PATH\" to an existing one")
-        build = {"source": _abs(base, str(raw_index["source"])),
-                 "embedder": str(raw_index.get("embedder", "pixels")),
-                 "factory": str(raw_index.get("factory", "Flat"))}
-        for k, v in raw_index.items():
-            if k not in ("source", "embedder", "factory", "path"):
-                build[k] = v
-        index = _abs(base, str(raw_index["path"])) if "path" in raw_index else None
-    elif raw_index is not None:
-        raise UserError("plan: 'index' must be a path or an [index] table")
-    if index is None and build is None:
+        build = index_options(raw_index, "plan: [index]", base=base, plan=True)
+        index = build.pop("out", None) or str(Path(out) / "index")
+        if weights is None:
+            weights = (build.get("embedder_opts") or {}).get("weights")
+    else:
         raise UserError("plan: give index = \"PATH\" or an [index] table with source/embedder")
-    out = _abs(base, str(d["out"]))
-    if build is not None and index is None:
-        index = str(Path(out) / "index")
-
-    def str_list(key: str, default: list[str]) -> list[str]:
-        v = d.get(key, default)
-        if isinstance(v, str):
-            v = [v]
-        if not isinstance(v, list) or not v or not all(isinstance(x, str) for x in v):
-            raise UserError(f"plan: {key!r} must be a non-empty list of strings")
-        return list(v)
 
     seeds = d.get("seeds", [0])
-    if isinstance(seeds, int):
+    if _int(seeds):
+        _need(seeds >= 1, f"'seeds' as a count must be >= 1, got {seeds}")
         seeds = list(range(seeds))
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
-        raise UserError("plan: 'seeds' must be a list of integers (or a count)")
-    if len(set(seeds)) != len(seeds):
-        raise UserError("plan: 'seeds' has duplicates")
-    prompts: list[PromptList] = []
-    raw_prompts = d["prompts"]
-    if isinstance(raw_prompts, str | dict):
-        raw_prompts = [raw_prompts]
-    for p in raw_prompts:
+    _need(isinstance(seeds, list) and bool(seeds) and all(_int(s) and s >= 0 for s in seeds),
+          "'seeds' must be a list of integers >= 0 (or a count)")
+    _need(len(set(seeds)) == len(seeds), "'seeds' has duplicates")
+    steps = d.get("steps")
+    _need(steps is None or (_int(steps) and steps >= 1),
+          f"'steps' must be an integer >= 1 (omit it for the model's default), got {steps!r}")
+    scale = d.get("guidance_scale")
+    _need(scale is None or (_num(scale) and scale >= 0),
+          f"'guidance_scale' must be a number >= 0, got {scale!r}")
+    scheduler = d.get("scheduler", "ddim")
+    _need(scheduler in SCHEDULERS,
+          f"unknown scheduler {scheduler!r}; known: {', '.join(SCHEDULERS)}")
+    batch = d.get("batch_size", 16)
+    _need(_int(batch) and batch >= 1, f"'batch_size' must be an integer >= 1, got {batch!r}")
+    alignment = d.get("alignment", "auto")
+    _need(alignment in ("auto", "digits", "none"), "'alignment' must be auto, digits or none")
+
+    prompts, labels = _prompt_lists(d["prompts"], base)
+    screen = _screen(d.get("screen"), labels)
+    params = d.get("params", {})
+    _need(isinstance(params, dict), "[params] must be a table of \"method.param\" = value")
+    params = normalise_params(params)
+    methods = _str_list(d, "methods", ["cfg"])
+    criteria, guide = _criteria(d, methods, params, build)
+    plan = Plan(
+        out=out, model=model, index=index, index_build=build, criteria=criteria,
+        methods=methods, params=params, seeds=list(seeds), steps=steps,
+        guidance_scale=None if scale is None else float(scale), scheduler=scheduler,
+        batch_size=batch, alignment=alignment, guidance_criterion=guide, prompts=prompts,
+        screen=screen, device=d.get("device"), weights=weights)
+    check_plan_outputs(plan)
+    return plan
+
+
+def _prompt_lists(raw: Any, base: Path) -> tuple[list[PromptList], set[str | None]]:
+    """[[prompts]] entries, each file read now (missing, empty, non-UTF-8: one line), and
+    the labels their prompts get."""
+    from memaudit.data.prompts import read_prompts
+
+    if isinstance(raw, str | dict):
+        raw = [raw]
+    _need(isinstance(raw, list) and bool(raw), "'prompts' must name at least one prompt list")
+    out: list[PromptList] = []
+    labels: set[str | None] = set()
+    for p in raw:
         if isinstance(p, str):
             p = {"file": p}
-        if not isinstance(p, dict) or "file" not in p:
-            raise UserError("plan: each [[prompts]] entry needs 'file'")
-        f = _abs(base, str(p["file"]))
-        if not Path(f).exists():
-            raise UserError(f"plan: prompt list {f} not found")
-        prompts.append(PromptList(file=f, label=p.get("label")))
-    screen = None
-    if "screen" in d and d["screen"] is not False:
-        s = d["screen"] if isinstance(d["screen"], dict) else {}
-        bad = set(s) - {"steps", "seeds", "threshold", "clean_label", "fpr"}
-        if bad:
-            raise UserError(f"plan: unknown [screen] key(s) {', '.join(sorted(bad))}")
-        screen = ScreenSpec(**s)
-    methods = str_list("methods", ["cfg"])
-    if len(set(methods)) != len(methods):
-        raise UserError("plan: 'methods' has duplicates")
-    batch = int(d.get("batch_size", 16))
-    if batch < 1:
-        raise UserError("plan: 'batch_size' must be >= 1")
-    alignment = str(d.get("alignment", "auto"))
-    if alignment not in ("auto", "digits", "none"):
-        raise UserError("plan: 'alignment' must be auto, digits or none")
-    params = d.get("params", {})
-    if not isinstance(params, dict):
-        raise UserError("plan: [params] must be a table of \"method.param\" = value")
-    return Plan(
-        out=out, model=model, index=index, index_build=build,
-        criteria=str_list("criteria", ["nl2"]), methods=methods,
-        params=normalise_params(params),
-        seeds=list(seeds), steps=d.get("steps"), guidance_scale=d.get("guidance_scale"),
-        scheduler=str(d.get("scheduler", "ddim")), batch_size=batch, alignment=alignment,
-        guidance_criterion=d.get("guidance_criterion"), prompts=prompts, screen=screen,
-        device=d.get("device"),
-    )
+        _need(isinstance(p, dict) and isinstance(p.get("file"), str),
+              "each [[prompts]] entry needs file = \"PATH\"")
+        bad = set(p) - {"file", "label"}
+        _need(not bad, f"unknown [[prompts]] key(s) {', '.join(sorted(bad))}")
+        label = p.get("label")
+        _need(label is None or isinstance(label, str), "a [[prompts]] label must be a string")
+        f = _abs(base, p["file"])
+        _need(Path(f).exists(), f"prompt list {f} not found")
+        records = read_prompts(f)
+        labels |= {label} if label is not None else {r.label for r in records}
+        out.append(PromptList(file=f, label=label))
+    return out, labels
+
+
+def _screen(raw: Any, labels: set[str | None]) -> ScreenSpec | None:
+    if raw is None or raw is False:
+        return None
+    s = {} if raw is True else raw
+    _need(isinstance(s, dict), "[screen] must be a table (or true)")
+    bad = set(s) - _SCREEN_KEYS
+    _need(not bad, f"unknown [screen] key(s) {', '.join(sorted(bad))}; known: "
+          f"{', '.join(sorted(_SCREEN_KEYS))}")
+    for key in ("steps", "seeds"):
+        v = s.get(key, 1)
+        _need(_int(v) and v >= 1, f"[screen] {key} must be an integer >= 1, got {v!r}")
+    thr, fpr, clean = s.get("threshold"), s.get("fpr", 0.01), s.get("clean_label")
+    _need(thr is None or _num(thr), f"[screen] threshold must be a number, got {thr!r}")
+    _need(_num(fpr) and 0 < fpr < 1, f"[screen] fpr must be in (0, 1), got {fpr!r}")
+    _need(clean is None or isinstance(clean, str), "[screen] clean_label must be a string")
+    _need(thr is None or clean is None, "[screen]: give threshold or clean_label, not both")
+    if clean is not None:
+        _need(clean in labels, f"[screen] clean_label {clean!r} matches no prompt label "
+              f"(labels: {', '.join(sorted(str(x) for x in labels)) or 'none'})")
+    return ScreenSpec(steps=s.get("steps", 1), seeds=s.get("seeds", 4),
+                      threshold=None if thr is None else float(thr), clean_label=clean,
+                      fpr=float(fpr))
+
+
+def _criteria(d: dict[str, Any], methods: list[str], params: dict[str, dict[str, Any]],
+              build: dict[str, Any] | None) -> tuple[list[str], str | None]:
+    """Criterion names (canonical), the methods and their parameters built once, and the
+    criterion that guides methods needing one (AMG: a differentiable one)."""
+    from memaudit.audit.components import make_method
+    from memaudit.criteria import canonical_name, check_guiding
+    from memaudit.criteria.common import SUPPORTED
+
+    names = [canonical_name(c) for c in _str_list(d, "criteria", ["nl2"])]
+    _need(len(set(names)) == len(names), "'criteria' names one criterion twice")
+    if build is not None:
+        ok = SUPPORTED.get(build["embedder"], ())
+        for c in names:
+            _need(c in ok, f"criterion {c!r} needs another index: the [index] embedder "
+                  f"{build['embedder']!r} supports {', '.join(ok)}")
+    guidances = [make_method(m, params) for m in methods]  # names, parts, parameter types
+    guide = d.get("guidance_criterion")
+    if guide is not None:
+        guide = canonical_name(guide)
+        if build is not None:
+            ok = SUPPORTED.get(build["embedder"], ())
+            _need(guide in ok, f"guidance_criterion {guide!r} needs another index: the "
+                  f"[index] embedder {build['embedder']!r} supports {', '.join(ok)}")
+    if any(getattr(g, "needs_criterion", False) for g in guidances):
+        needing = next(m for m, g in zip(methods, guidances, strict=True) if g.needs_criterion)
+        try:
+            check_guiding(guide or names[0], needing)
+        except UserError as e:
+            hint = "" if guide else " (set guidance_criterion)"
+            raise UserError(f"plan: {e}{hint}") from None
+    return names, guide
+
+
+def check_plan_outputs(plan: Plan) -> None:
+    """OUT is not an input, not inside an input folder, and what the audit writes there
+    (audit.duckdb, images/, a built index) holds no input (memaudit.paths)."""
+    from memaudit.data.parquet import resolve_sources
+    from memaudit.paths import check_output_dir
+
+    inputs: list[str] = [p.file for p in plan.prompts]
+    if plan.weights and "://" not in plan.weights:
+        inputs.append(plan.weights)
+    if Path(plan.model).exists():
+        inputs.append(plan.model)
+    writes = list(OUT_WRITES)
+    if plan.index_build is not None:
+        src = str(plan.index_build["source"])
+        inputs += [str(f) for f in resolve_sources(src)] + ([src] if Path(src).is_dir() else [])
+        if plan.index and Path(plan.index).parent == Path(plan.out):
+            writes.append(Path(plan.index).name)
+    elif plan.index:
+        inputs.append(plan.index)
+    check_output_dir(plan.out, inputs, writes=writes, what="audit output folder")
 
 
 def load_plan(path: str | Path) -> Plan:

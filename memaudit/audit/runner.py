@@ -16,9 +16,10 @@ from typing import Any
 import numpy as np
 
 from memaudit.audit.components import Components, default_components
-from memaudit.audit.plan import Plan, ScreenSpec, plan_difference
+from memaudit.audit.plan import Plan, ScreenSpec, check_plan_outputs, plan_difference
 from memaudit.common import UserError, package_versions, progress_bar, resolve_device
 from memaudit.generate import save_png
+from memaudit.models.resolution import finer_than_model, output_size
 from memaudit.store import AuditStore
 
 KILL_ENV = "MEMAUDIT_TEST_KILL_AFTER_UNITS"  # test hook: os._exit after N committed units
@@ -93,44 +94,36 @@ def set_threads(threads: int) -> int:
 def run_audit(plan: Plan, *, new_run: bool = False, device: str | None = None,
               components: Components | None = None,
               log: Callable[[str], None] | None = None) -> AuditResult:
-    """Run (or resume) the audit a plan describes; returns the run id and the DB path."""
+    """Run (or resume) the audit a plan describes; returns the run id and the DB path.
+
+    Everything that can be checked is checked before the database is written: the plan
+    (`plan_from_dict`), the outputs against the inputs, the model, the methods, the index
+    and the criteria over it, the prompts. A run an error ends part-way is marked `failed`;
+    the same plan resumes it, a changed plan starts a new run beside it (as it does over a
+    killed run, still marked `running`). A finished run is only ever extended by the same
+    plan, or superseded with `new_run`."""
     t_start = time.perf_counter()
     comp = components or default_components()
     log = log or (lambda s: None)
     device = resolve_device(device or plan.device)
+    check_plan_outputs(plan)  # again: files may have moved since the plan was read
     out = plan.out_dir
-    out.mkdir(parents=True, exist_ok=True)
     kill_after = int(os.environ.get(KILL_ENV, "0") or 0)
     kill_mid = int(os.environ.get(KILL_BEFORE_COMMIT_ENV, "0") or 0)
 
-    # 1. index (built once; the builder writes its manifest last)
-    assert plan.index is not None
-    if plan.index_build is not None and not (Path(plan.index) / "manifest.json").exists():
-        b = dict(plan.index_build)
-        log(f"building index {plan.index} from {b['source']} ({b['embedder']})")
-        source, embedder, factory = b.pop("source"), b.pop("embedder"), b.pop("factory")
-        comp.build_index(source, embedder, plan.index, factory=factory, device=device, **b)
-    if not Path(plan.index).exists():
-        raise UserError(f"index {plan.index} not found")
-    index = comp.open_index(plan.index)
-    ihash = index_hash(index, plan.index)
-
-    # 2. model, criteria, methods (fail early on a bad name, before any run row)
+    # 1. model and methods (the model's output size decides a built pixel index's size)
     model = comp.load_model(plan.model, device)
-    criteria = {name: comp.make_criterion(name, index) for name in plan.criteria}
     methods = {spec: comp.make_method(spec, plan.params) for spec in plan.methods}
-    steps = plan.steps or getattr(model, "default_steps", 50)
+    steps = plan.steps if plan.steps is not None else getattr(model, "default_steps", 50)
     scale = plan.guidance_scale
     if scale is None:
         scale = getattr(model, "default_guidance_scale", 7.5)
-    guide_crit_name = plan.guidance_criterion or plan.criteria[0]
-    if guide_crit_name not in criteria:
-        criteria[guide_crit_name] = comp.make_criterion(guide_crit_name, index)
-    use_alignment = comp.alignment is not None and (
-        plan.alignment == "digits"
-        or (plan.alignment == "auto" and "canary" in type(model).__name__.lower()))
+    n_sched = int(getattr(model, "default_steps", 50))
+    if plan.screen is not None and plan.screen.steps > n_sched:
+        raise UserError(f"plan: [screen] steps = {plan.screen.steps} exceeds the model's "
+                        f"{n_sched}-step schedule")
 
-    # 3. prompts
+    # 2. prompts
     records: list[tuple[str, str, str | None]] = []  # (text, source, label)
     for pl in plan.prompts:
         for r in comp.read_prompts(pl.file):
@@ -138,34 +131,52 @@ def run_audit(plan: Plan, *, new_run: bool = False, device: str | None = None,
     if not records:
         raise UserError("plan: the prompt lists hold no prompts")
 
+    # 3. index (built once; the builder writes its manifest last), criteria over it
+    assert plan.index is not None
+    size_from_model = None
+    if plan.index_build is not None and not (Path(plan.index) / "manifest.json").exists():
+        b = dict(plan.index_build)
+        source, embedder, factory = b.pop("source"), b.pop("embedder"), b.pop("factory")
+        opts = dict(b.pop("embedder_opts", None) or {})
+        if embedder == "pixels" and "size" not in opts:
+            size_from_model = output_size(model)
+            if size_from_model is not None:
+                opts["size"] = list(size_from_model)
+        log(f"building index {plan.index} from {source} ({embedder}"
+            + (f", compared at the model's output size {size_from_model[0]}x"
+               f"{size_from_model[1]}" if size_from_model else "") + ")")
+        comp.build_index(source, embedder, plan.index, factory=factory, device=device,
+                         embedder_opts=opts, **b)
+    if not Path(plan.index).exists():
+        raise UserError(f"index {plan.index} not found")
+    index = comp.open_index(plan.index, **({"weights": plan.weights} if plan.weights else {}))
+    warning = finer_than_model(index, model)
+    if warning:
+        log(f"warning: {warning}")
+    ihash = index_hash(index, plan.index)
+    criteria = {name: comp.make_criterion(name, index) for name in plan.criteria}
+    guide_crit_name = plan.guidance_criterion or plan.criteria[0]
+    if guide_crit_name not in criteria:
+        criteria[guide_crit_name] = comp.make_criterion(guide_crit_name, index)
+    use_alignment = comp.alignment is not None and (
+        plan.alignment == "digits"
+        or (plan.alignment == "auto" and "canary" in type(model).__name__.lower()))
+
+    out.mkdir(parents=True, exist_ok=True)
     store = AuditStore(plan.db_path)
+    run_id: int | None = None
     try:
-        latest = store.latest_run()
-        if latest is not None and not new_run:
-            old = json.loads(latest["plan_json"])
-            old.pop("device", None)
-            diffs = plan_difference(old, plan.comparable())
-            if diffs:
-                raise UserError(
-                    f"the plan differs from run {latest['id']} in {plan.db_path} "
-                    f"({'; '.join(diffs)}); use --new-run to start a new run")
-            mh = getattr(model, "model_hash", None)
-            if latest["model_hash"] and mh and latest["model_hash"] != mh:
-                raise UserError(f"model weights changed since run {latest['id']} "
-                                f"({latest['model_hash'][:12]} -> {mh[:12]}); use --new-run")
-            if latest["index_hash"] and ihash and latest["index_hash"] != ihash:
-                raise UserError(f"index changed since run {latest['id']}; use --new-run")
-            run_id = int(latest["id"])
-            log(f"resuming run {run_id}")
+        run_id = _start_or_resume(store, plan, model, ihash, new_run, log)
         settings = {"steps": steps, "guidance_scale": scale, "scheduler": plan.scheduler,
                     "criteria": {n: {"threshold": getattr(c, "threshold", None),
                                      "calibrated_threshold":
                                          getattr(c, "calibrated_threshold", None)}
                                  for n, c in criteria.items()},
                     "guidance_criterion": guide_crit_name,
+                    "index_size_from_model": size_from_model,
                     "index_manifest": getattr(index, "manifest", None)}
         with store.transaction():
-            if latest is None or new_run:
+            if run_id is None:
                 run_id = store.add_run(
                     model=getattr(model, "name", plan.model),
                     model_hash=getattr(model, "model_hash", None), index_path=plan.index,
@@ -173,6 +184,8 @@ def run_audit(plan: Plan, *, new_run: bool = False, device: str | None = None,
                     settings=json.loads(json.dumps(settings, default=str)),
                     versions=package_versions(), device=device, seeds=plan.seeds)
                 log(f"started run {run_id}")
+            else:
+                store.set_run_status(run_id, "running")
             prompt_ids: dict[str, int] = {}
             for text, source, label in records:
                 prompt_ids[text] = store.upsert_prompt(text, source=source, label=label)
@@ -207,11 +220,52 @@ def run_audit(plan: Plan, *, new_run: bool = False, device: str | None = None,
                     os._exit(3)
         with store.transaction():
             store.finish_run(run_id)
+    except Exception:  # the run (if it got one) is not silently left "running"
+        if run_id is not None:
+            _mark_failed(store, run_id, log)
+        raise
     finally:
         store.close()
     return AuditResult(run_id=run_id, db_path=plan.db_path, units_done=len(todo),
                        units_skipped=len(units) - len(todo),
                        seconds=time.perf_counter() - t_start)
+
+
+def _start_or_resume(store: AuditStore, plan: Plan, model: Any, ihash: str | None,
+                     new_run: bool, log: Callable[[str], None]) -> int | None:
+    """The run to resume, or None to start a new one (see `run_audit`)."""
+    latest = store.latest_run()
+    if latest is None or new_run:
+        return None
+    rid, status = int(latest["id"]), str(latest["status"])
+    old = json.loads(latest["plan_json"])
+    old.pop("device", None)
+    diffs = plan_difference(old, plan.comparable())
+    why = [f"the plan differs from run {rid} in {plan.db_path} ({'; '.join(diffs)})"
+           ] if diffs else []
+    mh = getattr(model, "model_hash", None)
+    if latest["model_hash"] and mh and latest["model_hash"] != mh:
+        why.append(f"model weights changed since run {rid} ({latest['model_hash'][:12]} -> "
+                   f"{mh[:12]})")
+    if latest["index_hash"] and ihash and latest["index_hash"] != ihash:
+        why.append(f"the index changed since run {rid}")
+    if not why:
+        log(f"resuming run {rid}" + ("" if status == "running" else f" ({status})"))
+        return rid
+    if status != "finished":
+        log(f"{'; '.join(why)}; run {rid} is {status}: starting a new run beside it")
+        return None
+    raise UserError(f"{'; '.join(why)}; run {rid} is finished: use --new-run to start a new "
+                    "run")
+
+
+def _mark_failed(store: AuditStore, run_id: int, log: Callable[[str], None]) -> None:
+    try:
+        with store.transaction():
+            store.set_run_status(run_id, "failed")
+        log(f"run {run_id} marked failed")
+    except Exception:  # noqa: BLE001 - the original error is the one to report
+        pass
 
 
 def _generation_unit(store: AuditStore, comp: Components, model: Any, run_id: int, unit: str,

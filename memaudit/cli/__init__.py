@@ -1,16 +1,19 @@
 """The `memaudit` command: a thin Typer layer over the library.
 
 Each stage's commands live in their own module with a `register(app)` function. Errors a
-user can cause (`UserError`) end in one line on stderr and a non-zero exit.
+user can cause (`UserError`) end in one line on stderr and exit 2; exit codes: `main`.
 """
 
 from __future__ import annotations
 
+import os
 import sys
+import traceback
 
 import typer
 
-from memaudit.common import UserError, set_quiet
+from memaudit.common import EXIT_INCOMPLETE, EXIT_USAGE, UserError, set_quiet
+from memaudit.text import terminal_text
 
 app = typer.Typer(
     name="memaudit",
@@ -38,29 +41,55 @@ def _register_all() -> None:
 _register_all()
 
 
+def _error(message: str) -> None:
+    print(f"error: {terminal_text(' '.join(str(message).split()))}", file=sys.stderr)
+
+
+def _where(e: BaseException) -> str:
+    """file:line of the innermost frame that raised `e` (memaudit's own when there is one)."""
+    frames = traceback.extract_tb(e.__traceback__)
+    ours = [f for f in frames if "memaudit" in f.filename] or frames
+    if not ours:
+        return "?"
+    f = ours[-1]
+    name = f.filename
+    if "memaudit" in name:
+        name = name[name.rindex("memaudit"):]
+    return f"{name}:{f.lineno}"
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point. Returns normally on success; exits non-zero on failure.
 
-    Usage errors print Typer's message (exit 2); `UserError`s end in one line (exit 2);
-    commands may return or `typer.Exit` with a code (the gate's 1).
+    Exit codes (the one mechanism for every command; docs/report.md "Exit codes"):
+    0 pass / done; 1 the gate failed; 2 a usage or input error (Typer's usage errors,
+    `UserError`, a path that does not exist); 3 the audit is incomplete (the gate on an
+    unfinished run) or memaudit itself failed: an unexpected exception ends in one line
+    naming it and where it was raised (MEMAUDIT_DEBUG=1 prints the traceback instead);
+    130 interrupted (Ctrl-C). Every message is one line with control characters escaped.
     """
     try:
         code = app(args=argv, standalone_mode=False)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        _error(str(e))
         sys.exit(e.exit_code)
-    except FileNotFoundError as e:
-        print(f"error: file not found: {e.filename or e}", file=sys.stderr)
-        sys.exit(2)
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as e:
+        _error(f"{e.strerror or type(e).__name__}: {e.filename or e}")
+        sys.exit(EXIT_USAGE)
     except Exception as e:
         # Typer vendors click, so match its usage errors and aborts by shape, not by class.
         if hasattr(e, "show") and hasattr(e, "exit_code"):
             e.show()
             sys.exit(e.exit_code)
         if type(e).__name__ == "Abort":
-            print("aborted", file=sys.stderr)
-            sys.exit(1)
-        raise
+            print("interrupted", file=sys.stderr)
+            sys.exit(130)
+        if os.environ.get("MEMAUDIT_DEBUG", "") not in ("", "0"):
+            traceback.print_exc()
+        else:
+            _error(f"memaudit failed: {type(e).__name__}: {e} (at {_where(e)}); this is a "
+                   "bug, not your input: rerun with MEMAUDIT_DEBUG=1 for the traceback")
+        sys.exit(EXIT_INCOMPLETE)
     if isinstance(code, int) and code:
         sys.exit(code)
 

@@ -14,7 +14,9 @@ from memaudit.common import UserError
 
 
 def _log(msg: str) -> None:
-    print(msg, file=sys.stderr)
+    from memaudit.text import terminal_text
+
+    print(terminal_text(msg, one_line=False), file=sys.stderr)
 
 
 def audit_cmd(
@@ -42,12 +44,23 @@ def report_cmd(
     pdf: bool = typer.Option(False, "--pdf", help="Also print a PDF with headless chromium."),
     run: int = typer.Option(None, help="Run id (default: the latest)."),
     max_flagged: int = typer.Option(200, help="At most this many flagged outputs shown."),
+    index: Path = typer.Option(None, "--index", help="The run's training index, to show the "
+                               "training images (default: the index the database names)."),
+    overwrite: bool = typer.Option(False, "--overwrite",
+                                   help="Replace an existing file that is not a report."),
 ) -> None:
     """Render the self-contained HTML report (and optionally a PDF)."""
+    from memaudit.paths import check_output_file, is_memaudit_html, is_pdf
     from memaudit.report import render_pdf, write_report
 
     out = out or db.parent / "report.html"
-    path = write_report(db, out, run_id=run, max_flagged=max_flagged)
+    check_output_file(out, [db, index], overwrite=overwrite, own=is_memaudit_html,
+                      what="report")  # before the work; write_report checks again
+    if pdf:
+        check_output_file(out.with_suffix(".pdf"), [db, index], overwrite=overwrite,
+                          own=is_pdf, what="PDF")
+    path = write_report(db, out, run_id=run, max_flagged=max_flagged, index=index,
+                        overwrite=overwrite)
     print(f"report: {path}")
     if pdf:
         print(f"pdf: {render_pdf(path, path.with_suffix('.pdf'))}")
@@ -65,6 +78,9 @@ def gate_cmd(
     threshold: str = typer.Option("auto", help="Copy verdict: calibrated | fixed | auto "
                                   "(calibrated where the index has a calibration)."),
     junit: Path = typer.Option(None, "--junit", help="Write a JUnit XML file."),
+    overwrite: bool = typer.Option(False, "--overwrite",
+                                   help="Let --junit replace a file that is not a JUnit file "
+                                        "memaudit wrote."),
     run: int = typer.Option(None, help="Run id (default: the latest)."),
     screen: bool = typer.Option(False, "--screen",
                                 help="Screening only, on --model and --prompts (no DB)."),
@@ -77,9 +93,14 @@ def gate_cmd(
     device: str = typer.Option(None, help="With --screen: cpu, cuda, ..."),
     threads: int = typer.Option(None, help="With --screen: torch CPU threads."),
 ) -> None:
-    """CI gate: exit 0 pass, 1 fail, 2 usage error; prints the offending prompts."""
+    """CI gate: exit 0 pass, 1 fail, 2 usage or input error, 3 incomplete (an unfinished or
+    failed run) or memaudit failed; prints the offending prompts."""
     from memaudit.gate import format_result, gate_db, gate_screen, write_junit
+    from memaudit.paths import check_output_file, is_memaudit_junit
 
+    if junit is not None:
+        check_output_file(junit, [db, prompts, calibrate], overwrite=overwrite,
+                          own=is_memaudit_junit, what="JUnit file")
     if screen:
         if threads is not None:
             from memaudit.audit import set_threads
@@ -114,7 +135,9 @@ def demo_cmd(
 ) -> None:
     """The whole chain on the shipped canary: data, index, audit, database, report."""
     from memaudit.demo import run_demo
+    from memaudit.paths import check_output_dir
 
+    check_output_dir(out, [model if Path(model).exists() else None], what="demo folder")
     summary = run_demo(out, device=device, threads=threads, model=model, log=_log)
     print(summary["text"])
     print(f"database: {summary['db']}")

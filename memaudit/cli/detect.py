@@ -16,6 +16,11 @@ def register(app: typer.Typer) -> None:
             [], "--criterion", "-c",
             help="nl2, l2-tiled, sscd, clip (repeatable; default: all the index supports)."),
         out: Path | None = typer.Option(None, "--out", help="Write the results as Parquet."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Let --out replace a file "
+                                       "that is not a detect table memaudit wrote."),
+        weights: str | None = typer.Option(None, "--weights", help="sscd: the TorchScript file "
+                                           "the index was built with (checked against its "
+                                           "recorded SHA-256)."),
         device: str | None = typer.Option(None, "--device", help="cpu, cuda, ... (default auto)."),
         batch_size: int = typer.Option(32, "--batch-size", help="Images per batch."),
         limit: int = typer.Option(50, "--show", help="Rows printed on the terminal."),
@@ -23,20 +28,26 @@ def register(app: typer.Typer) -> None:
         """Nearest training item, score and copy verdicts (fixed and calibrated) per image."""
         import pyarrow.parquet as pq
         from rich.console import Console
+        from rich.markup import escape
         from rich.table import Table
 
         from memaudit.common import resolve_device
         from memaudit.criteria import open_index
-        from memaudit.criteria.detect import detect_images, list_images
+        from memaudit.criteria.detect import SCHEMA, detect_images, list_images
+        from memaudit.paths import atomic_write, check_output_file, parquet_with_columns
+        from memaudit.text import terminal_text
 
-        list_images(images)  # path errors before the (slow) index load
-        idx = open_index(index, device=resolve_device(device))
+        files = list_images(images)  # path errors before the (slow) index load
+        if out is not None:
+            check_output_file(out, [*images, *files, index], overwrite=overwrite,
+                              own=parquet_with_columns(SCHEMA.names), what="detect table")
+        idx = open_index(index, device=resolve_device(device), weights=weights)
         table = detect_images(images, idx, criteria=criterion or None, batch_size=batch_size)
         if out is not None:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            pq.write_table(table, out)
+            with atomic_write(out, "detect table") as tmp:
+                pq.write_table(table, tmp)
         n_crit = max(1, len(set(table["criterion"].to_pylist())))
-        show = Table(title=f"detect: {table.num_rows // n_crit} images vs {index}")
+        show = Table(title=escape(f"detect: {table.num_rows // n_crit} images vs {index}"))
         show.add_column("image", overflow="fold", ratio=3)
         show.add_column("criterion", no_wrap=True)
         show.add_column("score", justify="right", no_wrap=True)
@@ -48,15 +59,17 @@ def register(app: typer.Typer) -> None:
         for r in rows[:limit]:
             cal = r["is_copy_calibrated"]
             show.add_row(
-                Path(r["image"]).name, r["criterion"], f"{r['score']:.4f}",
-                str(r["neighbour_key"]), str(r["group_count"]),
+                escape(terminal_text(Path(r["image"]).name)), r["criterion"],
+                f"{r['score']:.4f}", escape(terminal_text(r["neighbour_key"])),
+                str(r["group_count"]),
                 "[red]yes[/red]" if r["is_copy"] else "no",
                 "n/a" if cal is None else ("[red]yes[/red]" if cal else "no"),
             )
         console = Console()
         console.print(show)
         if len(rows) > limit:
-            console.print(f"... {len(rows) - limit} more rows" + (f" in {out}" if out else ""))
+            console.print(escape(f"... {len(rows) - limit} more rows"
+                                 + (f" in {out}" if out else "")))
         for name in dict.fromkeys(table["criterion"].to_pylist()):
             sub = [r for r in rows if r["criterion"] == name]
             fixed = sum(r["is_copy"] for r in sub)
@@ -69,4 +82,4 @@ def register(app: typer.Typer) -> None:
                 msg += ", index not calibrated"
             console.print(msg)
         if out is not None:
-            console.print(f"wrote {out}")
+            console.print(escape(f"wrote {out}"))

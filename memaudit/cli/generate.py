@@ -29,23 +29,41 @@ def generate_cmd(
     index: Path = typer.Option(None, "--index",
                                help="training index, for methods that need a criterion (amg)"),
     criterion: str = typer.Option("nl2", "--criterion",
-                                  help="criterion over --index that guides amg"),
+                                  help="criterion over --index that guides amg (nl2, sscd, clip)"),
+    weights: str = typer.Option(None, "--weights", help="sscd index: the TorchScript file it was "
+                                "built with (checked against its recorded SHA-256)"),
 ) -> None:
     """Generate images for every prompt x method x seed into OUT (images/, generations.parquet,
     trace.parquet)."""
+    import sys
+
     from memaudit.data.prompts import read_prompts
     from memaudit.generate import generate
-    from memaudit.guidance.spec import parse_params
+    from memaudit.guidance.spec import build_guidance, parse_params
     from memaudit.models import load_model
+    from memaudit.paths import check_output_dir
 
+    check_output_dir(out, [prompts, index, weights, model if Path(model).exists() else None],
+                     writes=("generations.parquet", "trace.parquet", "images"),
+                     what="--out folder")
     records = read_prompts(prompts)
     params = parse_params(param)
+    guided = [m for m in method if build_guidance(m, params).needs_criterion]
+    if guided and index is not None:
+        from memaudit.criteria import check_guiding
+
+        check_guiding(criterion, guided[0])  # before the (slow) model load
     denoiser = load_model(model, device=device)
     crit = None
     if index is not None:
         from memaudit.criteria import make_criterion, open_index
+        from memaudit.models.resolution import finer_than_model
 
-        crit = make_criterion(criterion, open_index(str(index), device=str(denoiser.device)))
+        idx = open_index(str(index), device=str(denoiser.device), weights=weights)
+        crit = make_criterion(criterion, idx)
+        warning = finer_than_model(idx, denoiser)
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr)
     table = generate(denoiser, records, list(method), seeds, out, steps=steps,
                      guidance_scale=guidance_scale, scheduler=scheduler, criterion=crit,
                      batch_size=batch_size, params=params)

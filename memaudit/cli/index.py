@@ -69,14 +69,16 @@ def build(
 
 def _print_summary(path: Path) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from memaudit.index import TrainingIndex
+    from memaudit.text import terminal_text
 
-    s = TrainingIndex.open(path).summary()
-    t = Table(show_header=False, title=str(path))
+    s = TrainingIndex.open(path).summary()  # a manifest may come from anyone: shown as text
+    t = Table(show_header=False, title=escape(terminal_text(path)))
     for k, v in s.items():
-        t.add_row(k, json.dumps(v) if isinstance(v, dict) else str(v))
+        t.add_row(k, escape(terminal_text(json.dumps(v) if isinstance(v, dict) else v)))
     Console().print(t)
 
 
@@ -100,6 +102,8 @@ def query(
     images: list[Path] = typer.Argument(..., help="Image files"),
     k: int = typer.Option(5, "--k", help="neighbours per image"),
     device: str = typer.Option(None, "--device"),
+    weights: str = typer.Option(None, "--weights", help="sscd: the TorchScript file the index "
+                                "was built with (checked against its recorded SHA-256)"),
 ) -> None:
     """Print each image's nearest training items: key, caption, similarity, duplicates."""
     from rich.console import Console
@@ -107,16 +111,18 @@ def query(
     from rich.table import Table
 
     from memaudit.index.query import query_images
+    from memaudit.text import terminal_text
 
-    results = query_images(index_dir, images, k=k, device=device)
+    results = query_images(index_dir, images, k=k, device=device, weights=weights)
     console = Console()
     for image, rows in results:
-        t = Table(title=escape(str(image)))
+        t = Table(title=escape(terminal_text(image)))
         kind = rows[0]["score_kind"] if rows else "similarity"
         for col in ("rank", "key", "caption", kind, "duplicates"):
             t.add_column(col)
         for r in rows:
-            t.add_row(str(r["rank"]), escape(r["key"]), escape(r["caption"][:80]),
+            t.add_row(str(r["rank"]), escape(terminal_text(r["key"])),
+                      escape(terminal_text(r["caption"][:80])),
                       f"{r['score']:.4f}", str(r["group_count"]))
         console.print(t)
 
@@ -127,21 +133,22 @@ def calibrate(
     sample: int = typer.Option(2000, "--sample", help="training items scored"),
     fpr: list[float] = typer.Option([0.01, 0.001], "--fpr", help="false-positive rates"),
     seed: int = typer.Option(0, "--seed"),
-    device: str = typer.Option(None, "--device"),
+    device: str = typer.Option(None, "--device",
+                               help="checked only: calibration compares the stored vectors"),
 ) -> None:
     """Redo the null-distribution calibration (METHODS 1.2) and store it in the manifest."""
-    from memaudit.common import UserError
-    from memaudit.embedders import make_embedder
+    from memaudit.common import UserError, resolve_device
     from memaudit.index import TrainingIndex, run_calibration
 
-    idx = TrainingIndex.open(index_dir)
-    e = idx.manifest["embedder"]
-    emb = make_embedder(e["name"], **{**e.get("config", {}), "device": device})
     try:
-        import memaudit.criteria.calibrate  # noqa: F401
+        from memaudit.criteria.calibrate import check_calibration_args
     except ImportError as err:
         raise UserError("calibration needs memaudit.criteria.calibrate, not installed") from err
-    result = run_calibration(idx.path, emb, sample=sample, fprs=tuple(fpr), seed=seed)
+    resolve_device(device)
+    check_calibration_args(sample, fpr)
+    idx = TrainingIndex.open(index_dir)
+    # no embedder: the null scores compare the index's own vectors (no model runs)
+    result = run_calibration(idx.path, None, sample=sample, fprs=tuple(fpr), seed=seed)
     print(json.dumps(result, indent=2))
 
 

@@ -50,7 +50,9 @@ def render() -> str:
         "",
         "Generated from the command tree by `python -m memaudit.cli.reference > docs/cli.md`;",
         "`memaudit COMMAND --help` prints the same. Global flag: `memaudit --quiet` silences",
-        "progress bars. Errors a user can cause print one line and exit 2.",
+        "progress bars. Errors a user can cause print one line and exit 2; exit codes",
+        "(0 done/pass, 1 gate failed, 2 usage or input error, 3 incomplete audit or memaudit",
+        "failure): docs/report.md.",
         "",
     ]
     _walk(root, ["memaudit"], out)

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import typer
 
+#: columns of `screen --out` (a file with exactly these is replaced without --overwrite)
+SCREEN_COLUMNS = ("prompt", "source", "label", "score", "flagged", "threshold", "steps", "seeds")
 POSITIVE = {"1", "true", "yes", "pos", "positive", "memorized", "memorised", "mem", "vm", "tm",
             "trigger", "copy"}
 NEGATIVE = {"0", "false", "no", "neg", "negative", "clean", "generic", "normal", "nonmem",
@@ -57,14 +59,25 @@ def register(app: typer.Typer) -> None:
                                             help="Labels counted as clean, e.g. 1x,generic."),
         batch_size: int = typer.Option(32, "--batch-size"),
         out: Path | None = typer.Option(None, "--out", help="Write scores to this Parquet."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Let --out replace a file "
+                                       "that is not a screen table memaudit wrote."),
         device: str | None = typer.Option(None, "--device", help="cuda / cpu (default auto)."),
     ) -> None:
         """Score prompts by Wen et al.'s noise-difference magnitude, before generating."""
         import numpy as np
 
         from memaudit.models.base import load_model
+        from memaudit.paths import check_output_file, parquet_with_columns
         from memaudit.screen import auc, calibrate_threshold, screen_prompts, tpr_at_fpr
+        from memaudit.text import terminal_text
 
+        if out is not None:
+            check_output_file(out, [prompts, calibrate, model], overwrite=overwrite,
+                              own=parquet_with_columns(SCREEN_COLUMNS), what="screen table")
+        if not 0 <= fpr < 1:
+            from memaudit.common import UserError
+
+            raise UserError(f"--fpr must be in [0, 1), got {fpr:g}")
         records = _read(prompts)
         if not records:
             from memaudit.common import UserError
@@ -84,10 +97,11 @@ def register(app: typer.Typer) -> None:
         flags = scores > thr if thr is not None else np.zeros(len(scores), dtype=bool)
         for r, s, f in zip(records, scores, flags, strict=True):
             mark = "FLAG" if f else "    "
-            typer.echo(f"{s:10.4f}  {mark}  {r.text}")
+            typer.echo(f"{s:10.4f}  {mark}  {terminal_text(r.text)}")
         if thr is not None:
             src = f"calibrated on {calibrate} at FPR {fpr}" if threshold is None else "given"
-            typer.echo(f"threshold {thr:.4f} ({src}); flagged {int(flags.sum())}/{len(flags)}")
+            typer.echo(terminal_text(f"threshold {thr:.4f} ({src}); flagged "
+                                     f"{int(flags.sum())}/{len(flags)}"))
         pos_set, neg_set = _label_set(positive), _label_set(negative)
         labels = [label_value(r.label, pos_set, neg_set) for r in records]
         pos = np.array([s for s, lab in zip(scores, labels, strict=True) if lab is True])
@@ -102,7 +116,8 @@ def register(app: typer.Typer) -> None:
             import pyarrow as pa
             import pyarrow.parquet as pq
 
-            out.parent.mkdir(parents=True, exist_ok=True)
+            from memaudit.paths import atomic_write
+
             table = pa.table({
                 "prompt": [r.text for r in records],
                 "source": [r.source for r in records],
@@ -113,5 +128,6 @@ def register(app: typer.Typer) -> None:
                 "steps": pa.array([steps] * len(records), pa.int32()),
                 "seeds": pa.array([seeds] * len(records), pa.int32()),
             })
-            pq.write_table(table, out)
-            typer.echo(f"wrote {out}", err=True)
+            with atomic_write(out, "screen table") as tmp:
+                pq.write_table(table, tmp)
+            typer.echo(terminal_text(f"wrote {out}"), err=True)

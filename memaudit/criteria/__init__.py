@@ -26,34 +26,29 @@ def canonical_name(name: str) -> str:
     return key
 
 
-def open_index(index: Any, device: str | None = None) -> Any:
+def open_index(index: Any, device: str | None = None, weights: str | None = None) -> Any:
     """A TrainingIndex, opened from a directory when given a path. With `device`, the
-    index's embedder is rebuilt on that device (criteria embed images with it)."""
+    index's embedder is rebuilt on that device (criteria embed images with it); `weights`
+    is the embedder weights file the user names (SSCD: never the manifest's)."""
     if isinstance(index, (str, Path)):
         from memaudit.index import TrainingIndex
 
         path = Path(index)
         if not (path / "manifest.json").is_file():
             raise UserError(f"{path} is not an index directory (no manifest.json)")
-        index = TrainingIndex.open(path)
-    if device is not None and hasattr(index, "set_embedder"):
+        index = TrainingIndex.open(path, weights=weights)
+    elif weights is not None and hasattr(index, "weights"):
+        index.weights = str(weights)
+    if device is not None and hasattr(index, "make_embedder"):
         from memaudit.common import resolve_device
-        from memaudit.embedders import make_embedder
 
-        spec = index.manifest.get("embedder") or {}
-        if isinstance(spec, dict) and spec.get("name"):
-            index.set_embedder(make_embedder(spec["name"], **{**spec.get("config", {}),
-                                                               "device": resolve_device(device)}))
+        index.set_embedder(index.make_embedder(resolve_device(device)))
     return index
 
 
-def make_criterion(name: str, index: Any, **opts: Any) -> Criterion:
-    """Build criterion `name` over `index` (TrainingIndex or its directory).
-
-    Options: threshold (override the fixed one), calibrated_threshold, fpr (which calibrated
-    threshold, default 0.01); nl2: alpha (0.5), k (50); l2-tiled: grid (4)."""
+def criterion_class(name: str) -> type[Criterion]:
+    """The class of criterion `name` (aliases accepted; unknown names are a UserError)."""
     key = canonical_name(name)
-    index = open_index(index)
     if key == "nl2":
         from memaudit.criteria.nl2 import NL2Criterion as cls
     elif key == "l2-tiled":
@@ -62,11 +57,33 @@ def make_criterion(name: str, index: Any, **opts: Any) -> Criterion:
         from memaudit.criteria.sscd import SSCDCriterion as cls
     else:
         from memaudit.criteria.clip import ClipCriterion as cls
+    return cls
+
+
+def check_guiding(name: str, method: str = "amg") -> str:
+    """The canonical name of a criterion that can guide `method` (AMG needs a differentiable
+    similarity, METHODS 3.2); a one-line UserError naming the ones that can otherwise."""
+    cls = criterion_class(name)
+    if not cls.differentiable:
+        ok = [c for c in CRITERIA if criterion_class(c).differentiable]
+        raise UserError(f"criterion {cls.name!r} has no differentiable similarity, so it cannot "
+                        f"guide {method}; use one of {', '.join(ok)}")
+    return cls.name
+
+
+def make_criterion(name: str, index: Any, **opts: Any) -> Criterion:
+    """Build criterion `name` over `index` (TrainingIndex or its directory).
+
+    Options: threshold (override the fixed one), calibrated_threshold, fpr (which calibrated
+    threshold, default 0.01); nl2: alpha (0.5), k (50); l2-tiled: grid (4), k (50)."""
+    cls = criterion_class(name)
+    index = open_index(index)
     try:
         return cls(index, **opts)
     except TypeError as e:
-        raise UserError(f"bad option for criterion {key!r}: {e}") from e
+        raise UserError(f"bad option for criterion {cls.name!r}: {e}") from e
 
 
-__all__ = ["CRITERIA", "Criterion", "Scores", "canonical_name", "describe_rows",
-           "make_criterion", "open_index", "supported_criteria"]
+__all__ = ["CRITERIA", "Criterion", "Scores", "canonical_name", "check_guiding",
+           "criterion_class", "describe_rows", "make_criterion", "open_index",
+           "supported_criteria"]

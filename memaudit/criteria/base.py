@@ -30,6 +30,7 @@ class Criterion(ABC):
     higher_is_more_similar: bool  # cosine True; nL2 / l2-tiled False
     threshold: float  # the fixed copy threshold (METHODS 1)
     calibrated_threshold: float | None = None  # from the index manifest (1% FPR)
+    differentiable: bool = True  # has `similarity_tensor` (can guide AMG, METHODS 3.2)
 
     @abstractmethod
     def score(self, images) -> Scores:

@@ -1,19 +1,22 @@
 """Calibration of the copy criteria on the training set itself (METHODS.md 1.2).
 
-For a seeded sample of duplicate groups (default 2,000), the representative of each group is
-scored against the rest of the index EXCLUDING its own exact-duplicate group (leave-one-out
-over groups): this is the null distribution of a criterion on images that are certainly not
-copies of anything else in the set (Somepalli et al. 2023 use the same train-vs-train
-second-neighbour baseline). The calibrated threshold at false-positive rate f is the
-f-quantile of the null scores from below for lower-is-copy criteria (nl2, l2-tiled) and the
-(1 - f)-quantile for higher-is-copy ones (sscd, clip).
+For a seeded sample of training ITEMS (default 2,000, without replacement; METHODS 1.2 "for
+a sample of training items"), each item is scored against the rest of the index EXCLUDING
+its own exact-duplicate group (leave-one-group-out): this is the null distribution of a
+criterion on images that are certainly not copies of anything else in the set (Somepalli et
+al. 2023 use the same train-vs-train second-neighbour baseline). Sampling items rather than
+groups weights a group by its size, as the training set does: an image planted 64 times is
+64 times as likely to be drawn (its copies share one vector, so they share one score).
+The calibrated threshold at false-positive rate f is the f-quantile of the null scores from
+below for lower-is-copy criteria (nl2, l2-tiled) and the (1 - f)-quantile for higher-is-copy
+ones (sscd, clip).
 
 `calibrate_index(index, sample=2000, fprs=(0.01, 0.001), seed=0) -> dict` returns what goes
 into manifest["calibration"]:
 
-    {"settings": {"sample", "sampled", "groups", "seed", "fprs", "exclusion", "k",
-                  "k_effective", "alpha", "grid", "embedder", "metric", "quantile_method",
-                  "seconds"},
+    {"settings": {"sample", "sampled", "unit", "items", "groups", "seed", "fprs",
+                  "exclusion", "k", "k_effective", "alpha", "grid", "embedder", "metric",
+                  "quantile_method", "seconds"},
      "nl2": {"direction": "lower", "n": 2000, "fpr": {"0.01": t1, "0.001": t2},
              "quantiles": {"0.001": ..., "0.5": ...}, "min", "mean", "max",
              "fixed_threshold": 1.4, "fixed_flag_rate": share of the null flagged at 1.4,
@@ -28,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from memaudit.common import progress_bar
+from memaudit.common import UserError, progress_bar
 from memaudit.criteria.common import embedder_name, fpr_key, supported_criteria
 
 QUANTILES = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 0.999)
@@ -63,6 +66,17 @@ def summarise(null_scores: np.ndarray, crit: Any, fprs: Sequence[float]) -> dict
     return out
 
 
+def check_calibration_args(sample: int, fprs: Sequence[float]) -> None:
+    """`UserError` unless sample >= 1 and every false-positive rate is in (0, 1)."""
+    if int(sample) < 1:
+        raise UserError(f"--sample must be at least 1, got {sample}")
+    if not list(fprs):
+        raise UserError("give at least one --fpr")
+    for f in fprs:
+        if not 0.0 < float(f) < 1.0:
+            raise UserError(f"--fpr must be between 0 and 1 (exclusive), got {f:g}")
+
+
 def null_scores(crit: Any, group_ids: np.ndarray, batch: int = 512) -> np.ndarray:
     """Leave-one-out scores of the given groups' representatives against the other groups."""
     group_ids = np.asarray(group_ids, np.int64)
@@ -84,14 +98,19 @@ def calibrate_index(index: Any, sample: int = 2000, fprs: Sequence[float] = (0.0
     from memaudit.criteria import make_criterion
 
     t0 = time.perf_counter()
+    check_calibration_args(sample, fprs)
     fprs = [float(f) for f in fprs]
     ngroups = int(index.index.ntotal)
     names = list(criteria) if criteria is not None else list(supported_criteria(index))
     rng = np.random.default_rng(seed)
-    n = min(int(sample), ngroups)
-    sampled = np.sort(rng.choice(ngroups, size=n, replace=False)) if n > 0 else np.zeros(0, int)
+    group_of_item = np.asarray(index.items.column("group_id").to_numpy(), np.int64)
+    nitems = len(group_of_item)
+    n = min(int(sample), nitems)
+    rows = np.sort(rng.choice(nitems, size=n, replace=False)) if n > 0 else np.zeros(0, int)
+    sampled = group_of_item[rows]  # each item's own group (repeated for duplicates)
     settings: dict[str, Any] = {
-        "sample": int(sample), "sampled": int(n), "groups": ngroups, "seed": int(seed),
+        "sample": int(sample), "sampled": int(n), "unit": "training items",
+        "items": nitems, "groups": ngroups, "seed": int(seed),
         "fprs": [fpr_key(f) for f in fprs],
         "exclusion": "own exact-duplicate group (leave-one-out over groups)",
         "k": int(k), "k_effective": int(max(0, min(k, ngroups - 1))), "alpha": float(alpha),
@@ -108,7 +127,7 @@ def calibrate_index(index: Any, sample: int = 2000, fprs: Sequence[float] = (0.0
         if name == "nl2":
             opts.update(k=k, alpha=alpha)
         elif name == "l2-tiled":
-            opts.update(grid=grid)
+            opts.update(grid=grid, k=k)
         crit = make_criterion(name, index, **opts)
         result[name] = summarise(null_scores(crit, sampled), crit, fprs)
     settings["seconds"] = round(time.perf_counter() - t0, 3)

@@ -3,7 +3,11 @@ Stable Diffusion criterion; METHODS.md 1.2, last item).
 
 Both images (pixel vectors at the index's comparison size, RGB in [0, 1]) are split into
 4 x 4 corresponding tiles; the distance is the largest tile RMSE; copy when <= 0.15. The
-training image compared is the nearest neighbour by plain pixel l2.
+score is the minimum of that distance over the k nearest training images by plain pixel l2
+(k = 50, nL2's S_k): the plain-l2 nearest is not always the tiled nearest (an image that
+copies one neighbour except for one tile can be farther in plain l2 than a blurry
+look-alike), so Carlini's "any training image within 0.15" needs the candidates, not just
+n0. No differentiable form: AMG cannot be guided by it (`differentiable = False`).
 """
 
 from __future__ import annotations
@@ -54,15 +58,22 @@ def tiled_rmse(a: np.ndarray, b: np.ndarray, shape: tuple[int, int, int],
 
 
 class TiledL2Criterion(IndexCriterion):
-    """Max tile RMSE to the pixel-nearest training image. Lower = more similar; copy <= 0.15."""
+    """Min over the k pixel-nearest training images of the max tile RMSE. Lower = more
+    similar; copy <= 0.15."""
 
     name = "l2-tiled"
     higher_is_more_similar = False
     threshold = 0.15
+    differentiable = False
 
-    def __init__(self, index: Any, grid: int = 4, **kw: Any):
+    def __init__(self, index: Any, grid: int = 4, k: int = 50, **kw: Any):
         super().__init__(index, **kw)
         self.grid = int(grid)
+        self.k = int(k)
+        if self.grid < 1 or self.k < 1:
+            from memaudit.common import UserError
+
+            raise UserError(f"l2-tiled needs grid >= 1 and k >= 1, got {grid} and {k}")
         self.shape = pixel_shape(index)
 
     def is_copy(self, score: np.ndarray, threshold: float | None = None) -> np.ndarray:
@@ -71,9 +82,21 @@ class TiledL2Criterion(IndexCriterion):
 
     def score_vectors(self, vectors: np.ndarray, exclude: np.ndarray | None = None
                       ) -> tuple[np.ndarray, np.ndarray]:
-        """(tiled distance [n], nearest group id by pixel l2 [n])."""
+        """(min tiled distance over the k pixel-nearest groups [n], the group attaining it
+        [n]); with `exclude`, one group per row is left out (calibration)."""
         if len(vectors) == 0:
             return np.zeros(0), np.zeros(0, np.int64)
-        _, ids = self.groups.knn(vectors, 1, exclude=exclude)
-        n0 = ids[:, 0]
-        return tiled_rmse(vectors, self.groups.gather(n0), self.shape, self.grid), n0
+        _, ids = self.groups.knn(vectors, self.k, exclude=exclude)
+        n, k = ids.shape
+        dim = int(np.prod(self.shape))
+        best = np.empty(n)
+        arg = np.empty(n, np.int64)
+        step = max(1, 4_000_000 // max(1, k * dim))  # bound the [rows, k, d] block
+        for a in range(0, n, step):
+            cand = self.groups.gather(ids[a:a + step]).reshape(-1, dim)
+            rows = np.repeat(np.asarray(vectors[a:a + step]), k, axis=0)
+            d = tiled_rmse(rows, cand, self.shape, self.grid).reshape(-1, k)
+            j = d.argmin(axis=1)  # ties: the plain-l2 nearer candidate
+            best[a:a + step] = d[np.arange(len(j)), j]
+            arg[a:a + step] = ids[a:a + step][np.arange(len(j)), j]
+        return best, arg

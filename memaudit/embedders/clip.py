@@ -24,7 +24,7 @@ class CLIPEmbedder(Embedder):
 
     def __init__(self, model: str = "ViT-B-32", pretrained: str | None = None,
                  model_config: str | Path | None = None, device: str | None = None,
-                 **_: Any):
+                 pretrained_sha256: str | None = None, **_: Any):
         try:
             import open_clip
         except ImportError as e:
@@ -40,9 +40,18 @@ class CLIPEmbedder(Embedder):
             open_clip.add_model_config(self.model_config)
         if model not in open_clip.list_models():
             raise UserError(f"unknown open_clip model {model!r}")
+        self.pretrained_sha256: str | None = None
         if pretrained and Path(pretrained).expanduser().is_file():
+            from memaudit.common import sha256_file
+
             pretrained = str(Path(pretrained).expanduser().resolve())
             self.pretrained = pretrained
+            self.pretrained_sha256 = sha256_file(pretrained)
+            if pretrained_sha256 and pretrained_sha256 != self.pretrained_sha256:
+                raise UserError(f"CLIP checkpoint {pretrained} has SHA-256 "
+                                f"{self.pretrained_sha256}, expected {pretrained_sha256}")
+        elif pretrained_sha256:
+            raise UserError(f"CLIP checkpoint not found: {pretrained}")
         try:
             # pretrained=None means random weights (tests): seeded so a reopened index
             # rebuilds the same model
@@ -69,6 +78,8 @@ class CLIPEmbedder(Embedder):
 
     def config(self) -> dict[str, Any]:
         cfg: dict[str, Any] = {"model": self.model_name, "pretrained": self.pretrained}
+        if self.pretrained_sha256:
+            cfg["pretrained_sha256"] = self.pretrained_sha256
         if self.model_config:
             cfg["model_config"] = self.model_config
         return cfg

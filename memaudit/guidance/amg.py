@@ -16,6 +16,10 @@ Per step and per sample, from the CFG estimate eps = e_u + s0 (e_c - e_u):
 - Gsim: eps += c3 w(t) sqrt(1 - abar_t) grad_{x_t} sigma_t when fired, gradient through the
   decoder and descriptor only (eps detached). Cosine: w = (sigma - lambda0) exp((1 - u)/0.17)
   (official code); nL2: w = sigma - lambda(u), the margin past the threshold (METHODS 3.2).
+  c3 = None (default) means the criterion's own: 100 for cosine criteria (official SSCD
+  value), 3000 for nL2, tuned on the canary (docs/mitigations.md "Tuning": the lowest
+  64x+16x calibrated copy rate at >= 0.9x cfg's digit agreement on seeds disjoint from the
+  evaluation; METHODS 3.2). A number sets it for every criterion.
 lambda(u): SSCD exponential 0.3 + 0.1 exp(-5u) (lambda0 = 0.3); nL2 "guide when
 nL2 < L(u)", L(u) = tau (1.95 - 0.45 exp(-6.25u)) / 1.5 with tau the index's calibrated nL2
 threshold (1.5 when uncalibrated), lambda0 = L at u -> inf = 1.95 tau / 1.5; `parabolic`
@@ -33,8 +37,12 @@ import torch
 
 from memaudit.common import UserError
 from memaudit.guidance.base import Guidance, StepState
+from memaudit.models.cond import Cond
 
 PARTS = ("spe", "dup", "sim")
+#: Gsim strength when `c3` is None: per criterion kind (see the module docstring)
+C3_COSINE = 100.0
+C3_NL2 = 3000.0
 
 
 def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -50,7 +58,7 @@ class AMG(Guidance):
     class Params:
         parts: str = "spe,dup,sim"
         c1: float = 13.0
-        c3: float = 100.0
+        c3: float | None = None  # None: C3_COSINE for cosine criteria, C3_NL2 for nL2
         gate_spe: bool = True
         schedule: str = "exponential"  # or "parabolic"
         a: float = 0.3  # parabolic: lambda(u) = a + b (1 - u)^2 (criterion's own scale)
@@ -75,6 +83,12 @@ class AMG(Guidance):
     def is_cosine(self, criterion: Any) -> bool:
         return bool(getattr(criterion, "higher_is_more_similar", True))
 
+    def c3(self, criterion: Any) -> float:
+        """The Gsim strength in effect: the `c3` parameter, else the criterion's default."""
+        if self.params.c3 is not None:
+            return float(self.params.c3)
+        return C3_COSINE if self.is_cosine(criterion) else C3_NL2
+
     def nl2_tau(self, criterion: Any) -> float:
         tau = getattr(criterion, "calibrated_threshold", None)
         return float(tau) if (self.params.calibrated and tau is not None) else 1.5
@@ -92,7 +106,7 @@ class AMG(Guidance):
         return -(p.a + p.b * (1.0 - u) ** 2), -p.a
 
     # --- per step ---------------------------------------------------------------------
-    def extra_conditions(self, state: StepState) -> dict[str, torch.Tensor]:
+    def extra_conditions(self, state: StepState) -> dict[str, Cond]:
         if "dup" not in self.parts:
             return {}
         until = state.memory.get("dup_until")
@@ -101,9 +115,7 @@ class AMG(Guidance):
         active = until > state.index
         if not bool(active.any()):
             return {}
-        emb = torch.where(_bcast(active, state.emb_u).bool(), state.memory["dup_emb"],
-                          state.emb_u)
-        return {"amg_dup": emb}
+        return {"amg_dup": state.memory["dup_emb"].where(active, state.emb_u)}
 
     def similarity(self, state: StepState, eps: torch.Tensor, need_grad: bool
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -126,6 +138,9 @@ class AMG(Guidance):
         p, crit, s0 = self.params, state.criterion, float(state.s0)
         if crit is None:
             raise UserError("method 'amg' needs a training index criterion (--index)")
+        if not getattr(crit, "differentiable", True):
+            raise UserError(f"criterion {getattr(crit, 'name', crit)!r} has no differentiable "
+                            "similarity, so it cannot guide amg")
         b = state.e_c.shape[0]
         diff = state.e_c - state.e_u
         eps = state.e_u + s0 * diff
@@ -159,8 +174,8 @@ class AMG(Guidance):
                 idx = fired.nonzero().flatten()
                 caps = [crit.index.group_caption(int(ids[i])) for i in idx]
                 with torch.no_grad():
-                    emb = state.model.encode_prompts(caps).to(state.emb_u)
-                state.memory["dup_emb"][idx.to(state.emb_u.device)] = emb
+                    emb = state.model.encode_prompts(caps)
+                state.memory["dup_emb"] = state.memory["dup_emb"].put(idx, emb)
                 until = torch.where(fired, torch.full_like(until, state.index + p.dup_steps),
                                     until)
             if bool(new.any()):  # first step on: evaluate the new rows now
@@ -188,7 +203,7 @@ class AMG(Guidance):
                 w = sigma - lam
             w = torch.where(sim_on, w, zeros)
             abar = state.alpha_bar.to(eps.device, torch.float32)
-            eps = eps + p.c3 * _bcast(w, eps) * (1 - abar).sqrt() * grad.to(eps)
+            eps = eps + self.c3(crit) * _bcast(w, eps) * (1 - abar).sqrt() * grad.to(eps)
 
         trace = {"sigma": sigma, "lambda": float(lam), "fired": fired.float(),
                  "amg_spe": (s1 > 0).float(), "amg_dup": dup_on.float(),

@@ -7,7 +7,8 @@ timesteps. Per step the sampler:
   2. fills `state.e_u`, `state.e_c`, `state.extra` and calls `guide(state)`, which returns
      eps_hat [B, ...] and a per-sample trace dict (values: tensors of shape [B] or floats).
 Before the loop, `prepare_prompts` may rewrite the prompt text (rna, rta, cwr) and
-`prepare_embeddings` may change the embeddings (gni, wen), both seeded per sample.
+`prepare_embeddings` may change the conditions (gni, wen), both seeded per sample. Conditions
+are `Cond`s (memaudit/models/cond.py), so a guidance never learns the model family.
 
 Every rule is per sample: `state.memory` holds per-sample tensors across steps.
 """
@@ -18,6 +19,8 @@ from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 import torch
+
+from memaudit.models.cond import Cond
 
 
 @dataclass
@@ -36,8 +39,8 @@ class StepState:
     e_u: torch.Tensor | None = None
     e_c: torch.Tensor | None = None
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
-    emb_u: torch.Tensor | None = None  # embeddings used this step
-    emb_c: torch.Tensor | None = None
+    emb_u: Cond | None = None  # conditions used this step
+    emb_c: Cond | None = None
     memory: dict[str, Any] = field(default_factory=dict)  # per-sample state across steps
     prompts: list[str] = field(default_factory=list)
     seeds: list[int] = field(default_factory=list)
@@ -73,13 +76,13 @@ class Guidance:
     def prepare_prompts(self, prompts: list[str], seeds: list[int], model: Any) -> list[str]:
         return prompts
 
-    def prepare_embeddings(self, emb_c: torch.Tensor, emb_u: torch.Tensor, x_T: torch.Tensor,
+    def prepare_embeddings(self, emb_c: Cond, emb_u: Cond, x_T: torch.Tensor,
                            seeds: list[int], model: Any, t0: torch.Tensor
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
+                           ) -> tuple[Cond, Cond]:
         return emb_c, emb_u
 
     # --- each step --------------------------------------------------------------------
-    def extra_conditions(self, state: StepState) -> dict[str, torch.Tensor]:
+    def extra_conditions(self, state: StepState) -> dict[str, Cond]:
         return {}
 
     def guide(self, state: StepState) -> tuple[torch.Tensor, dict[str, Any]]:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from memaudit.guidance.base import Guidance, StepState, cfg_combine, per_sample_norm
+from memaudit.models.cond import Cond
 
 
 class Wen(Guidance):
@@ -32,24 +33,24 @@ class Wen(Guidance):
         super().__init__(**params)
         self.last: dict[str, torch.Tensor] = {}
 
-    def prepare_embeddings(self, emb_c: torch.Tensor, emb_u: torch.Tensor, x_T: torch.Tensor,
+    def prepare_embeddings(self, emb_c: Cond, emb_u: Cond, x_T: torch.Tensor,
                            seeds: list[int], model: Any, t0: torch.Tensor
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
+                           ) -> tuple[Cond, Cond]:
         p = self.params
         with torch.no_grad():
             e_null = model.eps(x_T, t0, emb_u).detach()
         with torch.enable_grad():
-            e = emb_c.detach().clone().requires_grad_(True)
-            first = emb_c[:, :1].detach().clone()
+            e = emb_c.emb.detach().clone().requires_grad_(True)
+            first = emb_c.emb[:, :1].detach().clone()
             opt = torch.optim.AdamW([e], lr=p.lr)
-            b = emb_c.shape[0]
-            done = torch.zeros(b, dtype=torch.bool, device=emb_c.device)
+            b = len(emb_c)
+            done = torch.zeros(b, dtype=torch.bool, device=e.device)
             frozen = e.detach().clone()
             loss0 = None
             loss = None
             iters = torch.zeros(b, dtype=torch.long)
             for it in range(p.max_iters + 1):
-                loss = per_sample_norm(model.eps(x_T, t0, e) - e_null)
+                loss = per_sample_norm(model.eps(x_T, t0, emb_c.replace(emb=e)) - e_null)
                 if loss0 is None:
                     loss0 = loss.detach().clone()
                     target = (torch.full_like(loss0, p.target) if p.target is not None
@@ -71,7 +72,7 @@ class Wen(Guidance):
         final[done] = frozen[done]
         self.last = {"wen_loss0": loss0.detach().cpu(), "wen_loss": loss.detach().cpu(),
                      "wen_iters": iters, "wen_reached": done.cpu().float()}
-        return final, emb_u
+        return emb_c.replace(emb=final), emb_u
 
     def guide(self, state: StepState):
         return cfg_combine(state.e_u, state.e_c, state.s0), dict(self.last)

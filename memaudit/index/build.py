@@ -39,6 +39,7 @@ from memaudit.data.parquet import (
     iter_training_batches,
     resolve_sources,
 )
+from memaudit.index.output import check_index_out, remove_partial
 from memaudit.index.training_index import (
     INDEX_FILE,
     ITEMS_FILE,
@@ -288,9 +289,8 @@ def build_index(source: str | Path, embedder: str, out: str | Path, factory: str
     if batch_size < 1 or shard_rows < 1:
         raise UserError("--batch-size and --shard-rows must be positive")
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise UserError(f"{out} already exists (use --overwrite to replace it)")
     files = resolve_sources(source)
+    check_index_out(out, source, files, overwrite)
     counts = file_row_counts(files)
     total = sum(counts)
     cols = {"image_col": image_col, "caption_col": caption_col, "key_col": key_col}
@@ -310,10 +310,9 @@ def build_index(source: str | Path, embedder: str, out: str | Path, factory: str
             old = json.loads(state_file.read_text())
         except (OSError, json.JSONDecodeError):
             old = None
-        if old != settings:
-            raise UserError(f"{partial} holds an unfinished build with other settings or "
-                            "inputs; remove it or rerun with the same arguments")
-    else:
+        if old != settings:  # another build's shards: start over, never mix them
+            remove_partial(partial)
+    if not partial.exists():
         partial.mkdir(parents=True)
         write_json_atomic(state_file, settings)
 
@@ -335,6 +334,16 @@ def build_index(source: str | Path, embedder: str, out: str | Path, factory: str
                          min(total, (run[-1] + 1) * shard_rows), shard_rows, batch_size,
                          workers, prefetch=2 * workers, advance=advance)
 
+    kept = sum(json.loads(_shard_paths(partial, k)["done"].read_text())["items"]
+               for k in range(nshards))
+    if kept == 0:
+        skipped: dict[str, int] = {}
+        for k in range(nshards):
+            for item in json.loads(_shard_paths(partial, k)["done"].read_text())["skipped"]:
+                skipped[item["reason"]] = skipped.get(item["reason"], 0) + 1
+        remove_partial(partial)
+        why = ", ".join(f"{n} {r}" for r, n in sorted(skipped.items())) or "no rows"
+        raise UserError(f"no usable image in {source} ({why}): no index written")
     staging = partial / "final"
     if staging.exists():
         shutil.rmtree(staging)

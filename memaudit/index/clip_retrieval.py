@@ -56,8 +56,14 @@ def _parts(src: Path) -> list[tuple[int, Path, Path]]:
 def import_clip_retrieval(src: str | Path, out: str | Path, clip_model: str = "ViT-B-32",
                           clip_pretrained: str | None = None, factory: str = "Flat",
                           use_existing_index: bool = True, overwrite: bool = False) -> Path:
-    """Turn a clip-retrieval folder into an index directory; returns `out`."""
+    """Turn a clip-retrieval folder into an index directory; returns `out`. `overwrite`
+    replaces only a memaudit index, never the source folder or a folder holding it."""
+    from memaudit.index.output import check_index_out
+
     staging = Path(out).with_name(Path(out).name + ".partial")
+    check_index_out(Path(out), src, [], overwrite)
+    if staging.exists():
+        raise UserError(f"{staging} exists (another import?); remove it first")
     try:
         return _import(Path(src), Path(out), staging, clip_model, clip_pretrained, factory,
                        use_existing_index, overwrite)
@@ -71,8 +77,6 @@ def _import(src: Path, out: Path, staging: Path, clip_model: str, clip_pretraine
             factory: str, use_existing_index: bool, overwrite: bool) -> Path:
     import faiss
 
-    if out.exists() and not overwrite:
-        raise UserError(f"{out} already exists (use --overwrite to replace it)")
     parts = _parts(src)
     existing = src / "index" / "image.index"
     reuse = use_existing_index and existing.is_file()

@@ -53,14 +53,15 @@ def neighbours(index, vectors: np.ndarray, k: int = 5) -> list[list[dict[str, An
 
 
 def query_images(index_dir: str | Path, images: list[Path], k: int = 5,
-                 device: str | None = None) -> list[tuple[Path, list[dict[str, Any]]]]:
-    """Embed image files with the index's embedder and return their neighbours."""
-    from memaudit.embedders import make_embedder
-    from memaudit.index.training_index import TrainingIndex
+                 device: str | None = None, weights: str | None = None
+                 ) -> list[tuple[Path, list[dict[str, Any]]]]:
+    """Embed image files with the index's embedder and return their neighbours; `weights`
+    is the embedder weights file the user names (SSCD needs it)."""
+    from memaudit.criteria import open_index
 
-    idx = TrainingIndex.open(index_dir)
-    if device is not None:
-        e = idx.manifest["embedder"]
-        idx.set_embedder(make_embedder(e["name"], **{**e.get("config", {}), "device": device}))
-    vecs = idx.embedder.embed(load_images(images))
+    if k < 1:
+        raise UserError(f"--k must be at least 1, got {k}")
+    pil = load_images(images)
+    idx = open_index(index_dir, device=device or "auto", weights=weights)
+    vecs = idx.embedder.embed(pil)
     return list(zip(images, neighbours(idx, vecs, k), strict=True))

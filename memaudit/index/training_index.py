@@ -26,6 +26,45 @@ ITEMS_FILE = "items.parquet"
 MANIFEST_FILE = "manifest.json"
 
 
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """DIR/manifest.json, checked to be a memaudit index manifest (an object with `format`
+    "memaudit-index", an `embedder` object with a `name`, a positive integer `dim`, and
+    `metric` "ip" or "l2"); anything else is a one-line `UserError`."""
+    p = Path(path)
+    f = p / MANIFEST_FILE if p.is_dir() else p
+    try:
+        m = json.loads(f.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{f}: invalid JSON ({e})") from e
+    except OSError as e:
+        raise UserError(f"cannot read {f}: {e.strerror}") from e
+    problem = None
+    if not isinstance(m, dict):
+        problem = f"a JSON {type(m).__name__}, not an object"
+    elif m.get("format") != "memaudit-index":
+        problem = "no \"format\": \"memaudit-index\""
+    elif not isinstance(m.get("embedder"), dict) or not isinstance(
+            m["embedder"].get("name"), str) or not isinstance(
+            m["embedder"].get("config", {}), dict):
+        problem = "no embedder {\"name\", \"config\"}"
+    elif not isinstance(m.get("dim"), int) or isinstance(m["dim"], bool) or m["dim"] < 1:
+        problem = "no positive integer dim"
+    elif m.get("metric") not in ("ip", "l2"):
+        problem = "metric is not \"ip\" or \"l2\""
+    if problem:
+        raise UserError(f"{f} is not a memaudit index manifest ({problem})")
+    return m
+
+
+def is_index_dir(path: str | Path) -> bool:
+    """True when `path` is a folder holding a memaudit index manifest."""
+    try:
+        read_manifest(Path(path) / MANIFEST_FILE)
+    except UserError:
+        return False
+    return Path(path).is_dir()
+
+
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
@@ -48,11 +87,14 @@ def publish_dir(staging: Path, out: Path) -> Path:
 class TrainingIndex:
     """A built (or imported) training-set index. Open with `TrainingIndex.open(dir)`."""
 
-    def __init__(self, path: Path, manifest: dict[str, Any], items: pa.Table, index):
+    def __init__(self, path: Path, manifest: dict[str, Any], items: pa.Table, index,
+                 weights: str | None = None):
         self.path = Path(path)
         self.manifest = manifest
         self.items = items
         self.index = index
+        #: the embedder weights file the user named (never the manifest's: it is code)
+        self.weights = None if weights is None else str(weights)
         self._embedder = None
         self._group_of_row = items.column("group_id").to_numpy()
         rep = items.column("is_representative").to_numpy(zero_copy_only=False)
@@ -64,7 +106,9 @@ class TrainingIndex:
         self._members: tuple[np.ndarray, np.ndarray] | None = None
 
     @classmethod
-    def open(cls, path: str | Path) -> TrainingIndex:
+    def open(cls, path: str | Path, weights: str | Path | None = None) -> TrainingIndex:
+        """Open DIR; `weights` is the embedder's weights file the user names (SSCD, a CLIP
+        checkpoint), checked against the manifest's SHA-256 when the embedder is built."""
         import faiss
 
         p = Path(path)
@@ -73,22 +117,33 @@ class TrainingIndex:
         for name in (MANIFEST_FILE, ITEMS_FILE, INDEX_FILE):
             if not (p / name).is_file():
                 raise UserError(f"{p} is not a memaudit index (missing {name})")
+        manifest = read_manifest(p / MANIFEST_FILE)
         try:
-            manifest = json.loads((p / MANIFEST_FILE).read_text())
-        except json.JSONDecodeError as e:
-            raise UserError(f"{p / MANIFEST_FILE}: invalid JSON ({e})") from e
-        items = pq.read_table(p / ITEMS_FILE, read_dictionary=["source_file"])
+            items = pq.read_table(p / ITEMS_FILE, read_dictionary=["source_file"])
+        except (pa.ArrowException, OSError) as e:
+            raise UserError(f"cannot read {p / ITEMS_FILE}: {str(e).splitlines()[0]}") from e
+        missing = {"row_id", "key", "caption", "group_id", "is_representative"} - set(
+            items.column_names)
+        if missing:
+            raise UserError(f"{p / ITEMS_FILE} lacks column(s) {', '.join(sorted(missing))}")
         try:
             index = faiss.read_index(str(p / INDEX_FILE))
         except RuntimeError as e:
             raise UserError(f"cannot read {p / INDEX_FILE}: {str(e).splitlines()[0]}") from e
+        if index.d != manifest["dim"]:
+            raise UserError(f"{p}: index.faiss has dim {index.d}, the manifest says "
+                            f"{manifest['dim']}")
+        groups = items.column("group_id").to_numpy()
+        if len(groups) and (groups.min() < 0 or groups.max() >= index.ntotal):
+            raise UserError(f"{p}: items.parquet names groups outside index.faiss "
+                            f"(0..{index.ntotal - 1})")
         params = manifest.get("faiss_params")
         if params:  # e.g. "nprobe=16" (autofaiss index_param)
             try:
                 faiss.ParameterSpace().set_index_parameters(index, params)
             except RuntimeError as e:
                 raise UserError(f"bad faiss_params {params!r} in the manifest") from e
-        return cls(p, manifest, items, index)
+        return cls(p, manifest, items, index, weights=weights)
 
     # -- basic properties ------------------------------------------------------------------
     @property
@@ -111,16 +166,19 @@ class TrainingIndex:
 
     @property
     def embedder(self):
-        """The embedder, rebuilt from the manifest (sscd: from the recorded weights path)."""
+        """The embedder, rebuilt from the manifest; a weights file is only ever the one the
+        user named (`weights`), checked against the recorded SHA-256
+        (`memaudit.embedders.embedder_from_manifest`)."""
         if self._embedder is None:
-            from memaudit.embedders import make_embedder
-
-            e = self.manifest["embedder"]
-            self._embedder = make_embedder(e["name"], **e.get("config", {}))
-            if self._embedder.dim != self.dim:
-                raise UserError(f"embedder {e['name']} gives dim {self._embedder.dim}, the "
-                                f"index has {self.dim}")
+            self.set_embedder(self.make_embedder())
         return self._embedder
+
+    def make_embedder(self, device: str | None = None):
+        """A new embedder for this index (on `device`), see `embedder`."""
+        from memaudit.embedders import embedder_from_manifest
+
+        return embedder_from_manifest(self.manifest["embedder"], weights=self.weights,
+                                      device=device, where=f"index {self.path}")
 
     def set_embedder(self, embedder) -> None:
         """Use an already built embedder (e.g. on another device)."""

@@ -1,8 +1,9 @@
 """The `Denoiser` adapter interface (DESIGN.md, "Core abstractions").
 
 An adapter wraps one model family (diffusers Stable Diffusion, the built-in canary) and
-exposes exactly what the sampler and the guidances use: prompt encoding, the null
-embedding, a batched eps prediction, decoding to images, and a fresh scheduler.
+exposes exactly what the sampler and the guidances use: prompt encoding to a `Cond` (named
+condition tensors, memaudit/models/cond.py), the null condition, a batched eps prediction,
+decoding to images, and a fresh scheduler.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 
 import torch
+
+from memaudit.models.cond import Cond, as_cond
 
 
 class Denoiser(ABC):
@@ -36,19 +39,22 @@ class Denoiser(ABC):
         self.unet_rows = 0  # rows evaluated by eps(); the sampler turns it into UNet calls
 
     @abstractmethod
-    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """Conditional text embeddings, [B, L, D] on `device`."""
+    def encode_prompts(self, prompts: list[str]) -> Cond:
+        """The condition of each prompt, a `Cond` of B rows on `device` (`emb`: the text-encoder
+        states [B, L, D]; families add their other inputs, e.g. `pooled`)."""
 
-    def null_embedding(self, n: int) -> torch.Tensor:
-        """Embedding of the empty prompt, repeated n times."""
-        return self.encode_prompts([""]).expand(n, -1, -1).clone()
+    def null_embedding(self, n: int) -> Cond:
+        """The condition of the empty prompt, repeated n times (e_u's condition)."""
+        return as_cond(self.encode_prompts([""])).expand(n)
 
     @abstractmethod
-    def _eps(self, x_t: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    def _eps(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
         """One batched forward of the noise predictor."""
 
-    def eps(self, x_t: torch.Tensor, t: torch.Tensor | int, emb: torch.Tensor) -> torch.Tensor:
-        """eps(x_t, t, emb), batched over rows; counts rows for the cost accounting."""
+    def eps(self, x_t: torch.Tensor, t: torch.Tensor | int,
+            cond: Cond | torch.Tensor) -> torch.Tensor:
+        """eps(x_t, t, cond), batched over rows; counts rows for the cost accounting. A bare
+        tensor is taken as `Cond(emb=tensor)`."""
         if not torch.is_tensor(t):
             t = torch.tensor(t)
         t = t.to(self.device)
@@ -56,7 +62,7 @@ class Denoiser(ABC):
             t = t.expand(x_t.shape[0])
         self.unet_rows += x_t.shape[0]
         self.forward_calls = getattr(self, "forward_calls", 0) + 1  # batched passes (sampler)
-        return self._eps(x_t, t, emb)
+        return self._eps(x_t, t, as_cond(cond))
 
     @abstractmethod
     def decode(self, x0: torch.Tensor) -> torch.Tensor:

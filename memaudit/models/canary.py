@@ -14,6 +14,7 @@ import torch
 
 from memaudit.common import UserError, sha256_file
 from memaudit.models.base import Denoiser
+from memaudit.models.cond import Cond
 
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "canary" / "weights"
 
@@ -65,12 +66,12 @@ class CanaryDenoiser(Denoiser):
         return torch.stack([self._states[p] for p in prompts]).to(self.device)
 
     @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """MiniLM token states (pads zeroed) -> trained projection: [B, text_len, 64]."""
-        return self.net.embed(self._text_states(list(prompts)))
+    def encode_prompts(self, prompts: list[str]) -> Cond:
+        """MiniLM token states (pads zeroed) -> trained projection: emb [B, text_len, 64]."""
+        return Cond(emb=self.net.embed(self._text_states(list(prompts))))
 
-    def _eps(self, x_t: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        return self.net.eps(x_t.float(), t, emb.float()).float()
+    def _eps(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        return self.net.eps(x_t.float(), t, cond.emb.float()).float()
 
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
         """[-1, 1] grey -> [0, 1] RGB (grey repeated); differentiable."""

@@ -15,6 +15,7 @@ import torch
 
 from memaudit.common import UserError, sha256_file
 from memaudit.models.base import Denoiser
+from memaudit.models.cond import Cond
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
 HASHED_COMPONENTS = ("unet", "vae", "text_encoder")
@@ -74,7 +75,7 @@ class StableDiffusionDenoiser(Denoiser):
 
         self._train_abar = DDIMScheduler.from_config(self.scheduler_config).alphas_cumprod.to(
             self.device, torch.float32)
-        self._null: torch.Tensor | None = None
+        self._null: Cond | None = None
         for m in (self.unet, self.vae, self.text_encoder):
             m.requires_grad_(False)
             m.eval()
@@ -135,9 +136,9 @@ class StableDiffusionDenoiser(Denoiser):
 
     # --- conditioning ------------------------------------------------------------------
     @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """CLIP text-encoder last hidden states [B, L, D] (L = tokenizer max length, padded),
-        as StableDiffusionPipeline.encode_prompt computes them (clip_skip None)."""
+    def encode_prompts(self, prompts: list[str]) -> Cond:
+        """emb: CLIP text-encoder last hidden states [B, L, D] (L = tokenizer max length,
+        padded), as StableDiffusionPipeline.encode_prompt computes them (clip_skip None)."""
         tok = self.tokenizer(list(prompts), padding="max_length",
                              max_length=self.tokenizer.model_max_length, truncation=True,
                              return_tensors="pt")
@@ -146,18 +147,18 @@ class StableDiffusionDenoiser(Denoiser):
         if getattr(self.text_encoder.config, "use_attention_mask", False):
             mask = tok.attention_mask.to(self.device)
         out = self.text_encoder(ids, attention_mask=mask)[0]
-        return out.to(self.dtype)
+        return Cond(emb=out.to(self.dtype))
 
-    def null_embedding(self, n: int) -> torch.Tensor:
+    def null_embedding(self, n: int) -> Cond:
         if self._null is None:
             self._null = self.encode_prompts([""])
-        return self._null.expand(n, -1, -1).clone()
+        return self._null.expand(n)
 
     # --- denoising ---------------------------------------------------------------------
-    def _eps(self, x_t: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    def _eps(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
         """UNet forward; v-prediction is converted: eps = sqrt(abar_t) v + sqrt(1-abar_t) x_t
         (Salimans & Ho 2022, v = sqrt(abar) eps - sqrt(1-abar) x0). Returns float32."""
-        out = self.unet(x_t.to(self.dtype), t, encoder_hidden_states=emb.to(self.dtype)).sample
+        out = self.unet(x_t.to(self.dtype), t, encoder_hidden_states=cond.emb.to(self.dtype)).sample
         out = out.float()
         if self.prediction_type == "v_prediction":
             abar = self._train_abar[t.long()].view(-1, *([1] * (x_t.ndim - 1)))

@@ -5,6 +5,9 @@ similar score; alignment; cost relative to cfg), score distributions per method 
 screening scores, every flagged output beside the training image it copies (re-read from the
 training Parquet through the index's items.parquet source_file/source_row) with key,
 caption, duplicate count, criterion and score, a table per prompt and method, provenance.
+A database or index may come from someone else, so the report reads only generated images
+under the database's own folder and training images from the Parquet files the index
+recorded as its sources, and lists what it left out.
 Images are inlined as base64 data URIs; prompts and captions are escaped (Jinja2
 autoescape) and the page carries a Content-Security-Policy that forbids scripts.
 """
@@ -36,9 +39,14 @@ def png_data_uri(data: bytes, mime: str = "image/png") -> str:
     return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
 
 
-def image_file_uri(path: Path) -> str | None:
-    """A generated image file as a PNG data URI (re-encoded, so any format is fine)."""
-    if not path.exists():
+def image_file_uri(path: Path, root: Path | None = None) -> str | None:
+    """A generated image file as a PNG data URI (re-encoded, so any format is fine); None
+    when missing or, with `root`, when its real path is not under `root`."""
+    from memaudit.paths import real
+
+    if root is not None and not real(path).is_relative_to(real(root)):
+        return None
+    if not path.is_file():
         return None
     return _to_png_uri(path.read_bytes())
 
@@ -84,13 +92,21 @@ def training_image_bytes(source_file: str | Path, source_row: int,
 
 
 class _TrainingImages:
-    """Neighbour row id -> PNG data URI, through the run's index (None when unavailable)."""
+    """Neighbour row id -> PNG data URI, through the run's index (None when unavailable).
 
-    def __init__(self, index_path: str | None):
+    Only Parquet files the index's manifest records as its sources are read; a row whose
+    source_file is anything else is left out and counted in `refused`."""
+
+    def __init__(self, index_path: str | Path | None):
+        from memaudit.paths import real
+
         self.index = None
         self.image_col = None
         self.paths: dict[str, Path] = {}
+        self.allowed: set[Path] = set()
         self.cache: dict[int, str | None] = {}
+        self.refused: set[str] = set()
+        self.error: str | None = None
         if index_path and Path(index_path).exists():
             try:
                 from memaudit.index import TrainingIndex
@@ -99,19 +115,30 @@ class _TrainingImages:
                 src = self.index.manifest.get("source") or {}
                 src = src if isinstance(src, dict) else {}
                 self.image_col = src.get("image_col")
-                self.paths = {Path(p).name: Path(p) for p in src.get("paths") or []}
-            except Exception:  # noqa: BLE001 - the report still renders without images
+                paths = [Path(str(p)) for p in src.get("paths") or []]
+                self.paths = {p.name: p for p in paths}
+                self.allowed = {real(p) for p in paths}
+            except Exception as e:  # noqa: BLE001 - the report still renders without images
                 self.index = None
+                self.error = f"the index {index_path} could not be opened ({e})"
+        elif index_path:
+            self.error = f"the index {index_path} was not found"
 
     def uri(self, row: int | None) -> str | None:
+        from memaudit.paths import real
+
         if row is None or self.index is None:
             return None
         if row not in self.cache:
+            self.cache[row] = None
             try:
                 item = self.index.item(int(row))
                 src = Path(item["source_file"])
                 if not src.exists():  # a relative path from the build: the manifest's copy
                     src = self.paths.get(src.name, src)
+                if real(src) not in self.allowed:
+                    self.refused.add(str(item["source_file"]))
+                    return None
                 data = training_image_bytes(src, int(item["source_row"]), self.image_col)
                 self.cache[row] = _to_png_uri(data) if data else None
             except Exception:  # noqa: BLE001
@@ -125,9 +152,11 @@ def _ordered(values: list[str], order: list[str]) -> list[str]:
     return sorted(values, key=lambda v: (rank.get(v, len(rank)), v))
 
 
-def build_context(db: str | Path, run_id: int | None = None,
-                  max_flagged: int = 200) -> dict[str, Any]:
-    """Everything the template shows, read from the database (one run, default latest)."""
+def build_context(db: str | Path, run_id: int | None = None, max_flagged: int = 200,
+                  index: str | Path | None = None) -> dict[str, Any]:
+    """Everything the template shows, read from the database (one run, default latest).
+
+    `index`: the run's training index (default: the path the database records)."""
     from memaudit.report.plots import distribution_svg
 
     db = Path(db)
@@ -218,11 +247,24 @@ def build_context(db: str | Path, run_id: int | None = None,
         card["matches"].append(r)
         card["rank"] = max(card["rank"], _rank(r))
     ordered = sorted(cards.values(), key=lambda c: -c["rank"])[:max_flagged]
-    train = _TrainingImages(run["index_path"])
+    train = _TrainingImages(index if index is not None else run["index_path"])
+    outside: list[str] = []
     for c in ordered:
-        c["image_uri"] = image_file_uri(db.parent / c["image_path"])
+        path = db.parent / str(c["image_path"])
+        c["image_uri"] = image_file_uri(path, root=db.parent)
+        if c["image_uri"] is None and path.exists():
+            outside.append(str(c["image_path"]))
         for m in c["matches"]:
             m["train_uri"] = train.uri(m["neighbour_row"])
+    left_out = []
+    if outside:
+        left_out.append(f"{len(outside)} generated image path(s) outside {db.parent}, e.g. "
+                        f"{outside[0]}")
+    if train.refused:
+        left_out.append(f"training images from {len(train.refused)} file(s) the index does "
+                        f"not record as its sources, e.g. {sorted(train.refused)[0]}")
+    if train.error and ordered:
+        left_out.append(f"every training image: {train.error}")
 
     # per prompt x method tables, one per criterion
     tables = []
@@ -266,7 +308,7 @@ def build_context(db: str | Path, run_id: int | None = None,
         "alignment_note": ("share of generations whose content agrees with the prompt: on "
                            "the canary, a digit classifier trained on the real digits reads "
                            "the digit the prompt asks for (METHODS 4)"),
-        "versions": versions,
+        "versions": versions, "left_out": left_out,
         "settings_json": json.dumps(settings, indent=2, sort_keys=True, default=str),
         "plan_json": json.dumps(plan, indent=2, sort_keys=True),
         "generated_at": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
@@ -361,14 +403,19 @@ def render_html(context: dict[str, Any]) -> str:
 
 
 def write_report(db: str | Path, out: str | Path, run_id: int | None = None,
-                 max_flagged: int = 200) -> Path:
-    """Render the report of one run (default latest) to `out` (written atomically)."""
-    out = Path(out)
-    html = render_html(build_context(db, run_id=run_id, max_flagged=max_flagged))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(html, encoding="utf-8")
-    os.replace(tmp, out)
+                 max_flagged: int = 200, index: str | Path | None = None,
+                 overwrite: bool = False) -> Path:
+    """Render the report of one run (default latest) to `out` (written atomically).
+
+    `out` must not be the database or the index, nor an existing file that is not a
+    memaudit report unless `overwrite` (`memaudit.paths.check_output_file`)."""
+    from memaudit.paths import atomic_write, check_output_file, is_memaudit_html
+
+    out = check_output_file(out, [db, index], own=is_memaudit_html, overwrite=overwrite,
+                            what="report")
+    html = render_html(build_context(db, run_id=run_id, max_flagged=max_flagged, index=index))
+    with atomic_write(out, "report") as tmp:
+        tmp.write_text(html, encoding="utf-8")
     return out
 
 

@@ -10,6 +10,7 @@ REPORT_TEMPLATE = r"""<!DOCTYPE html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
+<meta name="generator" content="memaudit report">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <meta http-equiv="Content-Security-Policy"
       content="default-src 'none'; img-src data:; style-src 'unsafe-inline'">
@@ -45,6 +46,8 @@ REPORT_TEMPLATE = r"""<!DOCTYPE html>
 <p class="sub">run {{ run.id }} · {{ run.status }} · started {{ ts(run.started_at) }} ·
  {{ n_generations }} generations of {{ n_prompts }} prompts · {{ methods|length }} methods ·
  criteria: {{ criteria|join(", ") }}</p>
+{% if run.status != "finished" %}<p class="verdict copy">This run is <b>{{ run.status }}</b>:
+ the audit is incomplete, so these figures cover only the units committed so far.</p>{% endif %}
 <p class="verdict {{ 'copy' if n_flagged else 'ok' }}">
 {% if n_flagged %}{{ n_flagged }} generation(s) flagged as copies of training images
 {% else %}No generation flagged as a copy of a training image{% endif %}
@@ -191,6 +194,10 @@ fixed or the calibrated copy threshold of a criterion, furthest past the thresho
 <tr><th>versions</th><td>{% for k, v in versions.items() %}{{ k }} {{ v }}{{ ", " if not loop.last }}{% endfor %}</td></tr>
 <tr><th>report</th><td>generated {{ generated_at }} by memaudit {{ versions.get("memaudit", "") }}</td></tr>
 </table>
+{% if left_out %}<h3>Files not shown</h3>
+<p class="note">The report inlines only images under the database's folder and training
+images from the sources the index recorded; it left out:</p>
+<ul>{% for line in left_out %}<li>{{ line }}</li>{% endfor %}</ul>{% endif %}
 <h3>Settings</h3>
 <pre>{{ settings_json }}</pre>
 <h3>Plan</h3>

@@ -16,7 +16,11 @@ from typing import Any
 import pyarrow as pa
 
 from memaudit.common import UserError
-from memaudit.store.schema import SCHEMA_VERSION, TABLES, VIEWS
+from memaudit.store.schema import SCHEMA_VERSION, TABLE_NAMES, TABLES, VIEWS
+
+#: runs.status: running (in progress, or killed: nothing can tell them apart once the
+#: writer is gone), finished, failed (an error ended it part-way; marked by the runner)
+RUN_STATUSES = ("running", "finished", "failed")
 
 _STEP_KEYS = {
     "t": ("t", "timestep"),
@@ -67,9 +71,15 @@ class AuditStore:
 
     # --- schema -----------------------------------------------------------------------
     def _check_or_create(self) -> None:
-        tables = {r[0] for r in self.con.execute(
-            "SELECT table_name FROM information_schema.tables WHERE table_schema = 'main'"
-        ).fetchall()}
+        import duckdb
+
+        try:
+            tables = {r[0] for r in self.con.execute(
+                "SELECT table_name FROM information_schema.tables WHERE table_schema = 'main'"
+            ).fetchall()}
+        except duckdb.Error as e:
+            raise UserError(f"{self.path} is not a readable DuckDB database: "
+                            f"{str(e).splitlines()[0]}") from e
         if "meta" not in tables:
             if tables:
                 raise UserError(f"{self.path} is not a memaudit audit database (no meta table)")
@@ -85,14 +95,25 @@ class AuditStore:
                 for view in VIEWS:
                     self.con.execute(view)
             return
-        row = self.con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-        version = int(row[0]) if row else 0
+        try:
+            row = self.con.execute(
+                "SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            version = int(row[0]) if row else None
+        except (duckdb.Error, TypeError, ValueError):
+            version = None
+        if version is None:
+            raise UserError(f"{self.path} is not a memaudit audit database (its meta table "
+                            "records no schema_version)")
         if version != SCHEMA_VERSION:
             older = "an older" if version < SCHEMA_VERSION else "a newer"
             raise UserError(
                 f"{self.path} uses {older} audit schema (version {version}; this memaudit "
                 f"reads version {SCHEMA_VERSION}); rerun the audit into a new output directory"
             )
+        missing = sorted(set(TABLE_NAMES) - tables)
+        if missing:
+            raise UserError(f"{self.path} is not a complete memaudit audit database (missing "
+                            f"table(s) {', '.join(missing)})")
 
     @property
     def schema_version(self) -> int:
@@ -127,8 +148,7 @@ class AuditStore:
         return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
 
     def count(self, table: str) -> int:
-        if table not in {"meta", "runs", "prompts", "generations", "matches", "screens",
-                         "steps", "units"}:
+        if table not in TABLE_NAMES:
             raise ValueError(table)
         return self.con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
 
@@ -172,6 +192,13 @@ class AuditStore:
     def finish_run(self, run_id: int) -> None:
         self.con.execute("UPDATE runs SET status = 'finished', finished_at = ? WHERE id = ?",
                          [_now(), run_id])
+
+    def set_run_status(self, run_id: int, status: str) -> None:
+        """'running' (again, on resume) or 'failed' (an error ended it part-way)."""
+        if status not in RUN_STATUSES:
+            raise ValueError(status)
+        self.con.execute("UPDATE runs SET status = ?, finished_at = ? WHERE id = ?",
+                         [status, _now() if status == "failed" else None, run_id])
 
     def upsert_prompt(self, text: str, source: str | None = None,
                       label: str | None = None) -> int:

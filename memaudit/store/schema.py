@@ -17,7 +17,7 @@ TABLES: list[str] = [
         id INTEGER PRIMARY KEY,
         started_at TIMESTAMP NOT NULL,
         finished_at TIMESTAMP,
-        status TEXT NOT NULL,              -- running | finished
+        status TEXT NOT NULL,              -- running | finished | failed
         model TEXT NOT NULL,
         model_hash TEXT,
         index_path TEXT,
@@ -97,6 +97,9 @@ TABLES: list[str] = [
         PRIMARY KEY (run_id, unit)
     )""",
 ]
+
+TABLE_NAMES = ("meta", "runs", "prompts", "generations", "matches", "screens", "steps",
+               "units")
 
 VIEWS: list[str] = [
     # one row per run x prompt x method x criterion

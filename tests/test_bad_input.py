@@ -1,0 +1,328 @@
+"""Bad input a user can cause, across every command (issue 11): each case asserts the exit
+code, one `error:` line without a traceback, and that nothing was written or half-written
+(every file in the shared workspace and in the case's own folder byte-identical, nothing
+added: no published index, no stuck run, no partial output).
+
+The cases run through `memaudit.cli.main`, the console entry point, in this process (one
+process per case would spend most of the suite importing torch); test_cli.py checks the
+same contract through `python -m memaudit`. The canary commands are tested in
+test_canary.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from audit_fixtures import copying_audit, make_tiny_canary
+from index_helpers import digits_parquet, write_parquet
+from PIL import Image
+
+from memaudit.cli import main
+
+NO_GPU = not torch.cuda.is_available()
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory) -> Path:
+    """The shared workspace: training data, an index, a model, prompt lists, an audit
+    database, and broken or foreign versions of each."""
+    w = tmp_path_factory.mktemp("ws")
+    data = w / "data"
+    digits_parquet(data / "train.parquet", n=20)
+    from memaudit.index import build_index
+
+    build_index(data / "train.parquet", "pixels", w / "idx", calibrate=False)
+    make_tiny_canary(w / "canary")
+    (w / "p.txt").write_text("a photo of a cat\nthe digit 3\n")
+    (w / "empty.txt").write_text("\n# only a comment\n")
+    (w / "latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1"))
+    (w / "nocol.csv").write_text("id,url\n1,http://x\n")
+    (w / "notes.txt").write_text("my notes, not an output\n")
+    (w / "folder").mkdir()
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(w / "img.png")
+    (w / "fake.png").write_bytes(b"not a png at all")
+    raw = (data / "train.parquet").read_bytes()
+    (w / "truncated.parquet").write_bytes(raw[: len(raw) // 2])
+    write_parquet(w / "corrupt.parquet", [b"", b"\x89PNG broken"], ["a", "b"])
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"png": pa.array([1, 2], pa.int64()), "caption": ["a", "b"]}),
+                   w / "inttype.parquet")
+    for name, manifest in (("idx-empty-manifest", {}), ("idx-list-manifest", [1, 2])):
+        shutil.copytree(w / "idx", w / name)
+        (w / name / "manifest.json").write_text(json.dumps(manifest))
+    shutil.copytree(w / "idx", w / "idx-truncated-items")
+    items = (w / "idx" / "items.parquet").read_bytes()
+    (w / "idx-truncated-items" / "items.parquet").write_bytes(items[: len(items) // 3])
+    shutil.copytree(w / "idx", w / "idx-sscd")  # a shared index naming "their" TorchScript
+    man = json.loads((w / "idx" / "manifest.json").read_text())
+    man["embedder"] = {"name": "sscd", "config": {"weights": "https://example.invalid/m.pt",
+                                                  "weights_sha256": "ab" * 32}}
+    (w / "idx-sscd" / "manifest.json").write_text(json.dumps(man))
+    audit = copying_audit(w / "audit")  # a real audit database (with OUT/index inside)
+    import duckdb
+
+    con = duckdb.connect(str(w / "other.duckdb"))
+    con.execute("CREATE TABLE sales (id INTEGER, amount DOUBLE)")
+    con.close()
+    con = duckdb.connect(str(w / "meta-only.duckdb"))
+    con.execute("CREATE TABLE meta (key TEXT, value TEXT)")
+    con.close()
+    con = duckdb.connect(str(w / "meta-other.duckdb"))
+    con.execute("CREATE TABLE meta (a INTEGER)")
+    con.close()
+    assert audit == w / "audit" / "out" / "audit.duckdb"
+    return w
+
+
+def _snapshot(*roots: Path) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for root in roots:
+        for p in sorted(root.rglob("*")):
+            key = str(p)
+            out[key] = "<dir>" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def _plan(ws: Path, tmp: Path, body: str, out: str | None = None) -> str:
+    plan = tmp / "plan.toml"
+    plan.write_text(f'out = {json.dumps(out or str(tmp / "out"))}\n'
+                    f'model = {json.dumps(str(ws / "canary"))}\n'
+                    + body + f'\n[[prompts]]\nfile = {json.dumps(str(ws / "p.txt"))}\n')
+    return str(plan)
+
+
+@dataclass
+class Case:
+    id: str
+    argv: Callable[[Path, Path], list[str]]  # (workspace, case folder) -> arguments
+    message: str
+    code: int = 2
+    needs_no_gpu: bool = False
+
+
+DB = "audit/out/audit.duckdb"
+GEN = ["generate", "--model", "{ws}/canary", "--prompts", "{ws}/p.txt", "--steps", "1"]
+
+CASES = [
+    # --- index build -----------------------------------------------------------------
+    Case("build-missing-source", lambda w, t: ["index", "build", f"{w}/nothing.parquet",
+         "--embedder", "pixels", "--out", f"{t}/i"], "training set not found"),
+    Case("build-out-is-the-data", lambda w, t: ["index", "build", f"{w}/data", "--embedder",
+         "pixels", "--out", f"{w}/data", "--overwrite"], "is one of this command's inputs"),
+    Case("build-out-holds-the-data", lambda w, t: ["index", "build", f"{w}/data/train.parquet",
+         "--embedder", "pixels", "--out", f"{w}", "--overwrite"], "holds the input"),
+    Case("build-out-inside-the-data", lambda w, t: ["index", "build", f"{w}/data",
+         "--embedder", "pixels", "--out", f"{w}/data/idx"], "inside the input folder"),
+    Case("build-overwrite-a-foreign-folder", lambda w, t: ["index", "build",
+         f"{w}/data/train.parquet", "--embedder", "pixels", "--out", f"{w}/folder",
+         "--overwrite"], "is not a memaudit index folder"),
+    Case("build-out-exists", lambda w, t: ["index", "build", f"{w}/data/train.parquet",
+         "--embedder", "pixels", "--out", f"{w}/idx"], "already exists"),
+    Case("build-all-rows-corrupt", lambda w, t: ["index", "build", f"{w}/corrupt.parquet",
+         "--embedder", "pixels", "--out", f"{t}/i"], "no usable image"),
+    Case("build-truncated-parquet", lambda w, t: ["index", "build", f"{w}/truncated.parquet",
+         "--embedder", "pixels", "--out", f"{t}/i"], "cannot read Parquet file"),
+    Case("build-wrong-column-type", lambda w, t: ["index", "build", f"{w}/inttype.parquet",
+         "--embedder", "pixels", "--out", f"{t}/i"], "expected encoded bytes"),
+    Case("build-unknown-embedder", lambda w, t: ["index", "build", f"{w}/data",
+         "--embedder", "dino", "--out", f"{t}/i"], "unknown embedder 'dino'"),
+    Case("build-sscd-without-weights", lambda w, t: ["index", "build", f"{w}/data",
+         "--embedder", "sscd", "--out", f"{t}/i"], "needs --weights"),
+    Case("build-batch-size-0", lambda w, t: ["index", "build", f"{w}/data", "--embedder",
+         "pixels", "--out", f"{t}/i", "--batch-size", "0"], "must be positive"),
+    Case("build-bad-factory", lambda w, t: ["index", "build", f"{w}/data", "--embedder",
+         "pixels", "--out", f"{t}/i", "--factory", "NotAFactory"], "bad faiss factory"),
+    Case("build-recipe-wrong-type", lambda w, t: ["index", "build", _recipe(w, t,
+         'batch_size = "big"')], "batch_size must be a positive integer"),
+    Case("build-cuda-without-gpu", lambda w, t: ["index", "build", f"{w}/data", "--embedder",
+         "pixels", "--out", f"{t}/i", "--device", "cuda"], "CUDA is not available",
+         needs_no_gpu=True),
+    # --- index info / query / calibrate ------------------------------------------------
+    Case("info-manifest-is-empty-object", lambda w, t: ["index", "info",
+         f"{w}/idx-empty-manifest"], "is not a memaudit index manifest"),
+    Case("info-manifest-is-a-list", lambda w, t: ["index", "info", f"{w}/idx-list-manifest"],
+         "a JSON list, not an object"),
+    Case("info-truncated-items", lambda w, t: ["index", "info", f"{w}/idx-truncated-items"],
+         "cannot read"),
+    Case("info-not-an-index", lambda w, t: ["index", "info", f"{w}/folder"],
+         "is not a memaudit index"),
+    Case("calibrate-fpr-2", lambda w, t: ["index", "calibrate", f"{w}/idx", "--fpr", "2"],
+         "--fpr must be between 0 and 1"),
+    Case("calibrate-sample-0", lambda w, t: ["index", "calibrate", f"{w}/idx", "--sample",
+         "0"], "--sample must be at least 1"),
+    Case("query-shared-index-needs-named-weights", lambda w, t: ["index", "query",
+         f"{w}/idx-sscd", f"{w}/img.png"], "pass --weights PATH"),
+    Case("query-missing-image", lambda w, t: ["index", "query", f"{w}/idx",
+         f"{w}/none.png"], "image not found"),
+    Case("query-not-an-image", lambda w, t: ["index", "query", f"{w}/idx", f"{w}/fake.png"],
+         "cannot read image"),
+    Case("query-k-0", lambda w, t: ["index", "query", f"{w}/idx", f"{w}/img.png", "--k", "0"],
+         "--k must be at least 1"),
+    # --- detect ------------------------------------------------------------------------
+    Case("detect-out-is-a-folder", lambda w, t: ["detect", f"{w}/img.png", "--index",
+         f"{w}/idx", "--out", f"{w}/folder"], "is a folder; give a file name"),
+    Case("detect-out-is-a-foreign-file", lambda w, t: ["detect", f"{w}/img.png", "--index",
+         f"{w}/idx", "--out", f"{w}/notes.txt"], "not a memaudit detect table"),
+    Case("detect-out-is-an-input", lambda w, t: ["detect", f"{w}/img.png", "--index",
+         f"{w}/idx", "--out", f"{w}/img.png"], "is one of this command's inputs"),
+    Case("detect-missing-image", lambda w, t: ["detect", f"{w}/none.png", "--index",
+         f"{w}/idx"], "no such file or directory"),
+    Case("detect-unsupported-criterion", lambda w, t: ["detect", f"{w}/img.png", "--index",
+         f"{w}/idx", "--criterion", "sscd"], "needs a different index"),
+    Case("detect-batch-size-0", lambda w, t: ["detect", f"{w}/img.png", "--index", f"{w}/idx",
+         "--batch-size", "0"], "--batch-size must be at least 1"),
+    Case("detect-corrupt-image", lambda w, t: ["detect", f"{w}/fake.png", "--index",
+         f"{w}/idx"], "cannot read image"),
+    Case("detect-bad-manifest", lambda w, t: ["detect", f"{w}/img.png", "--index",
+         f"{w}/idx-list-manifest"], "is not a memaudit index manifest"),
+    Case("detect-cuda-without-gpu", lambda w, t: ["detect", f"{w}/img.png", "--index",
+         f"{w}/idx", "--device", "cuda"], "CUDA is not available", needs_no_gpu=True),
+    # --- generate ----------------------------------------------------------------------
+    Case("generate-out-is-a-file", lambda w, t: _fmt(GEN, w) + ["--out", f"{w}/notes.txt"],
+         "exists and is a file"),
+    Case("generate-empty-prompt-file", lambda w, t: ["generate", "--model", f"{w}/canary",
+         "--prompts", f"{w}/empty.txt", "--out", f"{t}/o"], "no prompts found"),
+    Case("generate-non-utf8-prompts", lambda w, t: ["generate", "--model", f"{w}/canary",
+         "--prompts", f"{w}/latin1.txt", "--out", f"{t}/o"], "not UTF-8"),
+    Case("generate-amg-guided-by-l2-tiled", lambda w, t: _fmt(GEN, w) + ["--out", f"{t}/o",
+         "--method", "amg", "--index", f"{w}/idx", "--criterion", "l2-tiled"],
+         "cannot guide amg"),
+    Case("generate-amg-without-index", lambda w, t: _fmt(GEN, w) + ["--out", f"{t}/o",
+         "--method", "amg"], "needs a copy criterion"),
+    Case("generate-seeds-0", lambda w, t: _fmt(GEN, w) + ["--out", f"{t}/o", "--seeds", "0"],
+         "no seeds"),
+    Case("generate-steps-0", lambda w, t: ["generate", "--model", f"{w}/canary", "--prompts",
+         f"{w}/p.txt", "--out", f"{t}/o", "--steps", "0"], "steps must be at least 1"),
+    Case("generate-cuda-without-gpu", lambda w, t: _fmt(GEN, w) + ["--out", f"{t}/o",
+         "--device", "cuda"], "CUDA is not available", needs_no_gpu=True),
+    # --- screen ------------------------------------------------------------------------
+    Case("screen-out-is-a-foreign-file", lambda w, t: ["screen", "--model", f"{w}/canary",
+         "--prompts", f"{w}/p.txt", "--out", f"{w}/notes.txt"], "not a memaudit screen table"),
+    Case("screen-out-is-the-prompts", lambda w, t: ["screen", "--model", f"{w}/canary",
+         "--prompts", f"{w}/p.txt", "--out", f"{w}/p.txt"], "is one of this command's inputs"),
+    Case("screen-fpr-2", lambda w, t: ["screen", "--model", f"{w}/canary", "--prompts",
+         f"{w}/p.txt", "--calibrate", f"{w}/p.txt", "--fpr", "2"], "--fpr must be in [0, 1)"),
+    Case("screen-no-prompt-column", lambda w, t: ["screen", "--model", f"{w}/canary",
+         "--prompts", f"{w}/nocol.csv"], "no prompt column"),
+    Case("screen-steps-0", lambda w, t: ["screen", "--model", f"{w}/canary", "--prompts",
+         f"{w}/p.txt", "--steps", "0"], "--steps must be >= 1"),
+    # --- audit -------------------------------------------------------------------------
+    Case("audit-steps-0", lambda w, t: ["audit", _plan(w, t, f'index = "{w}/idx"\nsteps = 0')],
+         "'steps' must be an integer >= 1"),
+    Case("audit-unknown-scheduler", lambda w, t: ["audit", _plan(w, t, f'index = "{w}/idx"\n'
+         'scheduler = "euler"')], "unknown scheduler 'euler'"),
+    Case("audit-bad-toml", lambda w, t: ["audit", _plan(w, t, "steps = [")], "invalid TOML"),
+    Case("audit-index-table-bad-size", lambda w, t: ["audit", _plan(w, t, "[index]\n"
+         f'source = "{w}/data"\nsize = "big"')], "bad pixel size"),
+    Case("audit-out-is-a-file", lambda w, t: ["audit", _plan(w, t, f'index = "{w}/idx"',
+         out=f"{w}/notes.txt")], "exists and is a file"),
+    Case("audit-index-not-an-index", lambda w, t: ["audit", _plan(w, t,
+         f'index = "{w}/folder"')], "is not a memaudit index"),
+    Case("audit-out-holds-a-foreign-duckdb", lambda w, t: ["audit", _plan(w, t,
+         f'index = "{w}/idx"', out=_foreign_out(w, t))], "not a memaudit audit database"),
+    Case("audit-cuda-without-gpu", lambda w, t: ["audit", _plan(w, t, f'index = "{w}/idx"\n'
+         'device = "cuda"')], "CUDA is not available", needs_no_gpu=True),
+    # --- report ------------------------------------------------------------------------
+    Case("report-out-is-the-database", lambda w, t: ["report", f"{w}/{DB}", "--out",
+         f"{w}/{DB}"], "is one of this command's inputs"),
+    Case("report-out-is-a-foreign-file", lambda w, t: ["report", f"{w}/{DB}", "--out",
+         f"{w}/notes.txt"], "not a memaudit report"),
+    Case("report-out-in-proc", lambda w, t: ["report", f"{w}/{DB}", "--out", "/proc/x.html"],
+         "the folder /proc does not accept new files"),
+    Case("report-foreign-duckdb", lambda w, t: ["report", f"{w}/other.duckdb", "--out",
+         f"{t}/r.html"], "not a memaudit audit database"),
+    Case("report-not-a-database", lambda w, t: ["report", f"{w}/notes.txt", "--out",
+         f"{t}/r.html"], "cannot open audit database"),
+    Case("report-unknown-run", lambda w, t: ["report", f"{w}/{DB}", "--out", f"{t}/r.html",
+         "--run", "99"], "no run 99"),
+    # --- gate --------------------------------------------------------------------------
+    Case("gate-meta-only-duckdb", lambda w, t: ["gate", f"{w}/meta-only.duckdb"],
+         "not a memaudit audit database"),
+    Case("gate-meta-of-other-shape", lambda w, t: ["gate", f"{w}/meta-other.duckdb"],
+         "not a memaudit audit database"),
+    Case("gate-junit-is-the-database", lambda w, t: ["gate", f"{w}/{DB}", "--junit",
+         f"{w}/{DB}"], "is one of this command's inputs"),
+    Case("gate-junit-is-a-folder", lambda w, t: ["gate", f"{w}/{DB}", "--junit",
+         f"{w}/folder"], "is a folder"),
+    Case("gate-unknown-threshold", lambda w, t: ["gate", f"{w}/{DB}", "--threshold", "loose"],
+         "--threshold must be one of"),
+    Case("gate-missing-database", lambda w, t: ["gate", f"{t}/none.duckdb"], "not found"),
+    Case("gate-screen-empty-prompts", lambda w, t: ["gate", "--screen", "--model",
+         f"{w}/canary", "--prompts", f"{w}/empty.txt", "--max-screen-score", "1"],
+         "no prompts found"),
+    # --- demo --------------------------------------------------------------------------
+    Case("demo-out-is-a-file", lambda w, t: ["demo", "--out", f"{w}/notes.txt"],
+         "exists and is a file"),
+]
+
+
+def _fmt(args: list[str], w: Path) -> list[str]:
+    return [a.replace("{ws}", str(w)) for a in args]
+
+
+def _recipe(w: Path, t: Path, line: str) -> str:
+    r = t / "r.toml"
+    r.write_text(f'data = "{w}/data"\nembedder = "pixels"\nout = "{t}/i"\n{line}\n')
+    return str(r)
+
+
+def _foreign_out(w: Path, t: Path) -> str:
+    out = t / "out"
+    out.mkdir()
+    shutil.copy(w / "other.duckdb", out / "audit.duckdb")
+    return str(out)
+
+
+def test_at_least_forty_cases_cover_every_command():
+    assert len(CASES) >= 40 and len({c.id for c in CASES}) == len(CASES)
+    assert {c.id.split("-")[0] for c in CASES} == {
+        "build", "info", "calibrate", "query", "detect", "generate", "screen", "audit",
+        "report", "gate", "demo"}
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input(ws, tmp_path, capsys, case):
+    if case.needs_no_gpu and not NO_GPU:
+        pytest.skip("a GPU is present")
+    argv = case.argv(ws, tmp_path)  # may write the case's own inputs (plan, recipe)
+    before = _snapshot(ws, tmp_path)
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert e.value.code == case.code, err
+    assert "Traceback" not in err and len(lines) == 1, err
+    assert lines[0].startswith("error: ") and case.message in lines[0], lines[0]
+    assert _snapshot(ws, tmp_path) == before  # nothing written, nothing half-written
+
+
+def test_entry_point_subprocess_one_line(ws, tmp_path):
+    """The same contract through `python -m memaudit` (what CI runs)."""
+    import subprocess
+    import sys
+
+    before = _snapshot(ws)
+    p = subprocess.run([sys.executable, "-m", "memaudit", "report", str(ws / DB), "--out",
+                        str(ws / DB)], capture_output=True, text=True)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert p.stderr.startswith("error: ") and len(p.stderr.strip().splitlines()) == 1
+    assert _snapshot(ws) == before
+
+
+def test_nothing_is_stuck_after_bad_input(ws):
+    """No failed attempt above left a run row, a .partial build or an index behind."""
+    from memaudit.store import AuditStore
+
+    with AuditStore(ws / DB, read_only=True) as s:
+        assert [r["status"] for r in s.query("SELECT status FROM runs")] == ["finished"]
+    assert not list(ws.rglob("*.partial")) and not list(ws.rglob("*.tmp*"))
+    assert sorted(p.name for p in (ws / "data").iterdir()) == ["train.parquet"]
