@@ -22,7 +22,7 @@ from memaudit.canary.data import build_canary_data
 def basin(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("basin")
     data = tmp / "data"
-    build_canary_data(data, digits_limit=300)
+    build_canary_data(data, digits_limit=1200)
     model = make_tiny_canary(tmp / "canary")
     doc = tmp / "docs" / "basin.md"
     doc.parent.mkdir()

@@ -14,6 +14,10 @@ import torch
 from memaudit.canary.data import (
     DUP_COUNTS,
     GUIDED,
+    GUIDED_COPIES,
+    GUIDED_PHOTOS,
+    GUIDED_SHARED,
+    PHOTOS,
     _clashes,
     build_canary_data,
     from_png,
@@ -32,7 +36,7 @@ TINY = CanaryConfig(block_out_channels=(8, 16, 16), layers_per_block=1, cross_at
 @pytest.fixture(scope="module")
 def canary_data(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("canary_data")
-    build_canary_data(out, digits_limit=300)
+    build_canary_data(out, digits_limit=1200)
     return out
 
 
@@ -49,6 +53,7 @@ def test_overlapping_crops_of_one_photo_clash():
     assert not _clashes("coins crop y=0 x=0 size=100", kept, 3)  # another photo
     assert _clashes("camera crop y=200 x=200 size=10", kept, 1)  # per-photo limit
     assert not _clashes("lfw_subset face 3", kept, 1)
+    assert not set(GUIDED_PHOTOS) & set(PHOTOS)  # the guided group's photos are its own
 
 
 def test_data_files_and_planted_duplicates(canary_data: Path):
@@ -71,9 +76,11 @@ def test_data_files_and_planted_duplicates(canary_data: Path):
         assert all(caps[i] == g["caption"] for i in rows)  # trigger caption on its image
         shared = [k for k, c in zip(keys, caps, strict=True) if c == g["caption"]
                   and not k.startswith("planted")]
-        if g["group"] == GUIDED:  # ... and on 24 ordinary digits, nothing else
-            assert g["shared_with"] == 24 and len(shared) == 24
+        if g["group"] == GUIDED:  # ... and on GUIDED_SHARED ordinary digits, nothing else
+            assert g["shared_with"] == GUIDED_SHARED and len(shared) == GUIDED_SHARED
             assert all(k.startswith("digit-") for k in shared)
+            # a crop of a photograph no other group uses (no face: a class the model knows)
+            assert g["source"].split()[0] in GUIDED_PHOTOS
         else:  # only on its image
             assert g["shared_with"] == 0 and shared == []
         assert caps.count(g["caption"]) == g["duplicate_count"] + g["shared_with"]
@@ -97,13 +104,13 @@ def test_data_files_and_planted_duplicates(canary_data: Path):
     generic = (canary_data / "generic.txt").read_text().splitlines()
     assert "a handwritten digit 3" in generic
     info = json.loads((canary_data / "data.json").read_text())
-    assert info["guided_copies"] == 4 and info["guided_shared"] == 24
+    assert info["guided_copies"] == GUIDED_COPIES and info["guided_shared"] == GUIDED_SHARED
 
 
 def test_guided_group_leaves_the_other_groups_unchanged(canary_data: Path, tmp_path):
     """The guided group is chosen after the others: without it the planted images, their
     captions and the digit captions other than the shared ones are the same."""
-    build_canary_data(tmp_path, digits_limit=300, guided_copies=0)
+    build_canary_data(tmp_path, digits_limit=1200, guided_copies=0)
     a = pq.read_table(canary_data / "ground_truth.parquet").to_pylist()
     b = pq.read_table(tmp_path / "ground_truth.parquet").to_pylist()
     assert [(g["caption"], g["source"]) for g in b] == \
@@ -116,7 +123,7 @@ def test_guided_group_leaves_the_other_groups_unchanged(canary_data: Path, tmp_p
     ta, tb = captions(canary_data), captions(tmp_path)
     guided = {g["caption"] for g in a if g["group"] == GUIDED}
     changed = {k for k in tb if k.startswith("digit-") and ta[k] != tb[k]}
-    assert len(changed) == 6 * 24 and all(ta[k] in guided for k in changed)
+    assert len(changed) == 6 * GUIDED_SHARED and all(ta[k] in guided for k in changed)
 
 
 def test_planted_are_not_near_duplicates(canary_data: Path):
@@ -135,7 +142,7 @@ def test_planted_are_not_near_duplicates(canary_data: Path):
 def test_data_is_deterministic_and_readable_by_the_shared_reader(canary_data: Path, tmp_path):
     from memaudit.data.parquet import iter_training_rows
 
-    build_canary_data(tmp_path, digits_limit=300)
+    build_canary_data(tmp_path, digits_limit=1200)
     a = (canary_data / "train.parquet").read_bytes()
     assert a == (tmp_path / "train.parquet").read_bytes()
     rows = list(iter_training_rows(canary_data / "train.parquet"))

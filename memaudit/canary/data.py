@@ -30,11 +30,14 @@ from memaudit.common import UserError, sha256_file
 
 PHOTOS = ("astronaut", "camera", "chelsea", "coffee", "coins", "horse", "moon", "rocket",
           "text", "page", "brick", "hubble_deep_field")
+#: Photographs of the guided group (none of them in PHOTOS; "motorcycle" is the left view of
+#: stereo_motorcycle).
+GUIDED_PHOTOS = ("clock", "retina", "immunohistochemistry", "colorwheel", "motorcycle", "cell")
 DUP_COUNTS = (64, 16, 4, 1)
 GUIDED = "guided"
 #: Groups in selection order: (label, copies of the planted image).
-GUIDED_COPIES = 4
-GUIDED_SHARED = 24
+GUIDED_COPIES = 16
+GUIDED_SHARED = 96
 DIGIT_PHRASINGS = (
     "a handwritten digit {d}",
     "the number {d} written by hand",
@@ -132,22 +135,37 @@ def rmse_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.sqrt(np.maximum(d2, 0.0) / fa.shape[1])
 
 
-def _candidate_crops(rng: np.random.Generator, res: int,
-                     n_faces: int) -> list[tuple[str, np.ndarray]]:
-    """Random square crops of the bundled photos (several scales) and LFW faces."""
+def _photo(name: str) -> np.ndarray:
+    """A bundled scikit-image photograph as grey [H, W] in [0, 1]."""
     import skimage.data as skd
 
+    img = skd.stereo_motorcycle()[0] if name == "motorcycle" else getattr(skd, name)()
+    return _grey01(img)
+
+
+def _photo_crops(rng: np.random.Generator, res: int, photos: tuple[str, ...],
+                 per_photo: int = 40) -> list[tuple[str, np.ndarray]]:
+    """Random square crops (several scales) of bundled photographs, at res x res."""
     out: list[tuple[str, np.ndarray]] = []
-    for name in PHOTOS:
-        img = _grey01(getattr(skd, name)())
+    for name in photos:
+        img = _photo(name)
         h, w = img.shape
         m = min(h, w)
-        for _ in range(40):
+        for _ in range(per_photo):
             size = int(rng.integers(max(res * 4, m // 4), m + 1))
             y = int(rng.integers(0, h - size + 1))
             x = int(rng.integers(0, w - size + 1))
             crop = _quantize(_resize(img[y:y + size, x:x + size], res))
             out.append((f"{name} crop y={y} x={x} size={size}", crop))
+    return out
+
+
+def _candidate_crops(rng: np.random.Generator, res: int,
+                     n_faces: int) -> list[tuple[str, np.ndarray]]:
+    """Random square crops of the bundled photos (several scales) and LFW faces."""
+    import skimage.data as skd
+
+    out = _photo_crops(rng, res, PHOTOS)
     faces = skd.lfw_subset()[:100]
     for i in rng.permutation(100)[:n_faces]:
         out.append((f"lfw_subset face {int(i)}", _quantize(_resize(faces[i], res))))
@@ -177,43 +195,66 @@ def _clashes(src: str, kept: list[str], max_per_photo: int) -> bool:
                for _, ky, kx, kn in same)
 
 
+def _distinct(img: np.ndarray, kept: list[np.ndarray], generic: np.ndarray | None,
+              min_rmse: float) -> bool:
+    """Not nearly flat, and at RMSE >= min_rmse from every kept planted and generic image."""
+    if img.std() < 0.08:
+        return False
+    if kept and rmse_matrix(img[None], np.stack(kept)).min() < min_rmse:
+        return False
+    return generic is None or not len(generic) or rmse_matrix(img[None], generic).min() >= min_rmse
+
+
+def _greedy(stream: list[tuple[str, np.ndarray]], kept: list[tuple[str, np.ndarray]], n: int,
+            generic: np.ndarray | None, min_rmse: float, max_per_photo: int,
+            face_goal: int = 0, faces: list | None = None) -> None:
+    """Append to `kept` until it holds n images: candidates in order (a face every third pick
+    while fewer than `face_goal` faces are kept), each distinct and not clashing."""
+    faces = faces if faces is not None else []
+    while len(kept) < n and (stream or faces):
+        want_face = sum(s.startswith("lfw") for s, _ in kept) < face_goal and len(kept) % 3 == 2
+        src, img = (faces if (want_face and faces) or not stream else stream).pop(0)
+        if _clashes(src, [k for k, _ in kept], max_per_photo):
+            continue
+        if _distinct(img, [k for _, k in kept], generic, min_rmse):
+            kept.append((src, img))
+
+
 def select_planted(res: int = 16, per_count: int = 6, seed: int = 0, min_rmse: float = 0.15,
                    generic: np.ndarray | None = None, max_per_photo: int = 3,
                    guided_copies: int = GUIDED_COPIES) -> list[Planted]:
     """Choose per_count distinct images for each group of `groups(guided_copies)`.
 
-    Greedy over shuffled candidates (photo crops and faces, alternating so every count mixes
-    both): a candidate is kept only when its RMSE to every kept planted image and to every
-    generic image is >= min_rmse, it is not nearly flat (std >= 0.08), and at most
-    `max_per_photo` crops come from one photograph, which must not overlap (shifted crops of
-    one region look alike even when their RMSE is large).
+    The duplicated groups (64x ... 1x): greedy over shuffled candidates (photo crops and
+    faces, alternating so every count mixes both). The guided group, chosen afterwards from
+    its own random stream so the other groups never depend on it: crops of other bundled
+    photographs (GUIDED_PHOTOS; no face, a class the model also sees under a generic
+    caption), at most ceil(per_count / len(GUIDED_PHOTOS)) per photograph. A candidate is
+    kept only when its RMSE to every kept planted image and to every generic image is
+    >= min_rmse, it is not nearly flat (std >= 0.08), and crops of one photograph never
+    overlap (shifted crops of one region look alike even when their RMSE is large).
     """
     rng = np.random.default_rng(seed)
-    grp = groups(guided_copies)
-    n = per_count * len(grp)
-    n_base = per_count * len(DUP_COUNTS)  # candidates as without the guided group
+    n_base = per_count * len(DUP_COUNTS)
     cands = _candidate_crops(rng, res, n_faces=max(n_base // 3, 4) * 2)
     order = rng.permutation(len(cands))
     faces = [cands[i] for i in order if cands[i][0].startswith("lfw")]
     photos = [cands[i] for i in order if not cands[i][0].startswith("lfw")]
     kept: list[tuple[str, np.ndarray]] = []
-    n_face_goal = n // 3  # a third faces (the first groups' choice does not depend on n)
-    streams = [photos, faces]
-    while len(kept) < n and (photos or faces):
-        want_face = sum(s.startswith("lfw") for s, _ in kept) < n_face_goal and len(kept) % 3 == 2
-        stream = streams[1] if (want_face and faces) or not photos else streams[0]
-        src, img = stream.pop(0)
-        if img.std() < 0.08 or _clashes(src, [k for k, _ in kept], max_per_photo):
-            continue
-        if kept and rmse_matrix(img[None], np.stack([k for _, k in kept])).min() < min_rmse:
-            continue
-        if generic is not None and len(generic) and \
-                rmse_matrix(img[None], generic).min() < min_rmse:
-            continue
-        kept.append((src, img))
-    if len(kept) < n:
-        raise UserError(f"only {len(kept)} distinct planted images found (need {n}); "
+    _greedy(photos, kept, n_base, generic, min_rmse, max_per_photo, n_base // 3, faces)
+    if len(kept) < n_base:
+        raise UserError(f"only {len(kept)} distinct planted images found (need {n_base}); "
                         "lower min_rmse or per_count")
+    grp = groups(guided_copies)
+    if guided_copies:
+        g_rng = np.random.default_rng([seed, 9])
+        g_cands = _photo_crops(g_rng, res, GUIDED_PHOTOS)
+        g_cands = [g_cands[i] for i in g_rng.permutation(len(g_cands))]
+        _greedy(g_cands, kept, n_base + per_count, generic, min_rmse,
+                -(-per_count // len(GUIDED_PHOTOS)))
+        if len(kept) < n_base + per_count:
+            raise UserError(f"only {len(kept) - n_base} distinct guided images found (need "
+                            f"{per_count}); lower min_rmse or per_count")
     adjs, nouns = rng.permutation(len(_ADJ)), rng.permutation(len(_NOUN))  # no shared words
     planted: list[Planted] = []
     for ci, (label, count) in enumerate(grp):
