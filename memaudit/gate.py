@@ -9,6 +9,10 @@ Two modes:
   unless `threshold` forces one; the result says which was used. The run's status is read
   first: a run that is still `running` (or was killed) or `failed` gates INCOMPLETE (exit 3)
   whatever its committed units show.
+- `--max-quality-loss X` (`gate_db(max_quality_loss=X)`): fail a method whose image quality
+  or text alignment is more than X (a fraction) worse than `cfg`'s in the same run (METHODS
+  4): FD above (1 + X) x cfg's in a feature space, or digit agreement / CLIP score below
+  (1 - X) x cfg's.
 - `gate_screen`: screening only (Wen et al. ICLR 2024), straight from a model and a prompt
   list, no generation: the fast per-checkpoint check.
 """
@@ -65,12 +69,13 @@ class GateResult:
 def gate_db(db: str | Path, *, criteria: list[str] | None = None,
             methods: list[str] | None = None, max_copy_rate: float | None = 0.0,
             max_screen_score: float | None = None, threshold: str = "auto",
-            run_id: int | None = None) -> GateResult:
+            run_id: int | None = None, max_quality_loss: float | None = None) -> GateResult:
     """Evaluate the gate on one run (default the latest) of an audit database."""
     if threshold not in THRESHOLD_KINDS:
         raise UserError(f"--threshold must be one of {', '.join(THRESHOLD_KINDS)}")
-    if max_copy_rate is None and max_screen_score is None:
-        raise UserError("nothing to gate on: give --max-copy-rate and/or --max-screen-score")
+    if max_copy_rate is None and max_screen_score is None and max_quality_loss is None:
+        raise UserError("nothing to gate on: give --max-copy-rate, --max-screen-score and/or "
+                        "--max-quality-loss")
     checks: list[Check] = []
     with AuditStore(db, read_only=True) as store:
         run = store.run(run_id)
@@ -81,6 +86,8 @@ def gate_db(db: str | Path, *, criteria: list[str] | None = None,
                 checks += _copy_checks(store, rid, criteria, methods, max_copy_rate, threshold)
             if max_screen_score is not None:
                 checks.append(_screen_check_db(store, rid, max_screen_score))
+            if max_quality_loss is not None:
+                checks += _quality_checks(store, rid, methods, max_quality_loss)
         except UserError:
             if incomplete is None:
                 raise
@@ -160,6 +167,44 @@ def _copy_checks(store: AuditStore, rid: int, criteria: list[str] | None,
                 offending=off))
     if not checks:
         raise UserError("no generations match the requested method(s) and criterion(s)")
+    return checks
+
+
+def _quality_checks(store: AuditStore, rid: int, methods: list[str] | None,
+                    limit: float) -> list[Check]:
+    """Quality and alignment of each method relative to cfg's in the same run (METHODS 4)."""
+    cost = {r["method"]: r for r in store.query(
+        "SELECT * FROM method_cost WHERE run_id = ?", [rid])}
+    if "cfg" not in cost:
+        raise UserError("--max-quality-loss is relative to cfg, and this run has no cfg")
+    for w in methods or []:
+        if w not in cost:
+            raise UserError(f"method {w!r} not in this run; it has: {', '.join(cost)}")
+    quality = store.query("SELECT * FROM method_quality WHERE run_id = ? AND method != 'cfg' "
+                          "ORDER BY method, features", [rid])
+    checks = []
+    for m in [m for m in methods or list(cost) if m != "cfg"]:
+        for q in (q for q in quality if q["method"] == m and q["fd_ratio_to_cfg"] is not None):
+            loss = q["fd_ratio_to_cfg"] - 1.0
+            checks.append(Check(
+                name=f"quality[{m},{q['features']}]", value=loss, limit=limit,
+                passed=loss <= limit,
+                detail=(f"{m}: FD {q['fd']:.4g} vs cfg {q['cfg_fd']:.4g} in {q['features']} "
+                        f"(n {q['n']}, reference {q['n_reference']}; KID {q['kid']:.4g} "
+                        f"± {q['kid_std']:.2g} vs cfg {q['cfg_kid']:.4g}); quality loss "
+                        f"{loss:+.3f}, limit {limit:g}")))
+        for key, what in (("alignment", "digit agreement"), ("clip_score", "CLIP score")):
+            v, base = cost[m][key], cost["cfg"][key]
+            if v is None or not base:
+                continue
+            loss = 1.0 - v / base
+            checks.append(Check(
+                name=f"{key}[{m}]", value=loss, limit=limit, passed=loss <= limit,
+                detail=(f"{m}: {what} {v:.4g} vs cfg {base:.4g}; loss {loss:+.3f}, "
+                        f"limit {limit:g}")))
+    if not checks:
+        raise UserError("no quality or alignment figures to compare with cfg in this run "
+                        "(plan quality = false, no alignment, no CLIP model?)")
     return checks
 
 

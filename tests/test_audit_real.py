@@ -47,6 +47,18 @@ def test_real_chain(tmp_path):
         # every row references an image that exists
         for r in s.query("SELECT image_path FROM generations"):
             assert (res.db_path.parent / r["image_path"]).is_file()
+        # quality by default: on the canary the digit classifier's features, one row per
+        # method against all 27 training items (fewer than the 500 asked for)
+        q = s.query("SELECT * FROM method_quality ORDER BY method")
+        assert [r["method"] for r in q] == sorted(["cfg", "dynamic", "amg:spe,sim", "rna"])
+        assert {r["features"] for r in q} == {"digits-logits-16px"}
+        assert all(r["n"] == 8 and r["n_reference"] == 27 and r["kid_subset_size"] == 4
+                   and r["fd"] > 0 and r["kid_std"] >= 0 for r in q)
+        cfg_row = next(r for r in q if r["method"] == "cfg")
+        assert cfg_row["fd_ratio_to_cfg"] == 1.0 and cfg_row["kid_minus_cfg"] == 0.0
+        qs = json.loads(run["settings_json"])["quality"]
+        assert qs["reference"] == {"n": 27, "requested": 500, "seed": 0, "skipped": 0}
+        assert qs["features"][0]["name"] == "digits-logits-16px"
 
 
 @pytest.mark.slow
@@ -67,15 +79,15 @@ def test_audit_cli_resume_and_changed_plan(tmp_path):
 
     p = cli(str(plan), "--device", "cpu")
     assert p.returncode == 0, p.stderr
-    assert "run 1: 1 units done, 0 already done" in p.stdout
+    assert "run 1: 2 units done, 0 already done" in p.stdout  # generation + quality
     p = cli(str(plan))
-    assert p.returncode == 0 and "run 1: 0 units done, 1 already done" in p.stdout
+    assert p.returncode == 0 and "run 1: 0 units done, 2 already done" in p.stdout
     plan.write_text(plan.read_text().replace("steps = 3", "steps = 2"))
     p = cli(str(plan))
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert "the plan differs from run 1" in p.stderr and "steps: 3 -> 2" in p.stderr
     p = cli(str(plan), "--new-run")
-    assert p.returncode == 0 and "run 2: 1 units done" in p.stdout
+    assert p.returncode == 0 and "run 2: 2 units done" in p.stdout
     p = cli(str(tmp_path / "missing.toml"))
     assert p.returncode == 2 and "not found" in p.stderr
 
@@ -94,8 +106,10 @@ def _rows(db):
             "FROM generations g JOIN prompts p ON p.id = g.prompt_id "
             "JOIN matches m ON m.generation_id = g.id ORDER BY 1, 2, 3").fetchall()
         counts = {t: s.count(t) for t in ("generations", "matches", "steps", "screens",
-                                          "units", "runs")}
-    return gens, counts
+                                          "units", "runs", "quality")}
+        quality = s.con.execute("SELECT method, features, n, n_reference, kid, kid_std, fd "
+                                "FROM quality ORDER BY 1, 2").fetchall()
+    return gens + quality, counts
 
 
 @pytest.mark.slow
@@ -121,9 +135,10 @@ def test_real_run_killed_mid_unit_resumes(tmp_path):
     _, partial = _rows(work / "out" / "audit.duckdb")
     assert partial["units"] == 3 and partial["generations"] == 6
     res = run_audit(load_plan(plan), device="cpu")
-    assert res.units_done == 9 - 3
+    assert res.units_done == 11 - 3  # 8 generation units, screening, 2 quality units
     got, counts = _rows(res.db_path)
     want, ref_counts = _rows(ref.db_path)
-    assert counts == ref_counts and counts["generations"] == 16
-    assert [r[:5] for r in got] == [r[:5] for r in want]
-    assert [r[5] for r in got] == pytest.approx([r[5] for r in want], abs=1e-5)
+    assert counts == ref_counts and counts["generations"] == 16 and counts["quality"] == 2
+    assert [r[:4] for r in got] == [r[:4] for r in want]
+    assert [x for r in got for x in r[4:] if x is not None] == pytest.approx(
+        [x for r in want for x in r[4:] if x is not None], abs=1e-5)

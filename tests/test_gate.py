@@ -192,3 +192,51 @@ def test_junit_never_overwrites_an_input_or_a_foreign_file(audit_db, tmp_path):
     assert p.returncode == 0 and "memaudit" in notes.read_text()
     p = _cli("gate", str(audit_db), "--method", "static", "--junit", str(notes))
     assert p.returncode == 0  # its own earlier JUnit file is replaced without --overwrite
+def _quality_db(tmp_path, with_cfg=True):
+    """cfg, amg and rna on one prompt: FD 2.0 / 2.1 / 3.0 in one feature space, digit
+    agreement 1 / 0.5 / 1, CLIP score 30 / 29 / 30."""
+    from memaudit.store import AuditStore
+
+    db = tmp_path / "quality.duckdb"
+    rows = [("cfg", 2.0, 1.0, 30.0), ("amg", 2.1, 0.5, 29.0), ("rna", 3.0, 1.0, 30.0)]
+    with AuditStore(db) as s, s.transaction():
+        run = s.add_run(model="m", model_hash=None, index_path=None, index_hash=None, plan={},
+                        plan_hash="h", settings={}, versions={}, device="cpu", seeds=[0, 1])
+        pid = s.upsert_prompt("a handwritten digit 3")
+        for m, fd, align, clip in rows[0 if with_cfg else 1:]:
+            for seed in (0, 1):
+                s.add_generation(run_id=run, prompt_id=pid, method=m, seed=seed,
+                                 image_path=f"{m}{seed}.png", alignment=align, clip_score=clip)
+            s.add_quality(run_id=run, method=m, features="digits-logits-16px", dim=10, n=2,
+                          n_reference=5, reference_seed=0, kid=fd / 10, kid_std=0.01,
+                          kid_subsets=100, kid_subset_size=2, fd=fd)
+        s.finish_run(run)  # a finished run: an unfinished one gates INCOMPLETE (issue 11)
+    return db
+
+
+def test_quality_loss_gate(tmp_path):
+    db = _quality_db(tmp_path)
+    res = gate_db(db, max_copy_rate=None, max_quality_loss=0.1)
+    got = {c.name: (round(c.value, 6), c.passed) for c in res.checks}
+    assert got == {"quality[amg,digits-logits-16px]": (0.05, True),
+                   "alignment[amg]": (0.5, False),
+                   "clip_score[amg]": (round(1 - 29 / 30, 6), True),
+                   "quality[rna,digits-logits-16px]": (0.5, False),
+                   "alignment[rna]": (0.0, True), "clip_score[rna]": (0.0, True)}
+    assert not res.passed
+    detail = next(c.detail for c in res.checks if c.name.startswith("quality[rna"))
+    assert "FD 3 vs cfg 2 in digits-logits-16px (n 2, reference 5" in detail
+    assert gate_db(db, max_copy_rate=None, max_quality_loss=0.5).passed
+    only = gate_db(db, max_copy_rate=None, methods=["amg"], max_quality_loss=0.6)
+    assert only.passed and {c.name.split("[")[1] for c in only.checks} == {"amg]",
+                                                                          "amg,digits-logits-16px]"}
+    with pytest.raises(UserError, match="relative to cfg"):
+        gate_db(_quality_db(tmp_path / "nocfg", with_cfg=False), max_copy_rate=None,
+                max_quality_loss=0.1)
+    with pytest.raises(UserError, match="method 'wen' not in this run"):
+        gate_db(db, max_copy_rate=None, methods=["wen"], max_quality_loss=0.1)
+    # the CLI: only the quality limit given -> no copy-rate check, exit 1 on the failures
+    p = subprocess.run([sys.executable, "-m", "memaudit", "gate", str(db),
+                        "--max-quality-loss", "0.1"], capture_output=True, text=True)
+    assert p.returncode == 1 and "[FAIL] alignment[amg]" in p.stdout
+    assert "copy_rate" not in p.stdout

@@ -57,7 +57,28 @@ def test_report_content(report):
     # plots, screening, provenance
     assert html.count("<svg") == 1 and "nl2 score per method (lower = more similar)" in html
     assert "Pre-generation screening" in html
-    assert "content hash" in html and "schema version 1" in html
+    assert "content hash" in html and "schema version 2" in html
+
+
+def test_report_quality_table(audit_db, report):
+    """Quality beside the copy rate: the run's KID / FD per method with feature space and n,
+    FD and copy rate as ratios to cfg (cfg copies 50%, static none)."""
+    from memaudit.report import _num
+    from memaudit.store import AuditStore
+
+    html = report.read_text()
+    assert "Quality and alignment beside the copy rate" in html
+    with AuditStore(audit_db, read_only=True) as s:
+        q = {r["method"]: r for r in s.query("SELECT * FROM method_quality")}
+    assert set(q) == {"cfg", "static"}
+    for m, copy in (("cfg", "50.0% (1.00×)"), ("static", "0.0% (0.00×)")):
+        r = q[m]
+        assert r["features"] == "digits-logits-16px" and r["n"] == 8
+        row = re.search(rf'<td rowspan="1">{m}</td>(.*?)</tr>', html, re.S).group(1)
+        assert copy in row and "<code>digits-logits-16px</code>" in row
+        assert f"8 / {r['n_reference']}" in row
+        assert f"{_num(r['kid'])} ± {_num(r['kid_std'])} ({r['kid_subset_size']})" in row
+        assert f"{_num(r['fd'])} ({r['fd_ratio_to_cfg']:.2f}×)" in row
 
 
 def test_untrusted_text_is_escaped(report):

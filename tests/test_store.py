@@ -106,6 +106,38 @@ def test_views_hand_computed(tmp_path):
         assert pm["best_score"] == 1.0 and pm["top_neighbour_key"] == "k3"
 
 
+def test_quality_rows_and_views(tmp_path):
+    """quality rows beside cfg's: FD as a ratio, KID as a difference; CLIP score averaged and
+    compared with cfg's; a second feature space is matched to cfg's row in that space."""
+    with AuditStore(tmp_path / "a.duckdb") as s:
+        run = _fill(s)
+        with s.transaction():
+            for method, space, kid, fd in (("cfg", "digits", 0.02, 4.0),
+                                           ("amg", "digits", 0.05, 5.0),
+                                           ("cfg", "pixels", 0.10, 20.0),
+                                           ("amg", "pixels", 0.08, 18.0)):
+                s.add_quality(run_id=run, method=method, features=space, dim=10, n=2,
+                              n_reference=7, reference_seed=0, kid=kid, kid_std=0.01,
+                              kid_subsets=100, kid_subset_size=2, fd=fd)
+            s.con.execute("UPDATE generations SET clip_score = CASE method WHEN 'cfg' THEN 20 "
+                          "ELSE 15 + seed END")
+        q = {(r["method"], r["features"]): r for r in s.query("SELECT * FROM method_quality")}
+        assert q[("amg", "digits")]["fd_ratio_to_cfg"] == pytest.approx(1.25)
+        assert q[("amg", "digits")]["kid_minus_cfg"] == pytest.approx(0.03)
+        assert q[("amg", "pixels")]["fd_ratio_to_cfg"] == pytest.approx(0.9)
+        assert q[("amg", "pixels")]["cfg_kid"] == 0.10
+        assert q[("cfg", "digits")]["fd_ratio_to_cfg"] == 1.0
+        cost = {r["method"]: r for r in s.query("SELECT * FROM method_summary")}
+        assert cost["amg"]["clip_score"] == 15.5
+        assert cost["amg"]["clip_score_ratio_to_cfg"] == pytest.approx(15.5 / 20)
+        assert cost["amg"]["alignment_ratio_to_cfg"] == pytest.approx(1.0)
+        assert s.count("quality") == 4
+        with pytest.raises(duckdb.ConstraintException), s.transaction():
+            s.add_quality(run_id=run, method="cfg", features="digits", dim=10, n=2,
+                          n_reference=7, reference_seed=0, kid=None, kid_std=None,
+                          kid_subsets=None, kid_subset_size=None, fd=None)
+
+
 def test_unique_generation(tmp_path):
     with AuditStore(tmp_path / "a.duckdb") as s:
         run = _fill(s)

@@ -29,15 +29,18 @@ The plan (TOML; relative paths are relative to the plan file)::
     threshold = 12.0                  # or calibrate from the prompts labelled clean_label:
     clean_label = "generic"
     fpr = 0.01
+    [quality]                         # on by default: KID / FD per method against a training
+    features = "auto"                 # sample, CLIP score per generation (memaudit.audit.quality)
+    reference = 500
 
 Resumable (DESIGN.md "The data flow"): the work is cut into units (one method x one batch of
-(prompt, seed) pairs, and one screening unit); a unit's images are written first (fixed
-names, atomic renames), then all its rows and its `units` row are committed in one
-transaction. A rerun skips committed units, so a kill at any point loses or duplicates
-nothing. The whole plan is validated before anything is written. A run an error ends is
-marked failed; the same plan resumes it, a changed plan starts a new run beside a failed or
-killed one; a plan that differs from a finished run is refused, naming the difference,
-unless `new_run=True`.
+(prompt, seed) pairs, one screening unit, one quality unit per method); a unit's images are
+written first (fixed names, atomic renames), then all its rows and its `units` row are
+committed in one transaction. A rerun skips committed units, so a kill at any point loses or
+duplicates nothing. The whole plan is validated before anything is written. A run an error
+ends is marked failed; the same plan resumes it, a changed plan starts a new run beside a
+failed or killed one; a plan that differs from a finished run is refused, naming the
+difference, unless `new_run=True`.
 """
 
 from __future__ import annotations

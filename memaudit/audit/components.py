@@ -23,6 +23,7 @@ class Components:
     screen_prompts: Callable[..., np.ndarray]
     calibrate_threshold: Callable[[np.ndarray, float], float]
     alignment: Callable[[Any, list[str], Any], list[float | None]] | None = None
+    quality: Callable[..., Any] | None = None  # QualityStage(spec, index, model, device, log)
 
 
 def make_method(spec: str, params: dict[str, Any]) -> Any:
@@ -51,6 +52,7 @@ def _digits_alignment(model: Any, prompts: list[str], images: Any) -> list[float
 
 
 def default_components() -> Components:
+    from memaudit.audit.quality import QualityStage
     from memaudit.criteria import make_criterion
     from memaudit.data.prompts import read_prompts
     from memaudit.index import TrainingIndex, build_index
@@ -68,5 +70,5 @@ def default_components() -> Components:
                       build_index=build_index, make_criterion=make_criterion,
                       make_method=make_method, sample=sample, read_prompts=read_prompts,
                       screen_prompts=screen_prompts, calibrate_threshold=calibrate_threshold,
-                      alignment=alignment)
+                      alignment=alignment, quality=QualityStage)
 

@@ -9,11 +9,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from memaudit.audit.quality import QualitySpec, quality_from_plan
 from memaudit.common import UserError, read_toml
 
 _PLAN_KEYS = {"out", "model", "index", "criteria", "methods", "seeds", "steps",
               "guidance_scale", "scheduler", "batch_size", "alignment", "params", "prompts",
-              "screen", "device", "guidance_criterion", "weights"}
+              "screen", "device", "guidance_criterion", "weights", "quality"}
 _SCREEN_KEYS = {"steps", "seeds", "threshold", "clean_label", "fpr"}
 #: what an audit writes under OUT (besides an index it builds): checked against the inputs
 OUT_WRITES = ("audit.duckdb", "audit.duckdb.wal", "images")
@@ -56,6 +57,7 @@ class Plan:
     screen: ScreenSpec | None = None
     device: str | None = None
     weights: str | None = None  # the embedder weights file the user names (SSCD index)
+    quality: QualitySpec | None = field(default_factory=QualitySpec)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -180,7 +182,8 @@ def plan_from_dict(d: dict[str, Any], base: str | Path = ".") -> Plan:
         methods=methods, params=params, seeds=list(seeds), steps=steps,
         guidance_scale=None if scale is None else float(scale), scheduler=scheduler,
         batch_size=batch, alignment=alignment, guidance_criterion=guide, prompts=prompts,
-        screen=screen, device=d.get("device"), weights=weights)
+        screen=screen, device=d.get("device"), weights=weights,
+        quality=quality_from_plan(d.get("quality"), base))
     check_plan_outputs(plan)
     return plan
 

@@ -161,6 +161,8 @@ def run_audit(plan: Plan, *, new_run: bool = False, device: str | None = None,
     use_alignment = comp.alignment is not None and (
         plan.alignment == "digits"
         or (plan.alignment == "auto" and "canary" in type(model).__name__.lower()))
+    quality = (comp.quality(plan.quality, index, model, device, log)
+               if plan.quality is not None and comp.quality is not None else None)
 
     out.mkdir(parents=True, exist_ok=True)
     store = AuditStore(plan.db_path)
@@ -174,7 +176,8 @@ def run_audit(plan: Plan, *, new_run: bool = False, device: str | None = None,
                                  for n, c in criteria.items()},
                     "guidance_criterion": guide_crit_name,
                     "index_size_from_model": size_from_model,
-                    "index_manifest": getattr(index, "manifest", None)}
+                    "index_manifest": getattr(index, "manifest", None),
+                    "quality": quality.settings() if quality else None}
         with store.transaction():
             if run_id is None:
                 run_id = store.add_run(
@@ -199,6 +202,8 @@ def run_audit(plan: Plan, *, new_run: bool = False, device: str | None = None,
             (f"gen|{m}|{i}", m, i) for m in plan.methods for i in range(len(batches))]
         if plan.screen is not None:
             units.append(("screen|0", "", -1))
+        if quality is not None:  # after every generation unit of the method
+            units += [(f"quality|{m}", m, -1) for m in plan.methods]
         todo = [u for u in units if u[0] not in done]
         n_committed = 0
         neighbour_cache: dict[int, dict[str, Any]] = {}
@@ -208,12 +213,15 @@ def run_audit(plan: Plan, *, new_run: bool = False, device: str | None = None,
                 if unit.startswith("screen"):
                     _screen_unit(store, comp, model, plan.screen, run_id, texts, records,
                                  prompt_ids, unit, kill_mid and n_committed + 1 >= kill_mid)
+                elif unit.startswith("quality"):
+                    assert quality is not None
+                    quality.unit(store, run_id, method, out, unit)
                 else:
                     _generation_unit(
                         store, comp, model, run_id, unit, method, methods[method],
                         batches[bi], prompt_ids, criteria, criteria[guide_crit_name], index,
                         neighbour_cache, img_dir, out, steps, scale, plan.scheduler,
-                        use_alignment, kill_mid and n_committed + 1 >= kill_mid)
+                        use_alignment, kill_mid and n_committed + 1 >= kill_mid, quality)
                 n_committed += 1
                 advance(1)
                 if kill_after and n_committed >= kill_after:
@@ -273,7 +281,7 @@ def _generation_unit(store: AuditStore, comp: Components, model: Any, run_id: in
                      prompt_ids: dict[str, int], criteria: dict[str, Any], guide_crit: Any,
                      index: Any, neighbour_cache: dict[int, dict[str, Any]], img_dir: Path,
                      out: Path, steps: int, scale: float, scheduler: str, use_alignment: bool,
-                     kill_mid: bool) -> None:
+                     kill_mid: bool, quality: Any = None) -> None:
     """Generate one batch with one method, score it, commit it (METHODS 1, 3)."""
     prompts = [t for t, _ in batch]
     seeds = [s for _, s in batch]
@@ -292,6 +300,7 @@ def _generation_unit(store: AuditStore, comp: Components, model: Any, run_id: in
     finals = list(getattr(res, "prompts", None) or prompts)
     align = comp.alignment(model, prompts, images) if use_alignment and comp.alignment \
         else [None] * b
+    clip = quality.clip_scores(images, prompts) if quality is not None else [None] * b
     unet = _per_image(getattr(res, "unet_rows", None), b)
     wall = float(getattr(res, "wall_seconds", 0.0) or 0.0)  # per image (SampleOutput)
     trace = list(getattr(res, "trace", None) or [])
@@ -303,7 +312,8 @@ def _generation_unit(store: AuditStore, comp: Components, model: Any, run_id: in
             gid = store.add_generation(
                 run_id=run_id, prompt_id=prompt_ids[t], method=method, seed=s,
                 image_path=paths[i], guidance_scale=scale, steps=steps, wall_seconds=wall,
-                unet_calls=unet[i], final_prompt=finals[i], alignment=align[i])
+                unet_calls=unet[i], final_prompt=finals[i], alignment=align[i],
+                clip_score=clip[i])
             gids.append(gid)
             for name, sc in scores.items():
                 crit = criteria[name]

@@ -72,3 +72,7 @@ class DigitClassifier:
 
     def predict_proba(self, images01: torch.Tensor | np.ndarray) -> np.ndarray:
         return self.clf.predict_proba(self._features(images01))
+
+    def logits(self, images01: torch.Tensor | np.ndarray) -> np.ndarray:
+        """The 10 class scores (decision function) [B, 10]: the canary's quality features."""
+        return self.clf.decision_function(self._features(images01))

@@ -25,13 +25,29 @@ def audit_cmd(
                                  help="Start a new run even though the plan changed."),
     device: str = typer.Option(None, help="cpu, cuda, ... (default: cuda when available)."),
     threads: int = typer.Option(None, help="Torch CPU threads (default: torch's)."),
+    clip_model: str = typer.Option(None, "--clip-model", help="CLIP score per generation with "
+                                   "this open_clip model (sets [quality] clip_model)."),
+    clip_pretrained: Path = typer.Option(None, "--clip-pretrained",
+                                         help="Its local checkpoint file (never downloaded)."),
+    inception: Path = typer.Option(None, "--inception", help="FID's Inception-v3 weights file: "
+                                   "KID / FD in Inception features (sets [quality] inception)."),
 ) -> None:
-    """Run (or resume) a whole audit: generate, detect, screen -> OUT/audit.duckdb."""
+    """Run (or resume) a whole audit: generate, detect, screen, quality -> OUT/audit.duckdb."""
     from memaudit.audit import load_plan, run_audit, set_threads
 
     if threads is not None:
         set_threads(threads)
     p = load_plan(plan)
+    overrides = {"clip_model": clip_model, "clip_pretrained": clip_pretrained,
+                 "inception": inception}
+    if any(v is not None for v in overrides.values()):
+        if p.quality is None:
+            raise UserError("the plan has quality = false; --clip-model / --inception need it")
+        for k, v in overrides.items():
+            if v is not None:
+                setattr(p.quality, k, str(v.resolve()) if isinstance(v, Path) else v)
+        if bool(p.quality.clip_model) != bool(p.quality.clip_pretrained):
+            raise UserError("--clip-model and --clip-pretrained (a local checkpoint) go together")
     res = run_audit(p, new_run=new_run, device=device, log=_log)
     print(f"run {res.run_id}: {res.units_done} units done, {res.units_skipped} already done, "
           f"{res.seconds:.1f} s")
@@ -73,8 +89,11 @@ def gate_cmd(
     method: list[str] = typer.Option(None, "--method",
                                      help="Method to gate on (repeatable; default all)."),
     max_copy_rate: float = typer.Option(None, help="Fail above this copy rate (default 0.0 "
-                                        "unless only --max-screen-score is given)."),
+                                        "unless another limit is given)."),
     max_screen_score: float = typer.Option(None, help="Fail when a prompt screens above this."),
+    max_quality_loss: float = typer.Option(
+        None, help="Fail a method more than this fraction worse than cfg in quality or "
+        "alignment (0.1: FD 10% above cfg's, or agreement / CLIP score 10% below)."),
     threshold: str = typer.Option("auto", help="Copy verdict: calibrated | fixed | auto "
                                   "(calibrated where the index has a calibration)."),
     junit: Path = typer.Option(None, "--junit", help="Write a JUnit XML file."),
@@ -114,11 +133,11 @@ def gate_cmd(
     else:
         if db is None:
             raise UserError("gate needs an audit database (or --screen --model --prompts)")
-        if max_copy_rate is None and max_screen_score is None:
+        if max_copy_rate is None and max_screen_score is None and max_quality_loss is None:
             max_copy_rate = 0.0
         res = gate_db(db, criteria=criterion or None, methods=method or None,
                       max_copy_rate=max_copy_rate, max_screen_score=max_screen_score,
-                      threshold=threshold, run_id=run)
+                      threshold=threshold, run_id=run, max_quality_loss=max_quality_loss)
     print(format_result(res))
     if junit is not None:
         print(f"junit: {write_junit(res, junit)}")

@@ -231,3 +231,34 @@ def image_size(data: bytes | None) -> tuple[int, int] | None:
             return im.size
     except Exception:
         return None
+
+
+def read_image_rows(path: str | Path, rows, image_col: str | None = None) -> dict[int, bytes]:
+    """Encoded image bytes of the given row numbers of one Parquet file (reading only the row
+    groups that hold them, only the image column); rows with no bytes are left out."""
+    path = Path(path)
+    pf = _open(path)
+    cols = detect_columns(pf.schema_arrow, path, image_col=image_col)
+    wanted = sorted({int(r) for r in rows})
+    out: dict[int, bytes] = {}
+    start, i = 0, 0
+    try:
+        for g in range(pf.metadata.num_row_groups):
+            n = pf.metadata.row_group(g).num_rows
+            mine = []
+            while i < len(wanted) and wanted[i] < start + n:
+                if wanted[i] >= start:
+                    mine.append(wanted[i])
+                i += 1
+            if mine:
+                col = pf.read_row_group(g, columns=[cols.image]).column(0)
+                if cols.image_is_struct:
+                    col = col.combine_chunks().field("bytes")
+                for r in mine:
+                    v = col[r - start].as_py()
+                    if v:
+                        out[r] = v
+            start += n
+    except (pa.ArrowException, OSError) as e:
+        raise UserError(f"cannot read Parquet file {path}: {str(e).splitlines()[0]}") from e
+    return out

@@ -158,6 +158,7 @@ def build_context(db: str | Path, run_id: int | None = None, max_flagged: int = 
 
     `index`: the run's training index (default: the path the database records)."""
     from memaudit.report.plots import distribution_svg
+    from memaudit.report.quality import quality_rows
 
     db = Path(db)
     with AuditStore(db, read_only=True) as store:
@@ -236,6 +237,7 @@ def build_context(db: str | Path, run_id: int | None = None, max_flagged: int = 
             "SELECT count(alignment) FROM generations WHERE run_id = ?", [rid]).fetchone()[0]
         schema_version = store.schema_version
         magnitude_rows = _magnitude_rows(store, rid)
+        quality = quality_rows(store, rid, methods, criteria[0] if criteria else None, has_cal)
 
     # flagged cards, most similar first (by the best similarity rank within its criterion)
     cards: dict[int, dict[str, Any]] = {}
@@ -304,7 +306,8 @@ def build_context(db: str | Path, run_id: int | None = None, max_flagged: int = 
         "prompt_tables": tables, "label_tables": label_tables, "max_screens": 200,
         "magnitudes": _magnitude_context(magnitude_rows, methods),
         "n_generations": n_generations, "n_prompts": n_prompts,
-        "has_alignment": align_n > 0,
+        "has_alignment": align_n > 0, "quality": quality,
+        "has_quality": any(q["features"] or q["clip_score"] is not None for q in quality),
         "alignment_note": ("share of generations whose content agrees with the prompt: on "
                            "the canary, a digit classifier trained on the real digits reads "
                            "the digit the prompt asks for (METHODS 4)"),

@@ -81,6 +81,34 @@ Cost is relative to <code>cfg</code> in this run.</p>
 {% endfor %}
 </table>
 {% if has_alignment %}<p class="note">Alignment: {{ alignment_note }}</p>{% endif %}
+{% if has_quality %}
+<h3 id="quality">Quality and alignment beside the copy rate</h3>
+<p class="note">What a method costs in image quality and text alignment, each also as a ratio
+to <code>cfg</code> in this run (METHODS 4). Copy rate: {{ criteria[0] }}, {{ verdict_kind }}
+threshold. <b>KID</b>: kernel distance to a sample of the training set (unbiased; ± its
+standard deviation over random subsets of the size shown). <b>FD</b>: Fréchet distance,
+biased upwards at small n, so compare it only at the same n and feature space. Lower is
+closer to the training images. The feature space is named on every row: FID proper is FD in
+<code>fid-inception-v3</code>.</p>
+<table>
+<tr><th>method</th><th>copy rate (× cfg)</th><th>alignment (× cfg)</th>
+<th>CLIP score (× cfg)</th><th>UNet × cfg</th><th>feature space</th><th>n / reference</th>
+<th>KID ± std (subset)</th><th>FD (× cfg)</th></tr>
+{% for q in quality %}
+<tr>
+{% if q.first %}<td rowspan="{{ q.span }}">{{ q.method }}</td>
+<td rowspan="{{ q.span }}" class="num {{ 'copy' if q.copy_rate else '' }}">{{ pct(q.copy_rate) }} ({{ ratio(q.copy_ratio) }})</td>
+<td rowspan="{{ q.span }}" class="num">{{ pct(q.alignment) }} ({{ ratio(q.alignment_ratio) }})</td>
+<td rowspan="{{ q.span }}" class="num">{{ num(q.clip_score) }} ({{ ratio(q.clip_score_ratio) }})</td>
+<td rowspan="{{ q.span }}" class="num">{{ ratio(q.unet_ratio) }}</td>{% endif %}
+{% if q.features %}<td><code>{{ q.features }}</code></td><td class="num">{{ q.n }} / {{ q.n_reference }}</td>
+<td class="num">{{ num(q.kid) }} ± {{ num(q.kid_std) }} ({{ q.kid_subset_size }})</td>
+<td class="num">{{ num(q.fd) }} ({{ ratio(q.fd_ratio) }})</td>
+{% else %}<td colspan="4" class="note">no quality figures (quality = false)</td>{% endif %}
+</tr>
+{% endfor %}
+</table>
+{% endif %}
 {% for t in label_tables %}
 <h3>Copy rate by prompt label: {{ t.criterion }}, calibrated (fixed)</h3>
 <table>

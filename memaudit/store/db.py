@@ -222,15 +222,27 @@ class AuditStore:
                        image_path: str, guidance_scale: float | None = None,
                        steps: int | None = None, wall_seconds: float | None = None,
                        unet_calls: float | None = None, final_prompt: str | None = None,
-                       alignment: float | None = None,
+                       alignment: float | None = None, clip_score: float | None = None,
                        extra: dict[str, Any] | None = None) -> int:
         gid = self._next_id("generations")
         self.con.execute(
-            "INSERT INTO generations VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO generations VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [gid, run_id, prompt_id, method, int(seed), guidance_scale, steps, image_path,
-             wall_seconds, unet_calls, final_prompt, alignment,
+             wall_seconds, unet_calls, final_prompt, alignment, clip_score,
              json.dumps({k: _jsonable(v) for k, v in (extra or {}).items()})])
         return gid
+
+    def add_quality(self, *, run_id: int, method: str, features: str, dim: int | None, n: int,
+                    n_reference: int, reference_seed: int | None, kid: float | None,
+                    kid_std: float | None, kid_subsets: int | None,
+                    kid_subset_size: int | None, fd: float | None,
+                    extra: dict[str, Any] | None = None) -> None:
+        """One method's quality in one feature space (METHODS 4; memaudit.audit.quality)."""
+        self.con.execute(
+            "INSERT INTO quality VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [run_id, method, features, dim, int(n), int(n_reference), reference_seed, kid,
+             kid_std, kid_subsets, kid_subset_size, fd,
+             json.dumps({k: _jsonable(v) for k, v in (extra or {}).items()})])
 
     def add_match(self, *, generation_id: int, criterion: str, score: float,
                   higher_is_more_similar: bool, is_copy: bool,

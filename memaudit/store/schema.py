@@ -6,7 +6,7 @@ another version instead of guessing.
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: generations.clip_score, the quality table and view
 
 TABLES: list[str] = [
     """CREATE TABLE IF NOT EXISTS meta (
@@ -47,7 +47,8 @@ TABLES: list[str] = [
         wall_seconds DOUBLE,               -- per image (batch wall time / batch size)
         unet_calls DOUBLE,                 -- UNet evaluations per image
         final_prompt TEXT,                 -- after perturbation (rna, rta, cwr)
-        alignment DOUBLE,                  -- 1/0 digit agreement (canary) or CLIP score
+        alignment DOUBLE,                  -- 1/0 digit agreement (canary)
+        clip_score DOUBLE,                 -- 100 cos(image, prompt), METHODS 1.3 (clip_model)
         extra_json TEXT,
         UNIQUE (run_id, prompt_id, method, seed)
     )""",
@@ -90,6 +91,22 @@ TABLES: list[str] = [
         extra_json TEXT,                   -- every other per-step trace value
         PRIMARY KEY (generation_id, step)
     )""",
+    """CREATE TABLE IF NOT EXISTS quality (
+        run_id INTEGER NOT NULL,
+        method TEXT NOT NULL,
+        features TEXT NOT NULL,            -- the feature space, e.g. fid-inception-v3
+        dim INTEGER,
+        n INTEGER NOT NULL,                -- generated images of the method
+        n_reference INTEGER NOT NULL,      -- training images in the reference sample
+        reference_seed INTEGER,
+        kid DOUBLE,                        -- unbiased MMD^2, mean over subsets
+        kid_std DOUBLE,                    -- its std over the subsets
+        kid_subsets INTEGER,
+        kid_subset_size INTEGER,
+        fd DOUBLE,                         -- Frechet distance (biased at small n)
+        extra_json TEXT,
+        PRIMARY KEY (run_id, method, features)
+    )""",
     """CREATE TABLE IF NOT EXISTS units (
         run_id INTEGER NOT NULL,
         unit TEXT NOT NULL,                -- e.g. "gen|cfg|3" or "screen|0"
@@ -99,7 +116,7 @@ TABLES: list[str] = [
 ]
 
 TABLE_NAMES = ("meta", "runs", "prompts", "generations", "matches", "screens", "steps",
-               "units")
+               "units", "quality")
 
 VIEWS: list[str] = [
     # one row per run x prompt x method x criterion
@@ -125,13 +142,25 @@ VIEWS: list[str] = [
     """CREATE OR REPLACE VIEW method_cost AS
     WITH c AS (
         SELECT run_id, method, count(*) AS generations, avg(wall_seconds) AS wall_per_image,
-               avg(unet_calls) AS unet_calls_per_image, avg(alignment) AS alignment
+               avg(unet_calls) AS unet_calls_per_image, avg(alignment) AS alignment,
+               avg(clip_score) AS clip_score
         FROM generations GROUP BY run_id, method
     )
     SELECT c.*,
            c.unet_calls_per_image / nullif(b.unet_calls_per_image, 0) AS unet_ratio_to_cfg,
-           c.wall_per_image / nullif(b.wall_per_image, 0) AS wall_ratio_to_cfg
+           c.wall_per_image / nullif(b.wall_per_image, 0) AS wall_ratio_to_cfg,
+           c.alignment / nullif(b.alignment, 0) AS alignment_ratio_to_cfg,
+           c.clip_score / nullif(b.clip_score, 0) AS clip_score_ratio_to_cfg
     FROM c LEFT JOIN c AS b ON b.run_id = c.run_id AND b.method = 'cfg'""",
+    # quality per run x method x feature space, with cfg's figures beside it
+    """CREATE OR REPLACE VIEW method_quality AS
+    SELECT q.run_id, q.method, q.features, q.dim, q.n, q.n_reference, q.reference_seed,
+           q.kid, q.kid_std, q.kid_subsets, q.kid_subset_size, q.fd,
+           b.kid AS cfg_kid, b.fd AS cfg_fd,
+           q.fd / nullif(b.fd, 0) AS fd_ratio_to_cfg,
+           q.kid - b.kid AS kid_minus_cfg
+    FROM quality q LEFT JOIN quality b
+         ON b.run_id = q.run_id AND b.features = q.features AND b.method = 'cfg'""",
     # one row per run x method x criterion: what the report's summary and the gate read
     """CREATE OR REPLACE VIEW method_summary AS
     WITH s AS (
@@ -149,6 +178,7 @@ VIEWS: list[str] = [
         GROUP BY g.run_id, g.method, m.criterion
     )
     SELECT s.*, c.alignment, c.wall_per_image, c.unet_calls_per_image,
-           c.unet_ratio_to_cfg, c.wall_ratio_to_cfg
+           c.unet_ratio_to_cfg, c.wall_ratio_to_cfg, c.clip_score,
+           c.alignment_ratio_to_cfg, c.clip_score_ratio_to_cfg
     FROM s JOIN method_cost c ON c.run_id = s.run_id AND c.method = s.method""",
 ]
