@@ -113,6 +113,28 @@ def format_summary(rows: list[dict[str, Any]], methods: list[str]) -> str:
     return "\n".join(out)
 
 
+def model_data_settings(model: str) -> dict[str, Any]:
+    """build_canary_data keywords that rebuild the data the canary was trained on, from the
+    `data` record of its canary.json (a record without `guided_copies` predates the guided
+    group: none); {} (the defaults) when the model records none."""
+    from memaudit.models.canary import SHIPPED_DIR
+
+    folder = SHIPPED_DIR if model == "canary" else Path(model)
+    try:
+        rec = json.loads((folder / "canary.json").read_text()).get("data")
+    except (OSError, json.JSONDecodeError):
+        return {}
+    if not isinstance(rec, dict):
+        return {}
+    out: dict[str, Any] = {k: rec[k] for k in ("per_count", "seed", "min_rmse") if k in rec}
+    if "resolution" in rec:
+        out["res"] = rec["resolution"]
+    out["guided_copies"] = rec.get("guided_copies", 0)
+    if out["guided_copies"]:
+        out["guided_shared"] = rec.get("guided_shared", 0)
+    return out
+
+
 def data_mismatch(model: str, data: Path) -> str | None:
     """A warning when the canary model was trained on other data than the demo just built
     (then the trigger captions no longer point at the images the model memorized)."""
@@ -148,7 +170,7 @@ def run_demo(out: str | Path = "memaudit-demo", *, device: str | None = None,
     data = out / "data"
     if not (data / "data.json").exists() or not (data / "train.parquet").exists():
         log(f"[1/4] canary data -> {data}")
-        build_canary_data(data)
+        build_canary_data(data, **model_data_settings(model))
     times["data"] = time.perf_counter() - t0
 
     warning = data_mismatch(model, data)

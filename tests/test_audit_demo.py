@@ -55,3 +55,21 @@ def test_data_mismatch_warning(tmp_path):
     assert "trained on data bbbbbbbbbbbb, the demo built aaaaaaaaaaaa" in data_mismatch(
         str(tmp_path / "m"), tmp_path / "d")
     assert data_mismatch(str(tmp_path / "missing"), tmp_path / "d") is None
+
+
+def test_demo_rebuilds_the_data_its_model_was_trained_on(tmp_path):
+    """The shipped canary's data record predates the guided group (none); a record with one
+    is followed; a model without a record gets the defaults."""
+    import json
+
+    from memaudit.demo import model_data_settings
+
+    assert model_data_settings("canary") == {"per_count": 6, "seed": 0, "min_rmse": 0.15,
+                                             "res": 16, "guided_copies": 0}
+    (tmp_path / "m").mkdir()
+    assert model_data_settings(str(tmp_path / "m")) == {}
+    (tmp_path / "m" / "canary.json").write_text(json.dumps(
+        {"data": {"resolution": 16, "seed": 1, "guided_copies": 16, "guided_shared": 96}}))
+    assert model_data_settings(str(tmp_path / "m")) == {"res": 16, "seed": 1,
+                                                        "guided_copies": 16,
+                                                        "guided_shared": 96}

@@ -221,6 +221,25 @@ def test_decode_maps_range_and_keeps_gradient(canary_data: Path, tmp_path):
         m.make_scheduler("euler")
 
 
+def test_training_records_the_data_json_of_its_data(canary_data: Path, tmp_path):
+    """canary.json keeps the data.json beside the training Parquet (how to rebuild the data,
+    which the demo reads), only when its hash is the trained data's."""
+    import json
+
+    from memaudit.canary.train import read_training_images
+
+    (tmp_path / "d").mkdir()
+    data = _subset(canary_data, tmp_path / "d" / "train.parquet")
+    digest = read_training_images(data, 16)[2]
+    rec = {"train_sha256": digest, "guided_copies": 16, "guided_shared": 96, "per_count": 6}
+    (data.parent / "data.json").write_text(json.dumps(rec))
+    info = train_canary(data, tmp_path / "a", steps=1, batch_size=4, cfg=TINY, device="cpu")
+    assert info["data"] == rec
+    (data.parent / "data.json").write_text(json.dumps({**rec, "train_sha256": "0" * 64}))
+    info = train_canary(data, tmp_path / "b", steps=1, batch_size=4, cfg=TINY, device="cpu")
+    assert "data" not in info
+
+
 def test_train_errors_are_user_errors(tmp_path):
     with pytest.raises(UserError):
         train_canary(tmp_path / "missing.parquet", tmp_path / "o", steps=1)

@@ -187,3 +187,14 @@ def test_export_is_atomic_and_loadable(canary_folder):
     assert info["sampling"] == {"clip_sample": False}
     x = torch.zeros(1, 1, 16, 16)
     assert net(x, torch.tensor([10]), torch.zeros(1, 8, 384)).shape == (1, 1, 16, 16)
+
+
+@pytest.mark.parametrize("taus,needle", [
+    ("0.5,x", "--taus must be numbers separated by commas"),
+    ("1.5", "--taus must be values in [0, 1]"),
+    ("", "--taus must be values in [0, 1]"),
+])
+def test_basin_rejects_bad_taus_before_any_work(capsys, tmp_path, taus, needle):
+    code, err = _cli(capsys, "canary", "basin", "--out", str(tmp_path / "w"), "--taus", taus)
+    assert code == 2 and needle in _one_line_error(err)
+    assert not (tmp_path / "w").exists()

@@ -288,12 +288,26 @@ def train_canary(data: str | Path, out: str | Path, steps: int = RECIPE["steps"]
         "weights": "ema",
         "sampling": {**SAMPLING, **(sampling or {})},
     }
+    record = _data_record(data)
+    if record is not None and record.get("train_sha256") == data_hash:
+        meta["data"] = record  # how the data were built: the demo rebuilds the same data
     if init is not None:
         meta["init"] = {"path": str(init), "sha256": init_hash,
                         "data_sha256": init_info.get("data_sha256"),
                         "steps": init_info.get("steps")}
     save_canary(ema, out, meta)
     return json.loads((out / "canary.json").read_text())
+
+
+def _data_record(data: str | Path) -> dict | None:
+    """data.json written by `canary data` beside the training Parquet (None if absent)."""
+    p = Path(data)
+    p = p if p.is_dir() else p.parent
+    try:
+        rec = json.loads((p / "data.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return rec if isinstance(rec, dict) else None
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, cfg: CanaryConfig | None = None,

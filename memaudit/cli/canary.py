@@ -11,6 +11,7 @@ import typer
 
 from memaudit.canary import RECIPE
 from memaudit.canary.basin import METHODS as BASIN_METHODS
+from memaudit.canary.basin import TAUS as BASIN_TAUS
 from memaudit.canary.data import GUIDED_COPIES, GUIDED_SHARED
 
 canary_app = typer.Typer(help="The built-in canary model: build its data, train, evaluate.",
@@ -111,6 +112,8 @@ def basin_cmd(
     sweep_seeds: int = typer.Option(4, help="Seeds per prompt in the static tau sweep."),
     steps: int = typer.Option(None, help="DDIM steps (default: the model's, 50)."),
     methods: str = typer.Option(",".join(BASIN_METHODS), help="Methods of the table."),
+    taus: str = typer.Option(",".join(f"{t:g}" for t in BASIN_TAUS),
+                             help="static's tau values of the sweep (1: cfg, 0: CFG never on)."),
     timing_repeats: int = typer.Option(3, help="Interleaved wall-time repeats (0: none)."),
     doc: Path = typer.Option(None, help="Markdown file whose generated section to (re)write, "
                              "e.g. docs/attraction-basin.md."),
@@ -127,8 +130,14 @@ def basin_cmd(
     names = tuple(m.strip() for m in methods.split(",") if m.strip())
     if "cfg" not in names:
         raise UserError("--methods must include cfg (the baseline of the cost ratios)")
+    try:
+        tau_list = tuple(float(t) for t in taus.split(",") if t.strip())
+    except ValueError:
+        raise UserError(f"--taus must be numbers separated by commas, got {taus!r}") from None
+    if not tau_list or any(not 0.0 <= t <= 1.0 for t in tau_list):
+        raise UserError(f"--taus must be values in [0, 1], got {taus!r}")
     res = run_basin(model, out, data_dir=data, index_dir=index, seeds=seeds,
-                    sweep_seeds=sweep_seeds, steps=steps, methods=names,
+                    sweep_seeds=sweep_seeds, steps=steps, methods=names, taus=tau_list,
                     timing_repeats=timing_repeats, device=device, doc=doc, img_dir=img_dir,
                     log=lambda s: print(s, file=sys.stderr, flush=True))
     print(f"basin evidence in {out / 'basin.json'}" + (f" and {doc}" if doc else "")
