@@ -7,10 +7,12 @@ mitigations -> OUT/audit.duckdb -> OUT/report.html. The plan it runs is written 
 OUT/plan.toml, so `memaudit audit OUT/plan.toml` reproduces (or resumes) it. A second
 `memaudit demo` on the same folder reuses the data, the index and the finished run.
 
-The canary holds both kinds of memorization (docs/canary.md): its 64x and 16x images are
-copied even without guidance, its guided group only with it. The summary shows the
-transition rules (static, dynamic) removing the guidance-induced copies, AMG removing the
-rest, what each costs, and how the fixed and calibrated nL2 verdicts differ.
+The data are rebuilt as the canary was trained (its canary.json `data` record): the shipped
+canary predates the guided group, so its demo has no trigger-guided column; a canary trained
+with one (docs/canary.md) gets it as its own column. On the shipped canary the summary shows
+AMG removing the copies of the heavily duplicated images, which the transition rules (static,
+dynamic) leave in place because they are copied without guidance; what each costs; and how
+the fixed and calibrated nL2 verdicts differ.
 """
 
 from __future__ import annotations
@@ -113,28 +115,6 @@ def format_summary(rows: list[dict[str, Any]], methods: list[str]) -> str:
     return "\n".join(out)
 
 
-def model_data_settings(model: str) -> dict[str, Any]:
-    """build_canary_data keywords that rebuild the data the canary was trained on, from the
-    `data` record of its canary.json (a record without `guided_copies` predates the guided
-    group: none); {} (the defaults) when the model records none."""
-    from memaudit.models.canary import SHIPPED_DIR
-
-    folder = SHIPPED_DIR if model == "canary" else Path(model)
-    try:
-        rec = json.loads((folder / "canary.json").read_text()).get("data")
-    except (OSError, json.JSONDecodeError):
-        return {}
-    if not isinstance(rec, dict):
-        return {}
-    out: dict[str, Any] = {k: rec[k] for k in ("per_count", "seed", "min_rmse") if k in rec}
-    if "resolution" in rec:
-        out["res"] = rec["resolution"]
-    out["guided_copies"] = rec.get("guided_copies", 0)
-    if out["guided_copies"]:
-        out["guided_shared"] = rec.get("guided_shared", 0)
-    return out
-
-
 def data_mismatch(model: str, data: Path) -> str | None:
     """A warning when the canary model was trained on other data than the demo just built
     (then the trigger captions no longer point at the images the model memorized)."""
@@ -158,7 +138,7 @@ def run_demo(out: str | Path = "memaudit-demo", *, device: str | None = None,
              log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run the demo into `out`; returns timings, the summary text and the output paths."""
     from memaudit.audit import default_threads, load_plan, run_audit, set_threads
-    from memaudit.canary.data import build_canary_data
+    from memaudit.canary.data import build_canary_data, model_data_settings
     from memaudit.report import write_report
 
     log = log or (lambda s: None)

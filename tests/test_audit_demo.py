@@ -62,7 +62,7 @@ def test_demo_rebuilds_the_data_its_model_was_trained_on(tmp_path):
     is followed; a model without a record gets the defaults."""
     import json
 
-    from memaudit.demo import model_data_settings
+    from memaudit.canary.data import model_data_settings
 
     assert model_data_settings("canary") == {"per_count": 6, "seed": 0, "min_rmse": 0.15,
                                              "res": 16, "guided_copies": 0}

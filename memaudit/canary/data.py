@@ -414,3 +414,25 @@ def build_canary_data(out: str | Path, res: int = 16, per_count: int = 6, seed: 
     }
     (out / "data.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def model_data_settings(model: str) -> dict:
+    """build_canary_data keywords that rebuild the data the canary was trained on, from the
+    `data` record of its canary.json (a record without `guided_copies` predates the guided
+    group: none); {} (the defaults) when the model records none."""
+    from memaudit.models.canary import SHIPPED_DIR
+
+    folder = SHIPPED_DIR if model == "canary" else Path(model)
+    try:
+        rec = json.loads((folder / "canary.json").read_text()).get("data")
+    except (OSError, json.JSONDecodeError):
+        return {}
+    if not isinstance(rec, dict):
+        return {}
+    out: dict = {k: rec[k] for k in ("per_count", "seed", "min_rmse") if k in rec}
+    if "resolution" in rec:
+        out["res"] = rec["resolution"]
+    out["guided_copies"] = rec.get("guided_copies", 0)
+    if out["guided_copies"]:
+        out["guided_shared"] = rec.get("guided_shared", 0)
+    return out

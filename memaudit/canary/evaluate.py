@@ -81,7 +81,7 @@ def prepare(model: str | Path, out: Path, data_dir: str | Path | None,
     `data_dir` defaults to
     rebuilding the canary data (deterministic) into out/data, `index_dir` to a pixel index
     over it in out/index."""
-    from memaudit.canary.data import build_canary_data
+    from memaudit.canary.data import build_canary_data, model_data_settings
     from memaudit.criteria import make_criterion
     from memaudit.index.build import build_index
     from memaudit.models import load_model
@@ -90,7 +90,7 @@ def prepare(model: str | Path, out: Path, data_dir: str | Path | None,
     if data_dir is None:
         data_dir = out / "data"
         if not (data_dir / "train.parquet").exists():
-            build_canary_data(data_dir)
+            build_canary_data(data_dir, **model_data_settings(str(model)))
     data_dir = Path(data_dir)
     if index_dir is None:
         index_dir = out / "index"
