@@ -138,3 +138,17 @@ def package_versions(names: Iterable[str] = ("memaudit", "torch", "diffusers", "
         except importlib.metadata.PackageNotFoundError:
             pass
     return out
+
+
+def make_params(params_cls: type, params: dict, owner: str) -> object:
+    """`params_cls(**params)` for a Params dataclass; unknown names are a one-line
+    `UserError` naming `owner` (e.g. "method 'amg'") and the known names."""
+    from dataclasses import fields
+
+    known = {f.name for f in fields(params_cls)}
+    unknown = set(params) - known
+    if unknown:
+        raise UserError(f"unknown parameter(s) {', '.join(sorted(unknown))} for {owner}; "
+                        f"known: {', '.join(sorted(known)) or '(none)'}")
+    return params_cls(**params)
+

@@ -234,8 +234,10 @@ def _screen_check(prompts: list[str], scores: np.ndarray, limit: float, how: str
 
 def gate_screen(model: str, prompts: str | Path, *, max_screen_score: float | None = None,
                 calibrate: str | Path | None = None, fpr: float = 0.01, steps: int = 1,
-                seeds: int = 4, device: str | None = None) -> GateResult:
-    """Screening-only gate: score a prompt list on a model (no generation, METHODS 2)."""
+                seeds: int = 4, device: str | None = None, score: str | None = None
+                ) -> GateResult:
+    """Screening-only gate: score a prompt list on a model (no generation, METHODS 2); `score`
+    a memaudit.screen score (default: the default score)."""
     if (max_screen_score is None) == (calibrate is None):
         raise UserError("--screen needs exactly one of --max-screen-score X or --calibrate CLEAN")
     from memaudit.data.prompts import read_prompts
@@ -246,15 +248,20 @@ def gate_screen(model: str, prompts: str | Path, *, max_screen_score: float | No
     if not texts:
         raise UserError(f"{prompts} holds no prompts")
     m = load_model(model, device)
-    scores = np.asarray(screen_prompts(m, texts, steps=steps, seeds=seeds), dtype=float)
+    scores = np.asarray(screen_prompts(m, texts, steps=steps, seeds=seeds, score=score),
+                        dtype=float)
     if calibrate is not None:
         clean = [r.text for r in read_prompts(str(calibrate))]
-        clean_scores = np.asarray(screen_prompts(m, clean, steps=steps, seeds=seeds), float)
+        clean_scores = np.asarray(screen_prompts(m, clean, steps=steps, seeds=seeds,
+                                                 score=score), float)
         limit = float(calibrate_threshold(clean_scores, fpr))
         how = f"threshold calibrated on {len(clean)} clean prompts at {fpr:g} FPR"
     else:
         assert max_screen_score is not None
         limit, how = float(max_screen_score), "given threshold"
+    from memaudit.screen import DEFAULT_SCORE
+
+    how += f"; score {score or DEFAULT_SCORE}"
     return GateResult(checks=[_screen_check(texts, scores, limit, how)],
                       source=f"{model} on {prompts}")
 

@@ -255,7 +255,7 @@ def generate(model: Any, prompts: Sequence[PromptRecord | str],
     total = sum(len(w[3]) for w in work)
     with progress_bar("generate", total=total, unit="images") as advance:
         for label, g, pj, todo in work:
-            crit = criterion if g.needs_criterion else None
+            crit = criterion if g.needs_criterion or g.uses_criterion else None
             gsrc = guidance_source(crit)
             for lo in range(0, len(todo), batch_size):
                 batch = todo[lo:lo + batch_size]

@@ -16,7 +16,9 @@ Contract (what every guidance may rely on; memaudit/guidance/base.py):
 * Before the loop (per chunk): `prompts = guidance.prepare_prompts(prompts, seeds, model)`;
   `emb_c = model.encode_prompts(prompts)`; `emb_u = model.null_embedding(B)`;
   `emb_c, emb_u = guidance.prepare_embeddings(emb_c, emb_u, x_T, seeds, model, t0)` with t0
-  the first timestep (called with gradients enabled; results are detached).
+  the first timestep, then `x_T = guidance.prepare_noise(x_T, emb_c, emb_u, seeds, model, t0)`
+  (both called with gradients enabled; results are detached; x_T is the sample as the sampler
+  holds it, before `scale_model_input`, the identity for DDIM and DPM-Solver; it keeps its shape).
 * Step j (t = scheduler.timesteps[j], T = num_train_timesteps): a `StepState` with index=j,
   num_steps, t (scalar tensor), u = t / T, x_t = scheduler.scale_model_input(x, t),
   alpha_bar = abar_t (scalar), s0 = guidance_scale, model, criterion, emb_u, emb_c, memory
@@ -119,6 +121,12 @@ def _sample_chunk(model: Denoiser, prompts: list[str], seeds: list[int], guidanc
         emb_u = as_cond(model.null_embedding(b)).detach()
     emb_c, emb_u = guidance.prepare_embeddings(emb_c, emb_u, x, list(seeds), model, t0)
     emb_c, emb_u = as_cond(emb_c).detach(), as_cond(emb_u).detach()
+    x_new = guidance.prepare_noise(x, emb_c, emb_u, list(seeds), model, t0)
+    if x_new is not x:
+        if tuple(x_new.shape) != tuple(x.shape):
+            raise ValueError(f"{guidance.name}.prepare_noise returned {tuple(x_new.shape)} "
+                             f"for x_T of {tuple(x.shape)}")
+        x = x_new.detach().to(x.device, x.dtype)
 
     memory: dict[str, Any] = {}
     trace: list[dict[str, Any]] = []

@@ -86,7 +86,7 @@ def fake_components() -> Components:
         make_method=lambda spec, params: SimpleNamespace(name=spec, needs_criterion=False),
         sample=fake_sample,
         read_prompts=read_prompts,
-        screen_prompts=lambda model, prompts, steps=1, seeds=4: np.array(
+        screen_prompts=lambda model, prompts, steps=1, seeds=4, **kw: np.array(
             [len(p) for p in prompts], dtype=float),
         calibrate_threshold=lambda clean, fpr: float(np.max(clean)),
         alignment=None,

@@ -30,7 +30,7 @@ def test_unknown_method_lists_known(tmp_path):
     r = run("generate", "--model", "canary", "--prompts", str(tmp_path / "p.txt"),
             "--method", "nonsense", "--seeds", "1", "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert r.stderr.startswith("error: unknown method 'nonsense'; known: amg, cfg")
+    assert r.stderr.startswith("error: unknown method 'nonsense'; known: amg, auto, cfg")
     assert len(r.stderr.strip().splitlines()) == 1
 
 

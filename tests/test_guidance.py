@@ -285,7 +285,7 @@ def test_amg_part_spec_and_errors():
         make_guidance("amg", parts="spe,foo")
     with pytest.raises(UserError, match="unknown parameter 'c9' for method 'amg'; known: "):
         parse_params(["amg.c9=1"])
-    with pytest.raises(UserError, match="unknown method 'nope'; known: amg, cfg, cwr"):
+    with pytest.raises(UserError, match="unknown method 'nope'; known: amg, auto, cfg, cwr"):
         parse_params(["nope.c3=1"])
     with pytest.raises(UserError, match="takes no ':'"):
         parse_method_spec("dynamic:3")

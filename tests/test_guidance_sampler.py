@@ -22,10 +22,14 @@ def crit():
     return PixelNL2(torch.full((1, 3, 4, 4), 0.5))
 
 
+#: Parameters a method cannot run without (auto needs a screening threshold).
+REQUIRED = {"auto": {"threshold": 0.0}}
+
+
 @pytest.mark.parametrize("name", sorted(REGISTRY))
 def test_every_method_runs_through_the_sampler(name):
     model = Fake()
-    g = make_guidance(name)
+    g = make_guidance(name, **REQUIRED.get(name, {}))
     out = sample(model, PROMPTS, SEEDS, g, steps=6, guidance_scale=2.0,
                  criterion=crit() if g.needs_criterion else None)
     assert out.images.shape == (3, 3, 4, 4) and torch.isfinite(out.images).all()
@@ -44,15 +48,24 @@ def test_every_method_runs_through_the_sampler(name):
                                          strict=True))
     if name == "amg":
         assert {"sigma", "lambda", "amg_spe", "amg_dup", "amg_sim"} <= set(out.trace[0])
+    if name == "init-noise":  # the fake's e_c - e_u does not depend on x: nothing to lower
+        assert out.trace[0]["init_m"] == pytest.approx(out.trace[0]["init_m0"])
+        assert out.unet_rows == 2 * 6 + 2 * (1 + 100)  # ran to max_iters
+    if name == "reanchor":
+        assert {"reanchor_m", "reanchor_s", "reanchor_on", "wen_loss"} <= set(out.trace[0])
+    if name == "auto":
+        assert len(out.trace[0]["auto_flagged"]) == 3
 
 
-@pytest.mark.parametrize("spec", ["dynamic", "opposite-dynamic", "amg", "rna", "gni", "wen"])
+@pytest.mark.parametrize("spec", ["dynamic", "opposite-dynamic", "amg", "rna", "gni", "wen",
+                                  "init-noise", "init-noise:batch-wise", "reanchor", "auto"])
 def test_per_sample_rules_do_not_depend_on_batching(spec):
-    g = build_guidance(spec)
+    params = {"auto": {"threshold": 0.0, "mitigation": "reanchor"}}
+    g = build_guidance(spec, params)
     c = crit() if g.needs_criterion else None
     whole = sample(Fake(), PROMPTS, SEEDS, g, steps=8, guidance_scale=2.0, criterion=c)
-    single = sample(Fake(), PROMPTS, SEEDS, build_guidance(spec), steps=8, guidance_scale=2.0,
-                    criterion=c, batch_size=1)
+    single = sample(Fake(), PROMPTS, SEEDS, build_guidance(spec, params), steps=8,
+                    guidance_scale=2.0, criterion=c, batch_size=1)
     assert torch.allclose(whole.images, single.images, atol=1e-5)
     assert whole.prompts == single.prompts
 

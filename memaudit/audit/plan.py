@@ -15,7 +15,7 @@ from memaudit.common import UserError, read_toml
 _PLAN_KEYS = {"out", "model", "index", "criteria", "methods", "seeds", "steps",
               "guidance_scale", "scheduler", "batch_size", "alignment", "params", "prompts",
               "screen", "device", "guidance_criterion", "weights", "quality"}
-_SCREEN_KEYS = {"steps", "seeds", "threshold", "clean_label", "fpr"}
+_SCREEN_KEYS = {"steps", "seeds", "threshold", "clean_label", "fpr", "score", "params"}
 #: what an audit writes under OUT (besides an index it builds): checked against the inputs
 OUT_WRITES = ("audit.duckdb", "audit.duckdb.wal", "images")
 
@@ -33,6 +33,8 @@ class ScreenSpec:
     threshold: float | None = None
     clean_label: str | None = None
     fpr: float = 0.01
+    score: str = ""  # a memaudit.screen score; "" in a plan file = the default score
+    params: dict[str, Any] = field(default_factory=dict)  # the score's parameters
 
 
 @dataclass
@@ -234,9 +236,15 @@ def _screen(raw: Any, labels: set[str | None]) -> ScreenSpec | None:
     if clean is not None:
         _need(clean in labels, f"[screen] clean_label {clean!r} matches no prompt label "
               f"(labels: {', '.join(sorted(str(x) for x in labels)) or 'none'})")
+    from memaudit.screen import DEFAULT_SCORE, make_score
+
+    score, sparams = s.get("score") or DEFAULT_SCORE, s.get("params", {})
+    _need(isinstance(score, str), f"[screen] score must be a name, got {score!r}")
+    _need(isinstance(sparams, dict), "[screen] params must be a table of NAME = VALUE")
+    make_score(score, **sparams)  # unknown score / parameter: one line
     return ScreenSpec(steps=s.get("steps", 1), seeds=s.get("seeds", 4),
                       threshold=None if thr is None else float(thr), clean_label=clean,
-                      fpr=float(fpr))
+                      fpr=float(fpr), score=score, params=dict(sparams))
 
 
 def _criteria(d: dict[str, Any], methods: list[str], params: dict[str, dict[str, Any]],

@@ -200,8 +200,9 @@ def run_audit(plan: Plan, *, new_run: bool = False, device: str | None = None,
         batches = [pairs[i:i + plan.batch_size] for i in range(0, len(pairs), plan.batch_size)]
         units: list[tuple[str, str, int]] = [
             (f"gen|{m}|{i}", m, i) for m in plan.methods for i in range(len(batches))]
-        if plan.screen is not None:
-            units.append(("screen|0", "", -1))
+        if plan.screen is not None:  # first when `auto` decides with it
+            autos = [g for g in methods.values() if hasattr(g, "use_screen")]
+            units.insert(0 if autos else len(units), ("screen|0", "", -1))
         if quality is not None:  # after every generation unit of the method
             units += [(f"quality|{m}", m, -1) for m in plan.methods]
         todo = [u for u in units if u[0] not in done]
@@ -217,6 +218,7 @@ def run_audit(plan: Plan, *, new_run: bool = False, device: str | None = None,
                     assert quality is not None
                     quality.unit(store, run_id, method, out, unit)
                 else:
+                    _bind_screen(store, run_id, plan.screen, methods[method])
                     _generation_unit(
                         store, comp, model, run_id, unit, method, methods[method],
                         batches[bi], prompt_ids, criteria, criteria[guide_crit_name], index,
@@ -288,7 +290,7 @@ def _generation_unit(store: AuditStore, comp: Components, model: Any, run_id: in
     res = comp.sample(model, prompts, seeds, guidance, steps=steps, guidance_scale=scale,
                       scheduler=scheduler,
                       criterion=guide_crit if getattr(guidance, "needs_criterion", False)
-                      else None)
+                      or getattr(guidance, "uses_criterion", False) else None)
     images = res.images
     b = len(prompts)
     paths = []
@@ -313,7 +315,7 @@ def _generation_unit(store: AuditStore, comp: Components, model: Any, run_id: in
                 run_id=run_id, prompt_id=prompt_ids[t], method=method, seed=s,
                 image_path=paths[i], guidance_scale=scale, steps=steps, wall_seconds=wall,
                 unet_calls=unet[i], final_prompt=finals[i], alignment=align[i],
-                clip_score=clip[i])
+                clip_score=clip[i], extra=_record(guidance, t, s))
             gids.append(gid)
             for name, sc in scores.items():
                 crit = criteria[name]
@@ -339,7 +341,9 @@ def _screen_unit(store: AuditStore, comp: Components, model: Any, spec: ScreenSp
                  prompt_ids: dict[str, int], unit: str, kill_mid: bool) -> None:
     """Wen et al. screening of every prompt (METHODS 2); threshold fixed or calibrated."""
     assert spec is not None
-    scores = np.asarray(comp.screen_prompts(model, texts, steps=spec.steps, seeds=spec.seeds),
+    scores = np.asarray(comp.screen_prompts(model, texts, steps=spec.steps, seeds=spec.seeds,
+                                            score=spec.score or None,
+                                            params=spec.params or None),
                         dtype=float).reshape(-1)
     threshold = spec.threshold
     if threshold is None and spec.clean_label:
@@ -357,6 +361,25 @@ def _screen_unit(store: AuditStore, comp: Components, model: Any, spec: ScreenSp
                              steps=spec.steps, seeds=spec.seeds, threshold=threshold,
                              flagged=None if threshold is None else bool(s > threshold))
         store.mark_unit(run_id, unit)
+
+
+def _bind_screen(store: AuditStore, run_id: int, spec: ScreenSpec | None, guidance: Any) -> None:
+    """Hand `auto` the run's screening (scores and threshold from the screening unit)."""
+    if spec is None or not hasattr(guidance, "use_screen") or guidance.screen is not None:
+        return
+    rows = store.query("SELECT p.text AS prompt, s.score, s.threshold FROM screens s "
+                       "JOIN prompts p ON p.id = s.prompt_id WHERE s.run_id = ? "
+                       "AND s.steps = ? AND s.seeds = ?", [run_id, spec.steps, spec.seeds])
+    thr = next((r["threshold"] for r in rows if r["threshold"] is not None), None)
+    how = "plan [screen] " + ("threshold" if spec.threshold is not None else
+                              f"calibrated on label {spec.clean_label!r} at FPR {spec.fpr:g}")
+    guidance.use_screen({r["prompt"]: r["score"] for r in rows}, thr, spec.score or "",
+                        spec.seeds, spec.steps, how)
+
+
+def _record(guidance: Any, prompt: str, seed: int) -> dict[str, Any] | None:
+    record = getattr(guidance, "generation_record", None)
+    return (record(prompt, seed) or None) if record is not None else None
 
 
 def _opt_str(v: Any) -> str | None:

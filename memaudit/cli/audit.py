@@ -107,6 +107,8 @@ def gate_cmd(
     prompts: Path = typer.Option(None, help="With --screen: the prompt list."),
     calibrate: Path = typer.Option(None, help="With --screen: clean prompts to calibrate on."),
     fpr: float = typer.Option(0.01, help="With --calibrate: false-positive rate."),
+    score: str = typer.Option(None, help="With --screen: screening score (wen, anisotropy, "
+                              "attention-entropy; default: the default score)."),
     steps: int = typer.Option(1, help="With --screen: screening steps."),
     seeds: int = typer.Option(4, help="With --screen: seeds per prompt."),
     device: str = typer.Option(None, help="With --screen: cpu, cuda, ..."),
@@ -129,7 +131,7 @@ def gate_cmd(
             raise UserError("gate --screen takes --model M --prompts FILE (and no database)")
         res = gate_screen(model, prompts, max_screen_score=max_screen_score,
                           calibrate=calibrate, fpr=fpr, steps=steps, seeds=seeds,
-                          device=device)
+                          device=device, score=score)
     else:
         if db is None:
             raise UserError("gate needs an audit database (or --screen --model --prompts)")

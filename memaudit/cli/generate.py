@@ -27,7 +27,8 @@ def generate_cmd(
     param: list[str] = typer.Option(None, "--param",
                                     help="METHOD.NAME=VALUE, e.g. amg.c3=50 (repeatable)"),
     index: Path = typer.Option(None, "--index",
-                               help="training index, for methods that need a criterion (amg)"),
+                               help="training index, for methods that need a criterion "
+                               "(amg; auto uses it when given)"),
     criterion: str = typer.Option("nl2", "--criterion",
                                   help="criterion over --index that guides amg (nl2, sscd, clip)"),
     weights: str = typer.Option(None, "--weights", help="sscd index: the TorchScript file it was "

@@ -1,7 +1,8 @@
-"""CLI: `memaudit screen` -- pre-generation screening (Wen et al. ICLR 2024; METHODS.md 2).
+"""CLI: `memaudit screen` -- pre-generation screening (METHODS.md 2, 2.1).
 
-A thin layer over `memaudit.screen`: read prompts, score them, flag them against a threshold
-calibrated on a clean list, print the scores (and AUC / TPR at the FPR when labels exist).
+A thin layer over `memaudit.screen`: read prompts, score them with a registered score, flag
+them against a threshold calibrated on a clean list, print the scores (and AUC / TPR at the FPR
+when labels exist).
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from pathlib import Path
 import typer
 
 #: columns of `screen --out` (a file with exactly these is replaced without --overwrite)
-SCREEN_COLUMNS = ("prompt", "source", "label", "score", "flagged", "threshold", "steps", "seeds")
+SCREEN_COLUMNS = ("prompt", "source", "label", "score", "score_name", "flagged", "threshold",
+                  "steps", "seeds")
 POSITIVE = {"1", "true", "yes", "pos", "positive", "memorized", "memorised", "mem", "vm", "tm",
             "trigger", "copy"}
 NEGATIVE = {"0", "false", "no", "neg", "negative", "clean", "generic", "normal", "nonmem",
@@ -34,6 +36,39 @@ def _label_set(text: str | None) -> set[str] | None:
     return None if text is None else {w.strip().lower() for w in text.split(",") if w.strip()}
 
 
+def parse_score_params(score: str | None, items: list[str] | None) -> dict:
+    """`["g2=0.05"]` -> {"g2": 0.05}, typed from the score's Params (one-line errors)."""
+    from dataclasses import MISSING, fields
+
+    from memaudit.common import UserError
+    from memaudit.screen import make_score
+
+    cls = type(make_score(score))
+    types = {f.name: (f.default if f.default is not MISSING else None) for f in
+             fields(cls.Params)}
+    out: dict = {}
+    for item in items or []:
+        key, eq, value = item.partition("=")
+        key = key.strip().rpartition(".")[2]  # `anisotropy.g2=...` or `g2=...`
+        if not eq or key not in types:
+            raise UserError(f"bad --param {item!r} for score {cls.name!r}; expected NAME=VALUE "
+                            f"with NAME in {', '.join(sorted(types)) or '(none)'}")
+        default = types[key]
+        try:
+            out[key] = int(value) if isinstance(default, int) and not isinstance(
+                default, bool) else float(value)
+        except ValueError:
+            raise UserError(f"--param {key}: cannot read {value!r} as a number") from None
+    return out
+
+
+def _describe(sc) -> str:
+    from dataclasses import asdict
+
+    return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                     for k, v in asdict(sc.params).items()) or "no parameters"
+
+
 def _read(path: Path):
     from memaudit.data.prompts import read_prompts
 
@@ -45,7 +80,12 @@ def register(app: typer.Typer) -> None:
     def screen(
         model: str = typer.Option(..., "--model", help="'canary', a canary or diffusers folder"),
         prompts: Path = typer.Option(..., "--prompts", help="Prompt file (txt, jsonl, csv)."),
-        steps: int = typer.Option(1, "--steps", help="Steps averaged (first n of the schedule)."),
+        score: str = typer.Option(None, "--score", help="Screening score: wen, anisotropy, "
+                                  "attention-entropy (default: memaudit.screen.DEFAULT_SCORE)."),
+        param: list[str] = typer.Option(None, "--param",
+                                        help="Score parameter NAME=VALUE (repeatable)."),
+        steps: int = typer.Option(1, "--steps",
+                                  help="Steps averaged (wen only; first n of the schedule)."),
         seeds: int = typer.Option(4, "--seeds", help="Seeds averaged (0..n-1)."),
         calibrate: Path | None = typer.Option(None, "--calibrate",
                                               help="Clean prompt file to set the threshold."),
@@ -63,12 +103,18 @@ def register(app: typer.Typer) -> None:
                                        "that is not a screen table memaudit wrote."),
         device: str | None = typer.Option(None, "--device", help="cuda / cpu (default auto)."),
     ) -> None:
-        """Score prompts by Wen et al.'s noise-difference magnitude, before generating."""
+        """Score prompts before generating (Wen's magnitude, anisotropy, attention entropy)."""
         import numpy as np
 
         from memaudit.models.base import load_model
         from memaudit.paths import check_output_file, parquet_with_columns
-        from memaudit.screen import auc, calibrate_threshold, screen_prompts, tpr_at_fpr
+        from memaudit.screen import (
+            auc,
+            calibrate_threshold,
+            score_for,
+            screen_prompts,
+            tpr_at_fpr,
+        )
         from memaudit.text import terminal_text
 
         if out is not None:
@@ -83,9 +129,12 @@ def register(app: typer.Typer) -> None:
             from memaudit.common import UserError
 
             raise UserError(f"{prompts}: no prompts")
+        sc_params = parse_score_params(score, param)
         m = load_model(model, device=device)
+        sc = score_for(m, score, sc_params)
         texts = [r.text for r in records]
-        kw = dict(steps=steps, seeds=seeds, guidance_scale=guidance_scale, batch_size=batch_size)
+        kw = dict(steps=steps, seeds=seeds, guidance_scale=guidance_scale, batch_size=batch_size,
+                  score=sc)
         scores = screen_prompts(m, texts, **kw)
         thr = threshold
         clean_scores = None
@@ -98,6 +147,7 @@ def register(app: typer.Typer) -> None:
         for r, s, f in zip(records, scores, flags, strict=True):
             mark = "FLAG" if f else "    "
             typer.echo(f"{s:10.4f}  {mark}  {terminal_text(r.text)}")
+        typer.echo(f"score {sc.name} ({_describe(sc)}), {seeds} seeds")
         if thr is not None:
             src = f"calibrated on {calibrate} at FPR {fpr}" if threshold is None else "given"
             typer.echo(terminal_text(f"threshold {thr:.4f} ({src}); flagged "
@@ -123,6 +173,7 @@ def register(app: typer.Typer) -> None:
                 "source": [r.source for r in records],
                 "label": [r.label for r in records],
                 "score": pa.array(scores, pa.float64()),
+                "score_name": [sc.name] * len(records),
                 "flagged": pa.array(flags.tolist(), pa.bool_()),
                 "threshold": pa.array([thr] * len(records), pa.float64()),
                 "steps": pa.array([steps] * len(records), pa.int32()),

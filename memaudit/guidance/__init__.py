@@ -6,12 +6,15 @@ from typing import Any
 
 from memaudit.common import UserError
 from memaudit.guidance.amg import AMG
+from memaudit.guidance.auto import Auto
 from memaudit.guidance.base import Guidance, StepState
 from memaudit.guidance.cfg import CFG
 from memaudit.guidance.cwr import CWR
 from memaudit.guidance.dynamic import Dynamic
 from memaudit.guidance.gni import GNI
+from memaudit.guidance.init_noise import InitNoise
 from memaudit.guidance.opposite import Opposite, OppositeDynamic
+from memaudit.guidance.reanchor import Reanchor
 from memaudit.guidance.rna import RNA
 from memaudit.guidance.rta import RTA
 from memaudit.guidance.static import Static
@@ -29,6 +32,9 @@ REGISTRY: dict[str, type[Guidance]] = {
     "cwr": CWR,
     "gni": GNI,
     "wen": Wen,
+    "init-noise": InitNoise,
+    "reanchor": Reanchor,
+    "auto": Auto,
 }
 
 

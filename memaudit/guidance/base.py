@@ -6,16 +6,17 @@ timesteps. Per step the sampler:
      forward as the unconditional and conditional rows (AMG's Gdup caption);
   2. fills `state.e_u`, `state.e_c`, `state.extra` and calls `guide(state)`, which returns
      eps_hat [B, ...] and a per-sample trace dict (values: tensors of shape [B] or floats).
-Before the loop, `prepare_prompts` may rewrite the prompt text (rna, rta, cwr) and
-`prepare_embeddings` may change the conditions (gni, wen), both seeded per sample. Conditions
-are `Cond`s (memaudit/models/cond.py), so a guidance never learns the model family.
+Before the loop, `prepare_prompts` may rewrite the prompt text (rna, rta, cwr),
+`prepare_embeddings` may change the conditions (gni, wen) and `prepare_noise` the initial
+sample x_T (init-noise), all per sample. Conditions are `Cond`s (memaudit/models/cond.py), so a
+guidance never learns the model family.
 
 Every rule is per sample: `state.memory` holds per-sample tensors across steps.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -55,22 +56,16 @@ class Guidance:
 
     name: ClassVar[str] = "base"
     needs_criterion: ClassVar[bool] = False
+    uses_criterion: ClassVar[bool] = False  # takes the criterion when one is given (auto)
 
     @dataclass
     class Params:
         pass
 
     def __init__(self, **params: Any) -> None:
-        known = {f.name for f in fields(self.Params)}
-        unknown = set(params) - known
-        if unknown:
-            from memaudit.common import UserError
+        from memaudit.common import make_params
 
-            raise UserError(
-                f"unknown parameter(s) {', '.join(sorted(unknown))} for method {self.name!r}; "
-                f"known: {', '.join(sorted(known)) or '(none)'}"
-            )
-        self.params = self.Params(**params)
+        self.params = make_params(self.Params, params, f"method {self.name!r}")
 
     # --- before the loop -------------------------------------------------------------
     def prepare_prompts(self, prompts: list[str], seeds: list[int], model: Any) -> list[str]:
@@ -80,6 +75,15 @@ class Guidance:
                            seeds: list[int], model: Any, t0: torch.Tensor
                            ) -> tuple[Cond, Cond]:
         return emb_c, emb_u
+
+    def prepare_noise(self, x_T: torch.Tensor, emb_c: Cond, emb_u: Cond, seeds: list[int],
+                      model: Any, t0: torch.Tensor) -> torch.Tensor:
+        """The initial sample the loop starts from (default: x_T unchanged)."""
+        return x_T
+
+    def generation_record(self, prompt: str, seed: int) -> dict[str, Any]:
+        """Per-generation facts to record beside the image (auto's decision); default none."""
+        return {}
 
     # --- each step --------------------------------------------------------------------
     def extra_conditions(self, state: StepState) -> dict[str, Cond]:

@@ -31,7 +31,8 @@ import torch
 from memaudit.common import UserError
 
 DEFAULT_METHODS = ("cfg", "static", "dynamic", "opposite", "opposite-dynamic", "amg", "rna",
-                   "rta", "cwr", "gni", "wen")  # part ablations: add amg:spe, amg:dup, amg:sim
+                   "rta", "cwr", "gni", "wen", "init-noise", "init-noise:batch-wise",
+                   "reanchor")  # part ablations: add amg:spe, amg:dup, amg:sim; auto: bench_auto
 TRIGGER_GROUPS = ("64x", "16x", "4x", "1x")
 
 
@@ -70,6 +71,21 @@ def prepare(work: Path, data: Path | None, index: Path | None) -> tuple[Path, Pa
         if not (index / "manifest.json").exists():
             build_index(data / "train.parquet", "pixels", index)
     return data, index
+
+
+def setup(work: Path, data: Path | None, index: Path | None, model_spec: str, device: str
+          ) -> tuple[Path, Path, Any, Any]:
+    """A bench run's canary data, pixel index, model and calibrated nL2 criterion."""
+    from memaudit.criteria import make_criterion
+    from memaudit.models.base import load_model
+
+    torch.manual_seed(0)
+    data, index = prepare(work, data, index)
+    model = load_model(model_spec, device=device)
+    crit = make_criterion("nl2", index)
+    if crit.calibrated_threshold is None:
+        raise UserError(f"{index} has no calibrated nL2 threshold (build it with calibration)")
+    return data, index, model, crit
 
 
 def prompt_groups(data: Path, per_group: int) -> dict[str, list[str]]:
@@ -259,12 +275,27 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def bench_parser(doc: str) -> argparse.ArgumentParser:
+    """The options every canary bench takes: --work, --model, --data, --index, --device."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--work", type=Path, required=True)
     ap.add_argument("--model", default="canary")
     ap.add_argument("--data", type=Path)
     ap.add_argument("--index", type=Path)
+    ap.add_argument("--device", default="cpu")
+    return ap
+
+
+def write_result(work: Path, stem: str, result: dict[str, Any], md: str) -> None:
+    """WORK/STEM.json and WORK/STEM.md, and the markdown on stdout."""
+    work.mkdir(parents=True, exist_ok=True)
+    (work / f"{stem}.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
+    (work / f"{stem}.md").write_text(md)
+    print(md)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = bench_parser(__doc__)
     ap.add_argument("--seeds", type=int, default=8)
     ap.add_argument("--per-group", type=int, default=6)
     ap.add_argument("--steps", type=int, default=50)
@@ -277,21 +308,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--tune-c3", default="1,3,10,30,100")
     ap.add_argument("--screen-seeds", default="4,2,1")
     ap.add_argument("--screen-steps", default="1")
-    ap.add_argument("--device", default="cpu")
     ap.add_argument("--timing-only", type=int, default=0, metavar="REPEATS",
                     help="Only measure wall time per image (interleaved, min of REPEATS).")
     args = ap.parse_args(argv)
 
-    from memaudit.criteria import make_criterion
     from memaudit.guidance.spec import parse_params
-    from memaudit.models.base import load_model
 
-    torch.manual_seed(0)
-    data, index = prepare(args.work, args.data, args.index)
-    model = load_model(args.model, device=args.device)
-    crit = make_criterion("nl2", index)
-    if crit.calibrated_threshold is None:
-        raise UserError(f"{index} has no calibrated nL2 threshold (build it with calibration)")
+    data, index, model, crit = setup(args.work, args.data, args.index, args.model, args.device)
     groups = prompt_groups(data, args.per_group)
     params = parse_params(args.param)
     seeds = list(range(args.seeds))
@@ -335,15 +358,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                            for n in args.screen_steps.split(",")
                            for s in args.screen_seeds.split(",")]
     result["total_seconds"] = time.perf_counter() - t_all
-    (args.work / "bench.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
-    md = markdown(result)
-    (args.work / "bench.md").write_text(md)
-    print(md)
+    write_result(args.work, "bench", result, markdown(result))
     return result
 
 
-if __name__ == "__main__":
+def run_cli(main: Any) -> None:
+    """A bench's `python -m` entry: a UserError is one `error:` line, exit 1."""
     try:
         main()
     except UserError as e:
         raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -103,4 +103,7 @@ def build_guidance(spec: str, params: dict[str, dict[str, Any]] | None = None) -
 
     name, kw = parse_method_spec(spec)
     kw = {**(params or {}).get(name, {}), **kw}
-    return make_guidance(name, **kw)
+    g = make_guidance(name, **kw)
+    if hasattr(g, "bind_params"):  # composite methods (auto) build their parts with the run's
+        g.bind_params(params or {})  # parameters of those methods
+    return g

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from memaudit.guidance.base import Guidance, StepState, cfg_combine, per_sample_norm
+from memaudit.guidance.optim import minimise_per_row
 from memaudit.models.cond import Cond
 
 
@@ -39,39 +40,21 @@ class Wen(Guidance):
         p = self.params
         with torch.no_grad():
             e_null = model.eps(x_T, t0, emb_u).detach()
-        with torch.enable_grad():
-            e = emb_c.emb.detach().clone().requires_grad_(True)
-            first = emb_c.emb[:, :1].detach().clone()
-            opt = torch.optim.AdamW([e], lr=p.lr)
-            b = len(emb_c)
-            done = torch.zeros(b, dtype=torch.bool, device=e.device)
-            frozen = e.detach().clone()
-            loss0 = None
-            loss = None
-            iters = torch.zeros(b, dtype=torch.long)
-            for it in range(p.max_iters + 1):
-                loss = per_sample_norm(model.eps(x_T, t0, emb_c.replace(emb=e)) - e_null)
-                if loss0 is None:
-                    loss0 = loss.detach().clone()
-                    target = (torch.full_like(loss0, p.target) if p.target is not None
-                              else p.fraction * loss0)
-                newly = (loss.detach() <= target) & ~done
-                frozen[newly] = e.detach()[newly]
-                done = done | newly
-                if bool(done.all()) or it == p.max_iters:
-                    break
-                iters += (~done).long().cpu()
-                opt.zero_grad()
-                (loss * (~done).float()).sum().backward()
-                e.grad[:, 0] = 0
-                opt.step()
-                with torch.no_grad():
-                    e[:, :1] = first  # the first token stays frozen
-                    e[done] = frozen[done]  # stopped samples keep the embedding that met the target
-        final = e.detach()
-        final[done] = frozen[done]
-        self.last = {"wen_loss0": loss0.detach().cpu(), "wen_loss": loss.detach().cpu(),
-                     "wen_iters": iters, "wen_reached": done.cpu().float()}
+        first = emb_c.emb[:, :1].detach().clone()
+
+        def freeze_grad(e: torch.Tensor) -> None:
+            e.grad[:, 0] = 0
+
+        def freeze_value(e: torch.Tensor) -> None:
+            e[:, :1] = first  # the first token stays frozen
+
+        res = minimise_per_row(
+            emb_c.emb, lambda e: per_sample_norm(model.eps(x_T, t0, emb_c.replace(emb=e))
+                                                 - e_null),
+            p.lr, p.max_iters, p.target, p.fraction, freeze_grad, freeze_value)
+        self.last = {"wen_loss0": res.loss0.cpu(), "wen_loss": res.loss.cpu(),
+                     "wen_iters": res.iters, "wen_reached": res.reached.float()}
+        final = res.value
         return emb_c.replace(emb=final), emb_u
 
     def guide(self, state: StepState):

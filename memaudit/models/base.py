@@ -23,7 +23,8 @@ class Denoiser(ABC):
       name: human-readable model id; model_hash: content hash of the weights (provenance);
       latent_shape: (C, H, W) of x_t; device, dtype;
       default_guidance_scale (s0), default_steps;
-      is_latent: False for pixel-space models (decode is the identity up to range).
+      is_latent: False for pixel-space models (decode is the identity up to range);
+      screen_params: screening-score parameters calibrated for this model.
     """
 
     name: str
@@ -34,6 +35,9 @@ class Denoiser(ABC):
     default_guidance_scale: float = 7.5
     default_steps: int = 50
     is_latent: bool = True
+    #: Screening-score parameters calibrated for this model, {score: {param: value}}
+    #: (memaudit/screen; e.g. the anisotropy weights, METHODS 2.1); explicit ones override.
+    screen_params: dict[str, dict[str, float]] = {}
 
     def __init__(self) -> None:
         self.unet_rows = 0  # rows evaluated by eps(); the sampler turns it into UNet calls
@@ -75,6 +79,11 @@ class Denoiser(ABC):
     def random_tokens(self, n: int, generator: torch.Generator) -> list[str]:
         """n random vocabulary tokens, decoded to text (for the `rta` perturbation)."""
         raise NotImplementedError(f"{type(self).__name__} has no tokenizer vocabulary")
+
+    def attention_model(self) -> torch.nn.Module | None:
+        """The diffusers model whose cross-attention layers screening may read (the
+        `attention-entropy` score); None for families without cross-attention."""
+        return None
 
     def alphas_cumprod(self, scheduler) -> torch.Tensor:
         return scheduler.alphas_cumprod.to(self.device, torch.float32)

@@ -18,6 +18,10 @@ from memaudit.models.cond import Cond
 
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "canary" / "weights"
 
+#: Screening parameters chosen on the shipped canary (`python -m memaudit.screen.bench`,
+#: docs/mitigations.md "Screening scores"); a canary.json `screen_params` entry overrides.
+CANARY_SCREEN_PARAMS = {"anisotropy": {"g2": 0.1}}
+
 
 class CanaryDenoiser(Denoiser):
     """The canary model. Use `CanaryDenoiser.load(path_or_None, device)`."""
@@ -40,6 +44,7 @@ class CanaryDenoiser(Denoiser):
         self.latent_shape = (self.cfg.channels, self.cfg.resolution, self.cfg.resolution)
         self.default_guidance_scale = float(info.get("default_guidance_scale", 2.0))
         self.default_steps = int(info.get("default_steps", 50))
+        self.screen_params = dict(info.get("screen_params", CANARY_SCREEN_PARAMS))
         self.text = TextEncoder(self.cfg.text_len, device=self.device)
         self._states: dict[str, torch.Tensor] = {}
 
@@ -72,6 +77,9 @@ class CanaryDenoiser(Denoiser):
 
     def _eps(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
         return self.net.eps(x_t.float(), t, cond.emb.float()).float()
+
+    def attention_model(self) -> torch.nn.Module:
+        return self.net.unet
 
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
         """[-1, 1] grey -> [0, 1] RGB (grey repeated); differentiable."""

@@ -76,6 +76,10 @@ class StableDiffusionDenoiser(Denoiser):
         self._train_abar = DDIMScheduler.from_config(self.scheduler_config).alphas_cumprod.to(
             self.device, torch.float32)
         self._null: Cond | None = None
+        # anisotropy weight of the official code: g2 = 2 for SD 1.x (CLIP ViT-L, 768-wide
+        # states), 0.1 for SD 2.x (OpenCLIP ViT-H, 1024) (METHODS 2.1)
+        width = int(getattr(self.text_encoder.config, "hidden_size", 768))
+        self.screen_params = {"anisotropy": {"g2": 2.0 if width <= 768 else 0.1}}
         for m in (self.unet, self.vae, self.text_encoder):
             m.requires_grad_(False)
             m.eval()
@@ -164,6 +168,9 @@ class StableDiffusionDenoiser(Denoiser):
             abar = self._train_abar[t.long()].view(-1, *([1] * (x_t.ndim - 1)))
             out = abar.sqrt() * out + (1 - abar).sqrt() * x_t.float()
         return out
+
+    def attention_model(self) -> torch.nn.Module:
+        return self.unet
 
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
         """VAE decode of latents / scaling_factor, mapped from [-1, 1] to [0, 1] (float32)."""

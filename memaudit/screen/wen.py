@@ -1,0 +1,41 @@
+"""`wen`: the noise-difference magnitude (Wen et al., "Detecting, Explaining, and Mitigating
+Memorization in Diffusion Models", ICLR 2024; METHODS.md 2).
+
+Per row, m_j = ||e_c - e_u||_2 (all dimensions) at each of the first `steps` steps, averaged.
+For steps > 1 the row follows the CFG trajectory (eps_hat = e_u + s0 (e_c - e_u) fed to the
+scheduler). One batched forward of 2 rows per (prompt, seed) and step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from memaudit.screen.base import ScoreInput, ScreenScore, cond_uncond, row_norm
+
+
+class Wen(ScreenScore):
+    name = "wen"
+    multi_step = True
+
+    @dataclass
+    class Params:
+        pass
+
+    def forwards(self, steps: int) -> int:
+        return steps
+
+    def rows(self, steps: int) -> int:
+        return 2 * steps
+
+    def score_rows(self, inp: ScoreInput) -> torch.Tensor:
+        sched, x = inp.scheduler, inp.x
+        acc = torch.zeros(x.shape[0], dtype=torch.float64)
+        for j, t in enumerate(sched.timesteps[:inp.steps]):
+            e_u, e_c = cond_uncond(inp.model, sched.scale_model_input(x, t), t, inp.emb_u,
+                                   inp.emb_c)
+            acc += row_norm(e_c - e_u)
+            if j + 1 < inp.steps:
+                x = sched.step(e_u + inp.s0 * (e_c - e_u), t, x).prev_sample
+        return acc / inp.steps

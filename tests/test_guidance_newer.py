@@ -1,0 +1,189 @@
+"""The newer mitigations (METHODS 3.5) against hand computations: init-noise (Han et al. 2025)
+per sample and batch-wise, and reanchor (Chen et al. 2025, prompt re-anchoring)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from test_guidance import FakeDenoiser, state
+
+from memaudit.common import UserError
+from memaudit.guidance import build_guidance, make_guidance
+from memaudit.models.cond import Cond
+from memaudit.sampler import initial_noise, sample
+
+C, H, W, L, D = 1, 4, 4, 3, 5
+
+
+class XFake(FakeDenoiser):
+    """eps = 0.5 x + tanh(x + txt): e_c - e_u depends on x, so x_T can lower it."""
+
+    default_steps = 8
+
+    def _eps(self, x_t, t, cond):
+        txt = torch.tanh(cond.emb.mean(1) @ self.P).view(-1, C, H, W)
+        return 0.5 * x_t + torch.tanh(x_t + 2 * txt)
+
+
+def diff(model, x, t, prompt):
+    c, u = model.encode_prompts([prompt]), model.encode_prompts([""])
+    return model._eps(x, t, c) - model._eps(x, t, u)
+
+
+def hand_per_sample(model, x, t, prompt, lr, max_iters, target=None, fraction=0.5):
+    """One sample, the official loop: AdamW on x_T until ||e_c - e_u|| <= target."""
+    x = x.clone().requires_grad_(True)
+    opt = torch.optim.AdamW([x], lr=lr)
+    m0 = tau = None
+    iters = 0
+    for it in range(max_iters + 1):
+        m = torch.linalg.vector_norm(diff(model, x, t, prompt))
+        if m0 is None:
+            m0 = float(m.detach())
+            tau = target if target is not None else fraction * m0
+        if float(m.detach()) <= tau or it == max_iters:
+            break
+        iters += 1
+        opt.zero_grad()
+        m.backward()
+        opt.step()
+    return x.detach(), m0, float(m.detach()), iters
+
+
+def test_init_noise_per_sample_matches_the_official_loop_per_row():
+    model = XFake()
+    prompts, seeds = ["a canary", "the sky", "a branch"], [0, 1, 2]
+    x = initial_noise(model, seeds)
+    t0 = torch.tensor(999)
+    g = make_guidance("init-noise", lr=0.05, max_iters=30, fraction=0.8)
+    emb_c, emb_u = model.encode_prompts(prompts), model.null_embedding(3)
+    got = g.prepare_noise(x, emb_c, emb_u, seeds, model, t0)
+    for i, p in enumerate(prompts):
+        hx, m0, m, iters = hand_per_sample(model, x[i:i + 1], t0, p, 0.05, 30, fraction=0.8)
+        assert torch.allclose(got[i:i + 1], hx, atol=1e-6)
+        assert g.last["init_m0"][i] == pytest.approx(m0, rel=1e-5)
+        assert g.last["init_m"][i] == pytest.approx(m, rel=1e-5)
+        assert int(g.last["init_iters"][i]) == iters
+        assert m <= 0.8 * m0 or iters == 30
+    assert len(set(g.last["init_iters"].tolist())) > 1  # rows stop on their own
+
+
+def test_init_noise_batch_wise_matches_the_sharpness_aware_update():
+    model = XFake()
+    x = initial_noise(model, [4, 5])
+    t0 = torch.tensor(999)
+    prompts = ["a canary", "the sky"]
+    g = make_guidance("init-noise", mode="batch-wise", adj_iters=3, rho_rel=0.5, gamma=0.4)
+    got = g.prepare_noise(x, model.encode_prompts(prompts), model.null_embedding(2), [4, 5],
+                          model, t0)
+    rho = 0.5 * math.sqrt(C * H * W)
+    for i, p in enumerate(prompts):
+        xi = x[i:i + 1].clone()
+        for _ in range(3):
+            d = diff(model, xi, t0, p)
+            d2 = diff(model, xi + rho * d / torch.linalg.vector_norm(d), t0, p)
+            xi = xi - 0.4 * (d2 - d)
+        assert torch.allclose(got[i:i + 1], xi, atol=1e-6)
+        assert g.last["init_m"][i] == pytest.approx(
+            float(torch.linalg.vector_norm(diff(model, xi, t0, p))), rel=1e-5)
+
+
+def test_init_noise_in_the_sampler_starts_from_the_adjusted_noise_and_defers_cfg():
+    model = XFake()
+    out = sample(model, ["a canary", "the sky"], [0, 1], make_guidance("init-noise"), steps=8,
+                 guidance_scale=3.0)
+    first = out.trace[0]
+    # per-sample default: CFG from the first step, at the adjusted x_T
+    assert first["scale"] == [3.0, 3.0]
+    assert first["guidance_norm"] == pytest.approx([3 * m for m in first["init_m"]], rel=1e-5)
+    assert all(a < b for a, b in zip(first["init_m"], first["init_m0"], strict=True))
+    bw = sample(model, ["a canary"], [0], build_guidance("init-noise:batch-wise"), steps=8,
+                guidance_scale=3.0)
+    assert [r["scale"][0] for r in bw.trace] == [0.0] * 5 + [3.0] * 3  # e_u while j <= 4
+    with pytest.raises(UserError, match="unknown init-noise mode 'nope'"):
+        make_guidance("init-noise", mode="nope")
+
+
+def test_sampler_refuses_a_prepare_noise_of_another_shape():
+    class Bad(type(make_guidance("cfg"))):
+        name = "bad"
+
+        def prepare_noise(self, x_T, emb_c, emb_u, seeds, model, t0):
+            return x_T[:, :, :2]
+
+    with pytest.raises(ValueError, match="bad.prepare_noise returned"):
+        sample(XFake(), ["a"], [0], Bad(), steps=2)
+
+
+# --- reanchor ---------------------------------------------------------------------------------
+
+def unit(b):
+    v = torch.zeros(b, C, H, W)
+    v[:, 0, 0, 0] = 1.0
+    return v
+
+
+def reanchor_at(mags, tau=1.0, s=3.0, triggered=True):
+    """reanchor's eps for rows whose ||e_m - e_u|| are `mags` (e_u = 0, e_m = m unit,
+    e_o = 0.5 m unit + a second direction), against the hand formula."""
+    b = len(mags)
+    g = make_guidance("reanchor")
+    g.tau = torch.full((b,), tau)
+    g.triggered = torch.full((b,), triggered)
+    e_u = torch.zeros(b, C, H, W)
+    m = torch.tensor(mags).view(-1, 1, 1, 1)
+    e_m = unit(b) * m
+    other = torch.zeros(b, C, H, W)
+    other[:, 0, 1, 1] = 1.0
+    e_o = 0.5 * e_m + 0.3 * other
+    st = state(0, 10, 0.9, e_u, e_m, s0=s, extra={"reanchor_original": e_o})
+    eps, tr = g.guide(st)
+    return eps, tr, e_u, e_m, e_o
+
+
+def test_reanchor_follows_the_official_rule():
+    s, low, high = 3.0, 3.0, 5.0
+    mags = [2.0, 3.0, 4.0, 5.0, 7.0]
+    eps, tr, e_u, e_m, e_o = reanchor_at(mags, s=s)
+    c = (s * low - high) / (s - 1)
+    for i, m in enumerate(mags):
+        cfg = e_u[i] + s * (e_m[i] - e_u[i])
+        if m <= low:
+            assert torch.allclose(eps[i], cfg)
+            assert tr["reanchor_on"][i] == 0
+            continue
+        s_pr = min(s * (m - c) / (high - c), s)
+        expect = e_o[i] + s_pr * (e_m[i] - e_o[i]) + (s - s_pr) * (e_m[i] - e_u[i])
+        assert torch.allclose(eps[i], expect, atol=1e-6)
+        assert tr["reanchor_s"][i] == pytest.approx(s_pr)
+    # s_pr is s from M on: the original prompt is the anchor, e_o + s (e_m - e_o)
+    assert torch.allclose(eps[3], e_o[3] + s * (e_m[3] - e_o[3]), atol=1e-6)
+    # continuous at L: just above L it is (almost) plain CFG
+    near, *_ = reanchor_at([3.0 + 1e-4], s=s)
+    assert torch.allclose(near[0], (e_u[0] + s * unit(1)[0] * 3.0), atol=1e-3)
+
+
+def test_reanchor_leaves_untriggered_samples_on_cfg_and_scales_thresholds_with_tau():
+    eps, tr, e_u, e_m, _ = reanchor_at([10.0], triggered=False)
+    assert torch.allclose(eps, e_u + 3.0 * (e_m - e_u)) and tr["reanchor_on"][0] == 0
+    eps, tr, *_ = reanchor_at([4.0], tau=2.0)  # L = 6 > 4: off
+    assert tr["reanchor_on"][0] == 0
+    with pytest.raises(UserError, match="0 < low < high"):
+        make_guidance("reanchor", low=5.0, high=3.0)
+
+
+def test_reanchor_through_the_sampler_triggers_on_wen_and_evaluates_the_original_prompt():
+    model = XFake()
+    g = build_guidance("reanchor", {"reanchor": {"target": 0.0, "low": 0.1, "high": 0.2}})
+    out = sample(model, ["a canary", "the sky"], [0, 1], g, steps=4, guidance_scale=3.0)
+    assert g.triggered.all()  # loss0 > target 0: every sample was adjusted
+    # 2 rows + the original prompt's row per step, plus Wen's 2 + iterations at x_T
+    assert out.unet_rows == pytest.approx(3 * 4 + (1 + 1 + 10), abs=1e-9)
+    assert {"reanchor_m", "reanchor_s", "reanchor_on", "wen_loss0"} <= set(out.trace[0])
+    emb = Cond(emb=torch.zeros(1, L, D))
+    g2 = make_guidance("reanchor")
+    g2.original = emb
+    g2.triggered = torch.tensor([False])
+    assert g2.extra_conditions(None) == {}  # nothing triggered: no extra rows
