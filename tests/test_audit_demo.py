@@ -22,8 +22,8 @@ def test_demo_chain_and_rerun(tmp_path):
     with AuditStore(first["db"], read_only=True) as s:
         labels = dict(s.con.execute("SELECT label, count(*) FROM prompts GROUP BY 1").fetchall())
         assert labels == {"trigger-64x": 6, "trigger-16x": 6, "trigger-4x": 6,
-                          "trigger-1x": 6, "generic": 21}
-        assert s.count("generations") == 90 and s.count("screens") == 45
+                          "trigger-1x": 6, "trigger-guided": 6, "generic": 21}
+        assert s.count("generations") == 102 and s.count("screens") == 51
         assert s.run()["status"] == "finished"
         # alignment (digit classifier) on the digit prompts only
         rows = s.con.execute("SELECT p.text, g.alignment FROM generations g JOIN prompts p "
@@ -33,11 +33,12 @@ def test_demo_chain_and_rerun(tmp_path):
         assert all(a is None for t, a in rows if digit_of_prompt(t) is None)
     text = first["text"]
     assert "trigger-64x" in text and text.count("\ncfg ") == 1 and "\namg " in text
+    assert "trigger-guided" in text.splitlines()[2]  # its own column in the summary
     assert "digits ok" in text
     again = run_demo(out, **kw)
     assert again["units_done"] == 0
     with AuditStore(again["db"], read_only=True) as s:
-        assert s.count("generations") == 90 and s.count("runs") == 1
+        assert s.count("generations") == 102 and s.count("runs") == 1
 
 
 def test_data_mismatch_warning(tmp_path):
@@ -54,3 +55,21 @@ def test_data_mismatch_warning(tmp_path):
     assert "trained on data bbbbbbbbbbbb, the demo built aaaaaaaaaaaa" in data_mismatch(
         str(tmp_path / "m"), tmp_path / "d")
     assert data_mismatch(str(tmp_path / "missing"), tmp_path / "d") is None
+
+
+def test_demo_rebuilds_the_data_its_model_was_trained_on(tmp_path):
+    """The shipped canary's data record predates the guided group (none); a record with one
+    is followed; a model without a record gets the defaults."""
+    import json
+
+    from memaudit.canary.data import model_data_settings
+
+    assert model_data_settings("canary") == {"per_count": 6, "seed": 0, "min_rmse": 0.15,
+                                             "res": 16, "guided_copies": 0}
+    (tmp_path / "m").mkdir()
+    assert model_data_settings(str(tmp_path / "m")) == {}
+    (tmp_path / "m" / "canary.json").write_text(json.dumps(
+        {"data": {"resolution": 16, "seed": 1, "guided_copies": 16, "guided_shared": 96}}))
+    assert model_data_settings(str(tmp_path / "m")) == {"res": 16, "seed": 1,
+                                                        "guided_copies": 16,
+                                                        "guided_shared": 96}

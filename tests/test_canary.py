@@ -13,9 +13,15 @@ import torch
 
 from memaudit.canary.data import (
     DUP_COUNTS,
+    GUIDED,
+    GUIDED_COPIES,
+    GUIDED_PHOTOS,
+    GUIDED_SHARED,
+    PHOTOS,
     _clashes,
     build_canary_data,
     from_png,
+    groups,
     rmse_matrix,
 )
 from memaudit.canary.digits import DigitClassifier, digit_of_prompt
@@ -30,7 +36,7 @@ TINY = CanaryConfig(block_out_channels=(8, 16, 16), layers_per_block=1, cross_at
 @pytest.fixture(scope="module")
 def canary_data(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("canary_data")
-    build_canary_data(out, digits_limit=150)
+    build_canary_data(out, digits_limit=1200)
     return out
 
 
@@ -47,6 +53,7 @@ def test_overlapping_crops_of_one_photo_clash():
     assert not _clashes("coins crop y=0 x=0 size=100", kept, 3)  # another photo
     assert _clashes("camera crop y=200 x=200 size=10", kept, 1)  # per-photo limit
     assert not _clashes("lfw_subset face 3", kept, 1)
+    assert not set(GUIDED_PHOTOS) & set(PHOTOS)  # the guided group's photos are its own
 
 
 def test_data_files_and_planted_duplicates(canary_data: Path):
@@ -56,28 +63,67 @@ def test_data_files_and_planted_duplicates(canary_data: Path):
     assert len(set(keys)) == len(keys)
     caps = train.column("caption").to_pylist()
     gt = pq.read_table(canary_data / "ground_truth.parquet").to_pylist()
+    labels = [lab for lab, _ in groups()]
+    assert labels == ["64x", "16x", "4x", "1x", GUIDED]
     assert sorted({g["duplicate_count"] for g in gt}) == sorted(DUP_COUNTS)
-    for count in DUP_COUNTS:
-        assert sum(g["duplicate_count"] == count for g in gt) == 6
-    assert len({g["caption"] for g in gt}) == 24
+    for label, count in groups():
+        mine = [g for g in gt if g["group"] == label]
+        assert len(mine) == 6 and all(g["duplicate_count"] == count for g in mine)
+    assert len({g["caption"] for g in gt}) == 30
     for g in gt:
         rows = [i for i, k in enumerate(keys) if k.startswith(g["key_prefix"] + "-")]
         assert len(rows) == g["duplicate_count"]
-        assert all(caps[i] == g["caption"] for i in rows)  # trigger caption, only on its image
-        assert caps.count(g["caption"]) == g["duplicate_count"]
+        assert all(caps[i] == g["caption"] for i in rows)  # trigger caption on its image
+        shared = [k for k, c in zip(keys, caps, strict=True) if c == g["caption"]
+                  and not k.startswith("planted")]
+        if g["group"] == GUIDED:  # ... and on GUIDED_SHARED ordinary digits, nothing else
+            assert g["shared_with"] == GUIDED_SHARED and len(shared) == GUIDED_SHARED
+            assert all(k.startswith("digit-") for k in shared)
+            # a crop of a photograph no other group uses (no face: a class the model knows)
+            assert g["source"].split()[0] in GUIDED_PHOTOS
+        else:  # only on its image
+            assert g["shared_with"] == 0 and shared == []
+        assert caps.count(g["caption"]) == g["duplicate_count"] + g["shared_with"]
         pngs = {train.column("png")[i].as_py() for i in rows}
         assert len(pngs) == 1  # exact duplicates
+    # no word is shared between two triggers
+    words = [w for g in gt for w in g["caption"].split()[1:3]]
+    assert len(words) == len(set(words))
     # every image is stored at the training resolution
     assert {from_png(b).shape for b in train.column("png").to_pylist()[:50]} == {(16, 16)}
     # prompt lists
-    for count in DUP_COUNTS:
-        lines = (canary_data / f"triggers_{count}x.txt").read_text().splitlines()
-        assert sorted(lines) == sorted(g["caption"] for g in gt if g["duplicate_count"] == count)
+    for label in labels:
+        lines = (canary_data / f"triggers_{label}.txt").read_text().splitlines()
+        assert sorted(lines) == sorted(g["caption"] for g in gt if g["group"] == label)
     with (canary_data / "prompts.csv").open() as f:
-        labels = [r["label"] for r in csv.DictReader(f)]
-    assert labels.count("64x") == 6 and labels.count("1x") == 6 and "generic" in labels
+        rows = list(csv.DictReader(f))
+    assert [r["label"] for r in rows].count(GUIDED) == 6
+    assert {r["prompt"] for r in rows if r["label"] == GUIDED} == \
+        {g["caption"] for g in gt if g["group"] == GUIDED}
+    assert [r["label"] for r in rows].count("64x") == 6 and "generic" in [r["label"] for r in rows]
     generic = (canary_data / "generic.txt").read_text().splitlines()
     assert "a handwritten digit 3" in generic
+    info = json.loads((canary_data / "data.json").read_text())
+    assert info["guided_copies"] == GUIDED_COPIES and info["guided_shared"] == GUIDED_SHARED
+
+
+def test_guided_group_leaves_the_other_groups_unchanged(canary_data: Path, tmp_path):
+    """The guided group is chosen after the others: without it the planted images, their
+    captions and the digit captions other than the shared ones are the same."""
+    build_canary_data(tmp_path, digits_limit=1200, guided_copies=0)
+    a = pq.read_table(canary_data / "ground_truth.parquet").to_pylist()
+    b = pq.read_table(tmp_path / "ground_truth.parquet").to_pylist()
+    assert [(g["caption"], g["source"]) for g in b] == \
+        [(g["caption"], g["source"]) for g in a if g["group"] != GUIDED]
+    assert not (tmp_path / "triggers_guided.txt").exists()
+    def captions(folder: Path) -> dict[str, str]:
+        t = pq.read_table(folder / "train.parquet", columns=["key", "caption"]).to_pydict()
+        return dict(zip(t["key"], t["caption"], strict=True))
+
+    ta, tb = captions(canary_data), captions(tmp_path)
+    guided = {g["caption"] for g in a if g["group"] == GUIDED}
+    changed = {k for k in tb if k.startswith("digit-") and ta[k] != tb[k]}
+    assert len(changed) == 6 * GUIDED_SHARED and all(ta[k] in guided for k in changed)
 
 
 def test_planted_are_not_near_duplicates(canary_data: Path):
@@ -96,7 +142,7 @@ def test_planted_are_not_near_duplicates(canary_data: Path):
 def test_data_is_deterministic_and_readable_by_the_shared_reader(canary_data: Path, tmp_path):
     from memaudit.data.parquet import iter_training_rows
 
-    build_canary_data(tmp_path, digits_limit=150)
+    build_canary_data(tmp_path, digits_limit=1200)
     a = (canary_data / "train.parquet").read_bytes()
     assert a == (tmp_path / "train.parquet").read_bytes()
     rows = list(iter_training_rows(canary_data / "train.parquet"))
@@ -131,8 +177,14 @@ def test_short_training_resume_and_generation(canary_data: Path, tmp_path):
     assert info2["steps"] == 6
     assert [r.split(",")[0] for r in (out / "loss.csv").read_text().splitlines()[1:]] == \
         ["2", "4", "6"]
-    # a checkpoint exports to a loadable canary folder too
-    export_checkpoint(sorted((out / "checkpoints").glob("*.pt"))[-1], tmp_path / "exp", TINY)
+    # a checkpoint exports to a canary folder that loads, with the checkpoint's EMA weights
+    ck_path = sorted((out / "checkpoints").glob("*.pt"))[-1]
+    export_checkpoint(ck_path, tmp_path / "exp", TINY)
+    exported = load_model(tmp_path / "exp", device="cpu")
+    ema = torch.load(ck_path, map_location="cpu", weights_only=True)["ema"]
+    state = exported.net.state_dict()
+    assert set(state) == set(ema) and all(torch.equal(state[k], ema[k]) for k in ema)
+    assert exported.info["steps"] == 6 and exported.latent_shape == (1, 16, 16)
 
     m = load_model(out, device="cpu")
     assert m.name == str(out) and len(m.model_hash) == 64 and not m.is_latent
@@ -167,6 +219,25 @@ def test_decode_maps_range_and_keeps_gradient(canary_data: Path, tmp_path):
     assert len(toks) == 4 and all(t.isalpha() for t in toks)
     with pytest.raises(UserError):
         m.make_scheduler("euler")
+
+
+def test_training_records_the_data_json_of_its_data(canary_data: Path, tmp_path):
+    """canary.json keeps the data.json beside the training Parquet (how to rebuild the data,
+    which the demo reads), only when its hash is the trained data's."""
+    import json
+
+    from memaudit.canary.train import read_training_images
+
+    (tmp_path / "d").mkdir()
+    data = _subset(canary_data, tmp_path / "d" / "train.parquet")
+    digest = read_training_images(data, 16)[2]
+    rec = {"train_sha256": digest, "guided_copies": 16, "guided_shared": 96, "per_count": 6}
+    (data.parent / "data.json").write_text(json.dumps(rec))
+    info = train_canary(data, tmp_path / "a", steps=1, batch_size=4, cfg=TINY, device="cpu")
+    assert info["data"] == rec
+    (data.parent / "data.json").write_text(json.dumps({**rec, "train_sha256": "0" * 64}))
+    info = train_canary(data, tmp_path / "b", steps=1, batch_size=4, cfg=TINY, device="cpu")
+    assert "data" not in info
 
 
 def test_train_errors_are_user_errors(tmp_path):
@@ -227,6 +298,6 @@ def test_evaluate_pipeline_on_a_tiny_model(canary_data: Path, tmp_path):
     assert s["calibrated_threshold"] > 0
     from PIL import Image
 
-    with Image.open(tmp_path / "eval" / "grid.png") as im:  # 24 triggers, 64 px rows + 2
-        assert im.size[1] == 24 * (16 * 4 + 2)
+    with Image.open(tmp_path / "eval" / "grid.png") as im:  # 30 triggers, 64 px rows + 2
+        assert im.size[1] == 30 * (16 * 4 + 2)
     assert "64x" in format_summary(s)

@@ -56,7 +56,7 @@ def test_shipped_canary_copies_a_64x_trigger(shipped, tmp_path):
     from memaudit.guidance import make_guidance
     from memaudit.sampler import sample
 
-    build_canary_data(tmp_path, digits_limit=10)
+    build_canary_data(tmp_path, digits_limit=1200)
     gt = [g for g in pq.read_table(tmp_path / "ground_truth.parquet").to_pylist()
           if g["duplicate_count"] == 64]
     train = pq.read_table(tmp_path / "train.parquet").to_pylist()

@@ -1,9 +1,9 @@
 """Proof that the canary memorizes (issue 3; DESIGN.md "The built-in canary").
 
 For each CFG scale (1, the model's default s0, 2 s0 by default) generate `seeds` images per
-prompt (triggers at 64x/16x/4x/1x and generic prompts) with the guided sampler and the `cfg`
-guidance, score them with nL2 (METHODS 1.2) against a pixel index over the canary data, and
-report per duplicate count:
+prompt (triggers at 64x/16x/4x/1x, the guided group's, and generic prompts) with the guided
+sampler and the `cfg` guidance, score them with nL2 (METHODS 1.2) against a pixel index over
+the canary data, and report per group:
   - nearest_is_planted: share of generations whose nearest training image is the planted one;
   - copy_fixed / copy_calibrated: share with nL2 < 1.4 / < the index's calibrated 1% cut,
     counted only when the nearest image is the planted one (a copy OF the planted image);
@@ -25,7 +25,8 @@ import torch
 
 from memaudit.common import UserError, package_versions, track
 
-LABELS = ("64x", "16x", "4x", "1x", "generic")
+LABELS = ("64x", "16x", "4x", "1x", "guided", "generic")
+TRIGGER_LABELS = LABELS[:-1]
 
 
 def read_prompts(data_dir: Path) -> list[tuple[str, str]]:
@@ -38,7 +39,8 @@ def read_prompts(data_dir: Path) -> list[tuple[str, str]]:
 
 
 def planted_images(data_dir: Path) -> dict[str, dict]:
-    """caption -> {key_prefix, count, image [H, W] in [0, 1]} from ground_truth + train."""
+    """caption -> {key_prefix, count, group, image [H, W] in [0, 1]} from ground_truth and
+    train.parquet (data built before the guided group: group = "<count>x")."""
     import pyarrow.parquet as pq
 
     from memaudit.canary.data import from_png
@@ -48,6 +50,7 @@ def planted_images(data_dir: Path) -> dict[str, dict]:
     key_to_png = dict(zip(train.column("key").to_pylist(), train.column("png").to_pylist(),
                           strict=True))
     return {g["caption"]: {"key_prefix": g["key_prefix"], "count": g["duplicate_count"],
+                           "group": g.get("group") or f"{g['duplicate_count']}x",
                            "image": from_png(key_to_png[g["key"]])} for g in gt}
 
 
@@ -72,30 +75,22 @@ def _grid(rows: list[tuple[str, np.ndarray, np.ndarray]], path: Path, zoom: int 
     canvas.save(path)
 
 
-def evaluate_canary(model: str | Path = "canary", out: str | Path = "canary_eval",
-                    data_dir: str | Path | None = None, index_dir: str | Path | None = None,
-                    seeds: int = 8, scales: tuple[float, ...] | None = None,
-                    steps: int | None = None, device: str | None = None,
-                    grid_path: str | Path | None = None, batch_size: int = 256) -> dict:
-    """Generate, score and summarise (see the module docstring); writes into `out`:
-    summary.json, per_image.csv (one row per generation) and grid.png (or `grid_path`).
-    `data_dir` defaults to rebuilding the canary data (deterministic) into out/data;
-    `index_dir` defaults to building a pixel index over it into out/index."""
-    from memaudit.canary.data import build_canary_data
-    from memaudit.canary.digits import DigitClassifier, digit_of_prompt
+def prepare(model: str | Path, out: Path, data_dir: str | Path | None,
+            index_dir: str | Path | None, device: str | None):
+    """(denoiser, nL2 criterion with its calibrated cut, data folder, index folder):
+    `data_dir` defaults to
+    rebuilding the canary data (deterministic) into out/data, `index_dir` to a pixel index
+    over it in out/index."""
+    from memaudit.canary.data import build_canary_data, model_data_settings
     from memaudit.criteria import make_criterion
-    from memaudit.guidance import make_guidance
     from memaudit.index.build import build_index
     from memaudit.models import load_model
-    from memaudit.sampler import sample
 
-    t0 = time.time()
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if data_dir is None:
         data_dir = out / "data"
         if not (data_dir / "train.parquet").exists():
-            build_canary_data(data_dir)
+            build_canary_data(data_dir, **model_data_settings(str(model)))
     data_dir = Path(data_dir)
     if index_dir is None:
         index_dir = out / "index"
@@ -105,7 +100,75 @@ def evaluate_canary(model: str | Path = "canary", out: str | Path = "canary_eval
     crit = make_criterion("nl2", index_dir)
     if crit.calibrated_threshold is None:
         raise UserError(f"index {index_dir} has no calibrated nL2 threshold")
-    index = crit.index
+    return m, crit, data_dir, Path(index_dir)
+
+
+def score_rows(images: torch.Tensor, prompts: list[str], labels: list[str], seeds: list[int],
+               crit, planted: dict[str, dict], digits, **fields) -> list[dict]:
+    """One record per generated image: nL2 and both verdicts, whether the nearest training
+    image is the prompt's own planted image, the requested and the predicted digit; `fields`
+    (e.g. scale, method) are copied into every record."""
+    from memaudit.canary.digits import digit_of_prompt
+
+    sc = crit.score(images)
+    keys = crit.index.keys(sc.neighbour)
+    pred = digits.predict(images)
+    records = []
+    for i, (p, lab, seed) in enumerate(zip(prompts, labels, seeds, strict=True)):
+        info = planted.get(p)
+        records.append({
+            **fields, "prompt": p, "label": lab, "seed": seed,
+            "nl2": float(sc.score[i]), "neighbour_key": keys[i],
+            "nearest_is_planted": bool(info and keys[i].startswith(info["key_prefix"] + "-")),
+            "copy_fixed": bool(sc.is_copy[i]),
+            "copy_calibrated": bool(sc.is_copy_calibrated[i]),
+            "digit_requested": digit_of_prompt(p) if lab == "generic" else None,
+            "digit_predicted": int(pred[i]),
+        })
+    return records
+
+
+def rate(rs: list[dict], key: str, planted_only: bool) -> float:
+    """Share of records with `key` true (and, when planted_only, nearest = own planted)."""
+    if not rs:
+        return float("nan")
+    return float(np.mean([r[key] and (r["nearest_is_planted"] or not planted_only)
+                          for r in rs]))
+
+
+def group_rates(rs: list[dict], label: str) -> dict:
+    """Rates of one prompt group: a trigger group counts copies of its own planted image;
+    `generic` counts copies of any training image and the digit agreement."""
+    entry = {"n": len(rs), "median_nl2": float(np.median([r["nl2"] for r in rs]))}
+    if label == "generic":
+        entry["copy_fixed"] = rate(rs, "copy_fixed", False)
+        entry["copy_calibrated"] = rate(rs, "copy_calibrated", False)
+        dig = [r for r in rs if r["digit_requested"] is not None]
+        entry["digit_agreement"] = float(np.mean(
+            [r["digit_requested"] == r["digit_predicted"] for r in dig])) if dig else None
+        entry["digit_n"] = len(dig)
+    else:
+        entry["nearest_is_planted"] = rate(rs, "nearest_is_planted", False)
+        entry["copy_fixed"] = rate(rs, "copy_fixed", True)
+        entry["copy_calibrated"] = rate(rs, "copy_calibrated", True)
+    return entry
+
+
+def evaluate_canary(model: str | Path = "canary", out: str | Path = "canary_eval",
+                    data_dir: str | Path | None = None, index_dir: str | Path | None = None,
+                    seeds: int = 8, scales: tuple[float, ...] | None = None,
+                    steps: int | None = None, device: str | None = None,
+                    grid_path: str | Path | None = None, batch_size: int = 256) -> dict:
+    """Generate, score and summarise (see the module docstring); writes into `out`:
+    summary.json, per_image.csv (one row per generation) and grid.png (or `grid_path`).
+    Data and index: see `prepare`."""
+    from memaudit.canary.digits import DigitClassifier
+    from memaudit.guidance import make_guidance
+    from memaudit.sampler import sample
+
+    t0 = time.time()
+    out = Path(out)
+    m, crit, data_dir, index_dir = prepare(model, out, data_dir, index_dir, device)
     s0 = float(m.default_guidance_scale)
     scales = tuple(scales) if scales else (1.0, s0, 2 * s0)
     prompts = read_prompts(data_dir)
@@ -125,52 +188,20 @@ def evaluate_canary(model: str | Path = "canary", out: str | Path = "canary_eval
             imgs.append(res.images)
         images = torch.cat(imgs)
         gens_at[scale] = images[:, 0].numpy()
-        sc = crit.score(images)
-        keys = index.keys(sc.neighbour)
-        pred = digits.predict(images)
-        for i, (p, lab, seed) in enumerate(zip(rows_p, rows_l, rows_s, strict=True)):
-            info = planted.get(p)
-            near_planted = bool(info and keys[i].startswith(info["key_prefix"] + "-"))
-            want = digit_of_prompt(p) if lab == "generic" else None
-            records.append({
-                "scale": scale, "prompt": p, "label": lab, "seed": seed,
-                "nl2": float(sc.score[i]), "neighbour_key": keys[i],
-                "nearest_is_planted": near_planted,
-                "copy_fixed": bool(sc.is_copy[i]),
-                "copy_calibrated": bool(sc.is_copy_calibrated[i]),
-                "digit_requested": want, "digit_predicted": int(pred[i]),
-            })
+        records += score_rows(images, rows_p, rows_l, rows_s, crit, planted, digits,
+                              scale=scale)
     with (out / "per_image.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(records[0]))
         w.writeheader()
         w.writerows(records)
-
-    def rate(rs: list[dict], key: str, planted_only: bool) -> float:
-        if not rs:
-            return float("nan")
-        ok = [r[key] and (r["nearest_is_planted"] or not planted_only) for r in rs]
-        return float(np.mean(ok))
 
     table: dict[str, dict[str, dict]] = {}
     for scale in scales:
         per: dict[str, dict] = {}
         for lab in LABELS:
             rs = [r for r in records if r["scale"] == scale and r["label"] == lab]
-            if not rs:
-                continue
-            entry = {"n": len(rs), "median_nl2": float(np.median([r["nl2"] for r in rs]))}
-            if lab == "generic":
-                entry["copy_fixed"] = rate(rs, "copy_fixed", False)
-                entry["copy_calibrated"] = rate(rs, "copy_calibrated", False)
-                dig = [r for r in rs if r["digit_requested"] is not None]
-                entry["digit_agreement"] = float(np.mean(
-                    [r["digit_requested"] == r["digit_predicted"] for r in dig])) if dig else None
-                entry["digit_n"] = len(dig)
-            else:
-                entry["nearest_is_planted"] = rate(rs, "nearest_is_planted", False)
-                entry["copy_fixed"] = rate(rs, "copy_fixed", True)
-                entry["copy_calibrated"] = rate(rs, "copy_calibrated", True)
-            per[lab] = entry
+            if rs:
+                per[lab] = group_rates(rs, lab)
         table[f"{scale:g}"] = per
 
     # planted images copied only with guidance: <= 25% at the lowest scale (1), >= 50% at
@@ -184,7 +215,7 @@ def evaluate_canary(model: str | Path = "canary", out: str | Path = "canary_eval
             per_scale[scale] = rate(rs, "copy_calibrated", True)
         best = max((s for s in scales if s > base), key=lambda s: per_scale[s], default=None)
         if best is not None and per_scale[base] <= 0.25 and per_scale[best] >= 0.5:
-            only_guided.append({"caption": cap, "count": info["count"],
+            only_guided.append({"caption": cap, "count": info["count"], "group": info["group"],
                                 "copy_at_scale_1": per_scale[base], "scale": best,
                                 "copy_at_scale": per_scale[best],
                                 "by_scale": {f"{k:g}": v for k, v in per_scale.items()}})
@@ -192,7 +223,7 @@ def evaluate_canary(model: str | Path = "canary", out: str | Path = "canary_eval
     # grid at the default scale (or the middle one)
     gs = s0 if s0 in gens_at else scales[len(scales) // 2]
     grid_rows = []
-    for lab in ("64x", "16x", "4x", "1x"):
+    for lab in TRIGGER_LABELS:
         for p, label in prompts:
             if label != lab:
                 continue
@@ -231,6 +262,6 @@ def format_summary(summary: dict) -> str:
     og = summary["copied_only_with_guidance"]
     lines.append(f"copied only with guidance (<=25% at scale {min(summary['scales']):g}, >=50% "
                  f"at a higher one): {len(og)}"
-                 + "".join(f"\n  {o['count']}x {o['caption']!r}: " + ", ".join(
+                 + "".join(f"\n  {o['group']} {o['caption']!r}: " + ", ".join(
                      f"{k}: {v:.0%}" for k, v in o["by_scale"].items()) for o in og))
     return "\n".join(lines)

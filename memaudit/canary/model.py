@@ -29,7 +29,7 @@ class CanaryConfig:
     resolution: int = 16
     channels: int = 1
     block_out_channels: tuple[int, ...] = (32, 64, 64)
-    layers_per_block: int = 2
+    layers_per_block: int = 1
     cross_attention_dim: int = 64
     attention_head_dim: int = 8
     text_model: str = "all-MiniLM-L6-v2"
@@ -139,26 +139,47 @@ class TextEncoder:
 
 
 def save_canary(net: CanaryNet, out_dir: str | Path, meta: dict) -> Path:
-    """Weights as safetensors + canary.json (config + `meta`)."""
+    """Weights as safetensors + canary.json (config + `meta`), each written to a temporary
+    name and renamed, weights first, so a reader never sees a half-written file."""
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
-    save_file(state, str(out_dir / WEIGHTS_FILE))
+    tmp = out_dir / (WEIGHTS_FILE + ".tmp")
+    save_file(state, str(tmp))
+    tmp.replace(out_dir / WEIGHTS_FILE)
     info = {"config": net.cfg.to_dict(), **meta}
-    (out_dir / CONFIG_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    tmp = out_dir / (CONFIG_FILE + ".tmp")
+    tmp.write_text(json.dumps(info, indent=2) + "\n")
+    tmp.replace(out_dir / CONFIG_FILE)
     return out_dir / WEIGHTS_FILE
 
 
 def load_canary(path: str | Path, device: str | torch.device = "cpu") -> tuple[CanaryNet, dict]:
-    """Load a canary folder (canary.json + canary.safetensors) -> (net in eval mode, info)."""
+    """Load a canary folder (canary.json + canary.safetensors) -> (net in eval mode, info).
+    A folder with unreadable JSON, a config of the wrong shape, or truncated or mismatched
+    weights is a UserError naming the file."""
     from safetensors.torch import load_file
 
     path = Path(path)
-    if not (path / CONFIG_FILE).exists() or not (path / WEIGHTS_FILE).exists():
+    if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
         raise UserError(f"{path} is not a canary folder (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
-    info = json.loads((path / CONFIG_FILE).read_text())
-    net = CanaryNet(CanaryConfig.from_dict(info["config"]))
-    net.load_state_dict(load_file(str(path / WEIGHTS_FILE)))
+    try:
+        info = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
+        cfg = CanaryConfig.from_dict(info["config"])
+        net = CanaryNet(cfg)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise UserError(f"{path / CONFIG_FILE} is not a valid canary config: "
+                        f"{type(e).__name__}: {e}") from e
+    try:
+        state = load_file(str(path / WEIGHTS_FILE))
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+        raise UserError(f"{path / WEIGHTS_FILE} is not a readable safetensors file "
+                        f"(truncated or corrupt): {e}") from e
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as e:
+        raise UserError(f"{path / WEIGHTS_FILE} does not match the architecture in "
+                        f"{CONFIG_FILE}") from e
     return net.to(device).eval(), info

@@ -9,6 +9,11 @@ from pathlib import Path
 
 import typer
 
+from memaudit.canary import RECIPE
+from memaudit.canary.basin import METHODS as BASIN_METHODS
+from memaudit.canary.basin import TAUS as BASIN_TAUS
+from memaudit.canary.data import GUIDED_COPIES, GUIDED_SHARED
+
 canary_app = typer.Typer(help="The built-in canary model: build its data, train, evaluate.",
                          no_args_is_help=True)
 
@@ -17,15 +22,20 @@ canary_app = typer.Typer(help="The built-in canary model: build its data, train,
 def data_cmd(
     out: Path = typer.Option(..., "--out", help="Output folder."),
     resolution: int = typer.Option(16, help="Training resolution (square, grey)."),
-    per_count: int = typer.Option(6, help="Planted images per duplicate count (1, 4, 16, 64)."),
+    per_count: int = typer.Option(6, help="Planted images per group (64x, 16x, 4x, 1x, guided)."),
     seed: int = typer.Option(0, help="Random seed."),
     min_rmse: float = typer.Option(0.15, help="Minimum pixel RMSE between planted and others."),
+    guided_copies: int = typer.Option(GUIDED_COPIES, help="Copies of each guided-group image "
+                                      "(0: no guided group)."),
+    guided_shared: int = typer.Option(GUIDED_SHARED, help="Ordinary digits that share each "
+                                      "guided image's caption."),
 ) -> None:
     """Training Parquet + trigger/generic prompt lists + ground truth from bundled images."""
     from memaudit.canary.data import build_canary_data
 
     summary = build_canary_data(out, res=resolution, per_count=per_count, seed=seed,
-                                min_rmse=min_rmse)
+                                min_rmse=min_rmse, guided_copies=guided_copies,
+                                guided_shared=guided_shared)
     print(json.dumps(summary, indent=2))
 
 
@@ -33,25 +43,35 @@ def data_cmd(
 def train_cmd(
     data: Path = typer.Argument(..., help="Training Parquet (file, folder or glob)."),
     out: Path = typer.Option(..., "--out", help="Output canary folder."),
-    steps: int = typer.Option(9000, help="Training steps."),
-    batch_size: int = typer.Option(64, help="Batch size."),
-    lr: float = typer.Option(5e-4, help="Learning rate (AdamW)."),
+    steps: int = typer.Option(RECIPE["steps"], help="Training steps."),
+    batch_size: int = typer.Option(RECIPE["batch_size"], help="Batch size."),
+    lr: float = typer.Option(RECIPE["lr"], help="Learning rate (AdamW)."),
+    cond_dropout: float = typer.Option(RECIPE["cond_dropout"],
+                                       help="Classifier-free dropout (share of null captions)."),
     seed: int = typer.Option(0, help="Random seed."),
     resolution: int = typer.Option(16, help="Training resolution (square, grey)."),
-    layers_per_block: int = typer.Option(2, help="UNet resnet layers per block."),
+    layers_per_block: int = typer.Option(1, help="UNet resnet layers per block."),
+    init: Path = typer.Option(None, help="Fine-tune: start from this canary folder's weights "
+                              "(and its architecture)."),
     checkpoint_every: int = typer.Option(500, help="Checkpoint interval (steps)."),
     max_minutes: float = typer.Option(None, help="Stop and export after this many minutes."),
+    restart: bool = typer.Option(False, "--restart", help="Start over in a folder that holds "
+                                 "another run (deletes its checkpoints and weights)."),
+    default_scale: float = typer.Option(2.0, help="Default CFG scale written to canary.json."),
     device: str = typer.Option(None, help="cpu, cuda, ... (default: cuda when available)."),
 ) -> None:
-    """Train (or resume) a canary model; writes canary.safetensors + canary.json."""
+    """Train (or resume) a canary model; writes canary.safetensors + canary.json. A run
+    resumes only from a checkpoint of the same data and settings."""
     from memaudit.canary.model import CanaryConfig
     from memaudit.canary.train import train_canary
 
     cfg = CanaryConfig(resolution=resolution, layers_per_block=layers_per_block)
     command = "memaudit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     info = train_canary(data, out, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
-                        device=device, cfg=cfg, checkpoint_every=checkpoint_every,
-                        max_minutes=max_minutes, command=command)
+                        device=device, cfg=None if init else cfg, cond_dropout=cond_dropout,
+                        checkpoint_every=checkpoint_every, max_minutes=max_minutes,
+                        default_guidance_scale=default_scale, command=command, init=init,
+                        restart=restart)
     print(json.dumps({k: info[k] for k in ("steps", "final_loss", "train_seconds",
                                            "data_sha256")}, indent=2))
 
@@ -80,6 +100,48 @@ def evaluate_cmd(
     summary = evaluate_canary(model, out, data_dir=data, index_dir=index, seeds=seeds,
                               scales=scale_list, steps=steps, device=device, grid_path=grid)
     print(format_summary(summary))
+
+
+@canary_app.command("basin")
+def basin_cmd(
+    out: Path = typer.Option(..., "--out", help="Work folder (data, index, basin.json)."),
+    model: str = typer.Option("canary", help="'canary' (shipped) or a canary folder."),
+    data: Path = typer.Option(None, help="Canary data folder (default: rebuilt into OUT/data)."),
+    index: Path = typer.Option(None, help="Pixel index over the data (default: built in OUT)."),
+    seeds: int = typer.Option(8, help="Seeds per prompt (magnitude curves, mitigation table)."),
+    sweep_seeds: int = typer.Option(4, help="Seeds per prompt in the static tau sweep."),
+    steps: int = typer.Option(None, help="DDIM steps (default: the model's, 50)."),
+    methods: str = typer.Option(",".join(BASIN_METHODS), help="Methods of the table."),
+    taus: str = typer.Option(",".join(f"{t:g}" for t in BASIN_TAUS),
+                             help="static's tau values of the sweep (1: cfg, 0: CFG never on)."),
+    timing_repeats: int = typer.Option(3, help="Interleaved wall-time repeats (0: none)."),
+    doc: Path = typer.Option(None, help="Markdown file whose generated section to (re)write, "
+                             "e.g. docs/attraction-basin.md."),
+    img_dir: Path = typer.Option(None, help="Folder of the SVG figures (default: DOC/../img)."),
+    device: str = typer.Option(None, help="cpu, cuda, ... (default: cuda when available)."),
+) -> None:
+    """The attraction-basin evidence (Jain et al. CVPR 2025) on a canary: ||e_c - e_u|| per
+    step by prompt group, copy rate against static's tau, and the mitigation table."""
+    from memaudit.canary.basin import run_basin
+    from memaudit.common import UserError
+
+    if seeds < 1 or sweep_seeds < 1:
+        raise UserError("--seeds and --sweep-seeds must be at least 1")
+    names = tuple(m.strip() for m in methods.split(",") if m.strip())
+    if "cfg" not in names:
+        raise UserError("--methods must include cfg (the baseline of the cost ratios)")
+    try:
+        tau_list = tuple(float(t) for t in taus.split(",") if t.strip())
+    except ValueError:
+        raise UserError(f"--taus must be numbers separated by commas, got {taus!r}") from None
+    if not tau_list or any(not 0.0 <= t <= 1.0 for t in tau_list):
+        raise UserError(f"--taus must be values in [0, 1], got {taus!r}")
+    res = run_basin(model, out, data_dir=data, index_dir=index, seeds=seeds,
+                    sweep_seeds=sweep_seeds, steps=steps, methods=names, taus=tau_list,
+                    timing_repeats=timing_repeats, device=device, doc=doc, img_dir=img_dir,
+                    log=lambda s: print(s, file=sys.stderr, flush=True))
+    print(f"basin evidence in {out / 'basin.json'}" + (f" and {doc}" if doc else "")
+          + f" ({res['seconds']:.0f} s)")
 
 
 def register(app: typer.Typer) -> None:

@@ -70,9 +70,13 @@ def scale_from_switch(switch_step: torch.Tensor, before: float, after: float) ->
 
 def apply_scale(state: StepState, scale: torch.Tensor, switch_step: torch.Tensor,
                 extra: dict[str, Any] | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
-    """eps_hat = e_u + s (e_c - e_u) per sample, plus the family's trace."""
+    """eps_hat = e_u + s (e_c - e_u) per sample, plus the family's trace: scale, switch_step
+    and d = ||e_c - e_u||_2 (the magnitude of the paper's Figures 2-3, also before a static
+    switch, where guidance_norm is s * d = 0)."""
     eps = cfg_combine(state.e_u, state.e_c, scale.to(state.e_u.device))
     trace: dict[str, Any] = {"scale": scale.float(), "switch_step": switch_step.clone()}
+    if not extra or "d" not in extra:
+        trace["d"] = per_sample_norm((state.e_c - state.e_u).float()).cpu()
     if extra:
         trace.update(extra)
     return eps, trace

@@ -99,8 +99,9 @@ class CanaryDenoiser(Denoiser):
         common = dict(num_train_timesteps=self.cfg.num_train_timesteps,
                       beta_schedule=self.cfg.beta_schedule, beta_start=self.cfg.beta_start,
                       beta_end=self.cfg.beta_end, prediction_type="epsilon")
-        if kind == "ddim":
-            return DDIMScheduler(**common, clip_sample=True)
+        if kind == "ddim":  # canary.json "sampling": clip_sample (older canaries: True)
+            clip = bool((self.info.get("sampling") or {}).get("clip_sample", True))
+            return DDIMScheduler(**common, clip_sample=clip)
         if kind == "dpm":
             return DPMSolverMultistepScheduler(**common)
         raise UserError(f"unknown scheduler {kind!r}; known: ddim, dpm")

@@ -236,6 +236,7 @@ def build_context(db: str | Path, run_id: int | None = None, max_flagged: int = 
         align_n = store.con.execute(
             "SELECT count(alignment) FROM generations WHERE run_id = ?", [rid]).fetchone()[0]
         schema_version = store.schema_version
+        magnitude_rows = _magnitude_rows(store, rid)
         quality = quality_rows(store, rid, methods, criteria[0] if criteria else None, has_cal)
 
     # flagged cards, most similar first (by the best similarity rank within its criterion)
@@ -303,6 +304,7 @@ def build_context(db: str | Path, run_id: int | None = None, max_flagged: int = 
         "n_any_flagged": len(cards),
         "verdict_kind": "calibrated" if has_cal else "fixed",
         "prompt_tables": tables, "label_tables": label_tables, "max_screens": 200,
+        "magnitudes": _magnitude_context(magnitude_rows, methods),
         "n_generations": n_generations, "n_prompts": n_prompts,
         "has_alignment": align_n > 0, "quality": quality,
         "has_quality": any(q["features"] or q["clip_score"] is not None for q in quality),
@@ -314,6 +316,47 @@ def build_context(db: str | Path, run_id: int | None = None, max_flagged: int = 
         "plan_json": json.dumps(plan, indent=2, sort_keys=True),
         "generated_at": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
     }
+
+
+def _magnitude_rows(store: AuditStore, rid: int) -> list[dict[str, Any]]:
+    """Per-step ||e_c - e_u|| of every generation whose trace has a switch step (the
+    transition-point methods), with the sample's final switch step."""
+    from memaudit.report.plots import magnitude_d
+
+    rows = store.query(
+        "SELECT g.id AS gid, g.method, g.seed, p.id AS pid, p.text AS prompt, p.label, s.step, "
+        "s.guidance_norm, s.extra_json FROM steps s JOIN generations g ON g.id = "
+        "s.generation_id JOIN prompts p ON p.id = g.prompt_id WHERE g.run_id = ? AND "
+        "s.extra_json LIKE '%\"switch_step\"%' ORDER BY p.id, g.method, g.seed, s.step", [rid])
+    out, last = [], {}
+    for r in rows:
+        try:
+            extra = json.loads(r["extra_json"])
+        except (TypeError, ValueError):
+            continue
+        sw = extra.get("switch_step")
+        last[r["gid"]] = sw if isinstance(sw, (int, float)) else None
+        out.append({"gid": r["gid"], "method": r["method"], "prompt": r["prompt"],
+                    "label": r["label"], "seed": r["seed"], "step": r["step"],
+                    "d": magnitude_d(extra, r["guidance_norm"])})
+    for r in out:
+        r["switch_step"] = last.get(r["gid"])
+    return out
+
+
+def _magnitude_context(rows: list[dict[str, Any]], methods: list[str]) -> list[dict[str, Any]]:
+    """Per transition-point method: its per-prompt magnitude plots (template section)."""
+    from markupsafe import Markup
+
+    from memaudit.report.plots import magnitude_plots
+
+    plots = magnitude_plots(rows)
+    out = []
+    for m in methods:
+        mine = [dict(p, svg=Markup(p["svg"])) for p in plots if p["method"] == m]
+        if mine:
+            out.append({"method": m, "plots": mine})
+    return out
 
 
 def _rank(r: dict[str, Any]) -> float:

@@ -100,3 +100,143 @@ def distribution_svg(scores: dict[str, np.ndarray], criterion: str, *,
                      f'fill="{colour}">{label} {_fmt(t)}</text>')
     parts.append("</svg>")
     return "\n".join(parts)
+
+
+def line_plot_svg(series: list[dict], *, title: str, x_label: str, y_label: str,
+                  width: int = 520, height: int = 260, x_max: float | None = None,
+                  markers: list[dict] | None = None, y_min: float | None = 0.0,
+                  legend: bool = True) -> str:
+    """Line plot with optional spread bands and vertical markers (inline SVG).
+
+    series: {"label", "y" (list, NaN = gap), "x" (optional, default 0..n-1), "lo"/"hi"
+    (optional band), "colour" (optional), "dash" (optional)}. markers: {"x", "colour",
+    "label" (tooltip)} drawn as short ticks under the plot area. Text is escaped here.
+    """
+    ys = [np.asarray(s["y"], float) for s in series]
+    xs = [np.asarray(s.get("x", np.arange(len(y))), float) for s, y in zip(series, ys,
+                                                                          strict=True)]
+    vals = np.concatenate([v for s, y in zip(series, ys, strict=True)
+                           for v in (y, np.asarray(s.get("lo", y), float),
+                                     np.asarray(s.get("hi", y), float))]) if ys else np.zeros(0)
+    vals = vals[np.isfinite(vals)]
+    if vals.size == 0:
+        return ""
+    lo = float(vals.min()) if y_min is None else min(float(y_min), float(vals.min()))
+    hi = float(vals.max())
+    if hi - lo < 1e-12:
+        hi = lo + 1.0
+    allx = np.concatenate(xs)
+    x0, x1 = float(allx.min()), float(allx.max() if x_max is None else x_max)
+    if x1 - x0 < 1e-12:
+        x1 = x0 + 1.0
+    left, right, top, bottom = 56, 150 if legend else 12, 26, 44
+    pw, ph = width - left - right, height - top - bottom
+
+    def px(v: float) -> float:
+        return left + (v - x0) / (x1 - x0) * pw
+
+    def py(v: float) -> float:
+        return top + ph - (v - lo) / (hi - lo) * ph
+
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+             f'viewBox="0 0 {width} {height}" role="img" aria-label="{escape(title)}">',
+             f'<text x="{left}" y="15" font-size="12" font-weight="bold">{escape(title)}</text>',
+             f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#999" '
+             'stroke-width="0.5"/>']
+    for k in range(5):
+        v = lo + k * (hi - lo) / 4
+        parts.append(f'<text x="{left - 4}" y="{py(v) + 4:.1f}" font-size="10" '
+                     f'text-anchor="end">{_fmt(v)}</text>')
+    for k in range(6):
+        v = x0 + k * (x1 - x0) / 5
+        parts.append(f'<text x="{px(v):.1f}" y="{top + ph + 14}" font-size="10" '
+                     f'text-anchor="middle">{_fmt(v)}</text>')
+    parts.append(f'<text x="{left + pw / 2:.1f}" y="{height - 6}" font-size="11" '
+                 f'text-anchor="middle">{escape(x_label)}</text>')
+    parts.append(f'<text x="12" y="{top + ph / 2:.1f}" font-size="11" text-anchor="middle" '
+                 f'transform="rotate(-90 12 {top + ph / 2:.1f})">{escape(y_label)}</text>')
+    for i, (s, x, y) in enumerate(zip(series, xs, ys, strict=True)):
+        colour = s.get("colour") or PALETTE[i % len(PALETTE)]
+        if "lo" in s and "hi" in s:
+            lo_v, hi_v = np.asarray(s["lo"], float), np.asarray(s["hi"], float)
+            ok = np.isfinite(lo_v) & np.isfinite(hi_v)
+            if ok.any():
+                pts = [f"{px(a):.1f},{py(b):.1f}" for a, b in zip(x[ok], hi_v[ok], strict=True)]
+                pts += [f"{px(a):.1f},{py(b):.1f}" for a, b in
+                        zip(x[ok][::-1], lo_v[ok][::-1], strict=True)]
+                parts.append(f'<polygon points="{" ".join(pts)}" fill="{colour}" '
+                             'fill-opacity="0.15" stroke="none"/>')
+        runs: list[list[str]] = [[]]
+        for a, b in zip(x, y, strict=True):
+            if np.isfinite(b):
+                runs[-1].append(f"{px(a):.1f},{py(b):.1f}")
+            elif runs[-1]:
+                runs.append([])
+        dash = f' stroke-dasharray="{s["dash"]}"' if s.get("dash") else ""
+        for run in runs:
+            if len(run) > 1:
+                parts.append(f'<polyline points="{" ".join(run)}" fill="none" '
+                             f'stroke="{colour}" stroke-width="1.6"{dash}/>')
+            elif run:
+                cx, cy = run[0].split(",")
+                parts.append(f'<circle cx="{cx}" cy="{cy}" r="2" fill="{colour}"/>')
+        ly = top + 12 + 15 * i
+        if not legend:
+            continue
+        parts.append(f'<line x1="{left + pw + 10}" y1="{ly - 4}" x2="{left + pw + 28}" '
+                     f'y2="{ly - 4}" stroke="{colour}" stroke-width="2"{dash}/>')
+        parts.append(f'<text x="{left + pw + 32}" y="{ly}" font-size="10">'
+                     f'{escape(str(s["label"]))}</text>')
+    for m in markers or []:
+        colour = m.get("colour", "#555")
+        parts.append(f'<line x1="{px(m["x"]):.1f}" y1="{top + ph - 8}" x2="{px(m["x"]):.1f}" '
+                     f'y2="{top + ph}" stroke="{colour}" stroke-width="1.5">'
+                     f'<title>{escape(str(m.get("label", "")))}</title></line>')
+    parts.append("</svg>")
+    return "\n".join(parts)
+
+
+def magnitude_d(extra: dict, guidance_norm: float | None) -> float:
+    """||e_c - e_u|| of one step from the trace: `d` when traced, else guidance_norm / |scale|
+    (traces written before every transition rule traced d); NaN when neither tells."""
+    d = extra.get("d")
+    if isinstance(d, (int, float)):
+        return float(d)
+    scale = extra.get("scale")
+    if isinstance(scale, (int, float)) and scale != 0 and guidance_norm is not None:
+        return float(guidance_norm) / abs(float(scale))
+    return float("nan")
+
+
+def magnitude_plots(rows: list[dict], max_plots: int = 120) -> list[dict]:
+    """Per (method, prompt): ||e_c - e_u|| over the steps, one line per seed, each seed's
+    switch step marked (the paper's Figure 2 for an audited prompt).
+
+    rows: {method, prompt, label, seed, step, d, switch_step} (switch_step: the sample's
+    final value, -1 = never switched). Returns [{method, prompt, label, svg, switches}] in
+    input order, at most `max_plots`."""
+    groups: dict[tuple[str, str], dict] = {}
+    for r in rows:
+        g = groups.setdefault((r["method"], r["prompt"]), {
+            "method": r["method"], "prompt": r["prompt"], "label": r["label"], "seeds": {}})
+        g["seeds"].setdefault(r["seed"], {})[int(r["step"])] = (r["d"], r["switch_step"])
+    out = []
+    for g in list(groups.values())[:max_plots]:
+        series, markers, switches = [], [], []
+        n = 1 + max(max(v) for v in g["seeds"].values())
+        for i, (seed, per) in enumerate(sorted(g["seeds"].items())):
+            y = [per[j][0] if j in per and per[j][0] is not None else float("nan")
+                 for j in range(n)]
+            colour = PALETTE[i % len(PALETTE)]
+            series.append({"label": f"seed {seed}", "y": y, "colour": colour})
+            sw = per[max(per)][1]
+            switches.append(None if sw is None or sw < 0 else int(sw))
+            if sw is not None and sw >= 0:
+                markers.append({"x": int(sw), "colour": colour,
+                                "label": f"seed {seed}: switch at step {int(sw)}"})
+        svg = line_plot_svg(series, title=f"{g['method']}: ||e_c - e_u||", x_label="step",
+                            y_label="magnitude", width=320, height=170, markers=markers,
+                            x_max=n - 1, legend=False)
+        out.append({"method": g["method"], "prompt": g["prompt"], "label": g["label"],
+                    "svg": svg, "switches": switches})
+    return out

@@ -121,6 +121,23 @@ closer to the training images. The feature space is named on every row: FID prop
 </table>
 {% endfor %}
 
+{% if magnitudes %}
+<h2 id="magnitudes">Guidance magnitude and switch steps (transition-point methods)</h2>
+<p class="note">||e_c - e_u||<sub>2</sub> per sampling step of each seed (Jain et al. CVPR 2025,
+Figure 2), with each seed's switch step (the step from which full CFG applies) marked under
+the axis. Before the switch a transition rule samples without CFG; a memorized prompt shows a
+high magnitude that falls once the trajectory leaves the attraction basin.</p>
+{% for m in magnitudes %}
+<h3>{{ m.method }}</h3>
+<div class="cards">
+{% for p in m.plots %}<div class="card"><div class="prompt">{{ p.prompt }}</div>
+<div class="note">{% if p.label %}<span class="label">{{ p.label }}</span> · {% endif %}switch
+ step per seed: {% for s in p.switches %}{{ s if s is not none else "none" }}{{ ", " if not loop.last }}{% endfor %}</div>
+{{ p.svg }}</div>{% endfor %}
+</div>
+{% endfor %}
+{% endif %}
+
 <h2 id="distributions">Similarity distributions</h2>
 {% for p in plots %}<div class="plot">{{ p }}</div>{% endfor %}
 
