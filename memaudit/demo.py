@@ -30,8 +30,9 @@ DEMO_LISTS = (("triggers_64x.txt", "trigger-64x"), ("triggers_16x.txt", "trigger
               ("triggers_4x.txt", "trigger-4x"), ("triggers_1x.txt", "trigger-1x"),
               ("triggers_guided.txt", "trigger-guided"), ("generic.txt", "generic"))
 
-#: Methods the demo compares (cfg first: the baseline of the cost ratios).
-DEMO_METHODS = ("cfg", "static", "dynamic", "amg", "rna")
+#: Methods the demo compares (cfg first: the baseline of the cost ratios). `auto` (screen,
+#: then mitigate flagged prompts only) runs only with screening on.
+DEMO_METHODS = ("cfg", "static", "dynamic", "amg", "rna", "auto")
 
 #: Sampling settings chosen so that the demo finishes in under 5 minutes on 2 CPU cores
 #: (measured: docs/benchmarks.md "Demo").
@@ -42,6 +43,7 @@ DEMO_STEPS = 50
 def demo_plan(out: Path, data: Path, model: str = "canary", methods=DEMO_METHODS,
               seeds=DEMO_SEEDS, steps: int = DEMO_STEPS, screen: bool = True) -> str:
     """The demo's plan as TOML text (paths absolute)."""
+    methods = [m for m in methods if screen or m.split(":")[0] != "auto"]
     lines = [
         "# memaudit demo plan: `memaudit audit plan.toml` reruns (or resumes) it",
         f"out = {json.dumps(str(out))}",
@@ -70,6 +72,11 @@ def demo_plan(out: Path, data: Path, model: str = "canary", methods=DEMO_METHODS
     if screen:
         lines += ["[screen]", "steps = 1", "seeds = 4", 'clean_label = "generic"',
                   "fpr = 0.01", ""]
+        if "auto" in [m.split(":")[0] for m in methods]:
+            # auto's own threshold at FPR 5% of the generic prompts: at the table's 1% it
+            # misses a third of the triggers (docs/mitigations.md "auto")
+            lines += ["[params.auto]", f"calibrate = {json.dumps(str(data / 'generic.txt'))}",
+                      "fpr = 0.05", ""]
     return "\n".join(lines)
 
 

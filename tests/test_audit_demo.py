@@ -73,3 +73,26 @@ def test_demo_rebuilds_the_data_its_model_was_trained_on(tmp_path):
     assert model_data_settings(str(tmp_path / "m")) == {"res": 16, "seed": 1,
                                                         "guided_copies": 16,
                                                         "guided_shared": 96}
+
+
+def test_demo_plan_runs_auto_only_with_screening(tmp_path):
+    """auto decides with screening: with [screen] it gets its own FPR-5% threshold on the
+    generic prompts; without screening it is left out (it would refuse to run)."""
+    import tomllib
+
+    from memaudit.audit.plan import plan_from_dict
+    from memaudit.demo import demo_plan
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("train.parquet", "generic.txt", "triggers_64x.txt"):
+        (data / name).write_text("a\n")
+    with_screen = tomllib.loads(demo_plan(tmp_path / "out", data))
+    assert "auto" in with_screen["methods"]
+    assert with_screen["params"]["auto"] == {"calibrate": str(data / "generic.txt"), "fpr": 0.05}
+    assert with_screen["screen"]["clean_label"] == "generic"
+    plan = plan_from_dict(with_screen, tmp_path)
+    assert "auto" in plan.methods and plan.params["auto"]["fpr"] == 0.05
+    without = tomllib.loads(demo_plan(tmp_path / "out", data, screen=False))
+    assert "auto" not in without["methods"] and "auto" not in without.get("params", {})
+    assert "screen" not in without
