@@ -210,13 +210,12 @@ def _run_audit(plan: Plan, eng: Any, new_run: bool, components: Components | Non
         todo = [u for u in units if u[0] not in done]
         labels = {t: lab for t, _, lab in records}
 
-        def item_of(unit: str, method: str, bi: int) -> Any:
+        def item_of(unit: str, method: str, bi: int, screen: dict[str, Any] | None) -> Any:
             if unit.startswith("screen"):
                 return ScreenItem(unit, plan.screen, texts, labels)
             return GenerationItem(unit, method, batches[bi],
                                   {t: prompt_ids[t] for t, _ in batches[bi]},
-                                  f"images/run{run_id}",
-                                  screen_binding(store, run_id, plan.screen) if autos else None)
+                                  f"images/run{run_id}", screen)
 
         # generation and screening on the engine's workers, in phases: the screening unit
         # first when `auto` decides with its scores (committed before any generation unit is
@@ -229,7 +228,9 @@ def _run_audit(plan: Plan, eng: Any, new_run: bool, components: Components | Non
         work = UnitFactory(plan, comp, ctx if local else None)
         with progress_bar("audit", total=len(todo), unit="units") as advance:
             for phase in (first, rest):
-                items = [item_of(*u) for u in phase]
+                # the committed screening, read once per phase (after the first, with auto)
+                screen = screen_binding(store, run_id, plan.screen) if autos else None
+                items = [item_of(*u, screen) for u in phase]
                 for item, result in zip(items, eng.map(work, items), strict=True):
                     if kill_mid and n_committed + 1 >= kill_mid:
                         os._exit(4)  # test hook: the unit's images are written, its rows not
