@@ -10,11 +10,18 @@ autoescape) and the page carries a Content-Security-Policy that forbids scripts.
 
 from __future__ import annotations
 
-from memaudit.report.chromium import CHROMIUM_NAMES, dump_dom, find_chromium, render_pdf, screenshot
+from memaudit.report.chromium import (
+    CHROMIUM_NAMES,
+    dump_dom,
+    find_chromium,
+    render_pdf,
+    screenshot,
+    unfold,
+)
 from memaudit.report.context import build_context
 from memaudit.report.images import image_file_uri, png_data_uri, training_image_bytes
 from memaudit.report.render import _num, _pct, _ratio, _ts, render_html, write_report
 
 __all__ = ["CHROMIUM_NAMES", "build_context", "dump_dom", "find_chromium", "image_file_uri",
            "png_data_uri", "render_html", "render_pdf", "screenshot", "training_image_bytes",
-           "write_report", "_num", "_pct", "_ratio", "_ts"]
+           "unfold", "write_report", "_num", "_pct", "_ratio", "_ts"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -43,13 +44,23 @@ def _chromium(args: list[str], timeout: float = 120) -> subprocess.CompletedProc
 
 
 def render_pdf(html: str | Path, pdf: str | Path) -> Path:
-    """Print the report to PDF with headless chromium (`--print-to-pdf`)."""
+    """Print the report to PDF with headless chromium (`--print-to-pdf`), in the page's order,
+    its folded sections (`<details>`) unfolded: a printed page cannot be clicked. The page
+    is self-contained, so a copy with `open` added is what chromium prints."""
     pdf = Path(pdf).resolve()
-    p = _chromium([f"--print-to-pdf={pdf}", "--no-pdf-header-footer",
-                   Path(html).resolve().as_uri()])
+    with tempfile.TemporaryDirectory(prefix="memaudit-pdf-") as tmp:
+        page = Path(tmp) / "report.html"
+        page.write_bytes(unfold(Path(html).read_bytes()))
+        p = _chromium([f"--print-to-pdf={pdf}", "--no-pdf-header-footer", page.as_uri()])
     if not pdf.exists() or pdf.stat().st_size == 0:
         raise UserError(f"chromium did not write {pdf}: {p.stderr.strip()[-300:]}")
     return pdf
+
+
+def unfold(html: bytes) -> bytes:
+    """Every `<details>` element of the page open (prompts and captions are escaped, so
+    `<details` in the page is the template's own markup)."""
+    return re.sub(rb"<details(?![^>]*\bopen\b)", b"<details open", html)
 
 
 def screenshot(html: str | Path, png: str | Path, width: int = 1280,

@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 
 from memaudit.report.images import _TrainingImages, image_file_uri
+from memaudit.report.prompts import link_prompt_tables, prompt_anchor, prompt_rows
+from memaudit.report.verdict import gate_verdict, screening_words
 from memaudit.store import AuditStore
 
 
@@ -67,8 +69,7 @@ def build_context(db: str | Path, run_id: int | None = None, max_flagged: int = 
                 calibrated=rows[0]["calibrated_threshold"] if rows else None,
                 higher_is_more_similar=higher))
 
-        verdict_col = "m.is_copy_calibrated" if has_cal else "m.is_copy"
-        # flagged: a copy by the fixed or the calibrated verdict under any criterion
+            # flagged: a copy by the fixed or the calibrated verdict under any criterion
         flagged_rows = store.query(
             "SELECT g.id AS gid, g.method, g.seed, g.image_path, g.final_prompt, p.text AS "
             "prompt, p.label, m.criterion, m.score, m.similarity, m.higher_is_more_similar, "
@@ -79,11 +80,12 @@ def build_context(db: str | Path, run_id: int | None = None, max_flagged: int = 
             "JOIN prompts p ON p.id = g.prompt_id "
             "WHERE g.run_id = ? AND (m.is_copy OR coalesce(m.is_copy_calibrated, false)) "
             "ORDER BY g.id, m.criterion", [rid])
-        n_flagged_verdict = store.con.execute(
-            # verdict_col is one of two fixed column names, never user text
-            f"SELECT count(DISTINCT g.id) FROM matches m JOIN generations g "
-            f"ON g.id = m.generation_id WHERE g.run_id = ? AND {verdict_col}", [rid]
-        ).fetchone()[0]
+        flagged_gens = store.query(
+            "SELECT g.id AS gid, g.method, g.seed, g.image_path, p.text AS prompt, p.label "
+            "FROM generations g JOIN prompts p ON p.id = g.prompt_id WHERE g.run_id = ? AND "
+            "g.prompt_id IN (SELECT g2.prompt_id FROM matches m JOIN generations g2 ON g2.id = "
+            "m.generation_id WHERE g2.run_id = ? AND (m.is_copy OR "
+            "coalesce(m.is_copy_calibrated, false))) ORDER BY g.method, g.seed", [rid, rid])
         screens = store.query(
             "SELECT p.text AS prompt, p.label, s.score, s.steps, s.seeds, s.threshold, "
             "s.flagged FROM screens s JOIN prompts p ON p.id = s.prompt_id "
@@ -112,16 +114,22 @@ def build_context(db: str | Path, run_id: int | None = None, max_flagged: int = 
         magnitude_rows = _magnitude_rows(store, rid)
         quality = quality_rows(store, rid, methods, criteria[0] if criteria else None, has_cal)
 
-    # flagged cards, most similar first (by the best similarity rank within its criterion)
+    # flagged cards: copies by the verdict in use (calibrated where the criterion has a
+    # calibration) first, then those only the fixed threshold flags (folded in the page);
+    # each group furthest past its threshold first
     cards: dict[int, dict[str, Any]] = {}
     for r in flagged_rows:
         card = cards.setdefault(r["gid"], {
             "gid": r["gid"], "method": r["method"], "seed": r["seed"], "prompt": r["prompt"],
             "label": r["label"], "final_prompt": r["final_prompt"],
-            "image_path": r["image_path"], "matches": [], "rank": -np.inf})
+            "image_path": r["image_path"], "matches": [], "rank": -np.inf,
+            "verdict_copy": False, "anchor": prompt_anchor(r["prompt"])})
+        r["rank"] = _rank(r)
         card["matches"].append(r)
-        card["rank"] = max(card["rank"], _rank(r))
-    ordered = sorted(cards.values(), key=lambda c: -c["rank"])[:max_flagged]
+        card["rank"] = max(card["rank"], r["rank"])
+        card["verdict_copy"] |= bool(_verdict(r))
+    ordered = sorted(cards.values(), key=lambda c: (not c["verdict_copy"], -c["rank"]))
+    ordered = ordered[:max_flagged]
     train = _TrainingImages(index if index is not None else run["index_path"])
     outside: list[str] = []
     for c in ordered:
@@ -132,6 +140,9 @@ def build_context(db: str | Path, run_id: int | None = None, max_flagged: int = 
         for m in c["matches"]:
             m["train_uri"] = train.uri(m["neighbour_row"])
     left_out = []
+    per_prompt, outside_rows = prompt_rows(flagged_gens, methods, list(cards.values()),
+                                           db.parent, train, max_flagged)
+    outside += [p for p in outside_rows if p not in outside]
     if outside:
         left_out.append(f"{len(outside)} generated image path(s) outside {db.parent}, e.g. "
                         f"{outside[0]}")
@@ -158,6 +169,7 @@ def build_context(db: str | Path, run_id: int | None = None, max_flagged: int = 
                  "cells": [v["cells"].get(m) for m in methods]} for v in by_prompt.values()]
         rows.sort(key=lambda v: (-sum(x["copies"] for x in v["cells"] if x), v["prompt"]))
         tables.append({"criterion": c, "rows": rows})
+    link_prompt_tables(tables, per_prompt)
 
     # copy rate per method x prompt label, one table per criterion (when labels exist)
     label_tables = []
@@ -168,16 +180,25 @@ def build_context(db: str | Path, run_id: int | None = None, max_flagged: int = 
                 {"method": m, "cells": [cells.get((c, m, lab)) for lab in label_order]}
                 for m in methods]})
 
+    magnitudes = _magnitude_context(magnitude_rows, methods)
     versions = json.loads(run["versions_json"] or "{}")
     return {
         "run": run, "db_path": str(db), "schema_version": schema_version,
         "methods": methods, "criteria": criteria, "criteria_info": crit_info,
-        "summary": summary, "plots": plots, "screens": screens, "flagged": ordered,
-        "n_flagged": n_flagged_verdict if has_cal else len(cards),
-        "n_any_flagged": len(cards),
+        "summary": summary, "plots": plots, "screens": screens,
+        "flagged": [c for c in ordered if c["verdict_copy"]],
+        "flagged_fixed_only": [c for c in ordered if not c["verdict_copy"]],
+        "n_flagged": sum(c["verdict_copy"] for c in cards.values()),
+        "n_any_flagged": len(cards), "prompt_rows": per_prompt,
+        "row_anchors": {r["anchor"] for r in per_prompt},
+        "n_flagged_prompts": len({c["prompt"] for c in cards.values()}),
+        "sections": _sections(bool(label_tables), any(
+            q["features"] or q["clip_score"] is not None for q in quality)),
+        "gate": gate_verdict(db, rid), "screening_words": screening_words(screens),
         "verdict_kind": "calibrated" if has_cal else "fixed",
         "prompt_tables": tables, "label_tables": label_tables, "max_screens": 200,
-        "magnitudes": _magnitude_context(magnitude_rows, methods),
+        "magnitudes": magnitudes,
+        "n_magnitude_plots": sum(len(m["plots"]) for m in magnitudes),
         "n_generations": n_generations, "n_prompts": n_prompts,
         "has_alignment": align_n > 0, "quality": quality,
         "has_quality": any(q["features"] or q["clip_score"] is not None for q in quality),
@@ -230,6 +251,21 @@ def _magnitude_context(rows: list[dict[str, Any]], methods: list[str]) -> list[d
         if mine:
             out.append({"method": m, "plots": mine})
     return out
+
+
+def _sections(groups: bool, quality: bool) -> list[tuple[str, str]]:
+    """The page's sections, in reading order (id, title), for its table of contents."""
+    return [(i, t) for i, t, shown in (
+        ("verdict", "Verdict", True), ("flagged", "Flagged outputs", True),
+        ("summary", "Per method", True), ("groups", "Per group", groups),
+        ("quality", "Quality", quality), ("prompts", "Per prompt", True),
+        ("diagnostics", "Diagnostics", True), ("provenance", "Provenance", True)) if shown]
+
+
+def _verdict(r: dict[str, Any]) -> bool:
+    """A match's copy verdict in use: calibrated where its criterion has one, else fixed."""
+    cal = r["is_copy_calibrated"]
+    return bool(r["is_copy"] if cal is None else cal)
 
 
 def _rank(r: dict[str, Any]) -> float:

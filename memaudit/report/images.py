@@ -17,19 +17,32 @@ def png_data_uri(data: bytes, mime: str = "image/png") -> str:
     return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
 
 
-def image_file_uri(path: Path, root: Path | None = None) -> str | None:
+#: Pixels an inlined image is brought to: twice the size it is shown at (cards 128 CSS px,
+#: per-prompt thumbnails 48), so it stays sharp on dense screens and in the PDF.
+CARD_PX, THUMB_PX = 256, 96
+
+
+def image_file_uri(path: Path, root: Path | None = None, px: int = CARD_PX,
+                   shrink: bool = False) -> str | None:
     """A generated image file as a PNG data URI (re-encoded, so any format is fine); None
-    when missing or, with `root`, when its real path is not under `root`."""
+    when missing or, with `root`, when its real path is not under `root`. Sizes: `_to_png_uri`.
+    """
     from memaudit.paths import real
 
     if root is not None and not real(path).is_relative_to(real(root)):
         return None
     if not path.is_file():
         return None
-    return _to_png_uri(path.read_bytes())
+    return _to_png_uri(path.read_bytes(), px=px, shrink=shrink)
 
 
-def _to_png_uri(data: bytes) -> str | None:
+def _to_png_uri(data: bytes, px: int = CARD_PX, shrink: bool = False) -> str | None:
+    """PNG data URI of an encoded image. An image smaller than `px` is enlarged by a whole
+    factor with nearest-neighbour sampling (a 16x16 canary image becomes 256x256 blocks of
+    its pixels): CSS `image-rendering: pixelated` does that in a browser, but chromium's PDF
+    keeps the 16x16 image and leaves the scaling, often smoothed, to the PDF viewer. With
+    `shrink`, a larger image is reduced to fit `px` and sent as JPEG (a thumbnail: the card
+    beside the training image keeps the lossless original)."""
     from PIL import Image
 
     try:
@@ -37,6 +50,15 @@ def _to_png_uri(data: bytes) -> str | None:
             im.load()
             if im.mode not in ("L", "RGB", "RGBA"):
                 im = im.convert("RGB")
+            k = px // max(im.size)
+            if k >= 2:
+                im = im.resize((im.width * k, im.height * k), Image.NEAREST)
+            elif shrink and max(im.size) > px:
+                im = im.convert("RGB")
+                im.thumbnail((px, px), Image.LANCZOS)
+                buf = io.BytesIO()
+                im.save(buf, format="JPEG", quality=85)
+                return png_data_uri(buf.getvalue(), mime="image/jpeg")
             buf = io.BytesIO()
             im.save(buf, format="PNG")
     except Exception:  # noqa: BLE001 - an undecodable image is shown as unavailable
