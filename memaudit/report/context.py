@@ -194,7 +194,8 @@ def build_context(db: str | Path, run_id: int | None = None, max_flagged: int = 
         "n_flagged_prompts": len({c["prompt"] for c in cards.values()}),
         "sections": _sections(bool(label_tables), any(
             q["features"] or q["clip_score"] is not None for q in quality)),
-        "gate": gate_verdict(db, rid), "screening_words": screening_words(screens),
+        "gate": gate_verdict(db, rid, methods, criteria),
+        "screening_words": screening_words(screens),
         "verdict_kind": "calibrated" if has_cal else "fixed",
         "prompt_tables": tables, "label_tables": label_tables, "max_screens": 200,
         "magnitudes": magnitudes,

@@ -10,9 +10,11 @@ from typing import Any
 from memaudit.common import UserError
 
 
-def gate_verdict(db: str | Path, run_id: int) -> dict[str, Any]:
+def gate_verdict(db: str | Path, run_id: int, methods: list[str],
+                 criteria: list[str]) -> dict[str, Any]:
     """{verdict: PASS | FAIL | INCOMPLETE | NONE, reason, checks: [{passed, method,
-    criterion, words}], failed_methods}: one sentence per gate check."""
+    criterion, words}], failed_methods}: one sentence per gate check, in the plan's order of
+    `methods` and `criteria`."""
     from memaudit.gate import gate_db
 
     try:
@@ -22,6 +24,9 @@ def gate_verdict(db: str | Path, run_id: int) -> dict[str, Any]:
     checks = [{"passed": c.passed, "method": c.facts.get("method"),
                "criterion": c.facts.get("criterion"), "words": check_words(c.facts)}
               for c in res.checks]
+    m_rank, c_rank = {m: i for i, m in enumerate(methods)}, {c: i for i, c in enumerate(criteria)}
+    checks.sort(key=lambda c: (m_rank.get(c["method"], len(m_rank)),
+                               c_rank.get(c["criterion"], len(c_rank))))
     failed = list(dict.fromkeys(c["method"] for c in checks if not c["passed"]))
     return {"verdict": res.verdict, "reason": res.incomplete, "checks": checks,
             "failed_methods": failed}
