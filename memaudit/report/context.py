@@ -181,6 +181,7 @@ def build_context(db: str | Path, run_id: int | None = None, max_flagged: int = 
                 for m in methods]})
 
     magnitudes = _magnitude_context(magnitude_rows, methods)
+    has_quality = any(q["features"] or q["clip_score"] is not None for q in quality)
     versions = json.loads(run["versions_json"] or "{}")
     return {
         "run": run, "db_path": str(db), "schema_version": schema_version,
@@ -192,8 +193,7 @@ def build_context(db: str | Path, run_id: int | None = None, max_flagged: int = 
         "n_any_flagged": len(cards), "prompt_rows": per_prompt,
         "row_anchors": {r["anchor"] for r in per_prompt},
         "n_flagged_prompts": len({c["prompt"] for c in cards.values()}),
-        "sections": _sections(bool(label_tables), any(
-            q["features"] or q["clip_score"] is not None for q in quality)),
+        "sections": _sections(bool(label_tables), has_quality),
         "gate": gate_verdict(db, rid, methods, criteria),
         "screening_words": screening_words(screens),
         "verdict_kind": "calibrated" if has_cal else "fixed",
@@ -202,7 +202,7 @@ def build_context(db: str | Path, run_id: int | None = None, max_flagged: int = 
         "n_magnitude_plots": sum(len(m["plots"]) for m in magnitudes),
         "n_generations": n_generations, "n_prompts": n_prompts,
         "has_alignment": align_n > 0, "quality": quality,
-        "has_quality": any(q["features"] or q["clip_score"] is not None for q in quality),
+        "has_quality": has_quality,
         "alignment_note": ("share of generations whose content agrees with the prompt: on "
                            "the canary, a digit classifier trained on the real digits reads "
                            "the digit the prompt asks for (METHODS 4)"),
