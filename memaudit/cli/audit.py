@@ -66,7 +66,8 @@ def report_cmd(
     out: Path = typer.Option(None, "--out", help="HTML file (default: beside the database)."),
     pdf: bool = typer.Option(False, "--pdf", help="Also print a PDF with headless chromium."),
     run: int = typer.Option(None, help="Run id (default: the latest)."),
-    max_flagged: int = typer.Option(200, help="At most this many flagged outputs shown."),
+    max_flagged: int = typer.Option(200, help="At most this many flagged outputs (and as many "
+                                    "per-prompt rows) shown."),
     index: Path = typer.Option(None, "--index", help="The run's training index, to show the "
                                "training images (default: the index the database names)."),
     overwrite: bool = typer.Option(False, "--overwrite",
