@@ -33,7 +33,7 @@ def switch_point(state: StepState, tau: float, name: str = "tau",
     families, sigma <= the sigma with SD's SNR at tau on flow models (METHODS 0)."""
     level = state.switch_level(tau)
     trace: dict[str, Any] = {name: float(tau)}
-    if getattr(state._prediction(), "kind", "eps") == "velocity":
+    if getattr(state.prediction, "kind", "eps") == "velocity":
         trace[sigma_name] = level  # flow matching: the sigma the switch used
     return state.u <= level, trace
 
