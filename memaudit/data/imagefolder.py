@@ -13,6 +13,7 @@ metadata file is the unit rows are read back by (source_file, source_row = metad
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import os
 from collections.abc import Iterator
@@ -63,6 +64,11 @@ def read_metadata(path: Path) -> list[dict[str, Any]]:
     if not rows:
         raise UserError(f"{path}: no rows")
     return rows
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_metadata(path: str, mtime_ns: int, size: int) -> list[dict[str, Any]]:
+    return read_metadata(Path(path))
 
 
 def _caption(value: Any) -> str:
@@ -137,7 +143,8 @@ class ImageFolderLayout(Layout):
 
     @staticmethod
     def read_images(unit: Path, rows: list[int]) -> dict[int, bytes]:
-        meta = read_metadata(Path(unit))
+        st = Path(unit).stat()  # the report reads items one by one: parse each file once
+        meta = _cached_metadata(str(unit), st.st_mtime_ns, st.st_size)
         root = Path(unit).resolve().parent
         out = {}
         for r in rows:
