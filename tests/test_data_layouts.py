@@ -223,6 +223,17 @@ def test_kohya_config_repeats_class_tokens_and_reg(tmp_path):
     assert idx.items.column("group_count").to_pylist()[:3] == [3, 3, 3]
     src = idx.manifest["source"]
     assert (src["instance_prompts"], src["class_prompt"]) == (["sks dog"], "dog")
+    from memaudit.cli import main  # the CLI: --dataset-config names the training set
+
+    main(["--quiet", "index", "build", "--dataset-config", str(cfg), "--embedder", "pixels",
+          "--out", str(tmp_path / "cli"), "--no-calibrate"])
+    cli = TrainingIndex.open(tmp_path / "cli")
+    assert cli.items.select(["key", "caption", "group_count"]) == \
+        idx.items.select(["key", "caption", "group_count"])
+    with pytest.raises(SystemExit) as e:
+        main(["index", "build", str(cfg), "--dataset-config", str(cfg), "--embedder", "pixels",
+              "--out", str(tmp_path / "cli2")])
+    assert e.value.code == 2
     bad = tmp_path / "bad.toml"
     bad.write_text('[[datasets]]\n[[datasets.subsets]]\nimage_dir = "img/sks"\n'
                    'num_repeats = 0\n')
