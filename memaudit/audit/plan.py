@@ -310,7 +310,7 @@ def _criteria(d: dict[str, Any], methods: list[str], params: dict[str, dict[str,
 def check_plan_outputs(plan: Plan) -> None:
     """OUT is not an input, not inside an input folder, and what the audit writes there
     (audit.duckdb, images/, a built index) holds no input (memaudit.paths)."""
-    from memaudit.data.parquet import resolve_sources
+    from memaudit.data.training_set import open_training_set
     from memaudit.paths import check_output_dir
 
     inputs: list[str] = [p.file for p in plan.prompts]
@@ -320,8 +320,9 @@ def check_plan_outputs(plan: Plan) -> None:
         inputs.append(plan.model)
     writes = list(OUT_WRITES)
     if plan.index_build is not None:
-        src = str(plan.index_build["source"])
-        inputs += [str(f) for f in resolve_sources(src)] + ([src] if Path(src).is_dir() else [])
+        b = plan.index_build
+        data = open_training_set(b["source"], **{k: v for k, v in b.items() if k != "source"})
+        inputs += [str(f) for f in [*data.units(), *data.roots()]]
         if plan.index and Path(plan.index).parent == Path(plan.out):
             writes.append(Path(plan.index).name)
     elif plan.index:

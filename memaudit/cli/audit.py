@@ -5,6 +5,7 @@ Thin layer over memaudit.audit, memaudit.report, memaudit.gate and memaudit.demo
 
 from __future__ import annotations
 
+import shlex
 import sys
 from pathlib import Path
 
@@ -20,7 +21,8 @@ def _log(msg: str) -> None:
 
 
 def audit_cmd(
-    plan: Path = typer.Argument(..., help="The audit plan (TOML); see docs/database.md."),
+    plan: Path = typer.Argument(None, help="The audit plan (TOML); see docs/database.md. "
+                                "With --init: the plan to write [plan.toml]."),
     new_run: bool = typer.Option(False, "--new-run",
                                  help="Start a new run even though the plan changed."),
     device: str = typer.Option(None, help="cpu, cuda, ... (default: cuda when available)."),
@@ -37,10 +39,38 @@ def audit_cmd(
                                 "cluster (default: a local instance)."),
     actors: int = typer.Option(None, "--actors", help="ray: model replicas (default: one "
                                "per GPU, else one per CPU)."),
+    init: tuple[str, str] | None = typer.Option(
+        None, "--init", metavar="MODEL DATA", help="Write a commented plan for MODEL and the "
+        "training set DATA (any layout) instead of running one."),
+    layout: str = typer.Option(None, "--layout", help="With --init: DATA's layout [detected]."),
+    caption_col: str = typer.Option(None, "--caption-col", "--caption-column",
+                                    help="With --init: DATA's caption column."),
+    instance_prompt: str = typer.Option(None, "--instance-prompt",
+                                        help="With --init: DreamBooth instance prompt."),
+    class_prompt: str = typer.Option(None, "--class-prompt",
+                                     help="With --init: DreamBooth class prompt."),
+    overwrite: bool = typer.Option(False, "--overwrite",
+                                   help="With --init: replace an existing plan."),
 ) -> None:
-    """Run (or resume) a whole audit: generate, detect, screen, quality -> OUT/audit.duckdb."""
+    """Run (or resume) a whole audit: generate, detect, screen, quality -> OUT/audit.duckdb.
+    `--init MODEL DATA` writes a plan to start from instead."""
     from memaudit.audit import load_plan, run_audit, set_threads
 
+    if init is not None:
+        from memaudit.audit.init import init_plan
+
+        res = init_plan(init[0], init[1], plan or Path("plan.toml"), overwrite=overwrite,
+                        command="memaudit audit --init "
+                        + shlex.join([*init, *([str(plan)] if plan else [])]),
+                        layout=layout, caption_col=caption_col,
+                        instance_prompt=instance_prompt, class_prompt=class_prompt)
+        for f in res["lists"]:
+            print(f"prompts: {f}")
+        print(f"training set: {res['layout']['layout']}, {res['rows']} rows")
+        print(f"plan: {res['plan']} (run it: memaudit audit {res['plan']})")
+        return
+    if plan is None:
+        raise UserError("give the audit plan (or --init MODEL DATA to write one)")
     if threads is not None:
         set_threads(threads)
     p = load_plan(plan)

@@ -68,27 +68,14 @@ def _to_png_uri(data: bytes, px: int = CARD_PX, shrink: bool = False) -> str | N
 
 def training_image_bytes(source_file: str | Path, source_row: int,
                          image_col: str | None = None) -> bytes | None:
-    """The encoded image of one training row, read from its Parquet file (one row group)."""
-    import pyarrow.parquet as pq
-
-    from memaudit.data.parquet import detect_columns
+    """The encoded image of one training row, read back from its file in any layout (a
+    Parquet row group, a tar sample, an image file: memaudit.data.training_set)."""
+    from memaudit.data.training_set import read_image_rows
 
     path = Path(source_file)
     if not path.exists():
         return None
-    pf = pq.ParquetFile(path)
-    cols = detect_columns(pf.schema_arrow, path, image_col=image_col)
-    start = 0
-    for g in range(pf.num_row_groups):
-        n = pf.metadata.row_group(g).num_rows
-        if start <= source_row < start + n:
-            value = pf.read_row_group(g, columns=[cols.image]).column(0)[source_row - start]
-            v = value.as_py()
-            if isinstance(v, dict):
-                v = v.get("bytes")
-            return v
-        start += n
-    return None
+    return read_image_rows(path, [int(source_row)], image_col).get(int(source_row))
 
 
 class _TrainingImages:
