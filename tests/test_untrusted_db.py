@@ -16,7 +16,7 @@ from pathlib import Path
 
 import duckdb
 import pytest
-from audit_fixtures import copying_audit
+from audit_fixtures import copying_audit, crafted_db
 
 from memaudit.cli import main
 from memaudit.common import UserError
@@ -28,34 +28,6 @@ SECRET = "CI_TOKEN=ghp_s3cr3t-7f3a9c1e"
 @pytest.fixture(scope="module")
 def audit_db(tmp_path_factory) -> Path:
     return copying_audit(tmp_path_factory.mktemp("untrusted"))
-
-
-def crafted(audit_db: Path, folder: Path, kind: str, secret: Path) -> Path:
-    """A copy of a real audit database, altered as `kind` says (DuckDB, not byte edits)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    db = folder / "audit.duckdb"
-    shutil.copy(audit_db, db)
-    s = str(secret).replace("'", "''")
-    con = duckdb.connect(str(db))
-    if kind == "view-over-read-text":  # every prompt the gate and report print gets the file
-        con.execute("ALTER TABLE prompts RENAME TO prompts_data")
-        con.execute("CREATE VIEW prompts AS SELECT id, text || (SELECT content FROM "
-                    f"read_text('{s}')) AS text, sources_json, label FROM prompts_data")
-    elif kind == "stored-macro":  # shadows the built-in aggregate the gate's query calls
-        con.execute(f"CREATE MACRO arg_max(a, b) AS (SELECT content FROM read_text('{s}'))")
-    elif kind == "extra-table":
-        con.execute(f"CREATE TABLE notes AS SELECT content FROM read_text('{s}')")
-    elif kind == "extra-column":
-        con.execute("ALTER TABLE runs ADD COLUMN note TEXT")
-    elif kind == "view-raises":
-        con.execute("CREATE OR REPLACE VIEW method_summary AS SELECT * FROM "
-                    "(SELECT error('crafted failure') AS x)")
-    elif kind == "plan-json-not-json":
-        con.execute("UPDATE runs SET plan_json = '{\"methods\": [not json'")
-    else:
-        raise ValueError(kind)
-    con.close()
-    return db
 
 
 KINDS = {  # kind -> what the one error line names
@@ -86,7 +58,7 @@ def _outputs(capsys, *files: Path) -> str:
 
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_report_and_gate_refuse_a_crafted_database(audit_db, tmp_path, capsys, secret, kind):
-    db = crafted(audit_db, tmp_path / "db", kind, secret)
+    db = crafted_db(audit_db, tmp_path / "db", kind, secret)
     before = db.read_bytes()
     html, junit = tmp_path / "r.html", tmp_path / "gate.xml"
     for argv in (["report", str(db), "--out", str(html)],
@@ -108,7 +80,7 @@ def test_report_and_gate_refuse_a_crafted_database(audit_db, tmp_path, capsys, s
 def test_no_byte_of_the_target_file_reaches_any_output(audit_db, tmp_path, capsys, secret,
                                                        kind):
     """The same database through the library and the CLI, every output collected."""
-    db = crafted(audit_db, tmp_path / "db", kind, secret)
+    db = crafted_db(audit_db, tmp_path / "db", kind, secret)
     html, junit = tmp_path / "r.html", tmp_path / "gate.xml"
     for argv in (["report", str(db), "--out", str(html)],
                  ["gate", str(db), "--junit", str(junit)],
@@ -148,7 +120,7 @@ def test_external_access_is_off_and_the_configuration_locked(audit_db, tmp_path,
 def test_a_crafted_database_is_refused_by_the_writer_too(audit_db, tmp_path, secret):
     """`memaudit audit` resuming into OUT/audit.duckdb opens it with the same checks."""
     for kind in ("stored-macro", "extra-column"):
-        db = crafted(audit_db, tmp_path / kind, kind, secret)
+        db = crafted_db(audit_db, tmp_path / kind, kind, secret)
         with pytest.raises(UserError, match=KINDS[kind]):
             AuditStore(db)
 

@@ -48,7 +48,7 @@ def catalog(con: Any) -> dict[str, Any]:
 
     tables = sorted(r[0] for r in mine("duckdb_tables", "table_name"))
     columns: dict[str, list[tuple]] = {t: [] for t in tables}
-    for t, name, idx, dtype, nullable, default in sorted(mine(
+    for t, name, _idx, dtype, nullable, default in sorted(mine(
             "duckdb_columns", "table_name, column_name, column_index, data_type, "
             "is_nullable, column_default"), key=lambda r: (r[0], r[2])):
         if t in columns:
