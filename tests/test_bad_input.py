@@ -319,6 +319,13 @@ CASES += [
          "--max-quality-loss", "0.5"], "view method_summary differs from memaudit's"),
     Case("gate-db-plan-json-not-json", lambda w, t: ["gate", _crafted(
          w, t, "plan-json-not-json")], "runs.plan_json of run 1 is not a JSON object"),
+    Case("report-index-of-other-data", lambda w, t: ["report", f"{w}/{DB}", "--out",
+         f"{t}/r.html", "--index", f"{w}/idx"], "is not the run's index (content hash"),
+    Case("report-source-not-found", lambda w, t: ["report", f"{w}/{DB}", "--out",
+         f"{t}/r.html", "--source", f"{t}/none.parquet"], "--source"),
+    Case("report-out-is-a-named-source", lambda w, t: ["report", f"{w}/{DB}", "--out",
+         f"{w}/data/train.parquet", "--source", f"{w}/data", "--overwrite"],
+         "is one of this command's inputs"),
     Case("audit-out-holds-a-crafted-duckdb", lambda w, t: ["audit", _plan(
          w, t, f'index = "{w}/idx"', out=_crafted_out(w, t, "stored-macro"))],
          "stored macro arg_max"),

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -39,13 +38,10 @@ KILL_BEFORE_COMMIT_ENV = "MEMAUDIT_TEST_KILL_BEFORE_COMMIT"  # ... or mid-unit (
 
 # --- helpers ----------------------------------------------------------------------------
 def index_hash(index: Any, index_dir: str | None) -> str | None:
-    man = getattr(index, "manifest", None) or {}
-    for k in ("content_hash", "hash", "sha256"):
-        if man.get(k):
-            return str(man[k])
-    if index_dir and (Path(index_dir) / "manifest.json").exists():
-        return hashlib.sha256((Path(index_dir) / "manifest.json").read_bytes()).hexdigest()
-    return None
+    """What the run records as its index's identity (`training_index.index_hash`)."""
+    from memaudit.index.training_index import index_hash as _hash
+
+    return _hash(getattr(index, "manifest", None), index_dir)
 
 
 @dataclass

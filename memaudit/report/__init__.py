@@ -91,59 +91,119 @@ def training_image_bytes(source_file: str | Path, source_row: int,
     return None
 
 
+def source_files(sources: list[str | Path] | None) -> list[Path]:
+    """The Parquet files of the training sources the user names (files, folders, globs)."""
+    from memaudit.data.parquet import resolve_sources
+
+    out: list[Path] = []
+    for src in sources or []:
+        if not any(ch in str(src) for ch in "*?[") and not Path(src).exists():
+            raise UserError(f"--source {src} not found")
+        out += resolve_sources(src)
+    return out
+
+
 class _TrainingImages:
     """Neighbour row id -> PNG data URI, through the run's index (None when unavailable).
 
-    Only Parquet files the index's manifest records as its sources are read; a row whose
-    source_file is anything else is left out and counted in `refused`."""
+    Trust (docs/report.md "Trust model"): the index is the one the user names, else the path
+    the database records, and `mismatch` says when its content hash is not the one the run
+    recorded. Training images are read only from Parquet files inside the index folder or
+    among the `sources` the user names (symlinks resolved), never from a file only the
+    index's manifest or items name: those are counted in `refused`, never opened."""
 
-    def __init__(self, index_path: str | Path | None):
+    def __init__(self, index_path: str | Path | None,
+                 sources: list[str | Path] | None = None):
         from memaudit.paths import real
 
         self.index = None
+        self.index_path = index_path
         self.image_col = None
-        self.paths: dict[str, Path] = {}
+        self.hash: str | None = None
+        self.recorded: list[str] = []  # the manifest's sources (named in the hint only)
+        self.named: dict[str, Path] = {}  # basename -> a source the user named
         self.allowed: set[Path] = set()
         self.cache: dict[int, str | None] = {}
         self.refused: set[str] = set()
         self.error: str | None = None
+        for f in source_files(sources):
+            self.named.setdefault(f.name, f)
+            self.allowed.add(real(f))
         if index_path and Path(index_path).exists():
             try:
                 from memaudit.index import TrainingIndex
+                from memaudit.index.training_index import index_hash
 
                 self.index = TrainingIndex.open(index_path)
+                self.hash = index_hash(self.index.manifest, index_path)
                 src = self.index.manifest.get("source") or {}
                 src = src if isinstance(src, dict) else {}
-                self.image_col = src.get("image_col")
-                paths = [Path(str(p)) for p in src.get("paths") or []]
-                self.paths = {p.name: p for p in paths}
-                self.allowed = {real(p) for p in paths}
+                col = src.get("image_col")
+                self.image_col = col if isinstance(col, str) else None
+                paths = src.get("paths")
+                self.recorded = [str(p) for p in paths] if isinstance(paths, list) else []
             except Exception as e:  # noqa: BLE001 - the report still renders without images
                 self.index = None
                 self.error = f"the index {index_path} could not be opened ({e})"
         elif index_path:
             self.error = f"the index {index_path} was not found"
 
-    def uri(self, row: int | None) -> str | None:
+    def mismatch(self, run: dict[str, Any]) -> str | None:
+        """Why the opened index is not the run's (None when its content hash is)."""
+        if self.index is None or self.hash == run.get("index_hash"):
+            return None
+        recorded = run.get("index_hash") or "no hash"
+        return (f"the index {self.index_path} is not the run's index (content hash "
+                f"{(self.hash or 'none')[:12]}; run {run.get('id')} recorded "
+                f"{recorded[:12]} for {run.get('index_path')})")
+
+    def _source(self, name: str) -> Path | None:
+        """The file a row's source_file names, if the report may open it (else refused)."""
         from memaudit.paths import real
 
+        assert self.index is not None
+        folder = real(self.index.path)
+        p = Path(name)
+        candidates = [p] if p.is_absolute() else [self.index.path / p, p]
+        if p.name in self.named:
+            candidates.append(self.named[p.name])  # moved since the build: the user's file
+        for c in candidates:
+            r = real(c)
+            if c.is_file() and (r in self.allowed or r.is_relative_to(folder)):
+                return r
+        self.refused.add(name)
+        return None
+
+    def uri(self, row: int | None) -> str | None:
         if row is None or self.index is None:
             return None
         if row not in self.cache:
             self.cache[row] = None
             try:
                 item = self.index.item(int(row))
-                src = Path(item["source_file"])
-                if not src.exists():  # a relative path from the build: the manifest's copy
-                    src = self.paths.get(src.name, src)
-                if real(src) not in self.allowed:
-                    self.refused.add(str(item["source_file"]))
+                src = self._source(str(item["source_file"]))
+                if src is None:
                     return None
                 data = training_image_bytes(src, int(item["source_row"]), self.image_col)
                 self.cache[row] = _to_png_uri(data) if data else None
             except Exception:  # noqa: BLE001
                 self.cache[row] = None
         return self.cache[row]
+
+    def left_out(self, shown_any: bool) -> list[str]:
+        """Lines for the report's "Files not shown"."""
+        out = []
+        if self.refused:
+            out.append(f"training images from {len(self.refused)} file(s) neither inside the "
+                       f"index folder nor named with --source, never opened, e.g. "
+                       f"{sorted(self.refused)[0]}")
+            if self.recorded:
+                out.append("the index records its training data as "
+                           f"{', '.join(self.recorded[:3])}: name it with --source to show "
+                           "the training images")
+        if self.error and shown_any:
+            out.append(f"every training image: {self.error}")
+        return out
 
 
 # --- context ------------------------------------------------------------------------------
@@ -153,10 +213,14 @@ def _ordered(values: list[str], order: list[str]) -> list[str]:
 
 
 def build_context(db: str | Path, run_id: int | None = None, max_flagged: int = 200,
-                  index: str | Path | None = None) -> dict[str, Any]:
+                  index: str | Path | None = None, sources: list[str | Path] | None = None,
+                  index_mismatch_ok: bool = False) -> dict[str, Any]:
     """Everything the template shows, read from the database (one run, default latest).
 
-    `index`: the run's training index (default: the path the database records)."""
+    `index`: the run's training index (default: the path the database records); an index
+    whose content hash is not the run's is a `UserError` unless `index_mismatch_ok`, which
+    the page then states at its top. `sources`: training Parquet files or folders the user
+    names; images are read only from them and from files inside the index folder."""
     from memaudit.report.plots import distribution_svg
     from memaudit.report.quality import quality_rows
 
@@ -249,7 +313,11 @@ def build_context(db: str | Path, run_id: int | None = None, max_flagged: int = 
         card["matches"].append(r)
         card["rank"] = max(card["rank"], _rank(r))
     ordered = sorted(cards.values(), key=lambda c: -c["rank"])[:max_flagged]
-    train = _TrainingImages(index if index is not None else run["index_path"])
+    train = _TrainingImages(index if index is not None else run["index_path"], sources)
+    index_mismatch = train.mismatch(run)
+    if index_mismatch and not index_mismatch_ok:
+        raise UserError(f"{index_mismatch}: its images would be shown beside outputs they "
+                        "were not matched with; pass --index-mismatch-ok to show them anyway")
     outside: list[str] = []
     for c in ordered:
         path = db.parent / str(c["image_path"])
@@ -262,11 +330,7 @@ def build_context(db: str | Path, run_id: int | None = None, max_flagged: int = 
     if outside:
         left_out.append(f"{len(outside)} generated image path(s) outside {db.parent}, e.g. "
                         f"{outside[0]}")
-    if train.refused:
-        left_out.append(f"training images from {len(train.refused)} file(s) the index does "
-                        f"not record as its sources, e.g. {sorted(train.refused)[0]}")
-    if train.error and ordered:
-        left_out.append(f"every training image: {train.error}")
+    left_out += train.left_out(bool(ordered))
 
     # per prompt x method tables, one per criterion
     tables = []
@@ -311,7 +375,7 @@ def build_context(db: str | Path, run_id: int | None = None, max_flagged: int = 
         "alignment_note": ("share of generations whose content agrees with the prompt: on "
                            "the canary, a digit classifier trained on the real digits reads "
                            "the digit the prompt asks for (METHODS 4)"),
-        "versions": versions, "left_out": left_out,
+        "versions": versions, "left_out": left_out, "index_mismatch": index_mismatch,
         "settings_json": json.dumps(settings, indent=2, sort_keys=True, default=str),
         "plan_json": json.dumps(plan, indent=2, sort_keys=True),
         "generated_at": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
@@ -407,16 +471,19 @@ def render_html(context: dict[str, Any]) -> str:
 
 def write_report(db: str | Path, out: str | Path, run_id: int | None = None,
                  max_flagged: int = 200, index: str | Path | None = None,
-                 overwrite: bool = False) -> Path:
+                 overwrite: bool = False, sources: list[str | Path] | None = None,
+                 index_mismatch_ok: bool = False) -> Path:
     """Render the report of one run (default latest) to `out` (written atomically).
 
     `out` must not be the database or the index, nor an existing file that is not a
-    memaudit report unless `overwrite` (`memaudit.paths.check_output_file`)."""
+    memaudit report unless `overwrite` (`memaudit.paths.check_output_file`). `sources`,
+    `index_mismatch_ok`: see `build_context`."""
     from memaudit.paths import atomic_write, check_output_file, is_memaudit_html
 
-    out = check_output_file(out, [db, index], own=is_memaudit_html, overwrite=overwrite,
-                            what="report")
-    html = render_html(build_context(db, run_id=run_id, max_flagged=max_flagged, index=index))
+    out = check_output_file(out, [db, index, *source_files(sources)], own=is_memaudit_html,
+                            overwrite=overwrite, what="report")
+    html = render_html(build_context(db, run_id=run_id, max_flagged=max_flagged, index=index,
+                                     sources=sources, index_mismatch_ok=index_mismatch_ok))
     with atomic_write(out, "report") as tmp:
         tmp.write_text(html, encoding="utf-8")
     return out

@@ -48,6 +48,9 @@ REPORT_TEMPLATE = r"""<!DOCTYPE html>
  criteria: {{ criteria|join(", ") }}</p>
 {% if run.status != "finished" %}<p class="verdict copy">This run is <b>{{ run.status }}</b>:
  the audit is incomplete, so these figures cover only the units committed so far.</p>{% endif %}
+{% if index_mismatch %}<p class="verdict copy">The training images shown are from an index
+ that is not the index this run recorded (<code>--index-mismatch-ok</code>): {{ index_mismatch }}.
+ A flagged output may be shown beside an image it was not matched with.</p>{% endif %}
 <p class="verdict {{ 'copy' if n_flagged else 'ok' }}">
 {% if n_flagged %}{{ n_flagged }} generation(s) flagged as copies of training images
 {% else %}No generation flagged as a copy of a training image{% endif %}
