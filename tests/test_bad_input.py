@@ -296,6 +296,24 @@ def _crafted_out(w: Path, t: Path, kind: str) -> str:
     return str(t / "db")
 
 
+def _changed_copy(w: Path, t: Path) -> str:
+    """The workspace's finished audit moved to the case's folder (its plan and database
+    rewritten to the new place, as if it had run there), then a line appended to a list."""
+    import duckdb
+
+    old, new = str(w / "audit"), str(t / "audit")
+    shutil.copytree(old, new, symlinks=True)
+    plan = t / "audit" / "plan.toml"
+    plan.write_text(plan.read_text().replace(old, new))
+    con = duckdb.connect(str(t / "audit" / "out" / "audit.duckdb"))
+    con.execute("UPDATE runs SET plan_json = replace(plan_json, ?, ?), "
+                "index_path = replace(index_path, ?, ?)", [old, new, old, new])
+    con.close()
+    with open(t / "audit" / "gen.txt", "a") as f:
+        f.write("one more generic prompt\n")
+    return str(plan)
+
+
 # issue 18: audit databases someone else made (tests/test_untrusted_db.py: nothing leaks)
 CASES += [
     Case("report-db-view-over-read-text", lambda w, t: ["report", _crafted(
@@ -326,6 +344,8 @@ CASES += [
     Case("report-out-is-a-named-source", lambda w, t: ["report", f"{w}/{DB}", "--out",
          f"{w}/data/train.parquet", "--source", f"{w}/data", "--overwrite"],
          "is one of this command's inputs"),
+    Case("audit-prompts-changed-since-a-finished-run", lambda w, t: ["audit", _changed_copy(
+         w, t)], "prompt list gen.txt changed since run 1"),
     Case("audit-out-holds-a-crafted-duckdb", lambda w, t: ["audit", _plan(
          w, t, f'index = "{w}/idx"', out=_crafted_out(w, t, "stored-macro"))],
          "stored macro arg_max"),
