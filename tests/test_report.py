@@ -26,7 +26,8 @@ def audit_db(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def report(audit_db):
-    return write_report(audit_db, audit_db.parent / "report.html")
+    return write_report(audit_db, audit_db.parent / "report.html",
+                        sources=[audit_db.parent.parent / "train.parquet"])
 
 
 def _data_uris(html: str) -> list[bytes]:
@@ -323,7 +324,8 @@ def test_foreign_database_and_index_cannot_pull_local_files_in(audit_db, tmp_pat
     assert sum(np.array_equal(a, planted_image()) for a in shown) == 4
     assert "Files not shown" in html
     assert "2 generated image path(s) outside" in html
-    assert "training images from 1 file(s) the index does not record as its sources" in html
+    assert ("training images from 1 file(s) neither inside the index folder nor named with "
+            "--source") in html
 
 
 def test_report_never_overwrites_its_input_and_names_the_real_problem(audit_db, tmp_path,

@@ -102,19 +102,27 @@ def report_cmd(
                                "training images (default: the index the database names)."),
     overwrite: bool = typer.Option(False, "--overwrite",
                                    help="Replace an existing file that is not a report."),
+    source: list[Path] = typer.Option(None, "--source", help="Training Parquet (file or "
+                                      "folder) to read the training images from, besides "
+                                      "files inside the index folder (repeatable)."),
+    index_mismatch_ok: bool = typer.Option(False, "--index-mismatch-ok", help="Show the "
+                                           "images of an index whose content hash is not "
+                                           "the run's (the page says so)."),
 ) -> None:
     """Render the self-contained HTML report (and optionally a PDF)."""
     from memaudit.paths import check_output_file, is_memaudit_html, is_pdf
     from memaudit.report import render_pdf, write_report
 
     out = out or db.parent / "report.html"
-    check_output_file(out, [db, index], overwrite=overwrite, own=is_memaudit_html,
+    inputs = [db, index, *(source or [])]
+    check_output_file(out, inputs, overwrite=overwrite, own=is_memaudit_html,
                       what="report")  # before the work; write_report checks again
     if pdf:
-        check_output_file(out.with_suffix(".pdf"), [db, index], overwrite=overwrite,
+        check_output_file(out.with_suffix(".pdf"), inputs, overwrite=overwrite,
                           own=is_pdf, what="PDF")
     path = write_report(db, out, run_id=run, max_flagged=max_flagged, index=index,
-                        overwrite=overwrite)
+                        overwrite=overwrite, sources=source or None,
+                        index_mismatch_ok=index_mismatch_ok)
     print(f"report: {path}")
     if pdf:
         print(f"pdf: {render_pdf(path, path.with_suffix('.pdf'))}")

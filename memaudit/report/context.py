@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from memaudit.common import UserError
 from memaudit.report.images import _TrainingImages, image_file_uri
 from memaudit.report.prompts import link_prompt_tables, prompt_anchor, prompt_rows
 from memaudit.report.verdict import gate_verdict, screening_words
@@ -28,10 +29,14 @@ def _ordered(values: list[str], order: list[str]) -> list[str]:
 
 
 def build_context(db: str | Path, run_id: int | None = None, max_flagged: int = 200,
-                  index: str | Path | None = None) -> dict[str, Any]:
+                  index: str | Path | None = None, sources: list[str | Path] | None = None,
+                  index_mismatch_ok: bool = False) -> dict[str, Any]:
     """Everything the template shows, read from the database (one run, default latest).
 
-    `index`: the run's training index (default: the path the database records)."""
+    `index`: the run's training index (default: the path the database records); an index
+    whose content hash is not the run's is a `UserError` unless `index_mismatch_ok`, which
+    the page then states at its top. `sources`: training files or folders the user names;
+    images are read only from them and from files inside the index folder."""
     from memaudit.report.plots import distribution_svg
     from memaudit.report.quality import quality_rows
 
@@ -130,7 +135,11 @@ def build_context(db: str | Path, run_id: int | None = None, max_flagged: int = 
         card["verdict_copy"] |= bool(_verdict(r))
     ordered = sorted(cards.values(), key=lambda c: (not c["verdict_copy"], -c["rank"]))
     ordered = ordered[:max_flagged]
-    train = _TrainingImages(index if index is not None else run["index_path"])
+    train = _TrainingImages(index if index is not None else run["index_path"], sources)
+    index_mismatch = train.mismatch(run)
+    if index_mismatch and not index_mismatch_ok:
+        raise UserError(f"{index_mismatch}: its images would be shown beside outputs they "
+                        "were not matched with; pass --index-mismatch-ok to show them anyway")
     outside: list[str] = []
     for c in ordered:
         path = db.parent / str(c["image_path"])
@@ -146,11 +155,7 @@ def build_context(db: str | Path, run_id: int | None = None, max_flagged: int = 
     if outside:
         left_out.append(f"{len(outside)} generated image path(s) outside {db.parent}, e.g. "
                         f"{outside[0]}")
-    if train.refused:
-        left_out.append(f"training images from {len(train.refused)} file(s) the index does "
-                        f"not record as its sources, e.g. {sorted(train.refused)[0]}")
-    if train.error and ordered:
-        left_out.append(f"every training image: {train.error}")
+    left_out += train.left_out(bool(ordered))
 
     # per prompt x method tables, one per criterion
     tables = []
@@ -206,7 +211,7 @@ def build_context(db: str | Path, run_id: int | None = None, max_flagged: int = 
         "alignment_note": ("share of generations whose content agrees with the prompt: on "
                            "the canary, a digit classifier trained on the real digits reads "
                            "the digit the prompt asks for (METHODS 4)"),
-        "versions": versions, "left_out": left_out,
+        "versions": versions, "left_out": left_out, "index_mismatch": index_mismatch,
         "settings_json": json.dumps(settings, indent=2, sort_keys=True, default=str),
         "plan_json": json.dumps(plan, indent=2, sort_keys=True),
         "generated_at": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),

@@ -11,6 +11,9 @@ from __future__ import annotations
 import base64
 import io
 from pathlib import Path
+from typing import Any
+
+from memaudit.common import UserError
 
 
 def png_data_uri(data: bytes, mime: str = "image/png") -> str:
@@ -78,56 +81,119 @@ def training_image_bytes(source_file: str | Path, source_row: int,
     return read_image_rows(path, [int(source_row)], image_col).get(int(source_row))
 
 
+def source_files(sources: list[str | Path] | None) -> list[Path]:
+    """The files of the training sources the user names (files, folders, globs; any layout
+    of memaudit.data.training_set)."""
+    from memaudit.data.training_set import resolve_sources
+
+    out: list[Path] = []
+    for src in sources or []:
+        if not any(ch in str(src) for ch in "*?[") and not Path(src).exists():
+            raise UserError(f"--source {src} not found")
+        out += resolve_sources(src)
+    return out
+
+
 class _TrainingImages:
     """Neighbour row id -> PNG data URI, through the run's index (None when unavailable).
 
-    Only Parquet files the index's manifest records as its sources are read; a row whose
-    source_file is anything else is left out and counted in `refused`."""
+    Trust (docs/report.md "Trust model"): the index is the one the user names, else the path
+    the database records, and `mismatch` says when its content hash is not the one the run
+    recorded. Training images are read only from Parquet files inside the index folder or
+    among the `sources` the user names (symlinks resolved), never from a file only the
+    index's manifest or items name: those are counted in `refused`, never opened."""
 
-    def __init__(self, index_path: str | Path | None):
+    def __init__(self, index_path: str | Path | None,
+                 sources: list[str | Path] | None = None):
         from memaudit.paths import real
 
         self.index = None
+        self.index_path = index_path
         self.image_col = None
-        self.paths: dict[str, Path] = {}
+        self.hash: str | None = None
+        self.recorded: list[str] = []  # the manifest's sources (named in the hint only)
+        self.named: dict[str, Path] = {}  # basename -> a source the user named
         self.allowed: set[Path] = set()
         self.cache: dict[int, str | None] = {}
         self.refused: set[str] = set()
         self.error: str | None = None
+        self.dirs = [real(s) for s in sources or [] if Path(s).is_dir()]  # image folders
+        for f in source_files(sources):
+            self.named.setdefault(f.name, f)
+            self.allowed.add(real(f))
         if index_path and Path(index_path).exists():
             try:
                 from memaudit.index import TrainingIndex
+                from memaudit.index.training_index import index_hash
 
                 self.index = TrainingIndex.open(index_path)
+                self.hash = index_hash(self.index.manifest, index_path)
                 src = self.index.manifest.get("source") or {}
                 src = src if isinstance(src, dict) else {}
-                self.image_col = src.get("image_col")
-                paths = [Path(str(p)) for p in src.get("paths") or []]
-                self.paths = {p.name: p for p in paths}
-                self.allowed = {real(p) for p in paths}
+                col = src.get("image_col")
+                self.image_col = col if isinstance(col, str) else None
+                paths = src.get("paths")
+                self.recorded = [str(p) for p in paths] if isinstance(paths, list) else []
             except Exception as e:  # noqa: BLE001 - the report still renders without images
                 self.index = None
                 self.error = f"the index {index_path} could not be opened ({e})"
         elif index_path:
             self.error = f"the index {index_path} was not found"
 
-    def uri(self, row: int | None) -> str | None:
+    def mismatch(self, run: dict[str, Any]) -> str | None:
+        """Why the opened index is not the run's (None when its content hash is)."""
+        if self.index is None or self.hash == run.get("index_hash"):
+            return None
+        recorded = run.get("index_hash") or "no hash"
+        return (f"the index {self.index_path} is not the run's index (content hash "
+                f"{(self.hash or 'none')[:12]}; run {run.get('id')} recorded "
+                f"{recorded[:12]} for {run.get('index_path')})")
+
+    def _source(self, name: str) -> Path | None:
+        """The file a row's source_file names, if the report may open it (else refused)."""
         from memaudit.paths import real
 
+        assert self.index is not None
+        folder = real(self.index.path)
+        p = Path(name)
+        candidates = [p] if p.is_absolute() else [self.index.path / p, p]
+        if p.name in self.named:
+            candidates.append(self.named[p.name])  # moved since the build: the user's file
+        for c in candidates:
+            r = real(c)
+            if c.is_file() and (r in self.allowed or r.is_relative_to(folder)
+                                or any(r.is_relative_to(d) for d in self.dirs)):
+                return r
+        self.refused.add(name)
+        return None
+
+    def uri(self, row: int | None) -> str | None:
         if row is None or self.index is None:
             return None
         if row not in self.cache:
             self.cache[row] = None
             try:
                 item = self.index.item(int(row))
-                src = Path(item["source_file"])
-                if not src.exists():  # a relative path from the build: the manifest's copy
-                    src = self.paths.get(src.name, src)
-                if real(src) not in self.allowed:
-                    self.refused.add(str(item["source_file"]))
+                src = self._source(str(item["source_file"]))
+                if src is None:
                     return None
                 data = training_image_bytes(src, int(item["source_row"]), self.image_col)
                 self.cache[row] = _to_png_uri(data) if data else None
             except Exception:  # noqa: BLE001
                 self.cache[row] = None
         return self.cache[row]
+
+    def left_out(self, shown_any: bool) -> list[str]:
+        """Lines for the report's "Files not shown"."""
+        out = []
+        if self.refused:
+            out.append(f"training images from {len(self.refused)} file(s) neither inside the "
+                       f"index folder nor named with --source, never opened, e.g. "
+                       f"{sorted(self.refused)[0]}")
+            if self.recorded:
+                out.append("the index records its training data as "
+                           f"{', '.join(self.recorded[:3])}: name it with --source to show "
+                           "the training images")
+        if self.error and shown_any:
+            out.append(f"every training image: {self.error}")
+        return out

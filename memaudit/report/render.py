@@ -49,16 +49,20 @@ def render_html(context: dict[str, Any]) -> str:
 
 def write_report(db: str | Path, out: str | Path, run_id: int | None = None,
                  max_flagged: int = 200, index: str | Path | None = None,
-                 overwrite: bool = False) -> Path:
+                 overwrite: bool = False, sources: list[str | Path] | None = None,
+                 index_mismatch_ok: bool = False) -> Path:
     """Render the report of one run (default latest) to `out` (written atomically).
 
     `out` must not be the database or the index, nor an existing file that is not a
-    memaudit report unless `overwrite` (`memaudit.paths.check_output_file`)."""
+    memaudit report unless `overwrite` (`memaudit.paths.check_output_file`). `sources`,
+    `index_mismatch_ok`: see `build_context`."""
     from memaudit.paths import atomic_write, check_output_file, is_memaudit_html
+    from memaudit.report.images import source_files
 
-    out = check_output_file(out, [db, index], own=is_memaudit_html, overwrite=overwrite,
-                            what="report")
-    html = render_html(build_context(db, run_id=run_id, max_flagged=max_flagged, index=index))
+    out = check_output_file(out, [db, index, *source_files(sources)], own=is_memaudit_html,
+                            overwrite=overwrite, what="report")
+    html = render_html(build_context(db, run_id=run_id, max_flagged=max_flagged, index=index,
+                                     sources=sources, index_mismatch_ok=index_mismatch_ok))
     with atomic_write(out, "report") as tmp:
         tmp.write_text(html, encoding="utf-8")
     return out

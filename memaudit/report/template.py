@@ -90,6 +90,9 @@ REPORT_TEMPLATE = r"""<!DOCTYPE html>
  criteria: {{ criteria|join(", ") }}</p>
 <nav>{% for id, name in sections %}<a href="#{{ id }}">{{ name }}</a>{% endfor %}</nav>
 
+{% if index_mismatch %}<p class="verdict copy">The training images shown are from an index
+ that is not the index this run recorded (<code>--index-mismatch-ok</code>): {{ index_mismatch }}.
+ A flagged output may be shown beside an image it was not matched with.</p>{% endif %}
 <h2 id="verdict">Verdict</h2>
 {% if run.status != "finished" %}<p class="verdict copy">This run is <b>{{ run.status }}</b>:
  the audit is incomplete, so these figures cover only the units committed so far.</p>{% endif %}
