@@ -46,6 +46,24 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
+def _checked_run(row: dict[str, Any], path: Path) -> dict[str, Any]:
+    """A runs row whose JSON columns are JSON of the type memaudit writes (a damaged or
+    crafted database is one line, not a crash in whoever reads the column later)."""
+    for col, kind in (("plan_json", dict), ("settings_json", dict), ("versions_json", dict),
+                      ("seeds_json", list)):
+        text = row.get(col)
+        if text is None and col != "plan_json":
+            continue
+        try:
+            ok = isinstance(json.loads(text), kind)
+        except (TypeError, ValueError, RecursionError):
+            ok = False
+        if not ok:
+            raise UserError(f"{path}: run {row.get('id')}'s {col} is not a JSON "
+                            f"{kind.__name__} (a damaged or foreign audit database)")
+    return row
+
+
 class AuditStore:
     """An open audit database (`OUT/audit.duckdb`).
 
@@ -142,10 +160,21 @@ class AuditStore:
 
     # --- queries ----------------------------------------------------------------------
     def query(self, sql: str, params: Sequence[Any] | None = None) -> list[dict[str, Any]]:
-        """Rows as dicts (read-side helper for report and gate)."""
-        cur = self.con.execute(sql, list(params or []))
-        names = [d[0] for d in cur.description]
-        return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
+        """Rows as dicts (read-side helper for report and gate). On a database opened
+        read-only (one memaudit did not just write), a query the file makes fail (a view
+        that raises, a column of another type) is a one-line `UserError`."""
+        import duckdb
+
+        try:
+            cur = self.con.execute(sql, list(params or []))
+            names = [d[0] for d in cur.description]
+            rows = cur.fetchall()
+        except duckdb.Error as e:
+            if not self.read_only:
+                raise
+            raise UserError(f"cannot read {self.path}: {str(e).strip().splitlines()[0]} "
+                            "(a damaged or foreign audit database)") from e
+        return [dict(zip(names, r, strict=True)) for r in rows]
 
     def count(self, table: str) -> int:
         if table not in TABLE_NAMES:
@@ -154,7 +183,7 @@ class AuditStore:
 
     def latest_run(self) -> dict[str, Any] | None:
         rows = self.query("SELECT * FROM runs ORDER BY id DESC LIMIT 1")
-        return rows[0] if rows else None
+        return _checked_run(rows[0], self.path) if rows else None
 
     def run(self, run_id: int | None = None) -> dict[str, Any]:
         """One run's row (default the latest); `UserError` when there is none."""
@@ -166,7 +195,7 @@ class AuditStore:
         rows = self.query("SELECT * FROM runs WHERE id = ?", [run_id])
         if not rows:
             raise UserError(f"no run {run_id} in {self.path}")
-        return rows[0]
+        return _checked_run(rows[0], self.path)
 
     def done_units(self, run_id: int) -> set[str]:
         return {r[0] for r in self.con.execute(
