@@ -100,7 +100,14 @@ def _incomplete(store: AuditStore, run: dict[str, Any]) -> str | None:
     """Why a run cannot pass (None when it finished)."""
     status = str(run.get("status"))
     if status == "finished":
-        return None
+        bad = store.query(  # written before NaN became an error of its unit
+            "SELECT (SELECT count(*) FROM matches m JOIN generations g ON g.id = "
+            "m.generation_id WHERE g.run_id = ? AND NOT isfinite(m.score)) + (SELECT count(*) "
+            "FROM screens WHERE run_id = ? AND NOT isfinite(score)) AS n",
+            [int(run["id"]), int(run["id"])])[0]["n"]
+        return None if not bad else (
+            f"run {run['id']} holds {bad} NaN or infinite score(s): a score that is not a "
+            "number is never a pass; rerun the audit with --new-run")
     units = store.con.execute("SELECT count(*) FROM units WHERE run_id = ?",
                               [int(run["id"])]).fetchone()[0]
     why = ("an error ended it part-way" if status == "failed"

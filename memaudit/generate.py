@@ -33,7 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from memaudit.common import UserError, progress_bar
+from memaudit.common import UserError, progress_bar, require_finite
 from memaudit.data.prompts import PromptRecord
 
 GEN_COLUMNS = ["prompt_id", "prompt", "final_prompt", "label", "source", "seed", "method",
@@ -274,6 +274,9 @@ def generate(model: Any, prompts: Sequence[PromptRecord | str],
                 res = sample(model, [records[p].text for p, _ in batch], [s for _, s in batch],
                              g, steps=steps, guidance_scale=scale, scheduler=scheduler,
                              criterion=crit)
+                for i, (pid, seed) in enumerate(batch):  # nothing of this batch is written
+                    require_finite(res.images[i], f"the {label} generation of prompt "
+                                   f"{records[pid].text!r} seed {seed}")
                 for i, (pid, seed) in enumerate(batch):
                     rec = records[pid]
                     rel = f"images/{method_slug(label)}/{pid:05d}_{seed}.png"

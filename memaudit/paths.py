@@ -1,9 +1,10 @@
 """Output paths every writer checks first: nothing a user gave as input is ever overwritten.
 
 - `check_output_file(out, inputs, ...)`: refuses a file output that is one of the command's
-  inputs (real paths: symlinks and hard links resolved), an existing folder, an existing
-  file that is not this command's own kind of output unless `overwrite`, and a location
-  that cannot be written (naming the real reason).
+  inputs (real paths: symlinks and hard links resolved) or lies inside an input folder (an
+  index folder's files are inputs too; `overwrite` never changes that), an existing folder,
+  an existing file that is not this command's own kind of output unless `overwrite`, and a
+  location that cannot be written (naming the real reason).
 - `check_output_dir(out, inputs, ...)`: refuses a folder output that is an input, lies
   inside an input folder, or (when it is replaced, or where it writes) holds an input; an
   existing folder that is replaced must be the command's own kind (e.g. a memaudit index).
@@ -43,6 +44,25 @@ def _inside(child: Path, parent: Path) -> bool:
     return c != p and c.is_relative_to(p)
 
 
+def _hard_link_into(out: Path, folder: Path) -> bool:
+    """Is the existing file `out` a hard link to a file under `folder`?"""
+    try:
+        st = out.stat()
+    except OSError:
+        return False
+    if st.st_nlink < 2:
+        return False
+    for root, _, files in os.walk(folder):
+        for name in files:
+            try:
+                s = os.stat(os.path.join(root, name))
+            except OSError:
+                continue
+            if (s.st_dev, s.st_ino) == (st.st_dev, st.st_ino):
+                return True
+    return False
+
+
 def writable_location(path: PathLike, what: str = "output") -> None:
     """Raise a `UserError` naming the real problem when `path` cannot be created."""
     p = real(path)
@@ -75,6 +95,10 @@ def check_output_file(out: PathLike, inputs: Iterable[PathLike | None] = (), *,
         if _same(out, inp):
             raise UserError(f"{what} {out} is one of this command's inputs ({inp}); "
                             "choose another file")
+    for inp in _inputs(inputs):  # every file of an input folder is an input, whatever the flag
+        if inp.is_dir() and (_inside(out, inp) or _hard_link_into(out, inp)):
+            raise UserError(f"{what} {out} is inside the input folder {inp}; choose a file "
+                            "outside it")
     if out.exists() and not overwrite and not (own is not None and own(out)):
         raise UserError(f"{out} exists and is not a memaudit {what}; use --overwrite to "
                         "replace it")

@@ -3,8 +3,9 @@
 Prompts, captions, keys and file names come from files other people wrote. Printed raw, an
 ANSI escape (`\\x1b[2J`) clears a terminal or a CI log and a bidi override reorders what the
 reader sees; in XML, a `\\x00` or `\\x1b` makes the file malformed (XML 1.0 forbids them).
-Both sanitisers keep the text readable: a forbidden character becomes its visible escape
-(`\\x1b`, `\\u202e`), so nothing is silently dropped.
+`html_text` (the XML set) does the same for the HTML report. All keep the text readable: a
+forbidden character becomes its visible escape (`\\x1b`, `\\u202e`), so nothing is silently
+dropped.
 """
 
 from __future__ import annotations
@@ -40,3 +41,10 @@ def xml_text(s: object) -> str:
     """`s` as text every XML 1.0 parser accepts (ElementTree escapes `<`, `&` and quotes);
     forbidden characters shown escaped."""
     return _XML_BAD.sub(_escape, str(s))
+
+
+def html_text(s: object) -> str:
+    """`s` as text for an HTML page (the report's template escapes `<`, `&` and quotes):
+    control characters, NUL, ESC, bidi overrides (which reorder what a reviewer reads) and
+    lone surrogates (which no UTF-8 page can hold) shown as visible escapes, like XML's."""
+    return xml_text(s)

@@ -30,7 +30,7 @@ NO_GPU = not torch.cuda.is_available()
 
 
 @pytest.fixture(scope="module")
-def ws(tmp_path_factory) -> Path:
+def ws(tmp_path_factory, pipe_dir) -> Path:
     """The shared workspace: training data, an index, a model, prompt lists, an audit
     database, and broken or foreign versions of each."""
     w = tmp_path_factory.mktemp("ws")
@@ -80,6 +80,7 @@ def ws(tmp_path_factory) -> Path:
     con.execute("CREATE TABLE meta (a INTEGER)")
     con.close()
     assert audit == w / "audit" / "out" / "audit.duckdb"
+    _issue18_inputs(w, pipe_dir)
     return w
 
 
@@ -343,7 +344,7 @@ CASES += [
          f"{t}/r.html", "--source", f"{t}/none.parquet"], "--source"),
     Case("report-out-is-a-named-source", lambda w, t: ["report", f"{w}/{DB}", "--out",
          f"{w}/data/train.parquet", "--source", f"{w}/data", "--overwrite"],
-         "is one of this command's inputs"),
+         "is inside the input folder"),
     Case("audit-prompts-changed-since-a-finished-run", lambda w, t: ["audit", _changed_copy(
          w, t)], "prompt list gen.txt changed since run 1"),
     Case("audit-out-holds-a-crafted-duckdb", lambda w, t: ["audit", _plan(
@@ -352,11 +353,253 @@ CASES += [
 ]
 
 
+# --- issue 18: NaN, inputs an --overwrite must not touch, writers, Ray, exit codes -------
+def _issue18_inputs(w: Path, pipe_dir: Path) -> None:
+    """Inputs of the issue-18 cases: a LoRA (real, then with NaN weights, wrong shapes,
+    empty), canaries with NaN weights, a NaN scale or terabyte sizes, hostile prompt lists,
+    damaged manifests, item lists and databases."""
+    import duckdb
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import load_file, save_file
+
+    (w / "sd").symlink_to(pipe_dir)
+    torch.manual_seed(7)
+    pipe = StableDiffusionPipeline.from_pretrained(pipe_dir, safety_checker=None)
+    pipe.unet.add_adapter(LoraConfig(r=2, lora_alpha=2, init_lora_weights=False,
+                                     target_modules=["to_q", "to_k"]))
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))
+    StableDiffusionPipeline.save_lora_weights(w / "lora", unet_lora_layers=layers)
+    state = load_file(str(w / "lora" / "pytorch_lora_weights.safetensors"))
+    nan = {k: v.clone() for k, v in state.items()}
+    nan[sorted(nan)[0]][0, 0] = float("nan")
+    save_file(nan, str(w / "lora-nan.safetensors"))
+    save_file({k: torch.zeros(v.shape[0], v.shape[1] + 3) if "down" in k else v
+               for k, v in state.items()}, str(w / "lora-shape.safetensors"))
+    save_file({}, str(w / "lora-empty.safetensors"))  # a valid file without a tensor
+    info = json.loads((w / "canary" / "canary.json").read_text())
+    for name in ("canary-inf", "canary-nan-scale", "canary-huge", "canary-res"):
+        shutil.copytree(w / "canary", w / name)
+    cs = load_file(str(w / "canary-inf" / "canary.safetensors"))
+    first = sorted(cs)[0]
+    cs[first] = cs[first].clone()
+    cs[first].view(-1)[0] = float("inf")
+    save_file(cs, str(w / "canary-inf" / "canary.safetensors"))
+    edits = {"canary-nan-scale": lambda j: j.update(default_guidance_scale=float("nan")),
+             "canary-huge": lambda j: j["config"].update(block_out_channels=[200_000] * 2),
+             "canary-res": lambda j: j["config"].update(resolution=10**7)}
+    for name, edit in edits.items():
+        j = json.loads(json.dumps(info))
+        edit(j)
+        (w / name / "canary.json").write_text(json.dumps(j))
+    (w / "nested.jsonl").write_text("[" * 100_000 + "]" * 100_000 + "\n")
+    (w / "nested-record.jsonl").write_text('{"caption": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    (w / "null.jsonl").write_text('{"caption": "a cat"}\n{"caption": null}\n')
+    (w / "bigfield.csv").write_text('caption\n"' + "x" * 140_000 + '"\n')
+    (w / "bidi.txt").write_text("a cat \u202egnp.exe\x1b[2J\n")
+    (w / "binary.md").write_bytes(bytes(range(256)) * 4)
+    man = json.loads((w / "idx" / "manifest.json").read_text())
+    for name, key, value in (("idx-cal-text", "calibration", "1% FPR"),
+                             ("idx-rows-text", "rows", "twenty")):
+        shutil.copytree(w / "idx", w / name)
+        (w / name / "manifest.json").write_text(json.dumps({**man, key: value}))
+    shutil.copytree(w / "idx", w / "idx-short-items")  # valid Parquet, five rows left
+    items = pq.read_table(w / "idx" / "items.parquet")
+    pq.write_table(items.slice(0, 5), w / "idx-short-items" / "items.parquet")
+    shutil.copytree(w / "idx", w / "idx-text-groups")
+    gcol = items.column_names.index("group_id")
+    pq.write_table(items.set_column(gcol, "group_id", pa.array(
+        [str(g) for g in items.column("group_id").to_pylist()])),
+        w / "idx-text-groups" / "items.parquet")
+    for name, sql in (("bad-plan-json", "UPDATE runs SET plan_json = 'not json {'"),
+                      ("raising-view", "CREATE OR REPLACE VIEW method_summary AS SELECT "
+                       "error('boom') AS run_id")):
+        shutil.copy(w / DB, w / f"{name}.duckdb")
+        con = duckdb.connect(str(w / f"{name}.duckdb"))
+        con.execute(sql)
+        con.close()
+
+
+def _closed_port() -> int:
+    """A local TCP port nothing listens on (bound, then closed)."""
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def _hard_link(w: Path, t: Path) -> str:
+    link = t / "mine.parquet"
+    import os
+
+    os.link(w / "idx" / "items.parquet", link)
+    return str(link)
+
+
+def _foreign(t: Path, *names: str) -> Path:
+    """A folder holding files memaudit did not write, under `names`."""
+    d = t / "d"
+    d.mkdir()
+    for n in names:
+        (d / n).write_text("mine, not memaudit's\n")
+    return d
+
+
+SD = ["generate", "--model", "{ws}/sd", "--prompts", "{ws}/p.txt", "--steps", "1"]
+
+
+def _gen(w: Path, t: Path, prompts: str) -> list[str]:
+    return ["generate", "--model", f"{w}/canary", "--prompts", f"{w}/{prompts}", "--out",
+            f"{t}/o", "--steps", "1"]
+AUDIT_IDX = "audit/out/index"
+
+CASES_18 = [
+    # --- defect 3: every float finite and in range, at parse time (CLI and plan alike) ---
+    Case("generate-guidance-scale-inf", lambda w, t: _fmt(GEN, w) + ["--out", f"{t}/o",
+         "--guidance-scale", "inf"], "--guidance-scale must be a finite number, got inf"),
+    Case("generate-guidance-scale-nan", lambda w, t: _fmt(GEN, w) + ["--out", f"{t}/o",
+         "--guidance-scale", "nan"], "'--guidance-scale'"),
+    Case("generate-guidance-scale-negative", lambda w, t: _fmt(GEN, w) + ["--out", f"{t}/o",
+         "--guidance-scale", "-2"], "greater than or equal to 0"),
+    Case("generate-lora-scale-nan", lambda w, t: _fmt(GEN, w) + ["--out", f"{t}/o", "--lora",
+         f"{w}/lora:nan"], "must be a finite number, got nan"),
+    Case("generate-lora-scale-inf", lambda w, t: _fmt(GEN, w) + ["--out", f"{t}/o", "--lora",
+         f"{w}/lora:-inf"], "must be a finite number, got -inf"),
+    Case("generate-param-nan", lambda w, t: _fmt(GEN, w) + ["--out", f"{t}/o", "--method",
+         "amg", "--param", "amg.c3=nan"], "parameter amg.c3 must be a finite number"),
+    Case("generate-lora-nan-weights", lambda w, t: _fmt(SD, w) + ["--out", f"{t}/o", "--lora",
+         f"{w}/lora-nan.safetensors"], "hold NaN or infinite values"),
+    Case("generate-canary-inf-weights", lambda w, t: ["generate", "--model", f"{w}/canary-inf",
+         "--prompts", f"{w}/p.txt", "--out", f"{t}/o"], "hold NaN or infinite values"),
+    Case("generate-canary-nan-scale", lambda w, t: ["generate", "--model",
+         f"{w}/canary-nan-scale", "--prompts", f"{w}/p.txt", "--out", f"{t}/o"],
+         "default_guidance_scale must be a finite number"),
+    Case("screen-param-nan", lambda w, t: ["screen", "--model", f"{w}/canary", "--prompts",
+         f"{w}/p.txt", "--score", "anisotropy", "--param", "g2=nan"],
+         "--param g2 must be a finite number"),
+    Case("screen-threshold-inf", lambda w, t: ["screen", "--model", f"{w}/canary", "--prompts",
+         f"{w}/p.txt", "--threshold", "inf"], "--threshold must be a finite number"),
+    Case("gate-max-screen-score-nan", lambda w, t: ["gate", "--screen", "--model",
+         f"{w}/canary", "--prompts", f"{w}/p.txt", "--max-screen-score", "nan"],
+         "--max-screen-score must be a finite number, got nan"),
+    Case("gate-max-copy-rate-2", lambda w, t: ["gate", f"{w}/{DB}", "--max-copy-rate", "2"],
+         "less than or equal to 1"),
+    Case("calibrate-fpr-nan", lambda w, t: ["index", "calibrate", f"{w}/idx", "--fpr", "nan"],
+         "--fpr must be a finite number"),
+    Case("audit-guidance-scale-inf", lambda w, t: ["audit", _plan(w, t, f'index = "{w}/idx"\n'
+         "guidance_scale = inf")], "guidance_scale must be a finite number, got inf"),
+    Case("audit-screen-params-nan", lambda w, t: ["audit", _plan(w, t, f'index = "{w}/idx"\n'
+         '[screen]\nscore = "anisotropy"\nthreshold = 1.0\nparams = { g2 = nan }')],
+         "screen.params.g2 must be a finite number"),
+    Case("audit-method-params-nan", lambda w, t: ["audit", _plan(w, t, f'index = "{w}/idx"\n'
+         'methods = ["cfg", "amg"]\n[params.amg]\nc3 = nan')],
+         "params.amg.c3 must be a finite number"),
+    Case("audit-lora-scale-nan", lambda w, t: ["audit", _plan(w, t, f'index = "{w}/idx"\n'
+         f'lora = "{w}/lora:nan"')], "must be a finite number, got nan"),
+    Case("canary-evaluate-scales-nan", lambda w, t: ["canary", "evaluate", "--out", f"{t}/e",
+         "--scales", "1,nan"], "--scales must be a finite number, got nan"),
+    Case("canary-train-lr-inf", lambda w, t: ["canary", "train", f"{w}/data", "--out",
+         f"{t}/m", "--lr", "inf"], "--lr must be a finite number, got inf"),
+    # --- defect 4: --overwrite never writes into an input (index folders included) -------
+    Case("detect-overwrite-into-the-index", lambda w, t: ["detect", f"{w}/img.png", "--index",
+         f"{w}/idx", "--out", f"{w}/idx/items.parquet", "--overwrite"],
+         "is inside the input folder"),
+    Case("detect-overwrite-a-hard-link-into-the-index", lambda w, t: ["detect",
+         f"{w}/img.png", "--index", f"{w}/idx", "--out", _hard_link(w, t), "--overwrite"],
+         "is inside the input folder"),
+    Case("report-overwrite-into-the-index", lambda w, t: ["report", f"{w}/{DB}", "--index",
+         f"{w}/idx", "--out", f"{w}/idx/manifest.json", "--overwrite"],
+         "is inside the input folder"),
+    Case("report-overwrite-into-the-run-index", lambda w, t: ["report", f"{w}/{DB}", "--out",
+         f"{w}/{AUDIT_IDX}/manifest.json", "--overwrite"], "is inside the input folder"),
+    # --- defect 5: canary writers follow the rule of every writer ----------------------
+    Case("canary-data-foreign-files", lambda w, t: ["canary", "data", "--out",
+         str(_foreign(t, "train.parquet", "prompts.csv"))],
+         "is not canary data memaudit wrote; use --overwrite"),
+    Case("canary-evaluate-foreign-summary", lambda w, t: ["canary", "evaluate", "--out",
+         str(_foreign(t, "summary.json"))], "not a memaudit canary evaluation summary"),
+    Case("canary-evaluate-foreign-grid", lambda w, t: ["canary", "evaluate", "--out",
+         f"{t}/e", "--grid", f"{w}/img.png"], "not a memaudit canary grid"),
+    Case("canary-evaluate-grid-into-the-index", lambda w, t: ["canary", "evaluate", "--out",
+         f"{t}/e", "--index", f"{w}/idx", "--grid", f"{w}/idx/g.png"],
+         "is inside the input folder"),
+    # --- defect 8: a Ray address with nothing listening: one line, at once -------------
+    Case("build-ray-nothing-listening", lambda w, t: ["index", "build", f"{w}/data",
+         "--embedder", "pixels", "--out", f"{t}/i", "--engine", "ray", "--address",
+         f"127.0.0.1:{_closed_port()}"], "cannot join Ray at 127.0.0.1:"),
+    Case("audit-ray-nothing-listening", lambda w, t: ["audit", _plan(w, t,
+         f'index = "{w}/idx"'), "--engine", "ray", "--address",
+         f"127.0.0.1:{_closed_port()}"], "cannot join Ray at 127.0.0.1:"),
+    # --- defect 9: input errors that were exit 3 -----------------------------------------
+    Case("generate-empty-lora", lambda w, t: _fmt(SD, w) + ["--out", f"{t}/o", "--lora",
+         f"{w}/lora-empty.safetensors"], "holds no tensors"),
+    Case("generate-resolution-huge", lambda w, t: _fmt(SD, w) + ["--out", f"{t}/o",
+         "--resolution", "1000000"], "resolution 1000000 is over"),
+    Case("screen-batch-size-0", lambda w, t: ["screen", "--model", f"{w}/canary", "--prompts",
+         f"{w}/p.txt", "--batch-size", "0"], "--batch-size must be at least 1"),
+    Case("build-factory-idmap", lambda w, t: ["index", "build", f"{w}/data", "--embedder",
+         "pixels", "--out", f"{t}/i", "--factory", "IDMap,Flat"], "drop the IDMap prefix"),
+    Case("report-plan-json-not-json", lambda w, t: ["report", f"{w}/bad-plan-json.duckdb",
+         "--out", f"{t}/r.html"], "plan_json of run 1 is not a JSON object"),
+    Case("gate-plan-json-not-json", lambda w, t: ["gate", f"{w}/bad-plan-json.duckdb"],
+         "plan_json of run 1 is not a JSON object"),
+    Case("report-view-raises", lambda w, t: ["report", f"{w}/raising-view.duckdb", "--out",
+         f"{t}/r.html"], "raising-view.duckdb"),
+    Case("info-calibration-is-text", lambda w, t: ["index", "info", f"{w}/idx-cal-text"],
+         "calibration is a JSON str"),
+    Case("query-rows-is-text", lambda w, t: ["index", "query", f"{w}/idx-rows-text",
+         f"{w}/img.png"], "rows is a JSON str"),
+    Case("query-truncated-item-list", lambda w, t: ["index", "query", f"{w}/idx-short-items",
+         f"{w}/img.png"], "holds 5 rows, the manifest says 20"),
+    Case("detect-item-list-of-text-groups", lambda w, t: ["detect", f"{w}/img.png", "--index",
+         f"{w}/idx-text-groups"], "column group_id is string"),
+    Case("generate-deeply-nested-json", lambda w, t: _gen(w, t, "nested.jsonl"),
+         "nested too deeply"),
+    Case("generate-deeply-nested-jsonl-record", lambda w, t: _gen(w, t, "nested-record.jsonl"),
+         "line 1 is JSON nested too deeply"),
+    Case("generate-csv-field-over-the-limit", lambda w, t: _gen(w, t, "bigfield.csv"),
+         "field larger than field limit"),
+    Case("canary-evaluate-grid-not-png", lambda w, t: ["canary", "evaluate", "--out", f"{t}/e",
+         "--grid", f"{t}/x.parquet"], "must be a .png file"),
+    Case("canary-basin-doc-binary", lambda w, t: ["canary", "basin", "--out", f"{t}/b",
+         "--doc", f"{w}/binary.md"], "is not UTF-8 text"),
+    Case("generate-canary-terabytes", lambda w, t: ["generate", "--model", f"{w}/canary-huge",
+         "--prompts", f"{w}/p.txt", "--out", f"{t}/o"], "config.block_out_channels must be"),
+    Case("generate-canary-resolution-terabytes", lambda w, t: ["generate", "--model",
+         f"{w}/canary-res", "--prompts", f"{w}/p.txt", "--out", f"{t}/o"],
+         "config.resolution must be <= 4096"),
+    # --- minor ---------------------------------------------------------------------------
+    Case("generate-unknown-option", lambda w, t: _fmt(GEN, w) + ["--out", f"{t}/o", "--sed",
+         "1"], "No such option: --sed"),
+    Case("generate-lora-wrong-shapes", lambda w, t: _fmt(SD, w) + ["--out", f"{t}/o", "--lora",
+         f"{w}/lora-shape.safetensors"], "cannot load LoRA"),
+    Case("generate-resolution-0", lambda w, t: _fmt(SD, w) + ["--out", f"{t}/o",
+         "--resolution", "0"], "resolution 0 must be a positive multiple"),
+    Case("generate-resolution-on-the-canary", lambda w, t: _fmt(GEN, w) + ["--out", f"{t}/o",
+         "--resolution", "64"], "samples at its trained 16x16 only"),
+    Case("generate-jsonl-null-prompt", lambda w, t: _gen(w, t, "null.jsonl"),
+         "record 2: the prompt ('caption') is null"),
+    Case("build-rerank-absurd", lambda w, t: ["index", "build", f"{w}/data", "--embedder",
+         "pixels", "--out", f"{t}/i", "--factory", "PQ4", "--rerank", "1000000000000"],
+         "--rerank must be at least 1 and at most"),
+    Case("build-rerank-on-flat", lambda w, t: ["index", "build", f"{w}/data", "--embedder",
+         "pixels", "--out", f"{t}/i", "--rerank", "50"], "applies to compressed factories"),
+]
+CASES += CASES_18  # after the kinds above (issue 11)
+
+
 def test_at_least_forty_cases_cover_every_command():
     assert len(CASES) >= 40 and len({c.id for c in CASES}) == len(CASES)
     assert {c.id.split("-")[0] for c in CASES} == {
         "build", "info", "calibrate", "query", "detect", "generate", "screen", "audit",
-        "report", "gate", "demo"}
+        "report", "gate", "demo", "canary"}
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
@@ -396,3 +639,18 @@ def test_nothing_is_stuck_after_bad_input(ws):
         assert [r["status"] for r in s.query("SELECT status FROM runs")] == ["finished"]
     assert not list(ws.rglob("*.partial")) and not list(ws.rglob("*.tmp*"))
     assert sorted(p.name for p in (ws / "data").iterdir()) == ["train.parquet"]
+
+
+
+def test_a_lora_of_wrong_shapes_is_one_line_without_library_logging(ws, tmp_path):
+    """issue 18: diffusers logged one line per mismatched tensor before memaudit's error
+    (through logging handlers, so this runs the entry point in a subprocess)."""
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-m", "memaudit", "generate", "--model", str(ws / "sd"),
+                        "--prompts", str(ws / "p.txt"), "--steps", "1", "--out",
+                        str(tmp_path / "o"), "--lora", str(ws / "lora-shape.safetensors")],
+                       capture_output=True, text=True)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert p.stderr.startswith("error: cannot load LoRA ") and not (tmp_path / "o").exists()

@@ -190,11 +190,65 @@ def test_export_is_atomic_and_loadable(canary_folder):
 
 
 @pytest.mark.parametrize("taus,needle", [
-    ("0.5,x", "--taus must be numbers separated by commas"),
-    ("1.5", "--taus must be values in [0, 1]"),
+    ("0.5,x", "--taus must be a number, got 'x'"),
+    ("1.5", "--taus must be <= 1, got 1.5"),
+    ("nan", "--taus must be a finite number, got nan"),
     ("", "--taus must be values in [0, 1]"),
 ])
 def test_basin_rejects_bad_taus_before_any_work(capsys, tmp_path, taus, needle):
     code, err = _cli(capsys, "canary", "basin", "--out", str(tmp_path / "w"), "--taus", taus)
     assert code == 2 and needle in _one_line_error(err)
     assert not (tmp_path / "w").exists()
+
+
+def test_canary_data_replaces_only_files_it_wrote(tmp_path):
+    """issue 18: `canary data --out D` replaced a train.parquet and prompts.csv it did not
+    write. Same rule as every writer: its own earlier output, or --overwrite."""
+    from memaudit.canary.data import check_data_out
+    from memaudit.common import sha256_file
+
+    d = tmp_path / "d"
+    d.mkdir()
+    check_data_out(d)  # an empty folder
+    (d / "prompts.csv").write_text("prompt\nmine\n")
+    with pytest.raises(UserError, match="prompts.csv exists and is not canary data memaudit "
+                                        "wrote; use --overwrite"):
+        check_data_out(d)
+    check_data_out(d, overwrite=True)
+    (d / "train.parquet").write_bytes(b"PAR1 built earlier")
+    (d / "data.json").write_text(json.dumps({"train_sha256": sha256_file(d / "train.parquet")}))
+    check_data_out(d)  # a folder canary data wrote (data.json names its train.parquet)
+    (d / "train.parquet").write_bytes(b"PAR1 edited since")
+    with pytest.raises(UserError, match="and 2 more"):
+        check_data_out(d)
+    (d / "generic.txt").mkdir()
+    with pytest.raises(UserError, match="generic.txt is a folder"):
+        check_data_out(d, overwrite=True)
+
+
+def test_canary_evaluate_replaces_only_outputs_it_wrote(tmp_path):
+    """issue 18: `canary evaluate --out E --grid G` replaced summary.json, per_image.csv and
+    the grid, and `--grid x.parquet` failed after the work with half the output written."""
+    from memaudit.canary.evaluate import check_outputs
+
+    out, grid = tmp_path / "e", tmp_path / "e" / "grid.png"
+    out.mkdir()
+    check_outputs(out, grid, [], False, ["data", "index"])
+    (out / "per_image.csv").write_text("mine\n")
+    with pytest.raises(UserError, match="not a memaudit canary evaluation table"):
+        check_outputs(out, grid, [], False, [])
+    check_outputs(out, grid, [], True, [])
+    grid.write_bytes(b"\x89PNG an earlier grid")
+    (out / "summary.json").write_text(json.dumps({"rates": {}, "scales": [1.0],
+                                                  "grid": str(grid)}))
+    check_outputs(out, grid, [], False, [])  # an earlier evaluation's outputs
+    other = tmp_path / "mine.png"
+    other.write_bytes(b"\x89PNG mine")
+    with pytest.raises(UserError, match="not a memaudit canary grid"):
+        check_outputs(out, other, [], False, [])
+    with pytest.raises(UserError, match="--grid .*x.parquet must be a .png file"):
+        check_outputs(out, tmp_path / "x.parquet", [], True, [])
+    idx = tmp_path / "idx"
+    idx.mkdir()
+    with pytest.raises(UserError, match="inside the input folder"):
+        check_outputs(out, idx / "g.png", [idx], True, [])

@@ -57,6 +57,30 @@ def test_a_crash_is_exit_3_in_one_line_and_debug_shows_the_traceback(monkeypatch
             assert "(at memaudit/cli/audit.py:" in err and "MEMAUDIT_DEBUG=1" in err
 
 
+def test_crash_location_found_by_the_package_folder_not_its_name(tmp_path, monkeypatch,
+                                                                 capsys):
+    """A clone into a folder named `memaudit` (what `git clone` gives) puts the tests under
+    .../memaudit/tests: a crash raised there is still located at memaudit's own innermost
+    frame, never at a file outside the package whose path contains "memaudit" (issue 18)."""
+    import importlib.util
+
+    import memaudit.gate
+    from memaudit.cli import main
+
+    f = tmp_path / "memaudit" / "tests" / "boom.py"
+    f.parent.mkdir(parents=True)
+    f.write_text("def crash(*a, **kw):\n    raise ZeroDivisionError('division by zero')\n")
+    spec = importlib.util.spec_from_file_location("memaudit_clone_boom", f)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    monkeypatch.setattr(memaudit.gate, "gate_db", mod.crash)
+    monkeypatch.setenv("MEMAUDIT_DEBUG", "")
+    with pytest.raises(SystemExit) as e:
+        main(["gate", "whatever.duckdb"])
+    err = capsys.readouterr().err
+    assert e.value.code == 3 and "(at memaudit/cli/audit.py:" in err, err
+
+
 def test_cli_reference_is_current():
     assert (ROOT / "docs" / "cli.md").read_text() == render(), (
         "docs/cli.md is stale: python -m memaudit.cli.reference > docs/cli.md")

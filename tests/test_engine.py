@@ -31,3 +31,27 @@ def test_engine_choice_errors_are_one_line():
         make_engine("spark")
     with pytest.raises(UserError, match="--address and --actors need --engine ray"):
         make_engine("local", address="auto")
+
+
+def test_a_ray_address_with_nothing_listening_fails_at_once_in_one_line():
+    """issue 18: Ray retried a dead HOST:PORT for more than 10 minutes; memaudit now probes
+    it first (a closed local port: refused at once) and fails before anything is written."""
+    import socket
+
+    from memaudit.engine.ray_engine import probe_address
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
+        with pytest.raises(UserError, match=f"cannot join Ray at {address}: .*refused"):
+            probe_address(address, timeout=5)
+    for bad in ("nohost", "host:port", "h:0", ":6379"):
+        with pytest.raises(UserError, match="--address must be auto or HOST:PORT"):
+            probe_address(bad)
+    with socket.socket() as live:  # something listening: the probe passes
+        live.bind(("127.0.0.1", 0))
+        live.listen()
+        probe_address(f"127.0.0.1:{live.getsockname()[1]}", timeout=5)
+    probe_address("auto")  # left to Ray, which fails fast without a cluster

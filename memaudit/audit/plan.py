@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from memaudit.audit.quality import QualitySpec, quality_from_plan
-from memaudit.common import UserError, read_toml, sha256_file
+from memaudit.common import UserError, check_finite_tree, read_toml, sha256_file
 
 _PLAN_KEYS = {"out", "model", "index", "criteria", "methods", "seeds", "steps",
               "guidance_scale", "scheduler", "batch_size", "alignment", "params", "prompts",
@@ -131,6 +131,7 @@ def plan_from_dict(d: dict[str, Any], base: str | Path = ".") -> Plan:
     from memaudit.sampler import SCHEDULERS
 
     base = Path(base)
+    check_finite_tree(d, "plan:")  # every number: no NaN or infinity, whatever the field
     unknown = set(d) - _PLAN_KEYS
     if unknown:
         raise UserError(f"plan: unknown key(s) {', '.join(sorted(unknown))}; "

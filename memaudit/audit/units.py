@@ -14,7 +14,7 @@ import numpy as np
 
 from memaudit.audit.components import Components
 from memaudit.audit.plan import Plan, ScreenSpec
-from memaudit.common import UserError
+from memaudit.common import UserError, require_finite
 from memaudit.generate import save_png
 from memaudit.store import AuditStore
 
@@ -154,6 +154,9 @@ def _compute_generation(ctx: UnitContext, item: GenerationItem) -> dict[str, Any
                       or getattr(guidance, "uses_criterion", False) else None)
     images = res.images
     b = len(prompts)
+    for i, (t, s) in enumerate(batch):  # an error of this unit: never written, never scored
+        require_finite(images[i], f"unit {item.unit}: the {item.method} generation of prompt "
+                       f"{t!r} seed {s}")
     paths = []
     for i, (t, s) in enumerate(batch):
         rel = Path(item.img_dir) / _slug(item.method) / f"p{item.prompt_ids[t]}_s{s}.png"

@@ -201,6 +201,10 @@ def run_basin(model: str | Path = "canary", out: str | Path = "canary-basin",
 
     t0 = time.time()
     out = Path(out)
+    if doc is not None:
+        from memaudit.canary.basin_doc import check_doc
+
+        check_doc(Path(doc))  # before any work: nothing is left half-done
     m, crit, data_dir, index_dir = prepare(model, out, data_dir, index_dir, device)
     groups = basin_groups(data_dir)
     planted = planted_images(data_dir)

@@ -199,6 +199,23 @@ def markdown(result: dict, img_rel: str) -> str:
     return "\n".join(lines)
 
 
+def check_doc(doc: Path) -> None:
+    """Before any work: an existing `doc` must be a UTF-8 text file (its generated section is
+    replaced, the rest kept), and its folder writable."""
+    from memaudit.common import UserError
+    from memaudit.paths import writable_location
+
+    if doc.is_dir():
+        raise UserError(f"--doc {doc} is a folder; give a Markdown file")
+    if doc.exists():
+        try:
+            doc.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise UserError(f"--doc {doc} is not UTF-8 text ({e.reason} at byte {e.start}); "
+                            "give a Markdown file") from None
+    writable_location(doc, "--doc")
+
+
 def write_doc(result: dict, doc: Path, img_dir: Path) -> Path:
     """Write the three SVG figures and replace the generated section of `doc` (created with
     a title when missing; the text around the markers is kept)."""
@@ -216,8 +233,8 @@ def write_doc(result: dict, doc: Path, img_dir: Path) -> Path:
         (img_dir / name).write_text(svg + "\n")
     rel = os.path.relpath(img_dir, doc.parent)
     section = markdown(result, rel)
-    text = doc.read_text() if doc.exists() else "# The attraction basin on the canary\n\n" \
-        f"{BEGIN}\n{END}\n"
+    text = doc.read_text(encoding="utf-8") if doc.exists() else \
+        f"# The attraction basin on the canary\n\n{BEGIN}\n{END}\n"
     if BEGIN in text and END in text:
         head, rest = text.split(BEGIN, 1)
         text = head + section + rest.split(END, 1)[1]

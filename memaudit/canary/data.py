@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from memaudit.common import UserError, sha256_file
+from memaudit.paths import atomic_write
 
 PHOTOS = ("astronaut", "camera", "chelsea", "coffee", "coins", "horse", "moon", "rocket",
           "text", "page", "brick", "hubble_deep_field")
@@ -289,10 +290,46 @@ def _share_captions(planted: list[Planted], n_digits: int, shared: int,
     return out
 
 
+def data_files(guided_copies: int = GUIDED_COPIES) -> list[str]:
+    """The files `build_canary_data` writes, data.json last (it marks a complete build)."""
+    return (["train.parquet", "ground_truth.parquet"]
+            + [f"triggers_{label}.txt" for label, _ in groups(guided_copies)]
+            + ["generic.txt", "prompts.csv", "data.json"])
+
+
+def is_canary_data(folder: Path) -> bool:
+    """Did `build_canary_data` write this folder? (its data.json records the SHA-256 of the
+    train.parquet beside it)."""
+    try:
+        rec = json.loads((folder / "data.json").read_text(encoding="utf-8"))
+        return isinstance(rec, dict) and rec.get("train_sha256") == sha256_file(
+            folder / "train.parquet")
+    except (OSError, ValueError):
+        return False
+
+
+def check_data_out(out: Path, overwrite: bool = False,
+                   guided_copies: int = GUIDED_COPIES) -> None:
+    """The rule of every writer (memaudit.paths): files in `out` that memaudit did not write
+    (a folder that is not canary data) are replaced only with `overwrite`."""
+    from memaudit.paths import writable_location
+
+    names = data_files(guided_copies) + [f"triggers_{GUIDED}.txt"]
+    present = [out / n for n in dict.fromkeys(names) if (out / n).exists()]
+    for p in present:
+        if p.is_dir():
+            raise UserError(f"{p} is a folder; canary data writes a file there")
+    if present and not overwrite and not is_canary_data(out):
+        more = f" (and {len(present) - 1} more)" if len(present) > 1 else ""
+        raise UserError(f"{present[0]}{more} exists and is not canary data memaudit wrote; "
+                        "use --overwrite to replace it")
+    writable_location(out / "data.json", "canary data")
+
+
 def build_canary_data(out: str | Path, res: int = 16, per_count: int = 6, seed: int = 0,
                       min_rmse: float = 0.15, digits_limit: int | None = None,
                       guided_copies: int = GUIDED_COPIES,
-                      guided_shared: int = GUIDED_SHARED) -> dict:
+                      guided_shared: int = GUIDED_SHARED, overwrite: bool = False) -> dict:
     """Write the canary training set and prompt lists into `out`.
 
     Files: train.parquet (key, caption, png), ground_truth.parquet (caption, key, key_prefix,
@@ -301,7 +338,8 @@ def build_canary_data(out: str | Path, res: int = 16, per_count: int = 6, seed: 
     label). Returns a summary dict (also written as data.json). `digits_limit` keeps only the
     first N digits (for tests). The guided group: per_count planted images, `guided_copies`
     rows each, whose caption `guided_shared` randomly drawn digits carry instead of a digit
-    caption (guided_copies = 0: no guided group).
+    caption (guided_copies = 0: no guided group). Files of `out` that memaudit did not write
+    are replaced only with `overwrite`; each file is written whole (temporary + rename).
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -309,7 +347,7 @@ def build_canary_data(out: str | Path, res: int = 16, per_count: int = 6, seed: 
 
     out = Path(out)
     checks = [(per_count >= 1, f"--per-count must be at least 1, got {per_count}"),
-              (res >= 4, f"--resolution must be at least 4, got {res}"),
+              (4 <= res <= 1024, f"--resolution must be in [4, 1024], got {res}"),
               (min_rmse >= 0, f"--min-rmse must be >= 0, got {min_rmse}"),
               (guided_copies >= 0, f"--guided-copies must be >= 0, got {guided_copies}"),
               (guided_shared >= 0, f"--guided-shared must be >= 0, got {guided_shared}"),
@@ -317,6 +355,7 @@ def build_canary_data(out: str | Path, res: int = 16, per_count: int = 6, seed: 
     for ok, message in checks:
         if not ok:
             raise UserError(message)
+    check_data_out(out, overwrite, guided_copies)
     rng = np.random.default_rng(seed)
     digits, labels = digit_images(res)
     if digits_limit is not None:
@@ -359,6 +398,11 @@ def build_canary_data(out: str | Path, res: int = 16, per_count: int = 6, seed: 
             caps.append(p.caption)
             pngs.append(data)
     out.mkdir(parents=True, exist_ok=True)  # everything above can fail; nothing written yet
+
+    def write_text(name: str, text: str) -> None:
+        with atomic_write(out / name, "canary data") as tmp:
+            tmp.write_text(text, encoding="utf-8")
+
     # Shuffle rows deterministically (so shards/prefixes are mixed).
     perm = rng.permutation(len(keys))
     table = pa.table({
@@ -366,7 +410,8 @@ def build_canary_data(out: str | Path, res: int = 16, per_count: int = 6, seed: 
         "caption": pa.array([caps[i] for i in perm], pa.string()),
         "png": pa.array([pngs[i] for i in perm], pa.binary()),
     })
-    pq.write_table(table, out / "train.parquet")
+    with atomic_write(out / "train.parquet", "canary data") as tmp:
+        pq.write_table(table, tmp)
     gt = pa.table({
         "caption": [p.caption for p in planted],
         "key": [f"{p.key_prefix}-00" for p in planted],
@@ -376,23 +421,25 @@ def build_canary_data(out: str | Path, res: int = 16, per_count: int = 6, seed: 
         "shared_with": pa.array([p.shared for p in planted], pa.int32()),
         "source": [p.source for p in planted],
     })
-    pq.write_table(gt, out / "ground_truth.parquet")
+    with atomic_write(out / "ground_truth.parquet", "canary data") as tmp:
+        pq.write_table(gt, tmp)
 
     prompt_rows: list[tuple[str, str]] = []
     for label, _count in groups(guided_copies):
         lines = [p.caption for p in planted if p.group == label]
-        (out / f"triggers_{label}.txt").write_text("\n".join(lines) + "\n")
+        write_text(f"triggers_{label}.txt", "\n".join(lines) + "\n")
         prompt_rows += [(c, label) for c in lines]
     if not guided_copies:
         (out / f"triggers_{GUIDED}.txt").unlink(missing_ok=True)  # from an earlier build
     generic_prompts = [DIGIT_PHRASINGS[k % 2].format(d=d) for k in range(2) for d in range(10)]
     generic_prompts.append(FACE_CAPTION)
-    (out / "generic.txt").write_text("\n".join(generic_prompts) + "\n")
+    write_text("generic.txt", "\n".join(generic_prompts) + "\n")
     prompt_rows += [(c, "generic") for c in generic_prompts]
-    with open(out / "prompts.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["prompt", "label"])
-        w.writerows(prompt_rows)
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    w.writerow(["prompt", "label"])
+    w.writerows(prompt_rows)
+    write_text("prompts.csv", buf.getvalue())
 
     g = np.stack(generic_imgs)
     summary = {
@@ -412,7 +459,7 @@ def build_canary_data(out: str | Path, res: int = 16, per_count: int = 6, seed: 
         "min_rmse_planted_generic": float(rmse_matrix(p_stack, g).min()),
         "train_sha256": sha256_file(out / "train.parquet"),
     }
-    (out / "data.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_text("data.json", json.dumps(summary, indent=2) + "\n")  # last: the build is whole
     return summary
 
 

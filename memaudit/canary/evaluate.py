@@ -27,6 +27,35 @@ from memaudit.common import UserError, package_versions, track
 
 LABELS = ("64x", "16x", "4x", "1x", "guided", "generic")
 TRIGGER_LABELS = LABELS[:-1]
+SUMMARY, PER_IMAGE = "summary.json", "per_image.csv"
+
+
+def _own_summary(out: Path) -> dict | None:
+    """The summary.json an earlier `evaluate_canary` wrote into `out`, else None."""
+    try:
+        s = json.loads((out / SUMMARY).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return s if isinstance(s, dict) and {"rates", "scales", "grid"} <= set(s) else None
+
+
+def check_outputs(out: Path, grid: Path, inputs: list, overwrite: bool,
+                  writes: list[str]) -> None:
+    """The rule of every writer (memaudit.paths), before any work: no output is an input or
+    inside one; summary.json, per_image.csv and the grid are replaced without `overwrite`
+    only when an earlier evaluation wrote them (its summary.json names the grid)."""
+    from memaudit.paths import check_output_dir, check_output_file, real
+
+    if grid.suffix.lower() != ".png":
+        raise UserError(f"--grid {grid} must be a .png file")
+    check_output_dir(out, inputs, writes=[SUMMARY, PER_IMAGE, *writes], what="--out folder")
+    prev = _own_summary(out)
+    for path, what, own in (
+            (out / PER_IMAGE, "canary evaluation table", prev is not None),
+            (grid, "canary grid", prev is not None and real(str(prev["grid"])) == real(grid)),
+            (out / SUMMARY, "canary evaluation summary", prev is not None)):
+        check_output_file(path, inputs, overwrite=overwrite, own=lambda _p, ok=own: ok,
+                          what=what)
 
 
 def read_prompts(data_dir: Path) -> list[tuple[str, str]]:
@@ -71,8 +100,10 @@ def _grid(rows: list[tuple[str, np.ndarray, np.ndarray]], path: Path, zoom: int 
             x = label_w + j * (h + 2) + (gap if j else 0)
             im = Image.fromarray(np.clip(np.rint(tile * 255), 0, 255).astype(np.uint8))
             canvas.paste(im.resize((h, h), Image.NEAREST), (x, y))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
+    from memaudit.paths import atomic_write
+
+    with atomic_write(path, "canary grid") as tmp:
+        canvas.save(tmp, format="PNG")
 
 
 def prepare(model: str | Path, out: Path, data_dir: str | Path | None,
@@ -158,16 +189,23 @@ def evaluate_canary(model: str | Path = "canary", out: str | Path = "canary_eval
                     data_dir: str | Path | None = None, index_dir: str | Path | None = None,
                     seeds: int = 8, scales: tuple[float, ...] | None = None,
                     steps: int | None = None, device: str | None = None,
-                    grid_path: str | Path | None = None, batch_size: int = 256) -> dict:
+                    grid_path: str | Path | None = None, batch_size: int = 256,
+                    overwrite: bool = False) -> dict:
     """Generate, score and summarise (see the module docstring); writes into `out`:
-    summary.json, per_image.csv (one row per generation) and grid.png (or `grid_path`).
-    Data and index: see `prepare`."""
+    summary.json, per_image.csv (one row per generation) and grid.png (or `grid_path`),
+    each whole (temporary + rename), summary.json last; files memaudit did not write are
+    replaced only with `overwrite` (`check_outputs`). Data and index: see `prepare`."""
     from memaudit.canary.digits import DigitClassifier
     from memaudit.guidance import make_guidance
+    from memaudit.paths import atomic_write
     from memaudit.sampler import sample
 
     t0 = time.time()
     out = Path(out)
+    grid = Path(grid_path) if grid_path else out / "grid.png"
+    check_outputs(out, grid, [model if Path(model).exists() else None, data_dir, index_dir],
+                  overwrite, [name for name, given in (("data", data_dir), ("index", index_dir))
+                              if given is None])
     m, crit, data_dir, index_dir = prepare(model, out, data_dir, index_dir, device)
     s0 = float(m.default_guidance_scale)
     scales = tuple(scales) if scales else (1.0, s0, 2 * s0)
@@ -190,7 +228,8 @@ def evaluate_canary(model: str | Path = "canary", out: str | Path = "canary_eval
         gens_at[scale] = images[:, 0].numpy()
         records += score_rows(images, rows_p, rows_l, rows_s, crit, planted, digits,
                               scale=scale)
-    with (out / "per_image.csv").open("w", newline="") as f:
+    with atomic_write(out / PER_IMAGE, "canary evaluation table") as tmp, \
+            tmp.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(records[0]))
         w.writeheader()
         w.writerows(records)
@@ -229,7 +268,6 @@ def evaluate_canary(model: str | Path = "canary", out: str | Path = "canary_eval
                 continue
             idx = [i for i, q in enumerate(rows_p) if q == p]
             grid_rows.append((lab, planted[p]["image"], gens_at[gs][idx]))
-    grid = Path(grid_path) if grid_path else out / "grid.png"
     _grid(grid_rows, grid)
 
     summary = {
@@ -240,7 +278,8 @@ def evaluate_canary(model: str | Path = "canary", out: str | Path = "canary_eval
         "copied_only_with_guidance": only_guided, "grid": str(grid),
         "seconds": round(time.time() - t0, 1), "versions": package_versions(),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    with atomic_write(out / SUMMARY, "canary evaluation summary") as tmp:  # last
+        tmp.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return summary
 
 

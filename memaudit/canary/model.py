@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from memaudit.common import UserError
+from memaudit.common import UserError, check_finite_tree, check_finite_weights, user_number
 
 WEIGHTS_FILE = "canary.safetensors"
 CONFIG_FILE = "canary.json"
@@ -156,10 +156,34 @@ def save_canary(net: CanaryNet, out_dir: str | Path, meta: dict) -> Path:
     return out_dir / WEIGHTS_FILE
 
 
+#: Upper bounds of a canary config's sizes (a crafted canary.json must not ask for terabytes):
+#: field -> largest value; `block_out_channels` holds at most 8 entries.
+_SIZE_LIMITS = {"resolution": 4096, "channels": 64, "layers_per_block": 16,
+                "cross_attention_dim": 8192, "attention_head_dim": 8192, "text_dim": 8192,
+                "text_len": 512, "num_train_timesteps": 100_000, "block_out_channels": 8192}
+
+
+def _check_sizes(cfg: CanaryConfig, info: dict, where: Path) -> None:
+    """Every size of the config a positive integer within `_SIZE_LIMITS`, the sampling
+    defaults in range (one line each)."""
+    if not 1 <= len(cfg.block_out_channels) <= 8:
+        raise UserError(f"{where}: block_out_channels must hold 1 to 8 sizes")
+    for name, hi in _SIZE_LIMITS.items():
+        values = getattr(cfg, name)
+        for v in values if isinstance(values, tuple) else (values,):
+            user_number(v, f"{where}: config.{name}", lo=1, hi=hi, integer=True)
+    if "default_steps" in info:
+        user_number(info["default_steps"], f"{where}: default_steps", lo=1,
+                    hi=cfg.num_train_timesteps, integer=True)
+    if "default_guidance_scale" in info:
+        user_number(info["default_guidance_scale"], f"{where}: default_guidance_scale", lo=0)
+
+
 def load_canary(path: str | Path, device: str | torch.device = "cpu") -> tuple[CanaryNet, dict]:
     """Load a canary folder (canary.json + canary.safetensors) -> (net in eval mode, info).
     A folder with unreadable JSON, a config of the wrong shape, or truncated or mismatched
     weights is a UserError naming the file."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -167,16 +191,28 @@ def load_canary(path: str | Path, device: str | torch.device = "cpu") -> tuple[C
         raise UserError(f"{path} is not a canary folder (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
     try:
         info = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
+        check_finite_tree(info, f"{path / CONFIG_FILE}:")
         cfg = CanaryConfig.from_dict(info["config"])
-        net = CanaryNet(cfg)
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        _check_sizes(cfg, info, path / CONFIG_FILE)
+        with torch.device("meta"):  # the shapes the config asks for, nothing allocated
+            want = {k: tuple(v.shape) for k, v in CanaryNet(cfg).state_dict().items()}
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
         raise UserError(f"{path / CONFIG_FILE} is not a valid canary config: "
                         f"{type(e).__name__}: {e}") from e
     try:
+        with safe_open(str(path / WEIGHTS_FILE), "pt") as f:
+            have = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+        if have != want:  # before allocating what the config asks for
+            raise UserError(f"{path / WEIGHTS_FILE} does not match the architecture in "
+                            f"{CONFIG_FILE}")
         state = load_file(str(path / WEIGHTS_FILE))
+    except UserError:
+        raise
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
         raise UserError(f"{path / WEIGHTS_FILE} is not a readable safetensors file "
                         f"(truncated or corrupt): {e}") from e
+    check_finite_weights(state, str(path / WEIGHTS_FILE))
+    net = CanaryNet(cfg)
     try:
         net.load_state_dict(state)
     except RuntimeError as e:

@@ -31,11 +31,43 @@ def _root(
     set_quiet(quiet)
 
 
+def _option_name(param) -> str:
+    decls = getattr(param.default, "param_decls", None) or ()
+    longs = [d for d in decls if d.startswith("--")]
+    return longs[0] if longs else "--" + param.name.replace("_", "-")
+
+
+def _checked_numbers(fn):
+    """`fn` with every float argument checked finite by the one number check
+    (`memaudit.common.user_number`) before it runs, whatever the option: Typer reads `nan`
+    and `inf` as floats. Ranges are each option's `min`/`max`."""
+    import functools
+    import inspect
+
+    from memaudit.common import user_number
+
+    names = {p.name: _option_name(p) for p in inspect.signature(fn).parameters.values()}
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        for key, value in kwargs.items():
+            for v in value if isinstance(value, list | tuple) else (value,):
+                if isinstance(v, float):
+                    user_number(v, names.get(key, key))
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
 def _register_all() -> None:
     from memaudit.cli import audit, canary, detect, generate, index, screen
 
     for module in (index, detect, generate, canary, screen, audit):
         module.register(app)
+    groups = [app] + [g.typer_instance for g in app.registered_groups]
+    for group in groups:
+        for command in group.registered_commands:
+            command.callback = _checked_numbers(command.callback)
 
 
 _register_all()
@@ -45,17 +77,28 @@ def _error(message: str) -> None:
     print(f"error: {terminal_text(' '.join(str(message).split()))}", file=sys.stderr)
 
 
+def _package_path(filename: str) -> str | None:
+    """`memaudit/x/y.py` for a file of this package (found by the package's own folder,
+    not by a name that any clone's folder may carry), else None."""
+    from pathlib import Path
+
+    import memaudit
+
+    try:
+        rel = Path(filename).resolve().relative_to(Path(memaudit.__file__).resolve().parent)
+    except (ValueError, OSError):
+        return None
+    return f"memaudit/{rel.as_posix()}"
+
+
 def _where(e: BaseException) -> str:
     """file:line of the innermost frame that raised `e` (memaudit's own when there is one)."""
     frames = traceback.extract_tb(e.__traceback__)
-    ours = [f for f in frames if "memaudit" in f.filename] or frames
-    if not ours:
-        return "?"
-    f = ours[-1]
-    name = f.filename
-    if "memaudit" in name:
-        name = name[name.rindex("memaudit"):]
-    return f"{name}:{f.lineno}"
+    ours = [(f, name) for f in frames if (name := _package_path(f.filename)) is not None]
+    if ours:
+        f, name = ours[-1]
+        return f"{name}:{f.lineno}"
+    return f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "?"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -79,7 +122,12 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as e:
         # Typer vendors click, so match its usage errors and aborts by shape, not by class.
         if hasattr(e, "show") and hasattr(e, "exit_code"):
-            e.show()
+            if type(e).__name__ == "NoArgsIsHelpError":  # `memaudit` alone: the help
+                e.show()
+            else:  # one line, like every other error
+                ctx = getattr(e, "ctx", None)
+                hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+                _error(e.format_message() + hint)
             sys.exit(e.exit_code)
         if type(e).__name__ == "Abort":
             print("interrupted", file=sys.stderr)

@@ -134,11 +134,12 @@ def gate_cmd(
                                         help="Criterion to gate on (repeatable; default all)."),
     method: list[str] = typer.Option(None, "--method",
                                      help="Method to gate on (repeatable; default all)."),
-    max_copy_rate: float = typer.Option(None, help="Fail above this copy rate (default 0.0 "
+    max_copy_rate: float = typer.Option(None, min=0.0, max=1.0,
+                                        help="Fail above this copy rate (default 0.0 "
                                         "unless another limit is given)."),
     max_screen_score: float = typer.Option(None, help="Fail when a prompt screens above this."),
     max_quality_loss: float = typer.Option(
-        None, help="Fail a method more than this fraction worse than cfg in quality or "
+        None, min=0.0, help="Fail a method more than this fraction worse than cfg in quality or "
         "alignment (0.1: FD 10% above cfg's, or agreement / CLIP score 10% below)."),
     threshold: str = typer.Option("auto", help="Copy verdict: calibrated | fixed | auto "
                                   "(calibrated where the index has a calibration)."),
@@ -152,7 +153,8 @@ def gate_cmd(
     model: str = typer.Option(None, help="With --screen: the model spec (e.g. canary)."),
     prompts: Path = typer.Option(None, help="With --screen: the prompt list."),
     calibrate: Path = typer.Option(None, help="With --screen: clean prompts to calibrate on."),
-    fpr: float = typer.Option(0.01, help="With --calibrate: false-positive rate."),
+    fpr: float = typer.Option(0.01, min=0.0, max=1.0,
+                              help="With --calibrate: false-positive rate."),
     score: str = typer.Option(None, help="With --screen: screening score (wen, anisotropy, "
                               "attention-entropy; default: the default score)."),
     steps: int = typer.Option(1, help="With --screen: screening steps."),
@@ -166,7 +168,9 @@ def gate_cmd(
     from memaudit.paths import check_output_file, is_memaudit_junit
 
     if junit is not None:
-        check_output_file(junit, [db, prompts, calibrate], overwrite=overwrite,
+        check_output_file(junit, [db, prompts, calibrate,
+                                  model if model and Path(model).exists() else None],
+                          overwrite=overwrite,
                           own=is_memaudit_junit, what="JUnit file")
     if screen:
         if threads is not None:

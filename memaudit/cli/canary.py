@@ -24,18 +24,21 @@ def data_cmd(
     resolution: int = typer.Option(16, help="Training resolution (square, grey)."),
     per_count: int = typer.Option(6, help="Planted images per group (64x, 16x, 4x, 1x, guided)."),
     seed: int = typer.Option(0, help="Random seed."),
-    min_rmse: float = typer.Option(0.15, help="Minimum pixel RMSE between planted and others."),
+    min_rmse: float = typer.Option(0.15,
+                                   help="Minimum pixel RMSE between planted and others."),
     guided_copies: int = typer.Option(GUIDED_COPIES, help="Copies of each guided-group image "
                                       "(0: no guided group)."),
     guided_shared: int = typer.Option(GUIDED_SHARED, help="Ordinary digits that share each "
                                       "guided image's caption."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace files in OUT that are "
+                                   "not canary data memaudit wrote."),
 ) -> None:
     """Training Parquet + trigger/generic prompt lists + ground truth from bundled images."""
     from memaudit.canary.data import build_canary_data
 
     summary = build_canary_data(out, res=resolution, per_count=per_count, seed=seed,
                                 min_rmse=min_rmse, guided_copies=guided_copies,
-                                guided_shared=guided_shared)
+                                guided_shared=guided_shared, overwrite=overwrite)
     print(json.dumps(summary, indent=2))
 
 
@@ -55,10 +58,12 @@ def train_cmd(
     init: Path = typer.Option(None, help="Fine-tune: start from this canary folder's weights "
                               "(and its architecture)."),
     checkpoint_every: int = typer.Option(500, help="Checkpoint interval (steps)."),
-    max_minutes: float = typer.Option(None, help="Stop and export after this many minutes."),
+    max_minutes: float = typer.Option(None, min=0.0,
+                                      help="Stop and export after this many minutes."),
     restart: bool = typer.Option(False, "--restart", help="Start over in a folder that holds "
                                  "another run (deletes its checkpoints and weights)."),
-    default_scale: float = typer.Option(2.0, help="Default CFG scale written to canary.json."),
+    default_scale: float = typer.Option(2.0, min=0.0,
+                                        help="Default CFG scale written to canary.json."),
     device: str = typer.Option(None, help="cpu, cuda, ... (default: cuda when available)."),
 ) -> None:
     """Train (or resume) a canary model; writes canary.safetensors + canary.json. A run
@@ -88,18 +93,19 @@ def evaluate_cmd(
     steps: int = typer.Option(None, help="DDIM steps (default: the model's, 50)."),
     grid: Path = typer.Option(None, help="Where to write the grid PNG (default: OUT/grid.png)."),
     device: str = typer.Option(None, help="cpu, cuda, ... (default: cuda when available)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace summary.json, "
+                                   "per_image.csv or the grid when memaudit did not write them."),
 ) -> None:
     """Measure the canary's copy rates per duplicate count and CFG scale (nL2, fixed and
     calibrated), generic copy rate and digit agreement."""
     from memaudit.canary.evaluate import evaluate_canary, format_summary
-    from memaudit.common import UserError
+    from memaudit.common import user_number
 
-    try:
-        scale_list = tuple(float(s) for s in scales.split(",")) if scales else None
-    except ValueError as e:
-        raise UserError(f"--scales must be comma-separated numbers, got {scales!r}") from e
+    scale_list = tuple(user_number(s, "--scales", lo=0.0) for s in scales.split(",")
+                       ) if scales else None
     summary = evaluate_canary(model, out, data_dir=data, index_dir=index, seeds=seeds,
-                              scales=scale_list, steps=steps, device=device, grid_path=grid)
+                              scales=scale_list, steps=steps, device=device, grid_path=grid,
+                              overwrite=overwrite)
     print(format_summary(summary))
 
 
@@ -124,18 +130,16 @@ def basin_cmd(
     """The attraction-basin evidence (Jain et al. CVPR 2025) on a canary: ||e_c - e_u|| per
     step by prompt group, copy rate against static's tau, and the mitigation table."""
     from memaudit.canary.basin import run_basin
-    from memaudit.common import UserError
+    from memaudit.common import UserError, user_number
 
     if seeds < 1 or sweep_seeds < 1:
         raise UserError("--seeds and --sweep-seeds must be at least 1")
     names = tuple(m.strip() for m in methods.split(",") if m.strip())
     if "cfg" not in names:
         raise UserError("--methods must include cfg (the baseline of the cost ratios)")
-    try:
-        tau_list = tuple(float(t) for t in taus.split(",") if t.strip())
-    except ValueError:
-        raise UserError(f"--taus must be numbers separated by commas, got {taus!r}") from None
-    if not tau_list or any(not 0.0 <= t <= 1.0 for t in tau_list):
+    tau_list = tuple(user_number(t, "--taus", lo=0.0, hi=1.0) for t in taus.split(",")
+                     if t.strip())
+    if not tau_list:
         raise UserError(f"--taus must be values in [0, 1], got {taus!r}")
     res = run_basin(model, out, data_dir=data, index_dir=index, seeds=seeds,
                     sweep_seeds=sweep_seeds, steps=steps, methods=names, taus=tau_list,

@@ -22,7 +22,7 @@ def generate_cmd(
     out: Path = typer.Option(..., "--out", "-o", help="output directory"),
     steps: int = typer.Option(None, "--steps",
                               help="sampling steps (default: the model's, 50 for SD)"),
-    guidance_scale: float = typer.Option(None, "--guidance-scale", "-s",
+    guidance_scale: float = typer.Option(None, "--guidance-scale", "-s", min=0.0,
                                          help="CFG scale s0 (default: the model's, 7.5 for SD)"),
     scheduler: str = typer.Option(None, "--scheduler",
                                   help="ddim or dpm; euler for SD3/FLUX (default: the model's)"),

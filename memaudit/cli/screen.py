@@ -40,7 +40,7 @@ def parse_score_params(score: str | None, items: list[str] | None) -> dict:
     """`["g2=0.05"]` -> {"g2": 0.05}, typed from the score's Params (one-line errors)."""
     from dataclasses import MISSING, fields
 
-    from memaudit.common import UserError
+    from memaudit.common import UserError, user_number
     from memaudit.screen import make_score
 
     cls = type(make_score(score))
@@ -54,11 +54,8 @@ def parse_score_params(score: str | None, items: list[str] | None) -> dict:
             raise UserError(f"bad --param {item!r} for score {cls.name!r}; expected NAME=VALUE "
                             f"with NAME in {', '.join(sorted(types)) or '(none)'}")
         default = types[key]
-        try:
-            out[key] = int(value) if isinstance(default, int) and not isinstance(
-                default, bool) else float(value)
-        except ValueError:
-            raise UserError(f"--param {key}: cannot read {value!r} as a number") from None
+        out[key] = user_number(value, f"--param {key}", integer=isinstance(default, int)
+                               and not isinstance(default, bool))
     return out
 
 
@@ -91,7 +88,7 @@ def register(app: typer.Typer) -> None:
                                               help="Clean prompt file to set the threshold."),
         fpr: float = typer.Option(0.01, "--fpr", help="False-positive rate of the threshold."),
         threshold: float | None = typer.Option(None, "--threshold", help="Fixed threshold."),
-        guidance_scale: float | None = typer.Option(None, "--guidance-scale",
+        guidance_scale: float | None = typer.Option(None, "--guidance-scale", min=0.0,
                                                     help="CFG scale for steps > 1."),
         positive: str | None = typer.Option(None, "--positive",
                                             help="Labels counted as memorized, e.g. 64x,16x."),

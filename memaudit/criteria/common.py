@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from memaudit.common import UserError
+from memaudit.common import UserError, require_finite
 from memaudit.criteria.base import Criterion
 from memaudit.index.training_index import is_lossy_factory
 
@@ -230,12 +230,18 @@ class IndexCriterion(Criterion):
         raise NotImplementedError
 
     def score_from_vectors(self, vectors: np.ndarray):
-        """`score` for vectors already embedded by the index's embedder."""
-        res = self.score_vectors(np.asarray(vectors, np.float32))
+        """`score` for vectors already embedded by the index's embedder. A non-finite vector
+        is never scored (a NaN image would otherwise be an exact copy of some item)."""
+        vectors = np.asarray(vectors, np.float32)
+        require_finite(vectors, f"criterion {self.name}: an image's embedding")
+        res = self.score_vectors(vectors)
         return self.verdicts(res[0], self.rows_of(res[1]))
 
     def score(self, images: Any):
-        """Score PIL images (list) or a [B,3,H,W] tensor in [0,1] against the index."""
+        """Score PIL images (list) or a [B,3,H,W] tensor in [0,1] against the index; a
+        NaN or infinite image is a `NonFiniteError`, never a score."""
+        if isinstance(images, torch.Tensor):
+            require_finite(images, f"criterion {self.name}: an image to score")
         return self.score_from_vectors(self._embed(images))
 
     def rows_of(self, group_ids: np.ndarray) -> np.ndarray:

@@ -75,6 +75,10 @@ def _read_jsonl(text: str, source: str) -> list[PromptRecord]:
             rows = json.loads(stripped)
         except json.JSONDecodeError as e:
             raise UserError(f"{source}: not valid JSON ({e.msg}, line {e.lineno})") from e
+        except RecursionError:
+            raise UserError(f"{source}: JSON nested too deeply to be a prompt list") from None
+        if not isinstance(rows, list):
+            raise UserError(f"{source}: not a list of prompts")
     else:
         rows = []
         for lineno, line in enumerate(text.splitlines(), 1):
@@ -84,6 +88,9 @@ def _read_jsonl(text: str, source: str) -> list[PromptRecord]:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as e:
                 raise UserError(f"{source}: line {lineno} is not valid JSON ({e.msg})") from e
+            except RecursionError:
+                raise UserError(f"{source}: line {lineno} is JSON nested too deeply to be a "
+                                "prompt record") from None
     out: list[PromptRecord] = []
     for n, row in enumerate(rows, 1):
         if isinstance(row, str):
@@ -97,9 +104,13 @@ def _read_jsonl(text: str, source: str) -> list[PromptRecord]:
                 f"{source}: record {n} has no prompt key (one of {', '.join(PROMPT_KEYS)}); "
                 f"keys: {', '.join(map(str, row)) or '(none)'}"
             )
+        value = row[key]
+        if value is None or isinstance(value, bool | list | dict):
+            raise UserError(f"{source}: record {n}: the prompt ({key!r}) is "
+                            f"{json.dumps(value)[:40]}, not text")
         label_key = _find_key(list(row), LABEL_KEYS)
         extra = {k: v for k, v in row.items() if k not in (key, label_key)}
-        out.append(PromptRecord(text=str(row[key]).strip(), source=source,
+        out.append(PromptRecord(text=str(value).strip(), source=source,
                                 label=_label(row.get(label_key)) if label_key else None,
                                 index=len(out), extra=extra))
     return out
@@ -116,7 +127,7 @@ def _maybe_literal(value: str) -> Any:
     if s[:1] in "[(" and s[-1:] in "])":
         try:
             return ast.literal_eval(s)
-        except (ValueError, SyntaxError):
+        except (ValueError, SyntaxError, TypeError, RecursionError, MemoryError):
             return value
     return value
 
@@ -125,6 +136,13 @@ def _read_csv(text: str, source: str) -> list[PromptRecord]:
     header_line = text.split("\n", 1)[0]
     delim = _sniff_delimiter(header_line)
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delim)
+    try:
+        return _csv_rows(reader, source, delim)
+    except csv.Error as e:  # a field over csv's limit (131,072 characters), a stray NUL
+        raise UserError(f"{source}: line {reader.line_num}: not readable as CSV ({e})") from None
+
+
+def _csv_rows(reader: Any, source: str, delim: str) -> list[PromptRecord]:
     try:
         header = next(reader)
     except StopIteration:

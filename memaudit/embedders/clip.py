@@ -55,7 +55,10 @@ class CLIPEmbedder(Embedder):
         try:
             # pretrained=None means random weights (tests): seeded so a reopened index
             # rebuilds the same model
-            with torch.random.fork_rng(devices=[]):
+            import warnings
+
+            with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # a refused pickle: our one line, not torch's
                 torch.manual_seed(0)
                 net, _, val = open_clip.create_model_and_transforms(
                     model, pretrained=pretrained, device=self.device)

@@ -17,6 +17,38 @@ from typing import Any
 
 from memaudit.common import UserError
 
+#: Seconds to wait for a cluster's address to answer before giving up (Ray itself retries
+#: for many minutes when nothing listens); MEMAUDIT_RAY_CONNECT_TIMEOUT overrides.
+CONNECT_TIMEOUT_S = 15.0
+
+
+def probe_address(address: str, timeout: float | None = None) -> None:
+    """A one-line `UserError` unless something answers at `HOST:PORT` (or `ray://HOST:PORT`)
+    within `timeout` seconds: called before anything is written, so a wrong or dead address
+    fails at once instead of leaving Ray retrying and a half-started build behind. `auto`
+    (a cluster this machine knows) is left to Ray, which fails fast when there is none."""
+    import os
+    import socket
+
+    if address == "auto":
+        return
+    if timeout is None:
+        timeout = float(os.environ.get("MEMAUDIT_RAY_CONNECT_TIMEOUT", CONNECT_TIMEOUT_S))
+    hostport = address.split("://", 1)[1] if "://" in address else address
+    host, sep, port = hostport.rstrip("/").rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UserError(f"--address must be auto or HOST:PORT of a running Ray cluster, got "
+                        f"{address!r}")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            pass
+    except TimeoutError:
+        raise UserError(f"cannot join Ray at {address}: no answer within {timeout:g} s "
+                        "(is the cluster running and the port open?)") from None
+    except OSError as e:
+        raise UserError(f"cannot join Ray at {address}: {e.strerror or e} (is a Ray cluster "
+                        "running there? start one with `ray start --head`)") from None
+
 
 def _import_ray():
     try:
@@ -73,14 +105,18 @@ class RayEngine:
 
     def __init__(self, address: str | None = None, actors: int | None = None,
                  device: str | None = None):
-        self.ray = _import_ray()
         if actors is not None and actors < 1:
             raise UserError("--actors must be at least 1")
+        if address is not None:
+            probe_address(address)  # at once, before Ray retries for minutes
+        self.ray = _import_ray()
         self.address = address
         self.requested_actors = actors
         self.device = device
         self._started = False
         self._plan: dict[str, Any] | None = None
+        if address is not None:  # join now: a failed join leaves nothing written (.partial)
+            self._connect()
 
     # -- the cluster -----------------------------------------------------------------------
     def _connect(self) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import MISSING, fields
 from typing import Any
 
-from memaudit.common import UserError
+from memaudit.common import UserError, user_number
 
 
 def _registry() -> dict[str, Any]:
@@ -43,6 +43,8 @@ def coerce_value(method: str, key: str, value: Any) -> Any:
     if not isinstance(value, str):
         if "float" in ann and isinstance(value, int) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, float):
+            user_number(value, f"parameter {method}.{key}")
         return value
     v = value.strip()
     if "None" in ann and v.lower() in ("none", "null", ""):
@@ -57,7 +59,7 @@ def coerce_value(method: str, key: str, value: Any) -> Any:
         if ann.startswith("int") or (isinstance(default, int) and "float" not in ann):
             return int(v)
         if "float" in ann:
-            return float(v)
+            return user_number(v, f"parameter {method}.{key}")
     except ValueError:
         raise UserError(f"parameter {method}.{key}: cannot read {value!r} as {ann}") from None
     return v

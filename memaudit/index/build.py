@@ -35,6 +35,7 @@ from memaudit.index.training_index import (
     INDEX_FILE,
     ITEMS_FILE,
     MANIFEST_FILE,
+    MAX_RERANK,
     VECTORS_FILE,
     TrainingIndex,
     is_lossy_factory,
@@ -72,6 +73,9 @@ def make_faiss_index(dim: int, factory: str, metric: str):
     except RuntimeError as e:
         raise UserError(f"bad faiss factory string {factory!r} for dim {dim}: "
                         f"{str(e).strip().splitlines()[-1]}") from e
+    if isinstance(faiss.downcast_index(index), faiss.IndexIDMap | faiss.IndexIDMap2):
+        raise UserError(f"bad faiss factory string {factory!r}: memaudit numbers the vectors "
+                        "itself (faiss id = duplicate group), drop the IDMap prefix")
     # PQ codes are trained "polysemous" by default: a centroid reordering that only Hamming
     # pre-filtering uses (never done here) and that took 250 s of 265 s training IVF256,PQ64
     # on 5,000 vectors (2-core machine); distances are the same without it
@@ -130,16 +134,17 @@ def build_index(source: str | Path, embedder: str, out: str | Path, factory: str
                 calibrate: bool = True, workers: int | None = None, overwrite: bool = False,
                 train_sample: int = 100_000, calibration_opts: dict[str, Any] | None = None,
                 engine: Any = "local", address: str | None = None, actors: int | None = None,
-                faiss_params: str | None = None, rerank: int = 100,
+                faiss_params: str | None = None, rerank: int | None = None,
                 layout: str | None = None, instance_prompt: str | None = None,
                 class_prompt: str | None = None) -> Path:
     """Build a training-set index (see the module docstring); returns the index directory.
 
     `engine` ("local", "ray" or an engine object, see memaudit.engine) decides only where
     the shards are computed; `address` and `actors` are Ray's. Compressed factories (PQ, SQ)
-    also keep the exact vectors for re-ranking the `rerank` best candidates. `source` is a
-    training set in any layout (memaudit.data.training_set; `layout`, `instance_prompt`,
-    `class_prompt` and the column options choose and read it)."""
+    also keep the exact vectors for re-ranking the `rerank` best candidates (default 100;
+    refused on exact factories, which have nothing to re-rank). `source` is a training set
+    in any layout (memaudit.data.training_set; `layout`, `instance_prompt`, `class_prompt`
+    and the column options choose and read it)."""
     from memaudit.embedders import EMBEDDERS, make_embedder
     from memaudit.engine import make_engine
 
@@ -150,8 +155,12 @@ def build_index(source: str | Path, embedder: str, out: str | Path, factory: str
     if batch_size < 1 or shard_rows < 1:
         raise UserError("--batch-size and --shard-rows must be positive")
     out = Path(out)
-    if rerank < 1:
-        raise UserError("--rerank must be at least 1")
+    if rerank is not None and not is_lossy_factory(factory):
+        raise UserError(f"--rerank applies to compressed factories (PQ, SQ); {factory!r} "
+                        "stores exact vectors, so its scores need no re-ranking")
+    rerank = 100 if rerank is None else rerank
+    if not 1 <= rerank <= MAX_RERANK:
+        raise UserError(f"--rerank must be at least 1 and at most {MAX_RERANK}, got {rerank}")
     cols = {"image_col": image_col, "caption_col": caption_col, "key_col": key_col}
     cols.update({k: v for k, v in (("layout", layout), ("instance_prompt", instance_prompt),
                                    ("class_prompt", class_prompt)) if v is not None})

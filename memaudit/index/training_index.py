@@ -29,6 +29,10 @@ MANIFEST_FILE = "manifest.json"
 VECTORS_FILE = "vectors.npy"
 
 
+#: The most candidates an index re-ranks with its exact vectors (`--rerank`).
+MAX_RERANK = 10_000
+
+
 def is_lossy_factory(factory: str | None) -> bool:
     """True when a faiss factory stores compressed vectors (PQ, SQ, LSH...): distances are
     then to reconstructions. Flat storage (`Flat`, `IVFn,Flat`, `HNSWm,Flat`, a `RFlat`
@@ -62,9 +66,62 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
         problem = "no positive integer dim"
     elif m.get("metric") not in ("ip", "l2"):
         problem = "metric is not \"ip\" or \"l2\""
+    else:
+        problem = _field_problem(m)
     if problem:
         raise UserError(f"{f} is not a memaudit index manifest ({problem})")
     return m
+
+
+#: Optional manifest fields memaudit reads, and their JSON types (null: absent).
+_FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
+    "format_version": int, "factory": str, "rows": int, "groups": int, "input_rows": int,
+    "shard_rows": int, "content_hash": str, "faiss_params": str, "preprocessing": str,
+    "dedup": str, "created": str, "calibration": dict, "skipped": dict, "source": dict,
+    "exact_vectors": dict, "build_seconds": (int, float)}
+
+
+def _field_problem(m: dict[str, Any]) -> str | None:
+    """What is wrongly typed in a manifest's optional fields (None when nothing)."""
+    from memaudit.common import check_finite_tree
+
+    for key, kind in _FIELD_TYPES.items():
+        v = m.get(key)
+        if v is not None and (not isinstance(v, kind) or isinstance(v, bool)):
+            return f"{key} is a JSON {type(v).__name__}"
+    for name, entry in (m.get("calibration") or {}).items():
+        fpr = entry.get("fpr") if isinstance(entry, dict) else None
+        if not isinstance(entry, dict) or not isinstance(fpr, dict | None) or any(
+                not isinstance(x, int | float) or isinstance(x, bool)
+                for x in (fpr or {}).values()):
+            return f"calibration.{name} is not {{\"fpr\": {{RATE: THRESHOLD}}}}"
+    try:
+        check_finite_tree(m, "")
+    except UserError as e:
+        return str(e)
+    return None
+
+
+def _check_items(f: Path, items: pa.Table, manifest: dict[str, Any], ngroups: int) -> None:
+    """items.parquet agrees with index.faiss and the manifest: integer group ids without
+    nulls, a boolean is_representative, one representative per group, the row count the
+    manifest records (a truncated or foreign item list is one line, not a crash later)."""
+    for col, ok in (("row_id", pa.types.is_integer), ("group_id", pa.types.is_integer),
+                    ("is_representative", pa.types.is_boolean)):
+        c = items.column(col)
+        if not ok(c.type) or c.null_count:
+            raise UserError(f"{f}: column {col} is {c.type}"
+                            + (f" with {c.null_count} nulls" if c.null_count else "")
+                            + " (not a memaudit item list)")
+    rows = manifest.get("rows")
+    if isinstance(rows, int) and rows != items.num_rows:
+        raise UserError(f"{f} holds {items.num_rows} rows, the manifest says {rows} "
+                        "(truncated or replaced)")
+    rep = items.column("is_representative").to_numpy(zero_copy_only=False)
+    gid = items.column("group_id").to_numpy()[rep]
+    if len(gid) != ngroups or len(np.unique(gid)) != ngroups:
+        raise UserError(f"{f}: {len(np.unique(gid))} of index.faiss's {ngroups} groups have a "
+                        "representative item (truncated or replaced)")
 
 
 def is_index_dir(path: str | Path) -> bool:
@@ -163,6 +220,7 @@ class TrainingIndex:
         if index.d != manifest["dim"]:
             raise UserError(f"{p}: index.faiss has dim {index.d}, the manifest says "
                             f"{manifest['dim']}")
+        _check_items(p / ITEMS_FILE, items, manifest, index.ntotal)
         groups = items.column("group_id").to_numpy()
         if len(groups) and (groups.min() < 0 or groups.max() >= index.ntotal):
             raise UserError(f"{p}: items.parquet names groups outside index.faiss "
@@ -193,9 +251,9 @@ class TrainingIndex:
             raise UserError(f"{f} holds {arr.dtype} {arr.shape}, expected float32 "
                             f"({self.ntotal}, {self.dim})")
         k = spec.get("rerank_candidates", 100)
-        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= MAX_RERANK:
             raise UserError(f"{self.path / MANIFEST_FILE}: exact_vectors.rerank_candidates "
-                            f"must be a positive integer, got {k!r}")
+                            f"must be a positive integer (at most {MAX_RERANK}), got {k!r}")
         self.exact_vectors = arr
         self.rerank_candidates = k
 

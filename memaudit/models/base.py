@@ -205,8 +205,13 @@ def load_model(spec: str | Path, device: str | None = None, dtype: str | torch.d
 
         if loras:
             raise UserError("--lora applies to diffusers pipelines, not to the canary")
-        return CanaryDenoiser.load(None if spec == "canary" else path, device=device,
-                                   dtype=dtype)
+        model = CanaryDenoiser.load(None if spec == "canary" else path, device=device,
+                                    dtype=dtype)
+        side = model.latent_shape[-1]
+        if resolution is not None and resolution != side:  # honoured, or refused: not ignored
+            raise UserError(f"--resolution {resolution}: the canary {model.name} samples at "
+                            f"its trained {side}x{side} only")
+        return model
     if (path / "model_index.json").exists() or (not path.exists() and "/" in spec):
         from memaudit.models.families import load_pipeline
 

@@ -119,19 +119,30 @@ def load_pipeline(spec: str | Path, device: str | torch.device = "cpu",
                         resolution=resolution)
 
 
+#: The largest image side `--resolution` accepts (FLUX and SD3 sample up to 2048).
+MAX_RESOLUTION = 8192
+
+
 @contextlib.contextmanager
 def quiet_loading():
-    """No progress bars or warnings from diffusers/transformers while a pipeline loads."""
+    """No progress bars, warnings or logged errors from diffusers/transformers while a
+    pipeline (and its LoRAs) loads: a failure is raised, and memaudit reports it in one line
+    (a LoRA of the wrong shapes otherwise logs one line per tensor first)."""
+    import logging
+    import warnings
+
     from diffusers.utils import logging as dlogging
     from transformers.utils import logging as tlogging
 
     verbosity = dlogging.get_verbosity(), tlogging.get_verbosity()
     dlogging.disable_progress_bar()
     tlogging.disable_progress_bar()
-    dlogging.set_verbosity_error()
-    tlogging.set_verbosity_error()
+    dlogging.set_verbosity(logging.CRITICAL)
+    tlogging.set_verbosity(logging.CRITICAL)
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
     finally:
         dlogging.enable_progress_bar()
         tlogging.enable_progress_bar()
@@ -227,12 +238,16 @@ class DiffusersDenoiser(Denoiser):
 
     # --- shared pieces ------------------------------------------------------------------------
     def resolution_from(self, resolution: int | None, default_sample_size: int) -> int:
-        """Image side in pixels: `resolution`, else the pipeline's default; a multiple of
-        the latent grid."""
-        res = int(resolution or default_sample_size * self.vae_scale_factor)
+        """Image side in pixels: `resolution` (None: the pipeline's default), a multiple of
+        the latent grid up to `MAX_RESOLUTION` (0 is an error, not the default)."""
+        res = int(default_sample_size * self.vae_scale_factor if resolution is None
+                  else resolution)
         step = self.vae_scale_factor * getattr(self, "latent_multiple", 1)
         if res < step or res % step:
             raise UserError(f"resolution {res} must be a positive multiple of {step}")
+        if res > MAX_RESOLUTION:
+            raise UserError(f"resolution {res} is over {MAX_RESOLUTION} pixels a side (an "
+                            f"image of {res}x{res} does not fit in memory)")
         self.resolution = res
         return res
 

@@ -14,19 +14,20 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-from memaudit.common import UserError, sha256_file
+from memaudit.common import UserError, check_finite_weights, sha256_file, user_number
 
 DEFAULT_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 
 def parse_lora_spec(spec: str) -> tuple[Path, float]:
-    """`PATH[:SCALE]` -> (path, scale); SCALE defaults to 1.0."""
+    """`PATH[:SCALE]` -> (path, scale); SCALE defaults to 1.0 and must be finite."""
     head, sep, tail = str(spec).rpartition(":")
     if sep and head:
         try:
-            return Path(head), float(tail)
+            float(tail)
         except ValueError:
-            pass
+            return Path(spec), 1.0  # a ':' inside the path
+        return Path(head), user_number(tail, f"LoRA scale in {spec!r}")
     return Path(spec), 1.0
 
 
@@ -65,6 +66,9 @@ def load_loras(pipe: Any, specs: list[str]) -> list[dict[str, Any]]:
             state = load_file(str(f))
         except (SafetensorError, OSError) as e:
             raise UserError(f"LoRA {f}: not a readable safetensors file ({e})") from e
+        if not state:
+            raise UserError(f"LoRA {f} holds no tensors (an empty LoRA file)")
+        check_finite_weights(state, f"LoRA {f}")
         name = f"lora{i}"
         try:
             pipe.load_lora_weights(state, adapter_name=name)
@@ -74,7 +78,11 @@ def load_loras(pipe: Any, specs: list[str]) -> list[dict[str, Any]]:
             raise UserError(f"cannot load LoRA {f}: {first}{hint}") from e
         names.append(name)
         records.append({"path": str(f.resolve()), "sha256": sha256_file(f), "scale": scale})
-    pipe.set_adapters(names, adapter_weights=[r["scale"] for r in records])
+    try:
+        pipe.set_adapters(names, adapter_weights=[r["scale"] for r in records])
+    except ValueError as e:  # a LoRA whose tensors name no layer of this pipeline
+        raise UserError(f"cannot apply LoRA {', '.join(r['path'] for r in records)}: "
+                        f"{(str(e).strip().splitlines() or ['no adapter'])[0]}") from e
     return records
 
 

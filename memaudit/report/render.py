@@ -39,8 +39,15 @@ def render_html(context: dict[str, Any]) -> str:
     from markupsafe import Markup
 
     from memaudit.report.template import REPORT_TEMPLATE
+    from memaudit.text import html_text
 
-    env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
+    def visible(value: Any) -> Any:  # every {{ value }}: control characters shown escaped
+        return value if isinstance(value, Markup) or not isinstance(value, str) \
+            else html_text(value)
+
+    env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined,
+                             finalize=visible)
+    env.filters["visible"] = html_text
     ctx = dict(context)
     ctx["plots"] = [Markup(p) for p in context["plots"]]  # built escaped in plots.py
     tpl = env.from_string(REPORT_TEMPLATE)
@@ -61,8 +68,12 @@ def write_report(db: str | Path, out: str | Path, run_id: int | None = None,
 
     out = check_output_file(out, [db, index, *source_files(sources)], own=is_memaudit_html,
                             overwrite=overwrite, what="report")
-    html = render_html(build_context(db, run_id=run_id, max_flagged=max_flagged, index=index,
-                                     sources=sources, index_mismatch_ok=index_mismatch_ok))
+    context = build_context(db, run_id=run_id, max_flagged=max_flagged, index=index,
+                            sources=sources, index_mismatch_ok=index_mismatch_ok)
+    if index is None:  # the index the database names is an input too (its files are read)
+        check_output_file(out, [db, context["run"].get("index_path")], own=is_memaudit_html,
+                          overwrite=overwrite, what="report")
+    html = render_html(context)
     with atomic_write(out, "report") as tmp:
         tmp.write_text(html, encoding="utf-8")
     return out

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from memaudit.common import UserError, progress_bar
+from memaudit.common import UserError, progress_bar, require_finite
 from memaudit.models.base import CAPABILITIES, TEXT, UNCOND
 from memaudit.models.cond import as_cond
 from memaudit.sampler import initial_noise
@@ -71,6 +71,8 @@ def screen_prompts(model: Any, prompts: list[str], steps: int = 1, seeds: int | 
     sc = score if isinstance(score, ScreenScore) else score_for(model, score, params)
     if steps < 1:
         raise UserError("--steps must be >= 1")
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
     missing = [c for c in (TEXT, UNCOND) if c not in getattr(model, "capabilities", (TEXT, UNCOND))]
     if missing:
         raise UserError(f"screening does not apply to {getattr(model, 'family', '')} model "
@@ -99,7 +101,12 @@ def screen_prompts(model: Any, prompts: list[str], steps: int = 1, seeds: int | 
                                             scheduler=sched, steps=steps, s0=s0))
             np.add.at(total, np.array(pidx), vals.double().cpu().numpy())
             advance(len(chunk))
-    return total / len(seed_list)
+    scores = total / len(seed_list)
+    bad = np.flatnonzero(~np.isfinite(scores))
+    if bad.size:  # an error, never a score below any threshold
+        require_finite(scores, f"the {sc.name} screening score of {bad.size} prompt(s) "
+                       f"(first: {prompts[int(bad[0])]!r})")
+    return scores
 
 
 def score_for(model: Any, name: str | None = None, params: dict[str, Any] | None = None

@@ -176,10 +176,21 @@ class AuditStore:
 
     # --- queries ----------------------------------------------------------------------
     def query(self, sql: str, params: Sequence[Any] | None = None) -> list[dict[str, Any]]:
-        """Rows as dicts (read-side helper for report and gate)."""
-        cur = self.con.execute(sql, list(params or []))
-        names = [d[0] for d in cur.description]
-        return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
+        """Rows as dicts (read-side helper for report and gate). On a database opened
+        read-only (one memaudit did not just write), a query the file makes fail (a view
+        that raises, a column of another type) is a one-line `UserError`."""
+        import duckdb
+
+        try:
+            cur = self.con.execute(sql, list(params or []))
+            names = [d[0] for d in cur.description]
+            rows = cur.fetchall()
+        except duckdb.Error as e:
+            if not self.read_only:
+                raise
+            raise UserError(f"cannot read {self.path}: {str(e).strip().splitlines()[0]} "
+                            "(a damaged or foreign audit database)") from e
+        return [dict(zip(names, r, strict=True)) for r in rows]
 
     def count(self, table: str) -> int:
         if table not in TABLE_NAMES:
@@ -198,7 +209,7 @@ class AuditStore:
                 continue
             try:
                 parsed = json.loads(v)
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, RecursionError):
                 parsed = None
             if not isinstance(parsed, dict if col != "seeds_json" else list):
                 raise UserError(f"{self.path}: runs.{col} of run {run.get('id')} is not a "
