@@ -15,6 +15,7 @@ from PIL import Image
 
 from memaudit.report import dump_dom, find_chromium, render_pdf, screenshot, write_report
 from memaudit.report.plots import distribution_svg, histogram_counts
+from memaudit.store import SCHEMA_VERSION
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +58,7 @@ def test_report_content(report):
     # plots, screening, provenance
     assert html.count("<svg") == 1 and "nl2 score per method (lower = more similar)" in html
     assert "Pre-generation screening" in html
-    assert "content hash" in html and "schema version 2" in html
+    assert "content hash" in html and f"schema version {SCHEMA_VERSION}" in html
 
 
 def test_report_quality_table(audit_db, report):

@@ -216,6 +216,8 @@ def test_screen_cli_takes_a_score_and_its_parameters(tmp_path, monkeypatch, caps
           "--param", "g2=0.5", "--seeds", "2", "--out", str(out)])
     text = capsys.readouterr().out
     assert "score anisotropy (g1=1, g2=0.5, low_index=-3), 2 seeds" in text
+    assert ("anisotropy weights (g1, g2) = (1, 0.5): g2 given; the other from: fallback: SD "
+            "1.x's official weights, not tuned for unknown models; cosine on eps") in text
     t = pq.read_table(out).to_pylist()
     assert [r["score_name"] for r in t] == ["anisotropy", "anisotropy"]
     expect = [hand_anisotropy(TFake(), q, range(2), 1.0, 0.5, -3) for q in ("a canary",
@@ -231,7 +233,7 @@ def test_screen_cli_takes_a_score_and_its_parameters(tmp_path, monkeypatch, caps
 def test_models_carry_their_calibrated_screening_parameters(model):
     from memaudit.models.canary import CANARY_SCREEN_PARAMS
 
-    assert model.screen_params == {"anisotropy": {"g2": 2.0}}  # CLIP width <= 768: SD 1.x
+    assert model.screen_params == {}  # SD 1.x: the family weights (screen/anisotropy.py)
     assert CANARY_SCREEN_PARAMS["anisotropy"]["g2"] > 0
     assert FakeDenoiser().screen_params == {}
 
@@ -265,3 +267,76 @@ def test_gate_screen_uses_the_named_score(tmp_path, monkeypatch):
     check = res.checks[0]
     assert check.value == pytest.approx(expect.max()) and not check.passed
     assert "score anisotropy" in check.detail
+
+
+def official_anisotropy_v(model, prompt, seed, g1, g2):
+    """A transcription of the official SD 2 (v-prediction) detection branch
+    (rohanasthana/memorization-anisotropy, local_model/pipe.py, exp_type 'det', mode 'x,c|x',
+    normalization None): N on the 'score' (beta v - x) / beta_prod^2, the cosine on raw v."""
+    sched = model.make_scheduler()
+    sched.set_timesteps(model.default_steps)
+    timesteps = sched.timesteps
+    latents = initial_noise(model, [seed])
+    emb = torch.cat([model.null_embedding(1).emb, model.encode_prompts([prompt]).emb])
+    t, t_cos = timesteps[0], timesteps[-3]
+    inp = sched.scale_model_input(torch.cat([latents] * 2), t)
+    inp_cos = sched.scale_model_input(inp, t_cos)
+    with torch.no_grad():
+        pred = model.unet(inp, t, encoder_hidden_states=emb).sample
+        pred_cos = model.unet(inp_cos, t_cos, encoder_hidden_states=emb).sample
+    beta_prod = torch.sqrt(1 - sched.alphas_cumprod[t])
+    beta = torch.sqrt(sched.alphas_cumprod[t])
+    score_uc, score_c = ((beta * pred - inp) / (beta_prod ** 2)).chunk(2)
+    hvp = torch.norm((score_c - score_uc).view(1, -1), dim=1)
+    uc, c = pred_cos.chunk(2)
+    cos = F.cosine_similarity(uc, c - uc, dim=1)
+    return float(hvp[0]), float(cos[0].mean()), float(sched.alphas_cumprod[t])
+
+
+def test_anisotropy_on_v_prediction_takes_the_cosine_on_raw_v_as_the_official_code(tmp_path):
+    from sd_tiny import build_tiny_pipeline
+
+    from memaudit.models import load_model
+    from memaudit.screen.base import ScoreInput
+
+    v = load_model(build_tiny_pipeline(tmp_path / "v-sd", prediction_type="v_prediction"),
+                   device="cpu")
+    prompts = ["a photo of the cat", "a red car"]
+    for seed in (0, 1):
+        sched = v.scheduler(None, v.default_steps)
+        x = initial_noise(v, [seed, seed])
+        inp = ScoreInput(v, x, v.encode_prompts(prompts), v.null_embedding(2), sched, 1, 7.5)
+        n, a = make_score("anisotropy").terms(inp)
+        for i, p in enumerate(prompts):
+            n_off, a_off, abar_T = official_anisotropy_v(v, p, seed, 1.0, 0.1)
+            assert float(a[i]) == pytest.approx(a_off, rel=1e-4, abs=1e-6)
+            # N stays an eps magnitude (METHODS 0): the official 'score' norm x (1 - abar_T)
+            assert float(n[i]) == pytest.approx(n_off * (1 - abar_T), rel=1e-4)
+    sc = score_for(v, "anisotropy")  # the official SD 2 weights for a v-prediction SD
+    assert (sc.params.g1, sc.params.g2) == (1.0, 0.1)
+    assert "official SD 2.x" in sc.notes()[0] and "cosine on v" in sc.notes()[0]
+    got = screen_prompts(v, prompts[:1], seeds=1, score="anisotropy")
+    n_off, a_off, abar_T = official_anisotropy_v(v, prompts[0], 0, 1.0, 0.1)
+    assert got[0] == pytest.approx(n_off * (1 - abar_T) + 0.1 * a_off, rel=1e-4)
+
+
+def test_anisotropy_weights_per_family_are_stated(model):
+    from memaudit.screen.anisotropy import family_weights
+
+    sd = score_for(model, "anisotropy")
+    assert (sd.params.g1, sd.params.g2) == (1.0, 2.0)
+    assert sd.notes() == ["anisotropy weights (g1, g2) = (1, 2): official SD 1.x weights "
+                          "(detect_eval.py sd_ver 1); cosine on eps"]
+    for family in ("sdxl", "sd3", "flux"):
+        fake = TFake()
+        fake.family = family
+        g1, g2, why = family_weights(fake)
+        assert (g1, g2) == (1.0, 2.0)
+        assert why == f"fallback: SD 1.x's official weights, not tuned for {family} models"
+        assert "fallback" in score_for(fake, "anisotropy").notes()[0]
+    given = score_for(TFake(), "anisotropy", {"g1": 1.0, "g2": 0.3})
+    assert given.notes()[0].startswith("anisotropy weights (g1, g2) = (1, 0.3): given")
+    rec = given.record()
+    assert rec["score"] == "anisotropy" and rec["params"]["g2"] == 0.3
+    assert rec["notes"] == given.notes()
+    assert make_score("wen").notes() == []

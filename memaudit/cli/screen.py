@@ -148,6 +148,8 @@ def register(app: typer.Typer) -> None:
             mark = "FLAG" if f else "    "
             typer.echo(f"{s:10.4f}  {mark}  {terminal_text(r.text)}")
         typer.echo(f"score {sc.name} ({_describe(sc)}), {seeds} seeds")
+        for note in sc.notes():  # where model-dependent parameters come from (METHODS 2.1)
+            typer.echo(terminal_text(note))
         if thr is not None:
             src = f"calibrated on {calibrate} at FPR {fpr}" if threshold is None else "given"
             typer.echo(terminal_text(f"threshold {thr:.4f} ({src}); flagged "

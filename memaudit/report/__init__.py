@@ -213,8 +213,12 @@ def build_context(db: str | Path, run_id: int | None = None, max_flagged: int = 
         ).fetchone()[0]
         screens = store.query(
             "SELECT p.text AS prompt, p.label, s.score, s.steps, s.seeds, s.threshold, "
-            "s.flagged FROM screens s JOIN prompts p ON p.id = s.prompt_id "
+            "s.flagged, s.score_name, s.params_json FROM screens s "
+            "JOIN prompts p ON p.id = s.prompt_id "
             "WHERE s.run_id = ? ORDER BY s.score DESC", [rid])
+        for s in screens:  # the score's parameters and where they come from (METHODS 2.1)
+            rec = json.loads(s.pop("params_json") or "{}")
+            s["score_params"], s["score_notes"] = rec.get("params", {}), rec.get("notes", [])
         pm = store.query("SELECT * FROM prompt_method WHERE run_id = ? ORDER BY prompt_id",
                          [rid])
         by_label = store.query(

@@ -105,10 +105,14 @@ def screen_prompts(model: Any, prompts: list[str], steps: int = 1, seeds: int | 
 def score_for(model: Any, name: str | None = None, params: dict[str, Any] | None = None
               ) -> ScreenScore:
     """The score `name` with the model's calibrated parameters (`Denoiser.screen_params`,
-    e.g. the canary's anisotropy weights) under the explicit `params`."""
+    e.g. the canary's anisotropy weights) under the explicit `params`, bound to the model
+    (`ScreenScore.bind`: model-dependent defaults such as anisotropy's weights per family,
+    and `notes()` saying where they come from)."""
     name = name or DEFAULT_SCORE
     own = dict((getattr(model, "screen_params", None) or {}).get(name, {}))
-    return make_score(name, **{**own, **(params or {})})
+    sc = make_score(name, **{**own, **(params or {})})
+    sc.bind(model, dict(params or {}))
+    return sc
 
 
 __all__ = ["DEFAULT_SCORE", "REGISTRY", "ScoreInput", "ScreenScore", "auc",
