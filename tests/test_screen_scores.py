@@ -105,8 +105,8 @@ def test_anisotropy_terms_are_the_norm_and_the_per_pixel_channel_cosine():
 
 
 def hand_entropies(model, prompt, seed):
-    """Per cross-attention layer: attention averaged over heads and queries, its entropy,
-    computed from each layer's inputs (caught by forward pre-hooks) and its own weights."""
+    """Per cross-attention layer: (the entropy of, and) the attention averaged over heads and
+    queries, computed from each layer's inputs (caught by forward pre-hooks) and its own weights."""
     seen = []
     layers = cross_attention_layers(model.unet)
     hooks = [m.register_forward_pre_hook(
@@ -128,7 +128,7 @@ def hand_entropies(model, prompt, seed):
         q = q.view(1, -1, heads, d).transpose(1, 2)
         k = k.view(1, -1, heads, d).transpose(1, 2)
         p = torch.softmax(q @ k.transpose(-1, -2) / d ** 0.5, dim=-1).mean((1, 2))[0].double()
-        out.append(float(-(p * p.log()).sum()))
+        out.append((float(-(p * p.log()).sum()), p.numpy()))
     return out
 
 
@@ -137,15 +137,46 @@ def test_attention_entropy_matches_hand_computation_on_the_tiny_sd_unet(model):
     assert len(layers) >= 2
     prompts = ["a photo of the cat", "a red car"]
     every = screen_prompts(model, prompts, seeds=2, score="attention-entropy",
-                           params={"layer": -1})
+                           params={"aggregate": "mean"})
     first = screen_prompts(model, prompts, seeds=2, score="attention-entropy",
                            params={"layer": 1})
+    pooled = screen_prompts(model, prompts, seeds=2, score="attention-entropy",
+                            params={"aggregate": "all"})
     for i, p in enumerate(prompts):
         hand = [hand_entropies(model, p, s) for s in (0, 1)]
         assert len(hand[0]) == len(layers)
-        assert every[i] == pytest.approx(np.mean(hand), rel=1e-5)
-        assert first[i] == pytest.approx(np.mean([h[1] for h in hand]), rel=1e-5)
+        assert every[i] == pytest.approx(np.mean([h for h, _ in sum(hand, [])]), rel=1e-5)
+        assert first[i] == pytest.approx(np.mean([h[1][0] for h in hand]), rel=1e-5)
+        pool = [np.mean([q for _, q in h], axis=0) for h in hand]  # layer-averaged attention
+        assert pooled[i] == pytest.approx(np.mean([-(q * np.log(q)).sum() for q in pool]),
+                                          rel=1e-5)
     assert 0 < every.min() and every.max() <= np.log(model.tokenizer.model_max_length) + 1e-9
+
+
+def test_attention_entropy_aggregates_on_exact_small_tensors():
+    """Two layers, B = 1, 2 heads, 1 query, 2 tokens: per-layer head means p_0 = (0.5, 0.5),
+    p_1 = (0.9, 0.1); official layer mode = H(p_l); official all-layer aggregate = H of the
+    layer mean (0.7, 0.3); memaudit's own 'mean' = (H(p_0) + H(p_1)) / 2."""
+    from memaudit.screen.attention_entropy import aggregate_entropy
+
+    l0 = torch.tensor([[[[0.2, 0.8]], [[0.8, 0.2]]]])  # [1, heads 2, L_q 1, L_k 2]
+    l1 = torch.tensor([[[[1.0, 0.0]], [[0.8, 0.2]]]])
+    h = lambda *p: -sum(v * np.log(v) for v in p if v > 0)  # noqa: E731
+    assert float(aggregate_entropy([l0, l1], "layer", 0)[0]) == pytest.approx(np.log(2))
+    assert float(aggregate_entropy([l0, l1], "layer", 1)[0]) == pytest.approx(h(0.9, 0.1))
+    assert float(aggregate_entropy([l0, l1], "all", 0)[0]) == pytest.approx(h(0.7, 0.3))
+    assert float(aggregate_entropy([l0, l1], "mean", 0)[0]) == pytest.approx(
+        (np.log(2) + h(0.9, 0.1)) / 2)
+    # higher entropy scores as memorized: the score is the entropy itself, not its negative
+    assert make_score("attention-entropy", aggregate="mean").notes()[0].startswith(
+        "attention-entropy aggregate 'mean' (mean of per-layer entropies) is memaudit's own")
+    assert make_score("attention-entropy").notes() == []
+    with pytest.raises(UserError, match="aggregate must be one of layer, all, mean"):
+        make_score("attention-entropy", aggregate="max")
+    from memaudit.cli.screen import parse_score_params
+
+    assert parse_score_params("attention-entropy", ["aggregate=all", "layer=2"]) == {
+        "aggregate": "all", "layer": 2}
 
 
 def test_capturing_attention_leaves_the_forward_unchanged_and_restores_processors(model):

@@ -54,6 +54,9 @@ def parse_score_params(score: str | None, items: list[str] | None) -> dict:
             raise UserError(f"bad --param {item!r} for score {cls.name!r}; expected NAME=VALUE "
                             f"with NAME in {', '.join(sorted(types)) or '(none)'}")
         default = types[key]
+        if isinstance(default, str):  # e.g. attention-entropy.aggregate
+            out[key] = value.strip()
+            continue
         try:
             out[key] = int(value) if isinstance(default, int) and not isinstance(
                 default, bool) else float(value)
