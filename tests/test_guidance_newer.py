@@ -106,6 +106,54 @@ def test_init_noise_in_the_sampler_starts_from_the_adjusted_noise_and_defers_cfg
         make_guidance("init-noise", mode="nope")
 
 
+@pytest.fixture(scope="module")
+def sd512(pipe_dir):
+    """The tiny SD pipeline sampling 4x64x64 latents: the scale of SD 1.4 at 512 pixels, where
+    the official magnitude constants were set."""
+    from memaudit.models import load_model
+
+    return load_model(pipe_dir, device="cpu", resolution=128)
+
+
+def test_init_noise_uses_the_official_constants_on_sd_latents(sd512):
+    """Official: target 0.9 absolute, at most 1,000 iterations, rho 50 (hygnhan/
+    init_noise_diffusion_memorization); elsewhere memaudit's defaults, stated."""
+    assert sd512.latent_shape == (4, 64, 64)
+    k = make_guidance("init-noise").constants(sd512)
+    assert (k["target"], k["max_iters"], k["rho"]) == (0.9, 1000, 50.0)
+    other = make_guidance("init-noise").constants(XFake())
+    assert (other["target"], other["fraction"], other["max_iters"]) == (None, 0.5, 100)
+    assert other["rho"] == pytest.approx(50 / 128 * math.sqrt(C * H * W))
+    assert make_guidance("init-noise", target=2.0, rho=7.0).constants(sd512)["target"] == 2.0
+    # batch-wise with the defaults = a transcription of the official adj_init_noise_batch_wise
+    # (rho 50, gamma 0.7, adj_iters 2) on the model's own UNet
+    sched = sd512.scheduler(None, 50)
+    t0 = sched.timesteps[0]
+    prompts = ["a red car", "a photo of the cat"]
+    x = initial_noise(sd512, [0, 1])
+    c, u = sd512.encode_prompts(prompts), sd512.null_embedding(2)
+    g = build_guidance("init-noise:batch-wise")
+    got = g.prepare_noise(x, c, u, [0, 1], sd512, t0)
+    emb = torch.cat([u.emb, c.emb])
+    lat = x.clone()
+    with torch.no_grad():
+        for _ in range(2):
+            pred = sd512.unet(torch.cat([lat] * 2), t0, encoder_hidden_states=emb).sample
+            pu, pc = pred.chunk(2)
+            eps_tilde = pc - pu
+            mag = torch.sqrt(torch.sum(eps_tilde ** 2, dim=(1, 2, 3), keepdim=True))
+            shifted = lat + 50 * (eps_tilde / mag)
+            pred = sd512.unet(torch.cat([shifted] * 2), t0, encoder_hidden_states=emb).sample
+            pu, pc = pred.chunk(2)
+            lat = lat - 0.7 * ((pc - pu) - eps_tilde)
+    assert torch.allclose(got, lat, atol=1e-5)
+    # per-sample: the absolute target 0.9; a sample already under it is left as it is
+    g = make_guidance("init-noise")
+    out = g.prepare_noise(x[:1], sd512.encode_prompts([""]), u[:1], [0], sd512, t0)
+    assert g.last["init_target"].tolist() == [pytest.approx(0.9)]
+    assert g.last["init_iters"].tolist() == [0] and torch.equal(out, x[:1])
+
+
 def test_sampler_refuses_a_prepare_noise_of_another_shape():
     class Bad(type(make_guidance("cfg"))):
         name = "bad"
