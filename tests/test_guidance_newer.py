@@ -224,9 +224,9 @@ def test_reanchor_leaves_untriggered_samples_on_cfg_and_scales_thresholds_with_t
 
 def test_reanchor_through_the_sampler_triggers_on_wen_and_evaluates_the_original_prompt():
     model = XFake()
-    g = build_guidance("reanchor", {"reanchor": {"target": 0.0, "low": 0.1, "high": 0.2}})
+    g = build_guidance("reanchor", {"reanchor": {"trigger": 0.0, "low": 0.1, "high": 0.2}})
     out = sample(model, ["a canary", "the sky"], [0, 1], g, steps=4, guidance_scale=3.0)
-    assert g.triggered.all()  # loss0 > target 0: every sample was adjusted
+    assert g.triggered.all()  # loss0 > trigger 0: every sample was adjusted
     # 2 rows + the original prompt's row per step, plus Wen's 2 + iterations at x_T
     assert out.unet_rows == pytest.approx(3 * 4 + (1 + 1 + 10), abs=1e-9)
     assert {"reanchor_m", "reanchor_s", "reanchor_on", "wen_loss0"} <= set(out.trace[0])
@@ -235,3 +235,50 @@ def test_reanchor_through_the_sampler_triggers_on_wen_and_evaluates_the_original
     g2.original = emb
     g2.triggered = torch.tensor([False])
     assert g2.extra_conditions(None) == {}  # nothing triggered: no extra rows
+
+
+def test_reanchor_does_not_trigger_on_a_low_magnitude_sample():
+    """Never a self-relative trigger (METHODS 3.5): on the canary tau is calibrated on its own
+    generic prompts, so a generic prompt's sample (m0 under tau) is not re-anchored and gets
+    plain CFG, where half of its own m0 used to trigger every sample."""
+    from memaudit.models import load_model
+
+    canary = load_model("canary", device="cpu")
+    g = make_guidance("reanchor")
+    out = sample(canary, ["a handwritten digit 3"], [0], g, steps=3)
+    cfg = sample(canary, ["a handwritten digit 3"], [0], make_guidance("cfg"), steps=3)
+    assert not g.triggered.any() and g.tau[0] == pytest.approx(g.trigger)
+    assert float(g.last["wen_loss0"][0]) <= g.trigger
+    assert torch.equal(out.images, cfg.images)
+    assert [r["reanchor_on"] for r in out.trace] == [[0.0]] * 3
+    rec = g.generation_record("a handwritten digit 3", 0)["reanchor"]
+    assert rec["source"] == ("calibrated on the canary model's generic prompts (seeds 0-3, "
+                             "FPR 0.01)")
+    assert (rec["low"], rec["high"]) == pytest.approx((3 * g.trigger, 5 * g.trigger))
+    # the threshold is the largest generic (prompt, seed) magnitude at FPR 0.01 (84 rows),
+    # at this run's first timestep
+    t0 = canary.scheduler(None, 3).timesteps[0]
+    assert g.trigger == pytest.approx(max(
+        float(torch.linalg.vector_norm(diff(canary, initial_noise(canary, [s]), t0, p)))
+        for p in canary.generic_prompts for s in range(4)), rel=1e-5)
+
+
+def test_reanchor_trigger_is_official_on_sd_latents_given_or_calibrated_elsewhere(sd512,
+                                                                                  tmp_path):
+    t0 = torch.tensor(500)
+    g = make_guidance("reanchor")
+    assert g.resolve_trigger(sd512, t0) == 1.0 and g.trigger_source.startswith("official")
+    assert make_guidance("reanchor", trigger=2.5).resolve_trigger(XFake(), t0) == 2.5
+    with pytest.raises(UserError, match="reanchor needs a trigger threshold for .* give "
+                                        "reanchor.trigger=X or reanchor.calibrate="):
+        make_guidance("reanchor").resolve_trigger(XFake(), t0)
+    with pytest.raises(UserError, match="trigger is absolute"):
+        make_guidance("reanchor", fraction=0.5)
+    clean = tmp_path / "clean.txt"
+    clean.write_text("the sky\na branch\n")
+    g = make_guidance("reanchor", calibrate=str(clean), calibrate_seeds=2, fpr=0.0)
+    model = XFake()
+    want = max(float(torch.linalg.vector_norm(diff(model, initial_noise(model, [s]), t0, p)))
+               for p in ("the sky", "a branch") for s in (0, 1))
+    assert g.resolve_trigger(model, t0) == pytest.approx(want, rel=1e-5)
+    assert g.trigger_source == f"calibrated on {clean} (seeds 0-1, FPR 0)"

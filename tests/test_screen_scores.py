@@ -202,9 +202,10 @@ def test_attention_entropy_refuses_models_without_cross_attention_and_bad_layers
 
 
 def test_registry_costs_and_errors():
-    assert set(REGISTRY) == {"wen", "anisotropy", "attention-entropy"}
+    assert set(REGISTRY) == {"wen", "anisotropy", "attention-entropy", "update-norm"}
     assert DEFAULT_SCORE in REGISTRY
-    for name, fwd, rows in (("wen", 1, 2), ("anisotropy", 1, 4), ("attention-entropy", 1, 1)):
+    for name, fwd, rows in (("wen", 1, 2), ("anisotropy", 1, 4), ("attention-entropy", 1, 1),
+                            ("update-norm", 1, 2)):
         sc = make_score(name)
         assert (sc.forwards(1), sc.rows(1)) == (fwd, rows)
     assert make_score("wen").forwards(5) == 5
@@ -371,3 +372,33 @@ def test_anisotropy_weights_per_family_are_stated(model):
     assert rec["score"] == "anisotropy" and rec["params"]["g2"] == 0.3
     assert rec["notes"] == given.notes()
     assert make_score("wen").notes() == []
+
+
+def test_update_norm_is_the_mean_size_of_the_first_cfg_updates():
+    """Broken Memories' latent update norms on the first steps: ||x_{j+1} - x_j|| along the
+    CFG trajectory (DDIM here), by hand, and no pass beyond Wen's."""
+    model = TFake()
+    got = screen_prompts(model, ["a canary", "the sky"], steps=3, seeds=2, batch_size=4,
+                         score="update-norm")
+    assert model.forward_calls == 3 and model.unet_rows == 2 * 3 * 2 * 2
+    for i, p in enumerate(["a canary", "the sky"]):
+        vals = []
+        for s in (0, 1):
+            sched = model.make_scheduler()
+            sched.set_timesteps(model.default_steps)
+            x = initial_noise(model, [s])
+            c, u = model.encode_prompts([p]), model.encode_prompts([""])
+            norms = []
+            for t in sched.timesteps[:3]:
+                tt = t.expand(1)
+                e_u, e_c = model._eps(x, tt, u), model._eps(x, tt, c)
+                eps = e_u + 3.0 * (e_c - e_u)
+                abar = sched.alphas_cumprod[t]
+                prev = t - 1000 // model.default_steps
+                abar_p = sched.alphas_cumprod[prev] if prev >= 0 else sched.final_alpha_cumprod
+                x0 = ((x - (1 - abar).sqrt() * eps) / abar.sqrt()).clamp(-1, 1)  # clip_sample
+                nxt = abar_p.sqrt() * x0 + (1 - abar_p).sqrt() * eps
+                norms.append(float(torch.linalg.vector_norm(nxt - x)))
+                x = nxt
+            vals.append(np.mean(norms))
+        assert got[i] == pytest.approx(np.mean(vals), rel=1e-4)

@@ -289,6 +289,12 @@ def _share_captions(planted: list[Planted], n_digits: int, shared: int,
     return out
 
 
+def generic_prompts() -> list[str]:
+    """The canary's generic prompts (generic.txt): two phrasings of each digit, and a face."""
+    return [DIGIT_PHRASINGS[k % 2].format(d=d) for k in range(2) for d in range(10)] \
+        + [FACE_CAPTION]
+
+
 def build_canary_data(out: str | Path, res: int = 16, per_count: int = 6, seed: int = 0,
                       min_rmse: float = 0.15, digits_limit: int | None = None,
                       guided_copies: int = GUIDED_COPIES,
@@ -385,10 +391,9 @@ def build_canary_data(out: str | Path, res: int = 16, per_count: int = 6, seed: 
         prompt_rows += [(c, label) for c in lines]
     if not guided_copies:
         (out / f"triggers_{GUIDED}.txt").unlink(missing_ok=True)  # from an earlier build
-    generic_prompts = [DIGIT_PHRASINGS[k % 2].format(d=d) for k in range(2) for d in range(10)]
-    generic_prompts.append(FACE_CAPTION)
-    (out / "generic.txt").write_text("\n".join(generic_prompts) + "\n")
-    prompt_rows += [(c, "generic") for c in generic_prompts]
+    generic = generic_prompts()
+    (out / "generic.txt").write_text("\n".join(generic) + "\n")
+    prompt_rows += [(c, "generic") for c in generic]
     with open(out / "prompts.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["prompt", "label"])

@@ -17,8 +17,10 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
 
 from memaudit.common import UserError
+from memaudit.guidance.base import per_sample_norm
 
 #: The latent shape the official constants were set on (SD 1.4 at 512 x 512).
 SD_LATENT_SHAPE = (4, 64, 64)
@@ -48,14 +50,27 @@ def clean_prompts(model: Any, path: str | None) -> tuple[list[str], str]:
     return own, f"the {getattr(model, 'family', 'model')} model's generic prompts"
 
 
-def calibrated_magnitude(model: Any, prompts: list[str], seeds: int, fpr: float) -> float:
-    """The initial magnitude m(x_T) that at most `fpr` of the (clean prompt, seed) rows exceed
-    (`memaudit.screen.calibrate_threshold` over rows; seeds 0..seeds-1, the model's default
-    schedule, magnitudes as the `wen` screening score takes them at x_T)."""
-    from memaudit.screen import calibrate_threshold, screen_prompts
+@torch.no_grad()
+def calibrated_magnitude(model: Any, prompts: list[str], seeds: int, fpr: float,
+                         t0: torch.Tensor, batch_size: int = 32) -> float:
+    """The initial magnitude m(x_T) = ||e_c(x_T, t0) - e_u(x_T, t0)||_2 that at most `fpr` of
+    the (clean prompt, seed 0..seeds-1) rows exceed (`memaudit.screen.calibrate_threshold`
+    over rows), at the run's first timestep t0 and with the sampler's x_T of each seed."""
+    from memaudit.models.cond import Cond, as_cond
+    from memaudit.sampler import initial_noise
+    from memaudit.screen import calibrate_threshold
 
     if seeds < 1:
         raise UserError("calibration needs at least one seed")
-    rows = np.concatenate([screen_prompts(model, prompts, steps=1, seeds=[s], score="wen",
-                                          progress=False) for s in range(seeds)])
-    return calibrate_threshold(rows, fpr)
+    sched = model.scheduler(None, int(getattr(model, "default_steps", 50)))
+    sigma = float(getattr(sched, "init_noise_sigma", 1.0))  # independent of the step count
+    rows = [(p, s) for p in prompts for s in range(seeds)]
+    vals = []
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i:i + batch_size]
+        x = initial_noise(model, [s for _, s in chunk], sigma)
+        c = as_cond(model.encode_prompts([p for p, _ in chunk]))
+        u = as_cond(model.null_embedding(len(chunk)))
+        e_u, e_c = model.eps(torch.cat([x, x]), t0, Cond.cat([u, c])).float().chunk(2)
+        vals.append(per_sample_norm(e_c - e_u).double().cpu().numpy())
+    return calibrate_threshold(np.concatenate(vals), fpr)

@@ -48,6 +48,9 @@ class CanaryDenoiser(Denoiser):
         self.default_guidance_scale = float(info.get("default_guidance_scale", 2.0))
         self.default_steps = int(info.get("default_steps", 50))
         self.screen_params = dict(info.get("screen_params", CANARY_SCREEN_PARAMS))
+        from memaudit.canary.data import generic_prompts
+
+        self.generic_prompts = tuple(generic_prompts())  # calibrates reanchor's trigger
         self.text = TextEncoder(self.cfg.text_len, device=self.device)
         self._states: dict[str, torch.Tensor] = {}
         self.prediction = EpsPrediction(self.make_scheduler("ddim").alphas_cumprod)

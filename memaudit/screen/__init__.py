@@ -23,12 +23,14 @@ from memaudit.screen.anisotropy import Anisotropy
 from memaudit.screen.attention_entropy import AttentionEntropy
 from memaudit.screen.base import ScoreInput, ScreenScore
 from memaudit.screen.stats import auc, calibrate_threshold, tpr_at_fpr
+from memaudit.screen.update_norm import UpdateNorm
 from memaudit.screen.wen import Wen
 
 REGISTRY: dict[str, type[ScreenScore]] = {
     "wen": Wen,
     "anisotropy": Anisotropy,
     "attention-entropy": AttentionEntropy,
+    "update-norm": UpdateNorm,
 }
 
 #: The score `memaudit screen`, a plan's [screen], `gate --screen` and `auto` use by default.
