@@ -84,7 +84,8 @@ def register(app: typer.Typer) -> None:
         model: str = typer.Option(..., "--model", help="'canary', a canary or diffusers folder"),
         prompts: Path = typer.Option(..., "--prompts", help="Prompt file (txt, jsonl, csv)."),
         score: str = typer.Option(None, "--score", help="Screening score: wen, anisotropy, "
-                                  "attention-entropy (default: memaudit.screen.DEFAULT_SCORE)."),
+                                  "attention-entropy, update-norm (default: "
+                                  "memaudit.screen.DEFAULT_SCORE)."),
         param: list[str] = typer.Option(None, "--param",
                                         help="Score parameter NAME=VALUE (repeatable)."),
         steps: int = typer.Option(1, "--steps",
