@@ -10,9 +10,10 @@ relabelled split (equally specific planted captions whose image the model never 
 (b) the generic prompts; (c) both. For every score configuration and seed count (seeds
 0..n-1): AUC and TPR at 1% FPR against each, batched forward passes per seed, UNet rows per
 prompt, seconds per prompt and the ratio to wen's in the same run. Weights are chosen first on
-tuning seeds 1000.. (disjoint from the evaluation seeds), maximising AUC(a) + AUC(b) (ties to
-the first on the grid): anisotropy's g2 with g1 = 1 (official weights beside it), and the
-weight c of a two-step sum wen + c update-norm. Writes W/screen_bench.json and .md.
+tuning seeds 1000.. (disjoint from the evaluation seeds; the same prompts, so tuned figures
+are optimistic), ranked by AUC(a) + AUC(b), then TPR at 1% FPR vs (c), then the margin
+(`rank_key`): anisotropy's t_low (`low_index`) and g2 with g1 = 1 (official weights beside
+it), and the weight c of a two-step sum wen + c update-norm. Writes W/screen_bench.json, .md.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ import numpy as np
 
 from memaudit.common import UserError
 
-G2_GRID = (-2.0, -1.0, -0.5, -0.2, -0.1, 0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
+G2_GRID = (-0.5, -0.2, -0.1, -0.05, 0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0)
+LOW_GRID = (-2, -3, -5, -10, -15, -20)  # anisotropy's t_low = timesteps[low_index]
 C_GRID = (-1.0, -0.5, -0.2, -0.1, -0.05, 0.0, 0.05, 0.1, 0.2, 0.5, 1.0)
 SETS = ("clean", "generic", "all")
 
@@ -72,6 +74,17 @@ def objective(sep: dict[str, float]) -> float:
     return float(np.nansum([sep["auc_clean"], sep["auc_generic"]]))
 
 
+def rank_key(scores: dict[str, np.ndarray]) -> tuple[float, float, float]:
+    """How a tuning candidate ranks: AUC vs clean + AUC vs generic, then TPR at 1% FPR vs
+    both, then the margin (10th percentile of the memorized scores minus the largest
+    negative, over the spread of all scores), which breaks the ties of saturated AUCs."""
+    sep = separation(scores)
+    neg = np.concatenate([scores["clean"], scores["generic"]])
+    spread = float(np.concatenate([scores["memorized"], neg]).std()) or 1.0
+    margin = (float(np.quantile(scores["memorized"], 0.1)) - float(neg.max())) / spread
+    return round(objective(sep), 9), round(sep["tpr1_all"], 9), margin
+
+
 def score_all(model: Any, lists: dict[str, list[str]], seeds: list[int], score: str,
               steps: int, params: dict[str, Any]
               ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
@@ -90,23 +103,74 @@ def score_all(model: Any, lists: dict[str, list[str]], seeds: list[int], score: 
     return scores, cost
 
 
+def anisotropy_terms(model: Any, lists: dict[str, list[str]], seeds: list[int]
+                     ) -> dict[Any, dict[str, np.ndarray]]:
+    """N, and A at every low index of LOW_GRID, per list (each a score of its own)."""
+    out: dict[Any, dict[str, np.ndarray]] = {
+        "N": score_all(model, lists, seeds, "anisotropy", 1, {"g1": 1.0, "g2": 0.0})[0]}
+    for li in LOW_GRID:
+        out[li] = score_all(model, lists, seeds, "anisotropy", 1,
+                            {"g1": 0.0, "g2": 1.0, "low_index": li})[0]
+    return out
+
+
+def pick(terms: dict[Any, dict[str, np.ndarray]], rows: dict[str, np.ndarray] | None = None
+         ) -> tuple[tuple[int, float], list[dict[str, Any]]]:
+    """The (low_index, g2) of N + g2 A(low_index) ranking first by `rank_key`, on the prompts
+    `rows` (index arrays per list; default all), and the grid."""
+    sub = {k: {g: v[g] if rows is None else v[g][rows[g]] for g in v} for k, v in terms.items()}
+    best, best_key, grid = (LOW_GRID[0], 0.0), None, []
+    for li in LOW_GRID:
+        for g2 in G2_GRID:
+            sc = {g: sub["N"][g] + g2 * sub[li][g] for g in sub["N"]}
+            key = rank_key(sc)
+            grid.append({"low_index": li, "g2": g2, **separation(sc)})
+            if best_key is None or key > best_key:
+                best, best_key = (li, g2), key
+    return best, grid
+
+
+def cross_validate(tune_terms: dict, eval_terms: dict, reps: int, seed: int = 0
+                   ) -> dict[str, Any]:
+    """Prompt-held-out check of the anisotropy tuning: `reps` random halvings of every list;
+    (low_index, g2) picked on one half's tuning seeds, scored on the other half's evaluation
+    seeds, beside wen's magnitude at x_T (N) on the same half."""
+    rng = np.random.default_rng(seed)
+    got, base, picks = [], [], []
+    for _ in range(reps):
+        perm = {g: rng.permutation(len(v)) for g, v in tune_terms["N"].items()}
+        for half in (0, 1):
+            tr = {g: p[(np.arange(len(p)) % 2) == half] for g, p in perm.items()}
+            te = {g: p[(np.arange(len(p)) % 2) != half] for g, p in perm.items()}
+            (li, g2), _ = pick(tune_terms, tr)
+            picks.append((li, g2))
+            n = {g: v[te[g]] for g, v in eval_terms["N"].items()}
+            got.append(separation({g: n[g] + g2 * eval_terms[li][g][te[g]] for g in n}))
+            base.append(separation(n))
+    mean = lambda rs: {k: float(np.nanmean([r[k] for r in rs])) for k in rs[0]}  # noqa: E731
+    return {"reps": reps, "tuned": mean(got), "wen_1_step": mean(base),
+            "picks": [list(p) for p in picks]}
+
+
 def tune(model: Any, lists: dict[str, list[str]], seeds: list[int]) -> dict[str, Any]:
-    """anisotropy = N + g2 A and wen2 + c update2 are linear in their weight: each term once,
-    then the grid."""
-    n, _ = score_all(model, lists, seeds, "anisotropy", 1, {"g1": 1.0, "g2": 0.0})
-    a, _ = score_all(model, lists, seeds, "anisotropy", 1, {"g1": 0.0, "g2": 1.0})
+    """anisotropy = N + g2 A(low_index) and wen2 + c update2 are linear in their weight: each
+    term once (per low index), then the grid; candidates rank by `rank_key`."""
+    terms = anisotropy_terms(model, lists, seeds)
+    (li, g2), grid = pick(terms)
+    out: dict[str, Any] = {"seeds": seeds, "terms": terms,
+                           "g2": {"grid": grid, "best": g2, "low_index": li}}
     w, _ = score_all(model, lists, seeds, "wen", 2, {})
     u, _ = score_all(model, lists, seeds, "update-norm", 2, {})
-    out: dict[str, Any] = {"seeds": seeds}
-    for key, grid, base, term in (("g2", G2_GRID, n, a), ("c", C_GRID, w, u)):
-        rows = []
-        for v in grid:
-            sep = separation({g: base[g] + v * term[g] for g in base})
-            rows.append({key: v, **sep, "objective": objective(sep)})
-        best = max(rows, key=lambda r: round(r["objective"], 12))
-        out[key] = {"grid": rows, "best": best[key]}
-    out["mean_N"] = {g: float(np.mean(v)) if v.size else None for g, v in n.items()}
-    out["mean_A"] = {g: float(np.mean(v)) if v.size else None for g, v in a.items()}
+    rows, best_key = [], None
+    for v in C_GRID:
+        sc = {g: w[g] + v * u[g] for g in w}
+        key = rank_key(sc)
+        rows.append({"c": v, **separation(sc)})
+        if best_key is None or key > best_key:
+            best_key, out["c"] = key, {"best": v}
+    out["c"]["grid"] = rows
+    out["mean_N"] = {g: float(np.mean(v)) if v.size else None for g, v in terms["N"].items()}
+    out["mean_A"] = {g: float(np.mean(v)) if v.size else None for g, v in terms[-3].items()}
     return out
 
 
@@ -122,11 +186,12 @@ def configs(model: Any, tuning: dict[str, Any]) -> list[tuple[str, str, int, dic
             (f"wen + {tuning['c']['best']:g} update-norm, 2 steps (c tuned)", "wen+update", 2,
              {"c": tuning["c"]["best"]}),
             ("anisotropy (g 1, 2: SD 1.x official)", "anisotropy", 1, {"g1": 1.0, "g2": 2.0}),
-            (f"anisotropy (g 1, {tuning['g2']['best']:g}: tuned here)", "anisotropy", 1,
-             {"g1": 1.0, "g2": tuning["g2"]["best"]})]
+            (f"anisotropy (g 1, {tuning['g2']['best']:g}, low_index "
+             f"{tuning['g2']['low_index']}: tuned here)", "anisotropy", 1,
+             {"g1": 1.0, "g2": tuning["g2"]["best"], "low_index": tuning["g2"]["low_index"]})]
     if own:
-        rows.append((f"anisotropy (g2 {own.get('g2')}: the model's screen_params)",
-                     "anisotropy", 1, {}))
+        rows.append((f"anisotropy ({', '.join(f'{k} {v:g}' for k, v in own.items())}: the "
+                     "model's screen_params)", "anisotropy", 1, {}))
     rows += [("attention-entropy (layer 3, official E)", "attention-entropy", 1,
               {"aggregate": "layer", "layer": 3}),
              ("attention-entropy (all layers, official aggregate)", "attention-entropy", 1,
@@ -161,16 +226,30 @@ def markdown(res: dict[str, Any]) -> str:
             f"{r['auc_generic']:.3f} | {r['tpr1_generic']:.2f} | {r['auc_all']:.3f} | "
             f"{r['tpr1_all']:.2f} |")
     t = res["tuning"]
-    for key, name in (("g2", "anisotropy g2 (g1 = 1)"), ("c", "wen + c update-norm (2 steps)")):
-        lines.append("")
-        lines.append(f"{name}, tuned on seeds {t['seeds'][0]}-{t['seeds'][-1]} (AUC vs clean / "
-                     "vs generic): " + ", ".join(
-                         f"{r[key]:g}: {r['auc_clean']:.3f} / {r['auc_generic']:.3f}"
-                         for r in t[key]["grid"]) + f" -> {t[key]['best']:g}")
-    lines += ["", "mean N: " + ", ".join(f"{g} {v:.4f}" for g, v in t["mean_N"].items()
+    best = [r for r in t["g2"]["grid"] if r["low_index"] == t["g2"]["low_index"]]
+    lines += ["", f"anisotropy (g1 = 1) tuned on seeds {t['seeds'][0]}-{t['seeds'][-1]} over "
+              f"low_index {', '.join(map(str, LOW_GRID))} x g2 (rank: AUC vs clean + vs "
+              f"generic, then TPR@1% vs both, then the margin) -> low_index "
+              f"{t['g2']['low_index']}, g2 {t['g2']['best']:g}; at that low_index (AUC vs clean"
+              " / vs generic): " + ", ".join(
+                  f"{r['g2']:g}: {r['auc_clean']:.3f} / {r['auc_generic']:.3f}" for r in best),
+              "", "wen + c update-norm (2 steps), same seeds (AUC vs clean / vs generic): "
+              + ", ".join(f"{r['c']:g}: {r['auc_clean']:.3f} / {r['auc_generic']:.3f}"
+                          for r in t["c"]["grid"]) + f" -> c {t['c']['best']:g}",
+              "", "mean N: " + ", ".join(f"{g} {v:.4f}" for g, v in t["mean_N"].items()
                                          if v is not None),
-              "mean A: " + ", ".join(f"{g} {v:+.3f}" for g, v in t["mean_A"].items()
-                                     if v is not None)]
+              "mean A (low_index -3): " + ", ".join(f"{g} {v:+.3f}" for g, v in
+                                                    t["mean_A"].items() if v is not None)]
+    cv = res.get("cross_validation")
+    if cv:
+        f = "AUC / TPR@1% vs clean {auc_clean:.3f} / {tpr1_clean:.2f}, vs generic " \
+            "{auc_generic:.3f} / {tpr1_generic:.2f}, vs both {auc_all:.3f} / {tpr1_all:.2f}"
+        lines += ["", f"Prompt-held-out check ({cv['reps']} random halvings of every list; "
+                  "(low_index, g2) picked on one half's tuning seeds, scored on the other "
+                  f"half's evaluation seeds 0-{res['settings']['eval_seeds'] - 1}), means: "
+                  "tuned anisotropy " + f.format(**cv["tuned"]) + "; wen, 1 step, same halves "
+                  + f.format(**cv["wen_1_step"]) + ". Picked low_index: " + ", ".join(
+                      str(p[0]) for p in cv["picks"])]
     return "\n".join(lines) + "\n"
 
 
@@ -183,6 +262,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--label-seeds", type=int, default=4, help="Seeds of the labelling.")
     ap.add_argument("--seeds", default="4,2,1", help="Evaluation seed counts (seeds 0..n-1).")
     ap.add_argument("--tune-seeds", type=int, default=4)
+    ap.add_argument("--cv-reps", type=int, default=10,
+                    help="Prompt-held-out halvings checking the anisotropy tuning (0: none).")
     args = ap.parse_args(argv)
 
     from memaudit.canary.evaluate import prepare
@@ -197,6 +278,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         records = read_labels(args.labels)
     lists = split(records)
     tuning = tune(model, lists, list(range(1000, 1000 + args.tune_seeds)))
+    n_eval = max(int(v) for v in args.seeds.split(","))
+    cv = cross_validate(tuning.pop("terms"), anisotropy_terms(model, lists, list(range(n_eval))),
+                        args.cv_reps) if args.cv_reps > 0 else None
     rows = []
     for n in [int(v) for v in args.seeds.split(",")]:
         wen_s = None
@@ -220,8 +304,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     res = {"settings": {"model": args.model, "labels": str(args.labels),
                         "label_summary": summary(records),
                         "counts": ", ".join(f"{len(v)} {k}" for k, v in lists.items()),
-                        "tune_seeds": args.tune_seeds},
-           "tuning": tuning, "rows": rows, "total_seconds": time.perf_counter() - t_all}
+                        "tune_seeds": args.tune_seeds, "eval_seeds": n_eval},
+           "tuning": tuning, "cross_validation": cv, "rows": rows,
+           "total_seconds": time.perf_counter() - t_all}
     write_result(args.work, "screen_bench", res, markdown(res))
     return res
 
