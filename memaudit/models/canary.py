@@ -19,9 +19,10 @@ from memaudit.models.prediction import EpsPrediction
 
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "canary" / "weights"
 
-#: Screening parameters chosen on the shipped canary (`python -m memaudit.screen.bench`,
-#: docs/mitigations.md "Screening scores"); a canary.json `screen_params` entry overrides.
-CANARY_SCREEN_PARAMS = {"anisotropy": {"g2": 0.1}}
+#: Screening parameters chosen on the shipped canary (`python -m memaudit.screen.bench`: t_low
+#: and g2 tuned on seeds 1000-1003 of its labelled prompts; docs/mitigations.md "Screening
+#: scores"); a canary.json `screen_params` entry overrides.
+CANARY_SCREEN_PARAMS = {"anisotropy": {"g2": 0.5, "low_index": -10}}
 
 
 class CanaryDenoiser(Denoiser):

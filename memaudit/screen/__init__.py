@@ -33,8 +33,12 @@ REGISTRY: dict[str, type[ScreenScore]] = {
     "update-norm": UpdateNorm,
 }
 
-#: The score `memaudit screen`, a plan's [screen], `gate --screen` and `auto` use by default.
-DEFAULT_SCORE = "wen"
+#: The score `memaudit screen`, a plan's [screen], `gate --screen` and `auto` use by default:
+#: anisotropy, the best on the canary's labelled split at one batched pass per seed with its
+#: tuned weights, and published as better than Wen's magnitude on SD 1.4 / 2 with the official
+#: ones (docs/mitigations.md "Screening scores"); families without tuned weights fall back to
+#: SD 1.x's and say so.
+DEFAULT_SCORE = "anisotropy"
 
 
 def make_score(name: str | None = None, **params: Any) -> ScreenScore:

@@ -103,8 +103,12 @@ class Anisotropy(ScreenScore):
         self.bind(model)
 
     def notes(self) -> list[str]:
+        if not self.source:
+            return []
+        low = "" if self.params.low_index == -3 else \
+            f"; t_low = timesteps[{self.params.low_index}] (official: [-3])"
         return [f"anisotropy weights (g1, g2) = ({self.params.g1:g}, {self.params.g2:g}): "
-                f"{self.source}; cosine on {self.cosine_on}"] if self.source else []
+                f"{self.source}; cosine on {self.cosine_on}{low}"]
 
     def forwards(self, steps: int) -> int:
         return 1

@@ -179,7 +179,8 @@ def configs(model: Any, tuning: dict[str, Any]) -> list[tuple[str, str, int, dic
     from memaudit.screen import DEFAULT_SCORE
 
     own = (getattr(model, "screen_params", None) or {}).get("anisotropy", {})
-    rows = [(f"wen, 1 step{' (default)' if DEFAULT_SCORE == 'wen' else ''}", "wen", 1, {}),
+    mark = " (default)"
+    rows = [(f"wen, 1 step{mark if DEFAULT_SCORE == 'wen' else ''}", "wen", 1, {}),
             ("wen, 2 steps", "wen", 2, {}), ("wen, 3 steps", "wen", 3, {}),
             ("update-norm, 1 step", "update-norm", 1, {}),
             ("update-norm, 2 steps", "update-norm", 2, {}),
@@ -191,7 +192,8 @@ def configs(model: Any, tuning: dict[str, Any]) -> list[tuple[str, str, int, dic
              {"g1": 1.0, "g2": tuning["g2"]["best"], "low_index": tuning["g2"]["low_index"]})]
     if own:
         rows.append((f"anisotropy ({', '.join(f'{k} {v:g}' for k, v in own.items())}: the "
-                     "model's screen_params)", "anisotropy", 1, {}))
+                     f"model's screen_params){mark if DEFAULT_SCORE == 'anisotropy' else ''}",
+                     "anisotropy", 1, {}))
     rows += [("attention-entropy (layer 3, official E)", "attention-entropy", 1,
               {"aggregate": "layer", "layer": 3}),
              ("attention-entropy (all layers, official aggregate)", "attention-entropy", 1,
