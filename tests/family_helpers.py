@@ -29,8 +29,10 @@ def load_family(family_dir, name: str, **kw):
 
 def method_params(spec: str) -> dict:
     """Run parameters a method needs to run at all here: `auto` a screening threshold (0:
-    every prompt flagged, so its mitigation runs)."""
-    return {"auto": {"threshold": 0.0}} if spec == "auto" else {}
+    every prompt flagged, so its mitigation runs); `reanchor` a trigger (tiny models have
+    neither the official SD-latent scale nor generic prompts to calibrate on)."""
+    return {"auto": {"threshold": 0.0}} if spec == "auto" else \
+        {"reanchor": {"trigger": 0.0}} if spec == "reanchor" else {}
 
 
 def prompts_for(name: str) -> list[str]:

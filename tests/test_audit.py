@@ -147,6 +147,28 @@ def test_plan_parsing(tmp_path):
         load_plan(bad)
 
 
+def test_screening_records_its_score_parameters_and_their_source(tmp_path):
+    """METHODS 2.1: a family that falls back to SD 1.x's anisotropy weights says so, in the
+    database (screens.score_name, screens.params_json) and the report."""
+    from memaudit.report import build_context, render_html
+
+    plan = write_plan(tmp_path)
+    plan.write_text(plan.read_text().replace("[screen]\n", '[screen]\nscore = "anisotropy"\n'))
+    comp = fake_components()
+    model = comp.load_model("fake", "cpu")
+    model.family = "sdxl"
+    res = run_audit(load_plan(plan), components=comp, device="cpu")
+    note = ("anisotropy weights (g1, g2) = (1, 2): fallback: SD 1.x's official weights, not "
+            "tuned for sdxl models; cosine on eps")
+    with AuditStore(res.db_path, read_only=True) as s:
+        rows = s.query("SELECT score_name, params_json FROM screens")
+    assert len(rows) == 5 and {r["score_name"] for r in rows} == {"anisotropy"}
+    rec = json.loads(rows[0]["params_json"])
+    assert rec == {"params": {"g1": 1.0, "g2": 2.0, "low_index": -3}, "notes": [note]}
+    html = render_html(build_context(res.db_path))
+    assert "Score <code>anisotropy</code>" in html and note.replace("'", "&#39;") in html
+
+
 def test_full_run_rows(tmp_path):
     res = run_plan(write_plan(tmp_path))
     # 5 prompts x 3 seeds = 15 pairs -> 4 batches of 4, x 2 methods, + 1 screen unit
@@ -155,6 +177,9 @@ def test_full_run_rows(tmp_path):
         assert s.count("prompts") == 5 and s.count("generations") == 30
         assert s.count("matches") == 30 and s.count("steps") == 90
         assert s.count("screens") == 5 and s.count("units") == 9
+        assert {(r["score_name"], r["params_json"]) for r in s.query(
+            "SELECT score_name, params_json FROM screens")} == {
+            ("wen", json.dumps({"params": {}, "notes": []}))}
         run = s.run()
         assert run["status"] == "finished" and run["model_hash"] == "modelhash"
         assert run["index_hash"] == "idxhash" and json.loads(run["seeds_json"]) == [0, 1, 2]

@@ -106,6 +106,54 @@ def test_init_noise_in_the_sampler_starts_from_the_adjusted_noise_and_defers_cfg
         make_guidance("init-noise", mode="nope")
 
 
+@pytest.fixture(scope="module")
+def sd512(pipe_dir):
+    """The tiny SD pipeline sampling 4x64x64 latents: the scale of SD 1.4 at 512 pixels, where
+    the official magnitude constants were set."""
+    from memaudit.models import load_model
+
+    return load_model(pipe_dir, device="cpu", resolution=128)
+
+
+def test_init_noise_uses_the_official_constants_on_sd_latents(sd512):
+    """Official: target 0.9 absolute, at most 1,000 iterations, rho 50 (hygnhan/
+    init_noise_diffusion_memorization); elsewhere memaudit's defaults, stated."""
+    assert sd512.latent_shape == (4, 64, 64)
+    k = make_guidance("init-noise").constants(sd512)
+    assert (k["target"], k["max_iters"], k["rho"]) == (0.9, 1000, 50.0)
+    other = make_guidance("init-noise").constants(XFake())
+    assert (other["target"], other["fraction"], other["max_iters"]) == (None, 0.5, 100)
+    assert other["rho"] == pytest.approx(50 / 128 * math.sqrt(C * H * W))
+    assert make_guidance("init-noise", target=2.0, rho=7.0).constants(sd512)["target"] == 2.0
+    # batch-wise with the defaults = a transcription of the official adj_init_noise_batch_wise
+    # (rho 50, gamma 0.7, adj_iters 2) on the model's own UNet
+    sched = sd512.scheduler(None, 50)
+    t0 = sched.timesteps[0]
+    prompts = ["a red car", "a photo of the cat"]
+    x = initial_noise(sd512, [0, 1])
+    c, u = sd512.encode_prompts(prompts), sd512.null_embedding(2)
+    g = build_guidance("init-noise:batch-wise")
+    got = g.prepare_noise(x, c, u, [0, 1], sd512, t0)
+    emb = torch.cat([u.emb, c.emb])
+    lat = x.clone()
+    with torch.no_grad():
+        for _ in range(2):
+            pred = sd512.unet(torch.cat([lat] * 2), t0, encoder_hidden_states=emb).sample
+            pu, pc = pred.chunk(2)
+            eps_tilde = pc - pu
+            mag = torch.sqrt(torch.sum(eps_tilde ** 2, dim=(1, 2, 3), keepdim=True))
+            shifted = lat + 50 * (eps_tilde / mag)
+            pred = sd512.unet(torch.cat([shifted] * 2), t0, encoder_hidden_states=emb).sample
+            pu, pc = pred.chunk(2)
+            lat = lat - 0.7 * ((pc - pu) - eps_tilde)
+    assert torch.allclose(got, lat, atol=1e-5)
+    # per-sample: the absolute target 0.9; a sample already under it is left as it is
+    g = make_guidance("init-noise")
+    out = g.prepare_noise(x[:1], sd512.encode_prompts([""]), u[:1], [0], sd512, t0)
+    assert g.last["init_target"].tolist() == [pytest.approx(0.9)]
+    assert g.last["init_iters"].tolist() == [0] and torch.equal(out, x[:1])
+
+
 def test_sampler_refuses_a_prepare_noise_of_another_shape():
     class Bad(type(make_guidance("cfg"))):
         name = "bad"
@@ -176,9 +224,9 @@ def test_reanchor_leaves_untriggered_samples_on_cfg_and_scales_thresholds_with_t
 
 def test_reanchor_through_the_sampler_triggers_on_wen_and_evaluates_the_original_prompt():
     model = XFake()
-    g = build_guidance("reanchor", {"reanchor": {"target": 0.0, "low": 0.1, "high": 0.2}})
+    g = build_guidance("reanchor", {"reanchor": {"trigger": 0.0, "low": 0.1, "high": 0.2}})
     out = sample(model, ["a canary", "the sky"], [0, 1], g, steps=4, guidance_scale=3.0)
-    assert g.triggered.all()  # loss0 > target 0: every sample was adjusted
+    assert g.triggered.all()  # loss0 > trigger 0: every sample was adjusted
     # 2 rows + the original prompt's row per step, plus Wen's 2 + iterations at x_T
     assert out.unet_rows == pytest.approx(3 * 4 + (1 + 1 + 10), abs=1e-9)
     assert {"reanchor_m", "reanchor_s", "reanchor_on", "wen_loss0"} <= set(out.trace[0])
@@ -187,3 +235,50 @@ def test_reanchor_through_the_sampler_triggers_on_wen_and_evaluates_the_original
     g2.original = emb
     g2.triggered = torch.tensor([False])
     assert g2.extra_conditions(None) == {}  # nothing triggered: no extra rows
+
+
+def test_reanchor_does_not_trigger_on_a_low_magnitude_sample():
+    """Never a self-relative trigger (METHODS 3.5): on the canary tau is calibrated on its own
+    generic prompts, so a generic prompt's sample (m0 under tau) is not re-anchored and gets
+    plain CFG, where half of its own m0 used to trigger every sample."""
+    from memaudit.models import load_model
+
+    canary = load_model("canary", device="cpu")
+    g = make_guidance("reanchor")
+    out = sample(canary, ["a handwritten digit 3"], [0], g, steps=3)
+    cfg = sample(canary, ["a handwritten digit 3"], [0], make_guidance("cfg"), steps=3)
+    assert not g.triggered.any() and g.tau[0] == pytest.approx(g.trigger)
+    assert float(g.last["wen_loss0"][0]) <= g.trigger
+    assert torch.equal(out.images, cfg.images)
+    assert [r["reanchor_on"] for r in out.trace] == [[0.0]] * 3
+    rec = g.generation_record("a handwritten digit 3", 0)["reanchor"]
+    assert rec["source"] == ("calibrated on the canary model's generic prompts (seeds 0-3, "
+                             "FPR 0.01)")
+    assert (rec["low"], rec["high"]) == pytest.approx((3 * g.trigger, 5 * g.trigger))
+    # the threshold is the largest generic (prompt, seed) magnitude at FPR 0.01 (84 rows),
+    # at this run's first timestep
+    t0 = canary.scheduler(None, 3).timesteps[0]
+    assert g.trigger == pytest.approx(max(
+        float(torch.linalg.vector_norm(diff(canary, initial_noise(canary, [s]), t0, p)))
+        for p in canary.generic_prompts for s in range(4)), rel=1e-5)
+
+
+def test_reanchor_trigger_is_official_on_sd_latents_given_or_calibrated_elsewhere(sd512,
+                                                                                  tmp_path):
+    t0 = torch.tensor(500)
+    g = make_guidance("reanchor")
+    assert g.resolve_trigger(sd512, t0) == 1.0 and g.trigger_source.startswith("official")
+    assert make_guidance("reanchor", trigger=2.5).resolve_trigger(XFake(), t0) == 2.5
+    with pytest.raises(UserError, match="reanchor needs a trigger threshold for .* give "
+                                        "reanchor.trigger=X or reanchor.calibrate="):
+        make_guidance("reanchor").resolve_trigger(XFake(), t0)
+    with pytest.raises(UserError, match="trigger is absolute"):
+        make_guidance("reanchor", fraction=0.5)
+    clean = tmp_path / "clean.txt"
+    clean.write_text("the sky\na branch\n")
+    g = make_guidance("reanchor", calibrate=str(clean), calibrate_seeds=2, fpr=0.0)
+    model = XFake()
+    want = max(float(torch.linalg.vector_norm(diff(model, initial_noise(model, [s]), t0, p)))
+               for p in ("the sky", "a branch") for s in (0, 1))
+    assert g.resolve_trigger(model, t0) == pytest.approx(want, rel=1e-5)
+    assert g.trigger_source == f"calibrated on {clean} (seeds 0-1, FPR 0)"

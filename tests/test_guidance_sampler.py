@@ -23,7 +23,7 @@ def crit():
 
 
 #: Parameters a method cannot run without (auto needs a screening threshold).
-REQUIRED = {"auto": {"threshold": 0.0}}
+REQUIRED = {"auto": {"threshold": 0.0}, "reanchor": {"trigger": 0.0}}  # no official scale
 
 
 @pytest.mark.parametrize("name", sorted(REGISTRY))
@@ -60,7 +60,7 @@ def test_every_method_runs_through_the_sampler(name):
 @pytest.mark.parametrize("spec", ["dynamic", "opposite-dynamic", "amg", "rna", "gni", "wen",
                                   "init-noise", "init-noise:batch-wise", "reanchor", "auto"])
 def test_per_sample_rules_do_not_depend_on_batching(spec):
-    params = {"auto": {"threshold": 0.0, "mitigation": "reanchor"}}
+    params = {"auto": {"threshold": 0.0, "mitigation": "reanchor"}, "reanchor": {"trigger": 0.0}}
     g = build_guidance(spec, params)
     c = crit() if g.needs_criterion else None
     whole = sample(Fake(), PROMPTS, SEEDS, g, steps=8, guidance_scale=2.0, criterion=c)

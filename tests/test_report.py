@@ -17,6 +17,7 @@ from report_outline import SECTIONS, Outline
 
 from memaudit.report import dump_dom, find_chromium, render_pdf, screenshot, unfold, write_report
 from memaudit.report.plots import distribution_svg, histogram_counts
+from memaudit.store import SCHEMA_VERSION
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +72,7 @@ def test_report_content(report):
     # plots, screening, provenance
     assert html.count("<svg") == 1 and "nl2 score per method (lower = more similar)" in html
     assert "Pre-generation screening" in html
-    assert "content hash" in html and "schema version 2" in html
+    assert "content hash" in html and f"schema version {SCHEMA_VERSION}" in html
 
 
 def test_report_reads_from_the_top(audit_db, report):

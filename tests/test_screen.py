@@ -42,7 +42,7 @@ def hand_scores(model, prompts, steps, seeds, s0):
 def test_screen_one_step_matches_hand_computation_and_counts_rows():
     model = SchedFake()
     prompts = ["a canary", "a branch", "the sky"]
-    got = screen_prompts(model, prompts, steps=1, seeds=4, batch_size=5)
+    got = screen_prompts(model, prompts, steps=1, seeds=4, batch_size=5, score="wen")
     assert model.unet_rows == 2 * 3 * 4  # one batched call of 2 rows per (prompt, seed)
     np.testing.assert_allclose(got, hand_scores(model, prompts, 1, range(4), 2.0), rtol=1e-5)
     assert np.all(np.diff(got) != 0)
@@ -51,10 +51,11 @@ def test_screen_one_step_matches_hand_computation_and_counts_rows():
 def test_screen_follows_cfg_trajectory_for_more_steps():
     model = SchedFake()
     prompts = ["a canary", "a branch"]
-    got = screen_prompts(model, prompts, steps=3, seeds=[7, 9], guidance_scale=3.0)
+    got = screen_prompts(model, prompts, steps=3, seeds=[7, 9], guidance_scale=3.0,
+                         score="wen")
     np.testing.assert_allclose(got, hand_scores(model, prompts, 3, [7, 9], 3.0), rtol=1e-5)
     with pytest.raises(UserError):
-        screen_prompts(model, prompts, steps=11)
+        screen_prompts(model, prompts, steps=11, score="wen")
 
 
 def test_calibrate_threshold_auc_tpr_hand_examples():
@@ -120,7 +121,7 @@ def test_screen_equals_the_samplers_cfg_trajectory():
     sample(model, ["a canary", "a canary"], [3, 5], make_guidance("cfg"), steps=10,
            callback=lambda j, st, eps: norms.append((st.e_c - st.e_u).flatten(1).norm(dim=1)))
     expect = torch.stack(norms[:4]).mean().item()
-    got = screen_prompts(SchedFake(), ["a canary"], steps=4, seeds=[3, 5])
+    got = screen_prompts(SchedFake(), ["a canary"], steps=4, seeds=[3, 5], score="wen")
     assert got[0] == pytest.approx(expect, rel=1e-5)
 
 

@@ -105,8 +105,8 @@ def test_anisotropy_terms_are_the_norm_and_the_per_pixel_channel_cosine():
 
 
 def hand_entropies(model, prompt, seed):
-    """Per cross-attention layer: attention averaged over heads and queries, its entropy,
-    computed from each layer's inputs (caught by forward pre-hooks) and its own weights."""
+    """Per cross-attention layer: (the entropy of, and) the attention averaged over heads and
+    queries, computed from each layer's inputs (caught by forward pre-hooks) and its own weights."""
     seen = []
     layers = cross_attention_layers(model.unet)
     hooks = [m.register_forward_pre_hook(
@@ -128,7 +128,7 @@ def hand_entropies(model, prompt, seed):
         q = q.view(1, -1, heads, d).transpose(1, 2)
         k = k.view(1, -1, heads, d).transpose(1, 2)
         p = torch.softmax(q @ k.transpose(-1, -2) / d ** 0.5, dim=-1).mean((1, 2))[0].double()
-        out.append(float(-(p * p.log()).sum()))
+        out.append((float(-(p * p.log()).sum()), p.numpy()))
     return out
 
 
@@ -137,15 +137,46 @@ def test_attention_entropy_matches_hand_computation_on_the_tiny_sd_unet(model):
     assert len(layers) >= 2
     prompts = ["a photo of the cat", "a red car"]
     every = screen_prompts(model, prompts, seeds=2, score="attention-entropy",
-                           params={"layer": -1})
+                           params={"aggregate": "mean"})
     first = screen_prompts(model, prompts, seeds=2, score="attention-entropy",
                            params={"layer": 1})
+    pooled = screen_prompts(model, prompts, seeds=2, score="attention-entropy",
+                            params={"aggregate": "all"})
     for i, p in enumerate(prompts):
         hand = [hand_entropies(model, p, s) for s in (0, 1)]
         assert len(hand[0]) == len(layers)
-        assert every[i] == pytest.approx(np.mean(hand), rel=1e-5)
-        assert first[i] == pytest.approx(np.mean([h[1] for h in hand]), rel=1e-5)
+        assert every[i] == pytest.approx(np.mean([h for h, _ in sum(hand, [])]), rel=1e-5)
+        assert first[i] == pytest.approx(np.mean([h[1][0] for h in hand]), rel=1e-5)
+        pool = [np.mean([q for _, q in h], axis=0) for h in hand]  # layer-averaged attention
+        assert pooled[i] == pytest.approx(np.mean([-(q * np.log(q)).sum() for q in pool]),
+                                          rel=1e-5)
     assert 0 < every.min() and every.max() <= np.log(model.tokenizer.model_max_length) + 1e-9
+
+
+def test_attention_entropy_aggregates_on_exact_small_tensors():
+    """Two layers, B = 1, 2 heads, 1 query, 2 tokens: per-layer head means p_0 = (0.5, 0.5),
+    p_1 = (0.9, 0.1); official layer mode = H(p_l); official all-layer aggregate = H of the
+    layer mean (0.7, 0.3); memaudit's own 'mean' = (H(p_0) + H(p_1)) / 2."""
+    from memaudit.screen.attention_entropy import aggregate_entropy
+
+    l0 = torch.tensor([[[[0.2, 0.8]], [[0.8, 0.2]]]])  # [1, heads 2, L_q 1, L_k 2]
+    l1 = torch.tensor([[[[1.0, 0.0]], [[0.8, 0.2]]]])
+    h = lambda *p: -sum(v * np.log(v) for v in p if v > 0)  # noqa: E731
+    assert float(aggregate_entropy([l0, l1], "layer", 0)[0]) == pytest.approx(np.log(2))
+    assert float(aggregate_entropy([l0, l1], "layer", 1)[0]) == pytest.approx(h(0.9, 0.1))
+    assert float(aggregate_entropy([l0, l1], "all", 0)[0]) == pytest.approx(h(0.7, 0.3))
+    assert float(aggregate_entropy([l0, l1], "mean", 0)[0]) == pytest.approx(
+        (np.log(2) + h(0.9, 0.1)) / 2)
+    # higher entropy scores as memorized: the score is the entropy itself, not its negative
+    assert make_score("attention-entropy", aggregate="mean").notes()[0].startswith(
+        "attention-entropy aggregate 'mean' (mean of per-layer entropies) is memaudit's own")
+    assert make_score("attention-entropy").notes() == []
+    with pytest.raises(UserError, match="aggregate must be one of layer, all, mean"):
+        make_score("attention-entropy", aggregate="max")
+    from memaudit.cli.screen import parse_score_params
+
+    assert parse_score_params("attention-entropy", ["aggregate=all", "layer=2"]) == {
+        "aggregate": "all", "layer": 2}
 
 
 def test_capturing_attention_leaves_the_forward_unchanged_and_restores_processors(model):
@@ -171,9 +202,10 @@ def test_attention_entropy_refuses_models_without_cross_attention_and_bad_layers
 
 
 def test_registry_costs_and_errors():
-    assert set(REGISTRY) == {"wen", "anisotropy", "attention-entropy"}
+    assert set(REGISTRY) == {"wen", "anisotropy", "attention-entropy", "update-norm"}
     assert DEFAULT_SCORE in REGISTRY
-    for name, fwd, rows in (("wen", 1, 2), ("anisotropy", 1, 4), ("attention-entropy", 1, 1)):
+    for name, fwd, rows in (("wen", 1, 2), ("anisotropy", 1, 4), ("attention-entropy", 1, 1),
+                            ("update-norm", 1, 2)):
         sc = make_score(name)
         assert (sc.forwards(1), sc.rows(1)) == (fwd, rows)
     assert make_score("wen").forwards(5) == 5
@@ -216,6 +248,8 @@ def test_screen_cli_takes_a_score_and_its_parameters(tmp_path, monkeypatch, caps
           "--param", "g2=0.5", "--seeds", "2", "--out", str(out)])
     text = capsys.readouterr().out
     assert "score anisotropy (g1=1, g2=0.5, low_index=-3), 2 seeds" in text
+    assert ("anisotropy weights (g1, g2) = (1, 0.5): g2 given; the other from: fallback: SD "
+            "1.x's official weights, not tuned for unknown models; cosine on eps") in text
     t = pq.read_table(out).to_pylist()
     assert [r["score_name"] for r in t] == ["anisotropy", "anisotropy"]
     expect = [hand_anisotropy(TFake(), q, range(2), 1.0, 0.5, -3) for q in ("a canary",
@@ -231,7 +265,7 @@ def test_screen_cli_takes_a_score_and_its_parameters(tmp_path, monkeypatch, caps
 def test_models_carry_their_calibrated_screening_parameters(model):
     from memaudit.models.canary import CANARY_SCREEN_PARAMS
 
-    assert model.screen_params == {"anisotropy": {"g2": 2.0}}  # CLIP width <= 768: SD 1.x
+    assert model.screen_params == {}  # SD 1.x: the family weights (screen/anisotropy.py)
     assert CANARY_SCREEN_PARAMS["anisotropy"]["g2"] > 0
     assert FakeDenoiser().screen_params == {}
 
@@ -265,3 +299,106 @@ def test_gate_screen_uses_the_named_score(tmp_path, monkeypatch):
     check = res.checks[0]
     assert check.value == pytest.approx(expect.max()) and not check.passed
     assert "score anisotropy" in check.detail
+
+
+def official_anisotropy_v(model, prompt, seed, g1, g2):
+    """A transcription of the official SD 2 (v-prediction) detection branch
+    (rohanasthana/memorization-anisotropy, local_model/pipe.py, exp_type 'det', mode 'x,c|x',
+    normalization None): N on the 'score' (beta v - x) / beta_prod^2, the cosine on raw v."""
+    sched = model.make_scheduler()
+    sched.set_timesteps(model.default_steps)
+    timesteps = sched.timesteps
+    latents = initial_noise(model, [seed])
+    emb = torch.cat([model.null_embedding(1).emb, model.encode_prompts([prompt]).emb])
+    t, t_cos = timesteps[0], timesteps[-3]
+    inp = sched.scale_model_input(torch.cat([latents] * 2), t)
+    inp_cos = sched.scale_model_input(inp, t_cos)
+    with torch.no_grad():
+        pred = model.unet(inp, t, encoder_hidden_states=emb).sample
+        pred_cos = model.unet(inp_cos, t_cos, encoder_hidden_states=emb).sample
+    beta_prod = torch.sqrt(1 - sched.alphas_cumprod[t])
+    beta = torch.sqrt(sched.alphas_cumprod[t])
+    score_uc, score_c = ((beta * pred - inp) / (beta_prod ** 2)).chunk(2)
+    hvp = torch.norm((score_c - score_uc).view(1, -1), dim=1)
+    uc, c = pred_cos.chunk(2)
+    cos = F.cosine_similarity(uc, c - uc, dim=1)
+    return float(hvp[0]), float(cos[0].mean()), float(sched.alphas_cumprod[t])
+
+
+def test_anisotropy_on_v_prediction_takes_the_cosine_on_raw_v_as_the_official_code(tmp_path):
+    from sd_tiny import build_tiny_pipeline
+
+    from memaudit.models import load_model
+    from memaudit.screen.base import ScoreInput
+
+    v = load_model(build_tiny_pipeline(tmp_path / "v-sd", prediction_type="v_prediction"),
+                   device="cpu")
+    prompts = ["a photo of the cat", "a red car"]
+    for seed in (0, 1):
+        sched = v.scheduler(None, v.default_steps)
+        x = initial_noise(v, [seed, seed])
+        inp = ScoreInput(v, x, v.encode_prompts(prompts), v.null_embedding(2), sched, 1, 7.5)
+        n, a = make_score("anisotropy").terms(inp)
+        for i, p in enumerate(prompts):
+            n_off, a_off, abar_T = official_anisotropy_v(v, p, seed, 1.0, 0.1)
+            assert float(a[i]) == pytest.approx(a_off, rel=1e-4, abs=1e-6)
+            # N stays an eps magnitude (METHODS 0): the official 'score' norm x (1 - abar_T)
+            assert float(n[i]) == pytest.approx(n_off * (1 - abar_T), rel=1e-4)
+    sc = score_for(v, "anisotropy")  # the official SD 2 weights for a v-prediction SD
+    assert (sc.params.g1, sc.params.g2) == (1.0, 0.1)
+    assert "official SD 2.x" in sc.notes()[0] and "cosine on v" in sc.notes()[0]
+    got = screen_prompts(v, prompts[:1], seeds=1, score="anisotropy")
+    n_off, a_off, abar_T = official_anisotropy_v(v, prompts[0], 0, 1.0, 0.1)
+    assert got[0] == pytest.approx(n_off * (1 - abar_T) + 0.1 * a_off, rel=1e-4)
+
+
+def test_anisotropy_weights_per_family_are_stated(model):
+    from memaudit.screen.anisotropy import family_weights
+
+    sd = score_for(model, "anisotropy")
+    assert (sd.params.g1, sd.params.g2) == (1.0, 2.0)
+    assert sd.notes() == ["anisotropy weights (g1, g2) = (1, 2): official SD 1.x weights "
+                          "(detect_eval.py sd_ver 1); cosine on eps"]
+    for family in ("sdxl", "sd3", "flux"):
+        fake = TFake()
+        fake.family = family
+        g1, g2, why = family_weights(fake)
+        assert (g1, g2) == (1.0, 2.0)
+        assert why == f"fallback: SD 1.x's official weights, not tuned for {family} models"
+        assert "fallback" in score_for(fake, "anisotropy").notes()[0]
+    given = score_for(TFake(), "anisotropy", {"g1": 1.0, "g2": 0.3})
+    assert given.notes()[0].startswith("anisotropy weights (g1, g2) = (1, 0.3): given")
+    rec = given.record()
+    assert rec["score"] == "anisotropy" and rec["params"]["g2"] == 0.3
+    assert rec["notes"] == given.notes()
+    assert make_score("wen").notes() == []
+
+
+def test_update_norm_is_the_mean_size_of_the_first_cfg_updates():
+    """Broken Memories' latent update norms on the first steps: ||x_{j+1} - x_j|| along the
+    CFG trajectory (DDIM here), by hand, and no pass beyond Wen's."""
+    model = TFake()
+    got = screen_prompts(model, ["a canary", "the sky"], steps=3, seeds=2, batch_size=4,
+                         score="update-norm")
+    assert model.forward_calls == 3 and model.unet_rows == 2 * 3 * 2 * 2
+    for i, p in enumerate(["a canary", "the sky"]):
+        vals = []
+        for s in (0, 1):
+            sched = model.make_scheduler()
+            sched.set_timesteps(model.default_steps)
+            x = initial_noise(model, [s])
+            c, u = model.encode_prompts([p]), model.encode_prompts([""])
+            norms = []
+            for t in sched.timesteps[:3]:
+                tt = t.expand(1)
+                e_u, e_c = model._eps(x, tt, u), model._eps(x, tt, c)
+                eps = e_u + 3.0 * (e_c - e_u)
+                abar = sched.alphas_cumprod[t]
+                prev = t - 1000 // model.default_steps
+                abar_p = sched.alphas_cumprod[prev] if prev >= 0 else sched.final_alpha_cumprod
+                x0 = ((x - (1 - abar).sqrt() * eps) / abar.sqrt()).clamp(-1, 1)  # clip_sample
+                nxt = abar_p.sqrt() * x0 + (1 - abar_p).sqrt() * eps
+                norms.append(float(torch.linalg.vector_norm(nxt - x)))
+                x = nxt
+            vals.append(np.mean(norms))
+        assert got[i] == pytest.approx(np.mean(vals), rel=1e-4)

@@ -26,7 +26,7 @@ The plan (TOML; relative paths are relative to the plan file)::
     file = "triggers_64x.txt"
     label = "trigger"                 # optional; overrides labels read from the file
     [screen]                          # optional: pre-generation screening (METHODS 2)
-    score = "wen"                     # wen | anisotropy | attention-entropy (+ params = {...})
+    score = "wen"                     # a registered score (memaudit.screen), + params
     steps = 1
     seeds = 4
     threshold = 12.0                  # or calibrate from the prompts labelled clean_label:

@@ -214,11 +214,15 @@ def commit_generation(store: AuditStore, run_id: int, item: GenerationItem,
 
 def _compute_screen(ctx: UnitContext, item: ScreenItem) -> dict[str, Any]:
     """Wen et al. screening of every prompt (METHODS 2); threshold fixed or calibrated."""
+    from memaudit.screen import score_for
+
     spec, comp = item.spec, ctx.comp
     scores = np.asarray(comp.screen_prompts(ctx.model, item.texts, steps=spec.steps,
                                             seeds=spec.seeds, score=spec.score or None,
                                             params=spec.params or None),
                         dtype=float).reshape(-1)
+    # what the score was, with where its model-dependent parameters came from (the database)
+    record = score_for(ctx.model, spec.score or None, spec.params or None).record()
     threshold = spec.threshold
     if threshold is None and spec.clean_label:
         clean = np.array([s for t, s in zip(item.texts, scores, strict=True)
@@ -226,16 +230,18 @@ def _compute_screen(ctx: UnitContext, item: ScreenItem) -> dict[str, Any]:
         if clean.size == 0:
             raise UserError(f"plan: [screen] clean_label {spec.clean_label!r} matches no prompt")
         threshold = float(comp.calibrate_threshold(clean, spec.fpr))
-    return {"scores": scores, "threshold": threshold}
+    return {"scores": scores, "threshold": threshold, "record": record}
 
 
 def commit_screen(store: AuditStore, run_id: int, item: ScreenItem, r: dict[str, Any],
                    prompt_ids: dict[str, int]) -> None:
-    spec, threshold = item.spec, r["threshold"]
+    spec, threshold, rec = item.spec, r["threshold"], r.get("record") or {}
     for t, s in zip(item.texts, r["scores"], strict=True):
         store.add_screen(run_id=run_id, prompt_id=prompt_ids[t], score=float(s),
                          steps=spec.steps, seeds=spec.seeds, threshold=threshold,
-                         flagged=None if threshold is None else bool(s > threshold))
+                         flagged=None if threshold is None else bool(s > threshold),
+                         score_name=rec.get("score"),
+                         params={k: v for k, v in rec.items() if k != "score"} or None)
 
 
 def screen_binding(store: AuditStore, run_id: int, spec: ScreenSpec | None

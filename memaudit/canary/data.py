@@ -290,6 +290,12 @@ def _share_captions(planted: list[Planted], n_digits: int, shared: int,
     return out
 
 
+def generic_prompts() -> list[str]:
+    """The canary's generic prompts (generic.txt): two phrasings of each digit, and a face."""
+    return [DIGIT_PHRASINGS[k % 2].format(d=d) for k in range(2) for d in range(10)] \
+        + [FACE_CAPTION]
+
+
 def data_files(guided_copies: int = GUIDED_COPIES) -> list[str]:
     """The files `build_canary_data` writes, data.json last (it marks a complete build)."""
     return (["train.parquet", "ground_truth.parquet"]
@@ -431,10 +437,9 @@ def build_canary_data(out: str | Path, res: int = 16, per_count: int = 6, seed: 
         prompt_rows += [(c, label) for c in lines]
     if not guided_copies:
         (out / f"triggers_{GUIDED}.txt").unlink(missing_ok=True)  # from an earlier build
-    generic_prompts = [DIGIT_PHRASINGS[k % 2].format(d=d) for k in range(2) for d in range(10)]
-    generic_prompts.append(FACE_CAPTION)
-    write_text("generic.txt", "\n".join(generic_prompts) + "\n")
-    prompt_rows += [(c, "generic") for c in generic_prompts]
+    generic = generic_prompts()
+    write_text("generic.txt", "\n".join(generic) + "\n")
+    prompt_rows += [(c, "generic") for c in generic]
     buf = io.StringIO(newline="")
     w = csv.writer(buf)
     w.writerow(["prompt", "label"])

@@ -156,7 +156,7 @@ def gate_cmd(
     fpr: float = typer.Option(0.01, min=0.0, max=1.0,
                               help="With --calibrate: false-positive rate."),
     score: str = typer.Option(None, help="With --screen: screening score (wen, anisotropy, "
-                              "attention-entropy; default: the default score)."),
+                              "attention-entropy, update-norm; default: the default score)."),
     steps: int = typer.Option(1, help="With --screen: screening steps."),
     seeds: int = typer.Option(4, help="With --screen: seeds per prompt."),
     device: str = typer.Option(None, help="With --screen: cpu, cuda, ..."),

@@ -54,6 +54,9 @@ def parse_score_params(score: str | None, items: list[str] | None) -> dict:
             raise UserError(f"bad --param {item!r} for score {cls.name!r}; expected NAME=VALUE "
                             f"with NAME in {', '.join(sorted(types)) or '(none)'}")
         default = types[key]
+        if isinstance(default, str):  # e.g. attention-entropy.aggregate
+            out[key] = value.strip()
+            continue
         out[key] = user_number(value, f"--param {key}", integer=isinstance(default, int)
                                and not isinstance(default, bool))
     return out
@@ -78,7 +81,8 @@ def register(app: typer.Typer) -> None:
         model: str = typer.Option(..., "--model", help="'canary', a canary or diffusers folder"),
         prompts: Path = typer.Option(..., "--prompts", help="Prompt file (txt, jsonl, csv)."),
         score: str = typer.Option(None, "--score", help="Screening score: wen, anisotropy, "
-                                  "attention-entropy (default: memaudit.screen.DEFAULT_SCORE)."),
+                                  "attention-entropy, update-norm (default: "
+                                  "memaudit.screen.DEFAULT_SCORE)."),
         param: list[str] = typer.Option(None, "--param",
                                         help="Score parameter NAME=VALUE (repeatable)."),
         steps: int = typer.Option(1, "--steps",
@@ -145,6 +149,8 @@ def register(app: typer.Typer) -> None:
             mark = "FLAG" if f else "    "
             typer.echo(f"{s:10.4f}  {mark}  {terminal_text(r.text)}")
         typer.echo(f"score {sc.name} ({_describe(sc)}), {seeds} seeds")
+        for note in sc.notes():  # where model-dependent parameters come from (METHODS 2.1)
+            typer.echo(terminal_text(note))
         if thr is not None:
             src = f"calibrated on {calibrate} at FPR {fpr}" if threshold is None else "given"
             typer.echo(terminal_text(f"threshold {thr:.4f} ({src}); flagged "

@@ -64,7 +64,8 @@ class Denoiser(ABC):
       is_latent: False for pixel-space models; capabilities (see CAPABILITIES);
       prediction: EpsPrediction or FlowPrediction (what `eps` returns; x0 and gain);
       loras: [{"path", "sha256", "scale"}]; notes: lines a run prints and records;
-      screen_params: screening-score parameters calibrated for this model.
+      screen_params: screening-score parameters calibrated for this model;
+      generic_prompts: prompts known to be clean for it (calibration of thresholds).
     """
 
     name: str
@@ -82,6 +83,9 @@ class Denoiser(ABC):
     #: Screening-score parameters calibrated for this model, {score: {param: value}}
     #: (memaudit/screen; e.g. the anisotropy weights, METHODS 2.1); explicit ones override.
     screen_params: dict[str, dict[str, float]] = {}
+    #: Prompts known to be clean for this model (the canary's generic digit and face
+    #: captions); magnitude thresholds calibrate on them when no list is given (reanchor).
+    generic_prompts: tuple[str, ...] = ()
 
     def __init__(self) -> None:
         self.unet_rows = 0  # rows evaluated by eps(); the sampler turns it into UNet calls

@@ -19,9 +19,10 @@ from memaudit.models.prediction import EpsPrediction
 
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "canary" / "weights"
 
-#: Screening parameters chosen on the shipped canary (`python -m memaudit.screen.bench`,
-#: docs/mitigations.md "Screening scores"); a canary.json `screen_params` entry overrides.
-CANARY_SCREEN_PARAMS = {"anisotropy": {"g2": 0.1}}
+#: Screening parameters chosen on the shipped canary (`python -m memaudit.screen.bench`: t_low
+#: and g2 tuned on seeds 1000-1003 of its labelled prompts; docs/mitigations.md "Screening
+#: scores"); a canary.json `screen_params` entry overrides.
+CANARY_SCREEN_PARAMS = {"anisotropy": {"g2": 0.5, "low_index": -10}}
 
 
 class CanaryDenoiser(Denoiser):
@@ -48,6 +49,9 @@ class CanaryDenoiser(Denoiser):
         self.default_guidance_scale = float(info.get("default_guidance_scale", 2.0))
         self.default_steps = int(info.get("default_steps", 50))
         self.screen_params = dict(info.get("screen_params", CANARY_SCREEN_PARAMS))
+        from memaudit.canary.data import generic_prompts
+
+        self.generic_prompts = tuple(generic_prompts())  # calibrates reanchor's trigger
         self.text = TextEncoder(self.cfg.text_len, device=self.device)
         self._states: dict[str, torch.Tensor] = {}
         self.prediction = EpsPrediction(self.make_scheduler("ddim").alphas_cumprod)

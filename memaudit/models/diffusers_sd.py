@@ -53,10 +53,8 @@ class StableDiffusionDenoiser(DiffusersDenoiser):
         self.prediction = EpsPrediction(
             DDIMScheduler.from_config(self.scheduler_config).alphas_cumprod)
         self._null: Cond | None = None
-        # anisotropy weight of the official code: g2 = 2 for SD 1.x (CLIP ViT-L, 768-wide
-        # states), 0.1 for SD 2.x (OpenCLIP ViT-H, 1024) (METHODS 2.1)
-        width = int(getattr(self.text_encoder.config, "hidden_size", 768))
-        self.screen_params = {"anisotropy": {"g2": 2.0 if width <= 768 else 0.1}}
+        # anisotropy's weights per family (SD 1.x / 2.x by text width and prediction type)
+        # live with the score: memaudit/screen/anisotropy.py `family_weights`
 
     def attention_model(self) -> torch.nn.Module:
         return self.unet

@@ -29,7 +29,6 @@ class SDXLDenoiser(StableDiffusionDenoiser):
 
     def setup(self, resolution: int | None) -> None:
         super().setup(resolution)
-        self.screen_params = {}  # SD 1.x/2.x's anisotropy weights are not SDXL's: the defaults
         size = self.resolution
         proj = int(self.pipe.text_encoder_2.config.projection_dim)
         self._time_ids = self.pipe._get_add_time_ids(

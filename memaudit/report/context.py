@@ -93,8 +93,14 @@ def build_context(db: str | Path, run_id: int | None = None, max_flagged: int = 
             "coalesce(m.is_copy_calibrated, false))) ORDER BY g.method, g.seed", [rid, rid])
         screens = store.query(
             "SELECT p.text AS prompt, p.label, s.score, s.steps, s.seeds, s.threshold, "
-            "s.flagged FROM screens s JOIN prompts p ON p.id = s.prompt_id "
+            "s.flagged, s.score_name, s.params_json FROM screens s "
+            "JOIN prompts p ON p.id = s.prompt_id "
             "WHERE s.run_id = ? ORDER BY s.score DESC", [rid])
+        for s in screens:  # the score's parameters and where they come from (METHODS 2.1)
+            rec = _json_object(s.pop("params_json"))
+            params, notes = rec.get("params"), rec.get("notes")
+            s["score_params"] = params if isinstance(params, dict) else {}
+            s["score_notes"] = [str(n) for n in notes] if isinstance(notes, list) else []
         pm = store.query("SELECT * FROM prompt_method WHERE run_id = ? ORDER BY prompt_id",
                          [rid])
         by_label = store.query(
@@ -281,3 +287,13 @@ def _rank(r: dict[str, Any]) -> float:
         return float(r["similarity"])
     sign = 1.0 if r["higher_is_more_similar"] else -1.0
     return float(r["similarity"] - sign * thr)
+
+
+def _json_object(text) -> dict:
+    """A JSON object from a database column, {} for anything else (the database is
+    untrusted: a bad cell shows nothing rather than failing the report)."""
+    try:
+        rec = json.loads(text or "{}")
+    except (TypeError, ValueError, RecursionError):
+        return {}
+    return rec if isinstance(rec, dict) else {}

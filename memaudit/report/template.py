@@ -286,9 +286,17 @@ high magnitude that falls once the trajectory leaves the attraction basin.</p>
 {% if screens %}
 <details class="diag" id="screening"><summary>Pre-generation screening: {{ screens|length }}
  prompt(s)</summary>
+{% if not screens[0].score_name or screens[0].score_name == "wen" %}
 <p class="note">Wen et al. (ICLR 2024) score: mean magnitude of the text-conditional noise
 prediction, ||e_c - e_u||, over {{ screens[0].seeds }} seeds and the first
 {{ screens[0].steps }} step(s) (METHODS 2).
+{% else %}
+<p class="note">Score <code>{{ screens[0].score_name }}</code>
+({% for k, v in screens[0].score_params.items() %}{{ k }}={{ v }}{{ ", " if not loop.last }}
+{%- endfor %}),
+mean over {{ screens[0].seeds }} seeds (METHODS 2.1).
+{% endif %}
+{% for n in screens[0].score_notes %}{{ n }}. {% endfor %}
 Threshold: {{ num(screens[0].threshold) }}.</p>
 <table><tr><th>prompt</th><th>label</th><th>score</th><th>flagged</th></tr>
 {% for s in screens[:max_screens] %}

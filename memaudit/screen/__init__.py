@@ -23,16 +23,22 @@ from memaudit.screen.anisotropy import Anisotropy
 from memaudit.screen.attention_entropy import AttentionEntropy
 from memaudit.screen.base import ScoreInput, ScreenScore
 from memaudit.screen.stats import auc, calibrate_threshold, tpr_at_fpr
+from memaudit.screen.update_norm import UpdateNorm
 from memaudit.screen.wen import Wen
 
 REGISTRY: dict[str, type[ScreenScore]] = {
     "wen": Wen,
     "anisotropy": Anisotropy,
     "attention-entropy": AttentionEntropy,
+    "update-norm": UpdateNorm,
 }
 
-#: The score `memaudit screen`, a plan's [screen], `gate --screen` and `auto` use by default.
-DEFAULT_SCORE = "wen"
+#: The score `memaudit screen`, a plan's [screen], `gate --screen` and `auto` use by default:
+#: anisotropy, the best on the canary's labelled split at one batched pass per seed with its
+#: tuned weights, and published as better than Wen's magnitude on SD 1.4 / 2 with the official
+#: ones (docs/mitigations.md "Screening scores"); families without tuned weights fall back to
+#: SD 1.x's and say so.
+DEFAULT_SCORE = "anisotropy"
 
 
 def make_score(name: str | None = None, **params: Any) -> ScreenScore:
@@ -112,10 +118,14 @@ def screen_prompts(model: Any, prompts: list[str], steps: int = 1, seeds: int | 
 def score_for(model: Any, name: str | None = None, params: dict[str, Any] | None = None
               ) -> ScreenScore:
     """The score `name` with the model's calibrated parameters (`Denoiser.screen_params`,
-    e.g. the canary's anisotropy weights) under the explicit `params`."""
+    e.g. the canary's anisotropy weights) under the explicit `params`, bound to the model
+    (`ScreenScore.bind`: model-dependent defaults such as anisotropy's weights per family,
+    and `notes()` saying where they come from)."""
     name = name or DEFAULT_SCORE
     own = dict((getattr(model, "screen_params", None) or {}).get(name, {}))
-    return make_score(name, **{**own, **(params or {})})
+    sc = make_score(name, **{**own, **(params or {})})
+    sc.bind(model, dict(params or {}))
+    return sc
 
 
 __all__ = ["DEFAULT_SCORE", "REGISTRY", "ScoreInput", "ScreenScore", "auc",

@@ -53,6 +53,22 @@ class ScreenScore:
             raise UserError(f"screening score {self.name!r} is evaluated at x_T only: "
                             f"--steps must be 1 (got {steps})")
 
+    def bind(self, model: Any, given: dict[str, Any] | None = None) -> None:
+        """Resolve the parameters that depend on the model (e.g. anisotropy's weights per
+        family) and note where they come from; `given` are the ones the user set. Called by
+        `score_for` and again by `screen_prompts` (idempotent)."""
+
+    def notes(self) -> list[str]:
+        """Lines saying where parameters that are not the published ones come from (printed
+        by `memaudit screen`, recorded with the scores, shown in the report)."""
+        return []
+
+    def record(self) -> dict[str, Any]:
+        """What screening records of this score: its name, parameters and notes."""
+        from dataclasses import asdict
+
+        return {"score": self.name, "params": asdict(self.params), "notes": self.notes()}
+
     def forwards(self, steps: int) -> int:
         """Batched forward passes per chunk of rows (= per seed, whatever the chunk size)."""
         raise NotImplementedError

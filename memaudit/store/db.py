@@ -322,9 +322,14 @@ class AuditStore:
              json.dumps({k: _jsonable(v) for k, v in (extra or {}).items()})])
 
     def add_screen(self, *, run_id: int, prompt_id: int, score: float, steps: int, seeds: int,
-                   threshold: float | None, flagged: bool | None) -> None:
-        self.con.execute("INSERT INTO screens VALUES (?, ?, ?, ?, ?, ?, ?)",
-                         [run_id, prompt_id, float(score), steps, seeds, threshold, flagged])
+                   threshold: float | None, flagged: bool | None, score_name: str | None = None,
+                   params: dict[str, Any] | None = None) -> None:
+        """One prompt's screening score; `params` = the score's parameters and notes
+        (`ScreenScore.record()` without the name), stored as JSON."""
+        self.con.execute("INSERT INTO screens VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                         [run_id, prompt_id, float(score), steps, seeds, threshold, flagged,
+                          score_name, None if params is None else json.dumps(
+                              {k: _jsonable(v) for k, v in params.items()})])
 
     def add_steps(self, generation_ids: Sequence[int], trace: Sequence[dict[str, Any]]) -> int:
         """Per-step trace of a batch: `trace[j][key]` is a per-sample [B] value or a scalar.

@@ -6,7 +6,8 @@ another version instead of guessing.
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 2  # 2: generations.clip_score, the quality table and view
+SCHEMA_VERSION = 3  # 2: generations.clip_score, the quality table and view; 3: screens.score_name
+#                      and screens.params_json
 
 TABLES: list[str] = [
     """CREATE TABLE IF NOT EXISTS meta (
@@ -72,11 +73,13 @@ TABLES: list[str] = [
     """CREATE TABLE IF NOT EXISTS screens (
         run_id INTEGER NOT NULL,
         prompt_id INTEGER NOT NULL,
-        score DOUBLE NOT NULL,             -- Wen et al. magnitude (METHODS 2)
+        score DOUBLE NOT NULL,             -- the screening score (METHODS 2, 2.1)
         steps INTEGER NOT NULL,
         seeds INTEGER NOT NULL,
         threshold DOUBLE,
         flagged BOOLEAN,
+        score_name TEXT,                   -- e.g. wen, anisotropy
+        params_json TEXT,                  -- its parameters and notes (where they come from)
         PRIMARY KEY (run_id, prompt_id, steps, seeds)
     )""",
     """CREATE TABLE IF NOT EXISTS steps (
