@@ -1,0 +1,242 @@
+"""Filling a faiss index in pieces, with memory bounded whatever the number of vectors
+(issue 20).
+
+The finalisation hands the representatives' vectors over shard by shard (`IndexFiller.add`);
+what stays in memory depends on the factory:
+
+- `Flat`: `index.faiss` is written as it comes (faiss' own IndexFlat serialisation: the
+  header of an empty index, the vectors appended, then the count patched in), so memory is
+  one shard. Opened memory-mapped, as before.
+- IVF factories (`IVFn,Flat`, `IVFn,PQm`, `IVFn_HNSWm,...`, behind an optional transform such
+  as OPQ or PCA): the trained index (quantizer) is kept once; vectors are added to an empty
+  copy of it in blocks of at most `block_bytes` of codes, each block written to disk, and
+  the blocks' inverted lists are merged list by list into faiss' on-disk inverted lists
+  (`OnDiskInvertedLists.merge_from_multiple`, as `faiss.contrib.ondisk.merge_ondisk`):
+  `index.faiss` then holds the quantizer and `index.ivfdata` the lists, memory-mapped at
+  search. Peak: the quantizer, one shard and one block. The lists hold the same entries in
+  the same order as one index filled in memory, so searches give the same results.
+- any other factory (HNSW, PQ without IVF, a refinement) is filled in memory, as before.
+
+Exact vectors (`vectors.npy`, compressed factories) are appended to the file the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import struct
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from memaudit.common import UserError
+from memaudit.engine.memory import format_bytes
+
+IVFDATA_FILE = "index.ivfdata"
+
+
+@contextlib.contextmanager
+def quiet_stdout() -> Iterator[None]:
+    """Silence C-level stdout: faiss' on-disk inverted lists printf on every open and merge
+    ("IO_FLAG_ONDISK_SAME_DIR: updating ondisk filename..."), which would corrupt
+    `index info --json`."""
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:  # no fd 1
+        yield
+        return
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 1)
+            yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def read_index(path: Path):
+    """Open index.faiss read-only: memory-mapped, or, when its inverted lists are in
+    index.ivfdata beside it, with those lists memory-mapped from there (faiss cannot
+    memory-map the quantizer of such an index; it is small)."""
+    import faiss
+
+    if (path.parent / IVFDATA_FILE).is_file():
+        with quiet_stdout():
+            return faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR
+                                    | faiss.IO_FLAG_READ_ONLY)
+    return faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+
+
+def fill_mode(index) -> str:
+    """"flat", "ivf" or "memory" (module docstring) for an empty, trained-or-not index."""
+    import faiss
+
+    top = faiss.downcast_index(index)
+    if type(top) in (faiss.IndexFlat, faiss.IndexFlatL2, faiss.IndexFlatIP):
+        return "flat"
+    inner = top
+    if isinstance(top, faiss.IndexPreTransform):
+        inner = faiss.downcast_index(top.index)
+    if isinstance(inner, faiss.IndexIVF) and not isinstance(inner, faiss.IndexIVFPQR):
+        return "ivf"
+    return "memory"
+
+
+def bytes_per_vector(index) -> int:
+    """Memory one added vector takes in an in-memory index (codes + id for IVF)."""
+    import faiss
+
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        return int(ivf.code_size) + 8
+    return int(index.sa_code_size()) if hasattr(index, "sa_code_size") else 4 * index.d
+
+
+def check_memory_fill(index, factory: str, rows: int, limit: int | None) -> None:
+    """A factory filled in memory whose vectors alone exceed an explicit limit is refused
+    before any work (rows: the input rows, an upper bound on the groups)."""
+    if limit is None or fill_mode(index) != "memory":
+        return
+    need = rows * bytes_per_vector(index)
+    if need > limit:
+        raise UserError(f"faiss factory {factory!r} is filled in memory: {rows} rows need "
+                        f"about {format_bytes(need)}, over --memory-limit "
+                        f"{format_bytes(limit)}; use Flat or an IVF factory (filled on disk)")
+
+
+class _FlatFile:
+    """index.faiss of an IndexFlat written incrementally (faiss' serialisation format)."""
+
+    def __init__(self, path: Path, dim: int, metric: int):
+        import faiss
+
+        empty = faiss.serialize_index(faiss.IndexFlat(dim, metric)).tobytes()
+        # fourcc, d (int32), ntotal (int64) ... then the codes: count (uint64) + floats
+        self._head, self._ntotal_at = empty[:-8], 8
+        self.dim, self.n = dim, 0
+        self._f = open(path, "wb")  # noqa: SIM115 - closed in finish()
+        self._f.write(self._head + b"\0" * 8)
+
+    def add(self, x: np.ndarray) -> None:
+        self._f.write(np.ascontiguousarray(x, "<f4").tobytes())
+        self.n += len(x)
+
+    def finish(self) -> None:
+        self._f.seek(self._ntotal_at)
+        self._f.write(struct.pack("<q", self.n))
+        self._f.seek(len(self._head))
+        self._f.write(struct.pack("<Q", self.n * self.dim))
+        self._f.close()
+
+
+class NpyAppender:
+    """A float32 [n, dim] .npy file written block by block (never memory-mapped for
+    writing, so the pages written do not count in this process' memory)."""
+
+    def __init__(self, path: Path, n: int, dim: int):
+        self._f = open(path, "wb")  # noqa: SIM115 - closed in finish()
+        np.lib.format.write_array_header_1_0(
+            self._f, {"descr": "<f4", "fortran_order": False, "shape": (n, dim)})
+        self.n, self.rows = n, 0
+
+    def add(self, x: np.ndarray) -> None:
+        self._f.write(np.ascontiguousarray(x, "<f4").tobytes())
+        self.rows += len(x)
+
+    def finish(self) -> None:
+        self._f.close()
+        if self.rows != self.n:
+            raise RuntimeError(f"wrote {self.rows} vectors, expected {self.n}")
+
+
+class IndexFiller:
+    """Adds representatives shard by shard into `staging/index.faiss` (module docstring).
+    `index` is the trained, empty index; `work` a scratch folder for the IVF blocks."""
+
+    def __init__(self, index, staging: Path, work: Path, block_bytes: int):
+        import faiss
+
+        self.index, self.staging, self.work = index, staging, work
+        self.mode = fill_mode(index)
+        self.n = 0
+        self.blocks: list[Path] = []
+        if self.mode == "flat":
+            self._flat = _FlatFile(staging / "index.faiss", index.d, index.metric_type)
+        elif self.mode == "ivf":
+            if work.exists():
+                shutil.rmtree(work)
+            work.mkdir(parents=True)
+            self._trained = faiss.serialize_index(index)  # the quantizer, once
+            self._per_block = max(1, block_bytes // bytes_per_vector(index))
+            self._block = None
+
+    def add(self, x: np.ndarray) -> None:
+        if not len(x):
+            return
+        x = np.ascontiguousarray(x, np.float32)
+        if self.mode == "flat":
+            self._flat.add(x)
+        elif self.mode == "memory":
+            self.index.add(x)
+        else:
+            import faiss
+
+            for a in range(0, len(x), self._per_block):
+                part = x[a:a + self._per_block]
+                if self._block is None:
+                    self._block = faiss.deserialize_index(self._trained)
+                ids = np.arange(self.n, self.n + len(part), dtype=np.int64)
+                self._block.add_with_ids(part, ids)
+                self.n += len(part)
+                if self._block.ntotal >= self._per_block:
+                    self._flush()
+            return
+        self.n += len(x)
+
+    def _flush(self) -> None:
+        import faiss
+
+        if self._block is not None and self._block.ntotal:
+            f = self.work / f"block_{len(self.blocks):05d}.index"
+            faiss.write_index(self._block, str(f))
+            self.blocks.append(f)
+        self._block = None
+
+    def finish(self) -> None:
+        """Write staging/index.faiss (and index.ivfdata for IVF)."""
+        import faiss
+
+        out = self.staging / "index.faiss"
+        if self.mode == "flat":
+            self._flat.finish()
+            return
+        if self.mode == "memory":
+            faiss.write_index(self.index, str(out))
+            return
+        self._flush()
+        final = faiss.deserialize_index(self._trained)
+        ivf = faiss.extract_index_ivf(final)
+        lists = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size,
+                                          str(self.staging / IVFDATA_FILE))
+        parts, keep = faiss.InvertedListsPtrVector(), []
+        for f in self.blocks:  # memory-mapped, never loaded
+            blk = faiss.read_index(str(f), faiss.IO_FLAG_MMAP)
+            blk_ivf = faiss.extract_index_ivf(blk)
+            parts.push_back(blk_ivf.invlists)
+            keep.append((blk, blk_ivf))
+        with quiet_stdout():
+            ntotal = (lists.merge_from_multiple(parts.data(), parts.size(), False)
+                      if keep else 0)
+        if ntotal != self.n:
+            raise RuntimeError(f"merged {ntotal} vectors, expected {self.n}")
+        del parts, keep  # each block index still owns (and now frees) its lists
+        ivf.replace_invlists(lists, True)
+        lists.this.disown()
+        final.ntotal = ivf.ntotal = ntotal
+        faiss.write_index(final, str(out))
+        del final
+        shutil.rmtree(self.work)
