@@ -37,6 +37,8 @@ def audit_cmd(
                                 "cluster (default: a local instance)."),
     actors: int = typer.Option(None, "--actors", help="ray: model replicas (default: one "
                                "per GPU, else one per CPU)."),
+    memory_limit: str = typer.Option(None, "--memory-limit", help="Peak memory per process, "
+                                     "e.g. 4GB (overrides the plan's memory_limit)."),
 ) -> None:
     """Run (or resume) a whole audit: generate, detect, screen, quality -> OUT/audit.duckdb."""
     from memaudit.audit import load_plan, run_audit, set_threads
@@ -44,6 +46,11 @@ def audit_cmd(
     if threads is not None:
         set_threads(threads)
     p = load_plan(plan)
+    if memory_limit is not None:
+        from memaudit.engine.memory import parse_memory
+
+        parse_memory(memory_limit)
+        p.memory_limit = memory_limit
     overrides = {"clip_model": clip_model, "clip_pretrained": clip_pretrained,
                  "inception": inception}
     if any(v is not None for v in overrides.values()):

@@ -54,8 +54,10 @@ class LocalEngine:
 
 
 def make_engine(name: str | None = "local", address: str | None = None,
-                actors: int | None = None, device: str | None = None):
-    """The engine called `name` ("local" or "ray"); `address` and `actors` are Ray's."""
+                actors: int | None = None, device: str | None = None,
+                memory: int | None = None):
+    """The engine called `name` ("local" or "ray"); `address` and `actors` are Ray's, as is
+    `memory` (bytes each Ray actor reserves: --memory-limit)."""
     name = name or "local"
     if name == "local":
         if address is not None or actors is not None:
@@ -64,7 +66,7 @@ def make_engine(name: str | None = "local", address: str | None = None,
     if name == "ray":
         from memaudit.engine.ray_engine import RayEngine
 
-        return RayEngine(address=address, actors=actors, device=device)
+        return RayEngine(address=address, actors=actors, device=device, memory=memory)
     raise UserError(f"unknown engine {name!r}; choose one of {', '.join(ENGINES)}")
 
 

@@ -1,11 +1,13 @@
 """Memory limits: `--memory-limit` (index build, audit) and a plan's `memory_limit` (issue 20).
 
-A limit is a size ("4GB", "512MiB", "2.5G", or bytes as an integer) that caps the peak of
-each stage in one process: an index build's grouping (DuckDB's `memory_limit`, spilling to
-disk), its IVF training sample, the blocks in which it fills the index, one shard of
-embeddings; an audit actor's item cache and the audit database connection. Without a limit
-the stages take half of this machine's RAM as their budget. How the budget is split is
-`stage_budgets`; the measured peaks are in docs/scaling.md and docs/benchmarks.md.
+A limit is a size ("4GB", "512MiB", "2.5G", or bytes as an integer) that caps the peak RSS
+of one process, stage by stage: what the process already holds (Python, torch, faiss, about
+0.8 GB) plus what a stage may add, its budget: an index build's grouping (DuckDB's
+`memory_limit`, spilling to disk), its IVF training sample, the blocks in which it fills the
+index, one shard of embeddings; in an audit, the audit database connection (DuckDB) and,
+with Ray, the memory each actor reserves. Without a limit the budgets come from half of this
+machine's RAM. The split is `stage_budgets`; measured peaks: docs/scaling.md and
+docs/benchmarks.md ("Scale").
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ from memaudit.common import UserError
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3,
           "gb": 1000**3, "t": 1000**4, "tb": 1000**4, "kib": 1024, "mib": 1024**2,
           "gib": 1024**3, "tib": 1024**4}
-#: below this a build cannot run its stages (DuckDB alone needs a few blocks per thread)
+#: the smallest limit accepted, and the least a stage is given above what a process uses
 MIN_LIMIT = 256 * 1024**2
+MIN_STAGE = 128 * 1024**2
 
 
 def parse_memory(value: str | int | float | None, what: str = "--memory-limit") -> int | None:
@@ -55,20 +58,30 @@ def effective_limit(limit: int | None) -> int:
     return int(limit) if limit else machine_memory() // 2
 
 
-def stage_budgets(limit: int | None) -> dict[str, int]:
-    """How one process splits its limit among an index build's finalisation stages (each
-    runs alone, so each may use most of it; the rest covers Python, pyarrow and faiss):
+def stage_budgets(limit: int | None, used: int | None = None) -> dict[str, int]:
+    """How one process splits what its limit leaves above what it already uses (`used`,
+    default: its RSS now: Python, torch, faiss, pyarrow, DuckDB loaded, ~0.8 GB) among an
+    index build's stages; each stage runs alone, so each may take most of it:
 
-    - `grouping`: DuckDB's memory_limit (half; it spills to disk beyond it);
-    - `train`: the IVF training sample's vectors (a quarter);
+    - `grouping`: DuckDB's memory_limit (60%; it spills to disk beyond it);
+    - `train`: the IVF training sample's vectors (25%);
     - `fill_block`: the compressed codes of one block of the index before it is written
-      and merged into the on-disk inverted lists (a quarter);
-    - `shard`: one shard's embeddings and pending tensors on a worker (half).
+      and merged into the on-disk inverted lists (25%);
+    - `shard`: one shard's embeddings and pending tensors on a worker (50%).
+
+    An explicit limit that leaves less than 128 MiB is a one-line `UserError`.
     """
     total = effective_limit(limit)
-    return {"limit": total, "grouping": max(MIN_LIMIT // 2, total // 2),
-            "train": total // 4, "fill_block": max(16 * 1024**2, total // 4),
-            "shard": total // 2}
+    used = (rss_bytes("VmRSS") or 0) if used is None else int(used)
+    avail = total - used
+    if limit is not None and avail < MIN_STAGE:
+        raise UserError(f"--memory-limit {format_bytes(total)} leaves "
+                        f"{format_bytes(max(0, avail))} above the {format_bytes(used)} this "
+                        f"process already uses; raise it")
+    avail = max(avail, MIN_STAGE)
+    return {"limit": total, "available": avail, "grouping": avail * 6 // 10,
+            "train": avail // 4, "fill_block": max(8 * 1024**2, avail // 4),
+            "shard": avail // 2}
 
 
 def format_bytes(n: float) -> str:
@@ -78,3 +91,53 @@ def format_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} TiB"  # pragma: no cover
+
+
+# -- measuring (benchmarks and the build's own log) ----------------------------------------
+#: the stages of the last index build in this process: name, seconds, peak RSS in bytes
+last_stages: list[dict[str, float | str]] = []
+
+
+def rss_bytes(field: str = "VmRSS") -> int | None:
+    """A memory figure of this process from /proc/self/status (VmRSS, VmHWM, RssAnon...),
+    in bytes; None where /proc is not available."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def reset_peak() -> bool:
+    """Reset this process' peak RSS (VmHWM) to its current RSS (Linux: clear_refs 5)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class stage:  # noqa: N801 - used as a context manager, like a function
+    """`with stage("grouping"):` appends {stage, seconds, peak_rss} to `last_stages`: the
+    peak RSS reached inside the block (VmHWM reset on entry)."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __enter__(self) -> stage:
+        import time
+
+        self._reset = reset_peak()
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import time
+
+        last_stages.append({"stage": self.name,
+                            "seconds": round(time.perf_counter() - self._t0, 2),
+                            "peak_rss": rss_bytes("VmHWM") if self._reset else None})

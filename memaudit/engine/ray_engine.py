@@ -58,10 +58,13 @@ class _Actor:
 
     def __call__(self, batch):
         import pyarrow as pa
+        import ray
 
         out = [pickle.dumps(self._run(pickle.loads(b)), protocol=5)
                for b in batch.column("item").to_pylist()]
-        return pa.table({"i": batch.column("i"), "r": pa.array(out, pa.binary())})
+        node = ray.get_runtime_context().get_node_id()
+        return pa.table({"i": batch.column("i"), "r": pa.array(out, pa.binary()),
+                         "node": pa.array([node] * len(out), pa.string())})
 
 
 class RayEngine:
@@ -72,8 +75,12 @@ class RayEngine:
     name = "ray"
 
     def __init__(self, address: str | None = None, actors: int | None = None,
-                 device: str | None = None):
+                 device: str | None = None, memory: int | None = None):
         self.ray = _import_ray()
+        #: bytes each actor reserves (Ray's `memory` resource; --memory-limit), or None
+        self.memory = memory
+        #: items computed per Ray node id in the last `map` (which nodes did the work)
+        self.nodes_used: dict[str, int] = {}
         if actors is not None and actors < 1:
             raise UserError("--actors must be at least 1")
         self.address = address
@@ -122,7 +129,9 @@ class RayEngine:
         p = self._connect()
         return {"name": self.name, "address": self.address or "local",
                 "actors": p["actors"], "gpus_per_actor": p["gpus_per_actor"],
-                "cpus_per_actor": p["cpus_per_actor"]}
+                "cpus_per_actor": p["cpus_per_actor"],
+                **({"memory_per_actor": self.memory} if self.memory else {}),
+                **({"nodes": len(self.nodes_used)} if self.nodes_used else {})}
 
     # -- the work --------------------------------------------------------------------------
     def map(self, factory, items: Sequence[Any], cpus: int = 1) -> Iterator[Any]:
@@ -141,17 +150,23 @@ class RayEngine:
             rows = [{"i": i, "item": pickle.dumps(it, protocol=5)} for i, it in enumerate(items)]
             ds = ray.data.from_items(rows, override_num_blocks=len(rows))
             gpu = {"num_gpus": 1} if p["gpus_per_actor"] else {}
+            mem = {"memory": int(self.memory)} if self.memory else {}
+            # replicas spread over the nodes; an actor lost with its node is restarted
+            # elsewhere and its item retried (Ray Data's defaults: max_restarts and
+            # max_task_retries -1), so a node loss costs time, not results
             ds = ds.map_batches(
                 _Actor, fn_constructor_args=(factory, self.worker_device(),
                                              int(p["cpus_per_actor"])),
                 batch_size=1, batch_format="pyarrow",
                 compute=ray.data.ActorPoolStrategy(size=min(p["actors"], len(rows))),
-                num_cpus=p["cpus_per_actor"], **gpu)
+                num_cpus=p["cpus_per_actor"], scheduling_strategy="SPREAD", **gpu, **mem)
             expect = 0
+            self.nodes_used = {}
             for row in ds.iter_rows():
                 if row["i"] != expect:  # preserve_order is a contract; check it
                     raise RuntimeError(f"Ray returned item {row['i']}, expected {expect}")
                 expect += 1
+                self.nodes_used[row["node"]] = self.nodes_used.get(row["node"], 0) + 1
                 result = pickle.loads(row["r"])
                 if isinstance(result, _Failed):
                     raise UserError(result.message, result.exit_code)

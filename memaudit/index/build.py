@@ -30,7 +30,13 @@ from memaudit.data.parquet import (
     iter_training_batches,
     resolve_sources,
 )
-from memaudit.engine.memory import format_bytes, parse_memory, stage_budgets
+from memaudit.engine.memory import (
+    format_bytes,
+    last_stages,
+    parse_memory,
+    stage,
+    stage_budgets,
+)
 from memaudit.index.finalize import ITEM_SCHEMA, finalize_shards
 from memaudit.index.grouping import group_duplicates
 from memaudit.index.output import check_index_out, remove_partial
@@ -49,6 +55,8 @@ __all__ = ["ITEM_SCHEMA", "build_index", "group_duplicates", "make_faiss_index",
 FORMAT_VERSION = 1
 #: test hook: os._exit right after this shard number has been saved
 EXIT_AFTER_SHARD_ENV = "MEMAUDIT_INDEX_EXIT_AFTER_SHARD"
+#: benchmark hook: keep DIR.partial's shards as DIR.shards (memaudit.index.bench_scale)
+KEEP_SHARDS_ENV = "MEMAUDIT_INDEX_KEEP_SHARDS"
 
 def faiss_metric(metric: str) -> int:
     import faiss
@@ -148,6 +156,7 @@ def build_index(source: str | Path, embedder: str, out: str | Path, factory: str
 
     t0 = time.time()
     last_build_stats.clear()
+    last_stages.clear()
     limit = parse_memory(memory_limit)
     if embedder not in EMBEDDERS:
         raise UserError(f"unknown embedder {embedder!r}; choose one of {', '.join(EMBEDDERS)}")
@@ -166,7 +175,8 @@ def build_index(source: str | Path, embedder: str, out: str | Path, factory: str
     if embedder == "pixels" and opts.get("size") is None:
         opts["size"] = common_image_size(source, image_col, caption_col, key_col)
         size_auto = True
-    eng = make_engine(engine, address, actors, device) if isinstance(engine, str) else engine
+    eng = (make_engine(engine, address, actors, device, memory=limit)
+           if isinstance(engine, str) else engine)
     local = eng.name == "local"
     # the driver's embedder: the local worker, or (Ray) its config and dim, kept off the GPU
     emb = make_embedder(embedder, device=device if local else "cpu", **opts)
@@ -198,7 +208,8 @@ def build_index(source: str | Path, embedder: str, out: str | Path, factory: str
     done_rows = (nshards - len(todo)) * shard_rows
     exit_after = os.environ.get(EXIT_AFTER_SHARD_ENV)
     try:
-        with progress_bar(f"index {embedder}", total=total, unit="rows") as advance:
+        with stage("shards"), progress_bar(f"index {embedder}", total=total,
+                                           unit="rows") as advance:
             advance(min(done_rows, total))
             work = ShardFactory(spec, emb.name, emb.config(), embedder=emb if local else None,
                                 advance=advance if local else None)
@@ -260,13 +271,17 @@ def build_index(source: str | Path, embedder: str, out: str | Path, factory: str
     }
     write_json_atomic(staging / MANIFEST_FILE, manifest)
     if calibrate:
-        run_calibration(staging, emb, **(calibration_opts or {}))
+        with stage("calibration"):
+            run_calibration(staging, emb, **(calibration_opts or {}))
         manifest = json.loads((staging / MANIFEST_FILE).read_text())
     manifest["build_seconds"] = round(time.time() - t0, 3)
     write_json_atomic(staging / MANIFEST_FILE, manifest)
 
     publish_dir(staging, out)
-    shutil.rmtree(partial)
+    if os.environ.get(KEEP_SHARDS_ENV):  # benchmark hook: the shards stay for a reference
+        os.replace(partial, out.with_name(out.name + ".shards"))
+    else:
+        shutil.rmtree(partial)
     return out
 
 

@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from memaudit.common import UserError
-from memaudit.engine.memory import format_bytes, stage_budgets
+from memaudit.engine.memory import format_bytes, stage, stage_budgets
 from memaudit.index.fill import IndexFiller, NpyAppender
 from memaudit.index.grouping import GROUPING_DIR, RowGroups, group_shards
 from memaudit.index.items import ITEM_ROW_GROUP, write_group_table
@@ -119,25 +119,38 @@ def finalize_shards(partial: Path, staging: Path, nshards: int, emb, factory: st
             skipped_keys.setdefault(s["reason"], []).append(s["key"])
         sizes.append(int(info["items"]))
 
-    grouped = group_shards([shard_paths(partial, k)["hash"] for k in range(nshards)],
-                           partial / GROUPING_DIR, budgets["grouping"])
-    if grouped["rows"] != sum(sizes):
-        raise RuntimeError(f"grouping saw {grouped['rows']} rows, shards hold {sum(sizes)}")
-    ngroups = grouped["groups"]
-    files = {k: Path(v) for k, v in grouped["files"].items()}
-    write_group_table(files["groups"], files["members"], staging, ngroups)
+    with stage("grouping"):
+        grouped = group_shards([shard_paths(partial, k)["hash"] for k in range(nshards)],
+                               partial / GROUPING_DIR, budgets["grouping"])
+        if grouped["rows"] != sum(sizes):
+            raise RuntimeError(f"grouping saw {grouped['rows']} rows, shards hold "
+                               f"{sum(sizes)}")
+        ngroups = grouped["groups"]
+        files = {k: Path(v) for k, v in grouped["files"].items()}
+        write_group_table(files["groups"], files["members"], staging, ngroups)
 
     index = make_faiss_index(emb.dim, factory, emb.metric)
     if not index.is_trained:
         if ngroups == 0:
             raise UserError("no decodable images: cannot train the faiss index")
-        _train(index, partial, nshards, files["rows"], sizes, ngroups, train_sample, factory,
-               budgets["train"], memory_limit)
-    filler = IndexFiller(index, staging, partial / "fill", budgets["fill_block"])
+        with stage("training"):
+            _train(index, partial, nshards, files["rows"], sizes, ngroups, train_sample,
+                   factory, budgets["train"], memory_limit)
+    with stage("filling"):
+        return _fill(partial, staging, nshards, emb, factory, index, files["rows"], sizes,
+                     ngroups, budgets["fill_block"], content, skipped_by_reason,
+                     skipped_keys)
+
+
+def _fill(partial: Path, staging: Path, nshards: int, emb, factory: str, index,
+          rows_file: Path, sizes: list[int], ngroups: int, block_bytes: int, content,
+          skipped_by_reason: dict[str, int], skipped_keys: dict[str, list[str]]
+          ) -> dict[str, Any]:
+    filler = IndexFiller(index, staging, partial / "fill", block_bytes)
     exact = (NpyAppender(staging / VECTORS_FILE, ngroups, emb.dim)
              if is_lossy_factory(factory) else None)
     writer = _ItemsWriter(staging / ITEMS_FILE)
-    rows = RowGroups(files["rows"])
+    rows = RowGroups(rows_file)
     row0, ok = 0, False
     try:
         for k in range(nshards):
