@@ -17,7 +17,7 @@
    with all representatives at once; groups must be equal item for item, and searches
    (`--queries` noisy training vectors, k=10) equal in ids and distances.
 4. The finalisation of the full set again, from its kept shards, under `--refinalize-limit`
-   (default 1GB): the same index, in a quarter of the memory.
+   (default 1.5GB): the same items, DuckDB spilling to disk.
 5. An audit of the shipped canary against each index (local engine: the process holds what
    an audit actor holds), its peak RSS at `--subset` rows vs `--rows` rows (goal: flat).
 
@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--subset", type=int, default=1_000_000)
     ap.add_argument("--file-rows", type=int, default=1_000_000)
     ap.add_argument("--memory-limit", default="4GB")
-    ap.add_argument("--refinalize-limit", default="1GB",
+    ap.add_argument("--refinalize-limit", default="1.5GB",
                     help="finalise the full set again under this limit ('' to skip)")
     ap.add_argument("--factory", default="IVF1024,PQ8")
     ap.add_argument("--faiss-params", default="nprobe=16")

@@ -93,7 +93,10 @@ def bytes_per_vector(index) -> int:
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None:
         return int(ivf.code_size) + 8
-    return int(index.sa_code_size()) if hasattr(index, "sa_code_size") else 4 * index.d
+    try:
+        return int(index.sa_code_size())
+    except RuntimeError:  # no standalone codec (HNSW...): its vectors at least
+        return 4 * int(index.d)
 
 
 def check_memory_fill(index, factory: str, rows: int, limit: int | None) -> None:
