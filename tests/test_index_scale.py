@@ -239,6 +239,10 @@ def test_memory_limits_parsed_and_refused(tmp_path):
         build_index(bench_scale.write_synthetic(tmp_path / "d", 10)[0], "pixels",
                     tmp_path / "b", embedder_opts={"size": 512},
                     shard_rows=100_000, memory_limit=limit, calibrate=False)
+    with pytest.raises(UserError, match="train_sample"):
+        build_index(tmp_path / "d", "pixels", tmp_path / "b", embedder_opts={"size": 2048},
+                    factory="IVF4,Flat", train_sample=10**6, shard_rows=1,
+                    memory_limit=limit, calibrate=False)
     assert not (tmp_path / "b").exists() and not (tmp_path / "b.partial").exists()
     from memaudit.index.recipe import index_options
 

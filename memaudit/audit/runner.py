@@ -89,11 +89,9 @@ def run_audit(plan: Plan, *, new_run: bool = False, device: str | None = None,
     `engine` ("local", "ray" or an engine object, see memaudit.engine) decides where the
     units are computed; this process commits each finished unit, in unit order."""
     from memaudit.engine import make_engine
-    from memaudit.engine.memory import parse_memory
 
     check_plan_outputs(plan)  # again: files may have moved since the plan was read
-    eng = (make_engine(engine, address, actors, device or plan.device,
-                       memory=parse_memory(plan.memory_limit, "memory_limit"))
+    eng = (make_engine(engine, address, actors, device or plan.device)
            if isinstance(engine, str) else engine)
     try:
         return _run_audit(plan, eng, new_run, components, log)

@@ -7,9 +7,10 @@ every engine: one index shard (`memaudit.index.shards.build_shard`) or one audit
 bookkeeping and finalisation, the DuckDB transactions).
 
 - `local`: one worker in this process (the factory is called once, here).
-- `ray`: Ray Data over the items with a pool of actors, each holding one worker (one model
-  replica per GPU, or one per CPU), on a local Ray instance or a cluster
-  (`--address auto|HOST:PORT`). Needs the optional extra `memaudit[ray]`.
+- `ray`: a pool of Ray actors, each holding one worker (one model replica per GPU, or one
+  per CPU), spread over the nodes of a local Ray instance or a cluster
+  (`--address auto|HOST:PORT`); a lost actor's items are computed again by the others.
+  Needs the optional extra `memaudit[ray]`.
 
 A factory is a picklable callable `factory(device) -> worker`, `worker(item) -> result`;
 items and results are picklable and small (paths, ids, scores), never images or tensors.
@@ -54,10 +55,8 @@ class LocalEngine:
 
 
 def make_engine(name: str | None = "local", address: str | None = None,
-                actors: int | None = None, device: str | None = None,
-                memory: int | None = None):
-    """The engine called `name` ("local" or "ray"); `address` and `actors` are Ray's, as is
-    `memory` (bytes each Ray actor reserves: --memory-limit)."""
+                actors: int | None = None, device: str | None = None):
+    """The engine called `name` ("local" or "ray"); `address` and `actors` are Ray's."""
     name = name or "local"
     if name == "local":
         if address is not None or actors is not None:
@@ -66,7 +65,7 @@ def make_engine(name: str | None = "local", address: str | None = None,
     if name == "ray":
         from memaudit.engine.ray_engine import RayEngine
 
-        return RayEngine(address=address, actors=actors, device=device, memory=memory)
+        return RayEngine(address=address, actors=actors, device=device)
     raise UserError(f"unknown engine {name!r}; choose one of {', '.join(ENGINES)}")
 
 

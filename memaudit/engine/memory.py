@@ -4,10 +4,10 @@ A limit is a size ("4GB", "512MiB", "2.5G", or bytes as an integer) that caps th
 of one process, stage by stage: what the process already holds (Python, torch, faiss, about
 0.8 GB) plus what a stage may add, its budget: an index build's grouping (DuckDB's
 `memory_limit`, spilling to disk), its IVF training sample, the blocks in which it fills the
-index, one shard of embeddings; in an audit, the audit database connection (DuckDB) and,
-with Ray, the memory each actor reserves. Without a limit the budgets come from half of this
-machine's RAM. The split is `stage_budgets`; measured peaks: docs/scaling.md and
-docs/benchmarks.md ("Scale").
+index, one shard of embeddings (checked before the build starts; on Ray it is each actor's
+share); in an audit, the audit database connection (DuckDB) and an index it builds. Without
+a limit the budgets come from half of this machine's RAM. The split is `stage_budgets`;
+measured peaks: docs/scaling.md and docs/benchmarks.md ("Scale").
 """
 
 from __future__ import annotations

@@ -121,18 +121,25 @@ def _settings_fingerprint(files: list[Path], counts: list[int], embedder, factor
 
 
 def check_memory(limit: int | None, index, factory: str, rows: int, shard_rows: int,
-                 dim: int) -> None:
+                 dim: int, train_sample: int) -> None:
     """Refuse, before any work, settings whose known memory exceeds an explicit limit: one
-    shard's embeddings on a worker, or a factory that is filled in memory."""
+    shard's embeddings on a worker, the IVF training sample, or a factory that is filled in
+    memory (rows: the input rows, an upper bound on the groups)."""
     from memaudit.index.fill import check_memory_fill
 
     if limit is None:
         return
+    budgets = stage_budgets(limit)
     shard = 2 * shard_rows * dim * 4  # the embeddings + the tensors waiting for the model
-    if shard > stage_budgets(limit)["shard"]:
+    if shard > budgets["shard"]:
         raise UserError(f"--shard-rows {shard_rows} at dim {dim} needs about "
-                        f"{format_bytes(shard)} per worker, over half of --memory-limit "
+                        f"{format_bytes(shard)} per worker, over its share of --memory-limit "
                         f"{format_bytes(limit)}: lower --shard-rows")
+    sample = min(train_sample, rows) * dim * 4
+    if not index.is_trained and sample > budgets["train"]:
+        raise UserError(f"the IVF training sample ({min(train_sample, rows)} vectors of dim "
+                        f"{dim}, {format_bytes(sample)}) is over its share of --memory-limit "
+                        f"{format_bytes(limit)}: lower train_sample")
     check_memory_fill(index, factory, rows, limit)
 
 
@@ -175,15 +182,14 @@ def build_index(source: str | Path, embedder: str, out: str | Path, factory: str
     if embedder == "pixels" and opts.get("size") is None:
         opts["size"] = common_image_size(source, image_col, caption_col, key_col)
         size_auto = True
-    eng = (make_engine(engine, address, actors, device, memory=limit)
-           if isinstance(engine, str) else engine)
+    eng = make_engine(engine, address, actors, device) if isinstance(engine, str) else engine
     local = eng.name == "local"
     # the driver's embedder: the local worker, or (Ray) its config and dim, kept off the GPU
     emb = make_embedder(embedder, device=device if local else "cpu", **opts)
     probe = make_faiss_index(emb.dim, factory, emb.metric)  # bad strings fail before work
     if faiss_params:
         set_faiss_params(probe, faiss_params)
-    check_memory(limit, probe, factory, total, shard_rows, emb.dim)
+    check_memory(limit, probe, factory, total, shard_rows, emb.dim, train_sample)
 
     partial = out.with_name(out.name + ".partial")
     settings = _settings_fingerprint(files, counts, emb, factory, cols, shard_rows)

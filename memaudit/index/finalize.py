@@ -78,7 +78,7 @@ def _train(index, partial: Path, nshards: int, rows_file: Path, sizes: list[int]
     need = len(pick) * index.d * 4
     if limit is not None and need > budget:
         raise UserError(f"the IVF training sample ({len(pick)} vectors of dim {index.d}, "
-                        f"{format_bytes(need)}) exceeds a quarter of --memory-limit "
+                        f"{format_bytes(need)}) is over its share of --memory-limit "
                         f"{format_bytes(limit)}: lower train_sample")
     parts, seen = [], 0
     rows = RowGroups(rows_file)
