@@ -268,3 +268,17 @@ def test_bench_scale_smoke(tmp_path, capsys):
     assert not (tmp_path / "w").exists()  # its data is cleaned up
     lines = [json.loads(s) for s in capsys.readouterr().out.splitlines() if s.startswith("{")]
     assert any(d.get("bench") == "peak growth" for d in lines)
+
+
+def test_plan_memory_limit_checked_and_not_in_the_hash(tmp_path):
+    from audit_fixtures import make_training_parquet, write_plan
+
+    from memaudit.audit import load_plan
+
+    src = make_training_parquet(tmp_path / "train.parquet")
+    base = load_plan(write_plan(tmp_path, src, "canary"))
+    limited = load_plan(write_plan(tmp_path, src, "canary", extra='memory_limit = "4GB"'))
+    assert limited.memory_limit == "4GB" and base.memory_limit is None
+    assert limited.hash() == base.hash()  # where it runs, not what it computes: resumes
+    with pytest.raises(UserError, match="memory_limit"):
+        load_plan(write_plan(tmp_path, src, "canary", extra='memory_limit = "lots"'))
