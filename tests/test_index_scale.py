@@ -282,3 +282,28 @@ def test_plan_memory_limit_checked_and_not_in_the_hash(tmp_path):
     assert limited.hash() == base.hash()  # where it runs, not what it computes: resumes
     with pytest.raises(UserError, match="memory_limit"):
         load_plan(write_plan(tmp_path, src, "canary", extra='memory_limit = "lots"'))
+
+
+def test_a_shard_reads_only_its_row_groups(tmp_path, monkeypatch):
+    """Read tasks by row group: a shard in the middle of a large file reads the row groups
+    overlapping its rows, and only its rows come out, with their file and global numbers."""
+    from memaudit.data import parquet as pqr
+    from memaudit.index import bench_scale
+
+    files = bench_scale.write_synthetic(tmp_path / "d", 100, file_rows=60, row_group=10)
+    read: list[tuple[str, list[int]]] = []
+    real = pq.ParquetFile.iter_batches
+
+    def spy(self, *a, row_groups=None, **kw):
+        read.append((self.metadata.num_rows, list(row_groups)))
+        return real(self, *a, row_groups=row_groups, **kw)
+
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", spy)
+    rows = [r for b in pqr.iter_training_batches(tmp_path / "d", batch_rows=4, start_row=35,
+                                                 stop_row=75)
+            for r in b]
+    assert [r.row for r in rows] == list(range(35, 75))
+    assert [r.key for r in rows] == [f"r{i:09d}" for i in range(35, 75)]
+    assert [(r.source_file, r.source_row) for r in rows[-16:-14]] == [
+        (str(files[0]), 59), (str(files[1]), 0)]
+    assert read == [(60, [3, 4, 5]), (40, [0, 1])]
