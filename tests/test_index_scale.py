@@ -263,11 +263,13 @@ def test_bench_scale_smoke(tmp_path, capsys):
     assert res["known_structure"]["group_counts_equal"]
     assert res["known_structure"]["groups"] == res["known_structure"]["expected_groups"]
     builds = res["builds"]
-    assert builds["all"]["under_limit"] and builds["refinalize"]["items_identical"]
+    assert builds["all"]["under_limit"] and builds["refinalize_all"]["items_identical"]
+    assert builds["refinalize_sub"]["items_identical"]
+    assert set(res["peak_growth"]) >= {"build", "refinalize"}
     assert {"shards", "grouping", "training", "filling"} <= set(builds["all"]["stages"])
     assert not (tmp_path / "w").exists()  # its data is cleaned up
     lines = [json.loads(s) for s in capsys.readouterr().out.splitlines() if s.startswith("{")]
-    assert any(d.get("bench") == "peak growth" for d in lines)
+    assert any(d.get("bench") == "peak growth, subset -> all" for d in lines)
 
 
 def test_plan_memory_limit_checked_and_not_in_the_hash(tmp_path):

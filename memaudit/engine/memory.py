@@ -96,6 +96,8 @@ def format_bytes(n: float) -> str:
 # -- measuring (benchmarks and the build's own log) ----------------------------------------
 #: the stages of the last index build in this process: name, seconds, peak RSS in bytes
 last_stages: list[dict[str, float | str]] = []
+#: the stage running now ("" between stages): lets a sampler attribute what it reads
+current_stage: list[str] = [""]
 
 
 def rss_bytes(field: str = "VmRSS") -> int | None:
@@ -133,11 +135,13 @@ class stage:  # noqa: N801 - used as a context manager, like a function
 
         self._reset = reset_peak()
         self._t0 = time.perf_counter()
+        current_stage[0] = self.name
         return self
 
     def __exit__(self, *exc) -> None:
         import time
 
+        current_stage[0] = ""
         last_stages.append({"stage": self.name,
                             "seconds": round(time.perf_counter() - self._t0, 2),
                             "peak_rss": rss_bytes("VmHWM") if self._reset else None})

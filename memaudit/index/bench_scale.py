@@ -16,8 +16,9 @@
    shards' pixel hashes, and a faiss index with the same trained quantizer filled in memory
    with all representatives at once; groups must be equal item for item, and searches
    (`--queries` noisy training vectors, k=10) equal in ids and distances.
-4. The finalisation of the full set again, from its kept shards, under `--refinalize-limit`
-   (default 1.5GB): the same items, DuckDB spilling to disk.
+4. Both finalisations again, from their kept shards, under `--refinalize-limit` (default
+   1.5GB, no calibration): the same items; the peak at `--subset` vs `--rows` rows under one
+   tight limit, where every stage runs against its cap (DuckDB spilling to disk).
 5. An audit of the shipped canary against each index (local engine: the process holds what
    an audit actor holds), its peak RSS at `--subset` rows vs `--rows` rows (goal: flat).
 
@@ -109,18 +110,24 @@ def known_groups(rows: int, total: int) -> np.ndarray:
 
 # -- measured subprocesses ----------------------------------------------------------------
 class _Sampler:
-    """Peak VmRSS and RssAnon of this process, sampled every `period` seconds."""
+    """Peak VmRSS, RssAnon (heap) and RssFile (mapped files and libraries) of this process,
+    sampled every `period` seconds, overall and per build stage
+    (`memaudit.engine.memory.current_stage`)."""
 
     def __init__(self, period: float = 0.05):
-        from memaudit.engine.memory import rss_bytes
+        from memaudit.engine.memory import current_stage, rss_bytes
 
-        self.peak = {"VmRSS": 0, "RssAnon": 0}
+        self.peak = {"VmRSS": 0, "RssAnon": 0, "RssFile": 0}
+        self.stages: dict[str, dict[str, int]] = {}
         self._stop = threading.Event()
 
         def run() -> None:
             while not self._stop.wait(period):
-                for k in self.peak:
-                    self.peak[k] = max(self.peak[k], rss_bytes(k) or 0)
+                now = {k: rss_bytes(k) or 0 for k in self.peak}
+                st = self.stages.setdefault(current_stage[0] or "-", dict.fromkeys(now, 0))
+                for k, v in now.items():
+                    self.peak[k] = max(self.peak[k], v)
+                    st[k] = max(st[k], v)
 
         self._th = threading.Thread(target=run, daemon=True)
         self._th.start()
@@ -145,11 +152,13 @@ def child_build(args: dict[str, Any]) -> dict[str, Any]:
                 calibrate=args["calibrate"])
     secs = time.perf_counter() - t0
     sampled = sampler.stop()
-    stages = list(last_stages)
+    stages = [{**s, "anon_sampled": sampler.stages.get(s["stage"], {}).get("RssAnon"),
+               "file_sampled": sampler.stages.get(s["stage"], {}).get("RssFile")}
+              for s in last_stages]
     peaks = [s["peak_rss"] for s in stages if s["peak_rss"]]
     return {"seconds": round(secs, 1), "stages": stages, "import_peak_rss": base,
             "peak_rss": max([base, sampled["VmRSS"], *peaks]),
-            "peak_anon_sampled": sampled["RssAnon"]}
+            "peak_anon_sampled": sampled["RssAnon"], "peak_file_sampled": sampled["RssFile"]}
 
 
 def child_audit(args: dict[str, Any]) -> dict[str, Any]:
@@ -162,7 +171,7 @@ def child_audit(args: dict[str, Any]) -> dict[str, Any]:
     sampled = sampler.stop()
     return {"seconds": round(time.perf_counter() - t0, 1), "units": res.units_done,
             "peak_rss": max(rss_bytes("VmHWM") or 0, sampled["VmRSS"]),
-            "peak_anon_sampled": sampled["RssAnon"]}
+            "peak_anon_sampled": sampled["RssAnon"], "peak_file_sampled": sampled["RssFile"]}
 
 
 def _run_child(kind: str, args: dict[str, Any], env: dict[str, str] | None = None
@@ -185,8 +194,11 @@ def _summary(name: str, rows: int, res: dict[str, Any], limit: int) -> dict[str,
            "limit_mib": _mib(limit), "peak_rss_mib": _mib(res["peak_rss"]),
            "under_limit": res["peak_rss"] < limit,
            "peak_anon_sampled_mib": _mib(res["peak_anon_sampled"]),
+           "peak_file_sampled_mib": _mib(res["peak_file_sampled"]),
            "import_peak_rss_mib": _mib(res["import_peak_rss"]),
-           "stages": {s["stage"]: {"seconds": s["seconds"], "peak_rss_mib": _mib(s["peak_rss"])}
+           "stages": {s["stage"]: {"seconds": s["seconds"], "peak_rss_mib": _mib(s["peak_rss"]),
+                                   "anon_mib": _mib(s["anon_sampled"]),
+                                   "file_mib": _mib(s["file_sampled"])}
                       for s in res["stages"]}}
     print(json.dumps(out), flush=True)
     return out
@@ -242,10 +254,10 @@ def compare_in_memory(index_dir: Path, shards: Path, queries: int, k: int = 10
 def _audit_plan(work: Path, index: Path, name: str) -> Path:
     prompts = work / "prompts.txt"
     if not prompts.exists():
-        prompts.write_text("".join(f"image {i} take 0\n" for i in range(8)))
+        prompts.write_text("".join(f"image {i} take 0\n" for i in range(16)))
     plan = work / f"plan-{name}.toml"
     plan.write_text(f'out = "{work / f"audit-{name}"}"\nmodel = "canary"\n'
-                    f'index = "{index}"\ncriteria = ["nl2"]\nmethods = ["cfg"]\nseeds = 2\n'
+                    f'index = "{index}"\ncriteria = ["nl2"]\nmethods = ["cfg"]\nseeds = 4\n'
                     f'steps = 10\nbatch_size = 16\nalignment = "none"\nquality = false\n'
                     f'[[prompts]]\nfile = "{prompts}"\n')
     return plan
@@ -304,7 +316,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                                       work / "idx-sub.shards", args.queries)
         print(json.dumps({"bench": "in-memory path vs pieces, subset",
                           **results["compare_subset"]}), flush=True)
-        shutil.rmtree(work / "idx-sub.shards")
         res = _run_child("build", {**build, "source": str(work / "data"),
                                    "out": str(work / "idx-all")},
                          env={"MEMAUDIT_INDEX_KEEP_SHARDS": "1"})
@@ -320,21 +331,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "largest_group": int(want.max())}
         print(json.dumps({"bench": "known duplicate structure", **results["known_structure"]}),
               flush=True)
-        if args.refinalize_limit:
+        if args.refinalize_limit:  # both finalisations again, from their shards, tighter
             rlimit = parse_memory(args.refinalize_limit)
-            os.replace(work / "idx-all.shards", work / "idx-all.partial")
-            shutil.rmtree(work / "idx-all.partial" / "grouping", ignore_errors=True)
-            before = (work / "idx-all" / "items.parquet").read_bytes()
-            res = _run_child("build", {**build, "memory_limit": args.refinalize_limit,
-                                       "calibrate": False, "source": str(work / "data"),
-                                       "out": str(work / "idx-all")})
-            runs["refinalize"] = _summary("finalise all again", args.rows, res, rlimit)
-            runs["refinalize"]["items_identical"] = (
-                before == (work / "idx-all" / "items.parquet").read_bytes())
-            print(json.dumps({"bench": "refinalise items identical",
-                              "items_identical": runs["refinalize"]["items_identical"]}),
-                  flush=True)
-        shutil.rmtree(work / "idx-all.shards", ignore_errors=True)
+            for name, rows, src in (("sub", args.subset, sub_src),
+                                    ("all", args.rows, str(work / "data"))):
+                idx = work / f"idx-{name}"
+                os.replace(idx.with_name(idx.name + ".shards"),
+                           idx.with_name(idx.name + ".partial"))
+                shutil.rmtree(idx.with_name(idx.name + ".partial") / "grouping")
+                before = (idx / "items.parquet").read_bytes()
+                res = _run_child("build", {**build, "memory_limit": args.refinalize_limit,
+                                           "calibrate": False, "source": src,
+                                           "out": str(idx)})
+                r = _summary(f"finalise {name} again", rows, res, rlimit)
+                r["items_identical"] = before == (idx / "items.parquet").read_bytes()
+                runs[f"refinalize_{name}"] = r
+                print(json.dumps({"bench": f"refinalise {name}: items identical",
+                                  "items_identical": r["items_identical"]}), flush=True)
+        for name in ("sub", "all"):
+            shutil.rmtree(work / f"idx-{name}.shards", ignore_errors=True)
         results["builds"] = runs
         if not args.skip_audit and not args.no_calibrate:
             audits = {}
@@ -344,18 +359,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 audits[name] = {"bench": f"audit ({name})", "index_rows": rows,
                                 "seconds": res["seconds"], "units": res["units"],
                                 "peak_rss_mib": _mib(res["peak_rss"]),
-                                "peak_anon_sampled_mib": _mib(res["peak_anon_sampled"])}
+                                "peak_anon_sampled_mib": _mib(res["peak_anon_sampled"]),
+                                "peak_file_sampled_mib": _mib(res["peak_file_sampled"])}
                 print(json.dumps(audits[name]), flush=True)
             audits["ratio_all_over_subset"] = round(
                 audits["all"]["peak_rss_mib"] / audits["sub"]["peak_rss_mib"], 3)
             results["audits"] = audits
-        a, b = runs["subset"], runs["all"]
-        results["peak_ratio_all_over_subset"] = round(b["peak_rss_mib"] / a["peak_rss_mib"], 3)
-        print(json.dumps({"bench": "peak growth", "subset_mib": a["peak_rss_mib"],
-                          "all_mib": b["peak_rss_mib"],
-                          "ratio": results["peak_ratio_all_over_subset"],
-                          **({"audit_ratio": results["audits"]["ratio_all_over_subset"]}
-                             if "audits" in results else {})}), flush=True)
+        growth = {"bench": "peak growth, subset -> all"}
+        for key, (x, y) in {"build": ("subset", "all"),
+                            "refinalize": ("refinalize_sub", "refinalize_all")}.items():
+            if x in runs and y in runs:
+                growth[key] = {"limit_mib": runs[y]["limit_mib"],
+                               "subset_mib": runs[x]["peak_rss_mib"],
+                               "all_mib": runs[y]["peak_rss_mib"],
+                               "ratio": round(runs[y]["peak_rss_mib"]
+                                              / runs[x]["peak_rss_mib"], 3)}
+        if "audits" in results:
+            growth["audit_ratio"] = results["audits"]["ratio_all_over_subset"]
+        results["peak_growth"] = growth
+        print(json.dumps(growth), flush=True)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
