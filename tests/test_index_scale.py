@@ -91,6 +91,15 @@ def _ivf_blocks_vs_memory(factory: str, metric, tmp_path, block_vectors: int):
     assert (tmp_path / "staging" / IVFDATA_FILE).is_file() and not (tmp_path / "work").exists()
     ref = faiss.clone_index(trained)
     ref.add(x)
+    # byte for byte what faiss' own on-disk merge makes of the index filled in memory
+    from faiss.contrib.ondisk import merge_ondisk
+
+    faiss.write_index(ref, str(tmp_path / "ref.index"))
+    (tmp_path / "faiss").mkdir()
+    merge_ondisk(faiss.clone_index(trained), [str(tmp_path / "ref.index")],
+                 str(tmp_path / "faiss" / IVFDATA_FILE))
+    assert (tmp_path / "faiss" / IVFDATA_FILE).read_bytes() == \
+        (tmp_path / "staging" / IVFDATA_FILE).read_bytes()
     from memaudit.index.fill import read_index
 
     got = read_index(tmp_path / "staging" / "index.faiss")

@@ -9,12 +9,14 @@ what stays in memory depends on the factory:
   one shard. Opened memory-mapped, as before.
 - IVF factories (`IVFn,Flat`, `IVFn,PQm`, `IVFn_HNSWm,...`, behind an optional transform such
   as OPQ or PCA): the trained index (quantizer) is kept once; vectors are added to an empty
-  copy of it in blocks of at most `block_bytes` of codes, each block written to disk, and
-  the blocks' inverted lists are merged list by list into faiss' on-disk inverted lists
-  (`OnDiskInvertedLists.merge_from_multiple`, as `faiss.contrib.ondisk.merge_ondisk`):
+  copy of it in blocks of at most `block_bytes` of codes, each block's lists written to a
+  file, and the blocks are merged list by list into faiss' on-disk inverted lists
+  (`OnDiskInvertedLists`, the layout `faiss.contrib.ondisk.merge_ondisk` produces):
   `index.faiss` then holds the quantizer and `index.ivfdata` the lists, memory-mapped at
-  search. Peak: the quantizer, one shard and one block. The lists hold the same entries in
-  the same order as one index filled in memory, so searches give the same results.
+  search. The merge reads and writes plain files (faiss' own merge memory-maps every block
+  and the output, whose pages then count in the process' memory up to the index's size).
+  Peak: the quantizer, one shard and one block. The lists hold the same entries in the same
+  order as one index filled in memory, so searches give the same results.
 - any other factory (HNSW, PQ without IVF, a refinement) is filled in memory, as before.
 
 Exact vectors (`vectors.npy`, compressed factories) are appended to the file the same way.
@@ -166,7 +168,7 @@ class IndexFiller:
         self.index, self.staging, self.work = index, staging, work
         self.mode = fill_mode(index)
         self.n = 0
-        self.blocks: list[Path] = []
+        self.blocks: list[tuple[Path, np.ndarray]] = []  # block file, entries per list
         if self.mode == "flat":
             self._flat = _FlatFile(staging / "index.faiss", index.d, index.metric_type)
         elif self.mode == "ivf":
@@ -201,13 +203,25 @@ class IndexFiller:
         self.n += len(x)
 
     def _flush(self) -> None:
+        """Write the block's lists to `work/block_K.bin` (list by list: codes then ids) and
+        keep their sizes; the block is freed."""
         import faiss
 
-        if self._block is not None and self._block.ntotal:
-            f = self.work / f"block_{len(self.blocks):05d}.index"
-            faiss.write_index(self._block, str(f))
-            self.blocks.append(f)
-        self._block = None
+        blk, self._block = self._block, None
+        if blk is None or not blk.ntotal:
+            return
+        il = faiss.extract_index_ivf(blk).invlists
+        cs = il.code_size
+        sizes = np.zeros(il.nlist, np.int64)
+        f = self.work / f"block_{len(self.blocks):05d}.bin"
+        with open(f, "wb") as out:
+            for lst in range(il.nlist):
+                n = il.list_size(lst)
+                if n:
+                    out.write(faiss.rev_swig_ptr(il.get_codes(lst), n * cs).tobytes())
+                    out.write(faiss.rev_swig_ptr(il.get_ids(lst), n).tobytes())
+                sizes[lst] = n
+        self.blocks.append((f, sizes))
 
     def finish(self) -> None:
         """Write staging/index.faiss (and index.ivfdata for IVF)."""
@@ -223,23 +237,47 @@ class IndexFiller:
         self._flush()
         final = faiss.deserialize_index(self._trained)
         ivf = faiss.extract_index_ivf(final)
-        lists = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size,
-                                          str(self.staging / IVFDATA_FILE))
-        parts, keep = faiss.InvertedListsPtrVector(), []
-        for f in self.blocks:  # memory-mapped, never loaded
-            blk = faiss.read_index(str(f), faiss.IO_FLAG_MMAP)
-            blk_ivf = faiss.extract_index_ivf(blk)
-            parts.push_back(blk_ivf.invlists)
-            keep.append((blk, blk_ivf))
-        with quiet_stdout():
-            ntotal = (lists.merge_from_multiple(parts.data(), parts.size(), False)
-                      if keep else 0)
+        nlist, cs = ivf.nlist, ivf.code_size
+        sizes = (np.sum([sz for _, sz in self.blocks], axis=0) if self.blocks
+                 else np.zeros(nlist, np.int64)).astype(np.int64)
+        ntotal = int(sizes.sum())
         if ntotal != self.n:
-            raise RuntimeError(f"merged {ntotal} vectors, expected {self.n}")
-        del parts, keep  # each block index still owns (and now frees) its lists
+            raise RuntimeError(f"blocks hold {ntotal} vectors, expected {self.n}")
+        data = self.staging / IVFDATA_FILE
+        lists = faiss.OnDiskInvertedLists(nlist, cs, str(data))
+        with quiet_stdout():  # it announces the resize on stdout
+            lists.update_totsize(max(1, ntotal * (cs + 8)))
+        lists.set_all_lists_sizes(faiss.swig_ptr(np.ascontiguousarray(sizes, np.uint64)))
+        self._merge(data, sizes, cs)
         ivf.replace_invlists(lists, True)
         lists.this.disown()
         final.ntotal = ivf.ntotal = ntotal
         faiss.write_index(final, str(out))
         del final
         shutil.rmtree(self.work)
+
+    def _merge(self, data: Path, sizes: np.ndarray, cs: int) -> None:
+        """Each list's entries from every block, in block order, into its place in
+        index.ivfdata (codes, then ids: faiss' OnDiskInvertedLists layout). Plain reads and
+        writes: nothing is memory-mapped, so this process' memory is one list."""
+        starts = [np.concatenate([[0], np.cumsum(sz * (cs + 8))]) for _, sz in self.blocks]
+        fds = [os.open(f, os.O_RDONLY) for f, _ in self.blocks]
+        out = os.open(data, os.O_WRONLY)
+        try:
+            pos = 0
+            for lst in range(len(sizes)):
+                total = int(sizes[lst])
+                if not total:
+                    continue
+                codes, ids = [], []
+                for fd, (_, sz), st in zip(fds, self.blocks, starts, strict=True):
+                    n = int(sz[lst])
+                    if n:
+                        buf = os.pread(fd, n * (cs + 8), int(st[lst]))
+                        codes.append(buf[:n * cs])
+                        ids.append(buf[n * cs:])
+                os.pwrite(out, b"".join(codes) + b"".join(ids), pos)
+                pos += total * (cs + 8)
+        finally:
+            for fd in [*fds, out]:
+                os.close(fd)
