@@ -175,7 +175,7 @@ class GroupTable:
         rep, count, start = (int(x) for x in self.table[int(group_id)])
         if count <= 1:
             return np.asarray([rep], np.int64)
-        return np.asarray(self.members[start:start + count], np.int64)
+        return np.array(self.members[start:start + count], np.int64)  # not the map itself
 
 
 def _npy_header(f, shape: tuple[int, ...]) -> None:

@@ -333,7 +333,7 @@ class TrainingIndex:
     def group_of_rows(self, row_ids) -> np.ndarray:
         r = np.asarray(row_ids, dtype=np.int64)
         g = self._items.take(r.reshape(-1), ["group_id"]).column(0).to_numpy()
-        return np.asarray(g, np.int64).reshape(r.shape)
+        return np.array(g, np.int64).reshape(r.shape)  # a writable copy
 
     def group_counts(self, group_ids) -> np.ndarray:
         """Number of items in each group (0 for -1)."""
