@@ -119,7 +119,7 @@ def _ivf_blocks_vs_memory(factory: str, metric, tmp_path, block_vectors: int):
             faiss.rev_swig_ptr(b.get_ids(lst), n).tolist()
 
 
-@pytest.mark.parametrize("factory", ["IVF8,PQ4", "IVF8,Flat", "PCA8,IVF8,PQ4"])
+@pytest.mark.parametrize("factory", ["IVF8,PQ4", "IVF8,Flat", "PCA8,IVF8,PQ4", "IVF256,Flat"])
 def test_ivf_filled_in_blocks_equals_in_memory(tmp_path, factory):
     _ivf_blocks_vs_memory(factory, faiss.METRIC_L2, tmp_path, block_vectors=500)
 

@@ -247,7 +247,8 @@ class IndexFiller:
         lists = faiss.OnDiskInvertedLists(nlist, cs, str(data))
         with quiet_stdout():  # it announces the resize on stdout
             lists.update_totsize(max(1, ntotal * (cs + 8)))
-        lists.set_all_lists_sizes(faiss.swig_ptr(np.ascontiguousarray(sizes, np.uint64)))
+        sizes_u64 = np.ascontiguousarray(sizes, np.uint64)  # alive while faiss reads it
+        lists.set_all_lists_sizes(faiss.swig_ptr(sizes_u64))
         self._merge(data, sizes, cs)
         ivf.replace_invlists(lists, True)
         lists.this.disown()
