@@ -110,6 +110,17 @@ class FakeIndex:
                 if g == group_id]
         return Counter(caps).most_common(1)[0][0]
 
+    @property
+    def nitems(self) -> int:
+        return self.items.num_rows
+
+    def group_of_rows(self, row_ids):
+        return self.items.column("group_id").to_numpy()[np.asarray(row_ids, np.int64)]
+
+    def take_items(self, row_ids, columns=None):
+        t = self.items.take(pa.array(np.asarray(row_ids, np.int64)))
+        return t if columns is None else t.select(list(columns))
+
     def item(self, row_id: int) -> dict:
         return {k: v[0] for k, v in self.items.slice(int(row_id), 1).to_pydict().items()}
 

@@ -42,8 +42,9 @@ def digits_data(tmp_path):
 def test_pixels_build_groups_items_manifest(tmp_path, digits_data):
     out = build_index(digits_data, "pixels", tmp_path / "idx", batch_size=8, shard_rows=16,
                       calibrate=False)
-    assert sorted(p.name for p in out.iterdir()) == ["index.faiss", "items.parquet",
-                                                     "manifest.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["groups.npy", "index.faiss",
+                                                     "items.parquet", "manifest.json",
+                                                     "members.npy"]
     assert not (tmp_path / "idx.partial").exists()
     idx = TrainingIndex.open(out)
     m = idx.manifest

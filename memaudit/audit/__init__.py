@@ -18,6 +18,7 @@ The plan (TOML; relative paths are relative to the plan file)::
     scheduler = "ddim"                # default: the model's (ddim; euler for SD3/FLUX)
     lora = ["style.safetensors:0.8"]  # optional LoRA fine-tunes, PATH[:SCALE]
     dtype = "fp16"                    # optional: fp32 / fp16 / bf16 (default: the family's)
+    memory_limit = "8GB"              # optional: caps the audit database's cache, an index build
     batch_size = 16                   # prompts x seeds per unit of work
     alignment = "auto"                # auto | digits | none
     [params.amg]                      # method parameters (or "amg.c3" = 50 under [params])

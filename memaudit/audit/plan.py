@@ -14,7 +14,8 @@ from memaudit.common import UserError, check_finite_tree, read_toml, sha256_file
 
 _PLAN_KEYS = {"out", "model", "index", "criteria", "methods", "seeds", "steps",
               "guidance_scale", "scheduler", "batch_size", "alignment", "params", "prompts",
-              "screen", "device", "guidance_criterion", "weights", "lora", "dtype", "quality"}
+              "screen", "device", "guidance_criterion", "weights", "lora", "dtype", "quality",
+              "memory_limit"}
 _SCREEN_KEYS = {"steps", "seeds", "threshold", "clean_label", "fpr", "score", "params"}
 #: what an audit writes under OUT (besides an index it builds): checked against the inputs
 OUT_WRITES = ("audit.duckdb", "audit.duckdb.wal", "images")
@@ -67,6 +68,7 @@ class Plan:
     quality: QualitySpec | None = field(default_factory=QualitySpec)
     lora: list[str] = field(default_factory=list)  # PATH[:SCALE] (memaudit.models.lora)
     dtype: str | None = None  # fp32 / fp16 / bf16 (default: the family's on CUDA)
+    memory_limit: str | None = None  # "4GB": memaudit.engine.memory (not part of the hash)
 
     def model_options(self) -> dict[str, Any]:
         """load_model keyword arguments beyond (spec, device), only those set."""
@@ -79,6 +81,7 @@ class Plan:
         """What must match for a run to be resumed (the device may change)."""
         d = self.to_dict()
         d.pop("device", None)
+        d.pop("memory_limit", None)  # where it runs, not what it computes
         return d
 
     def hash(self) -> str:
@@ -189,6 +192,12 @@ def plan_from_dict(d: dict[str, Any], base: str | Path = ".") -> Plan:
     alignment = d.get("alignment", "auto")
     _need(alignment in ("auto", "digits", "none"), "'alignment' must be auto, digits or none")
 
+    memory_limit = d.get("memory_limit")
+    if memory_limit is not None:
+        from memaudit.engine.memory import parse_memory
+
+        parse_memory(memory_limit, "plan: memory_limit")
+        memory_limit = str(memory_limit)
     prompts, labels = _prompt_lists(d["prompts"], base)
     screen = _screen(d.get("screen"), labels)
     params = d.get("params", {})
@@ -202,6 +211,7 @@ def plan_from_dict(d: dict[str, Any], base: str | Path = ".") -> Plan:
         guidance_scale=None if scale is None else float(scale), scheduler=scheduler,
         batch_size=batch, alignment=alignment, guidance_criterion=guide, prompts=prompts,
         screen=screen, device=d.get("device"), weights=weights, lora=lora, dtype=dtype,
+        memory_limit=memory_limit,
         quality=quality_from_plan(d.get("quality"), base))
     check_plan_outputs(plan)
     return plan

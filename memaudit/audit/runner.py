@@ -155,6 +155,8 @@ def _run_audit(plan: Plan, eng: Any, new_run: bool, components: Components | Non
         log(f"building index {plan.index} from {source} ({embedder}"
             + (f", compared at the model's output size {size_from_model[0]}x"
                f"{size_from_model[1]}" if size_from_model else "") + ")")
+        if plan.memory_limit and "memory_limit" not in b:
+            b["memory_limit"] = plan.memory_limit
         comp.build_index(source, embedder, plan.index, factory=factory, device=device,
                          embedder_opts=opts, **b, **({} if local else {"engine": eng}))
     if not Path(plan.index).exists():
@@ -173,6 +175,11 @@ def _run_audit(plan: Plan, eng: Any, new_run: bool, components: Components | Non
 
     out.mkdir(parents=True, exist_ok=True)
     store = AuditStore(plan.db_path)
+    if plan.memory_limit:  # the audit database's own cache (DuckDB spills beyond it)
+        from memaudit.engine.memory import parse_memory, stage_budgets
+
+        budget = stage_budgets(parse_memory(plan.memory_limit, "memory_limit"))["grouping"]
+        store.con.execute(f"SET memory_limit = '{budget}B'")
     run_id: int | None = None
     try:
         run_id = _start_or_resume(store, plan, model, ihash, new_run, log)

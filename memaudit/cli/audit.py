@@ -51,6 +51,8 @@ def audit_cmd(
                                      help="With --init: DreamBooth class prompt."),
     overwrite: bool = typer.Option(False, "--overwrite",
                                    help="With --init: replace an existing plan."),
+    memory_limit: str = typer.Option(None, "--memory-limit", help="Peak memory per process, "
+                                     "e.g. 4GB (overrides the plan's memory_limit)."),
 ) -> None:
     """Run (or resume) a whole audit: generate, detect, screen, quality -> OUT/audit.duckdb.
     `--init MODEL DATA` writes a plan to start from instead."""
@@ -74,6 +76,11 @@ def audit_cmd(
     if threads is not None:
         set_threads(threads)
     p = load_plan(plan)
+    if memory_limit is not None:
+        from memaudit.engine.memory import parse_memory
+
+        parse_memory(memory_limit)
+        p.memory_limit = memory_limit
     overrides = {"clip_model": clip_model, "clip_pretrained": clip_pretrained,
                  "inception": inception}
     if any(v is not None for v in overrides.values()):

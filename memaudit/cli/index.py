@@ -57,6 +57,8 @@ def build(
                                 "[a local instance]"),
     actors: int = typer.Option(None, "--actors",
                                help="ray: model replicas [one per GPU, else per CPU]"),
+    memory_limit: str = typer.Option(None, "--memory-limit",
+                                     help="peak memory of each stage, e.g. 4GB [half the RAM]"),
 ) -> None:
     """Build DIR/{index.faiss, items.parquet, manifest.json} from a training set or recipe."""
     from memaudit.common import UserError
@@ -82,7 +84,7 @@ def build(
                  "image_col": image_col, "caption_col": caption_col, "key_col": key_col,
                  "calibrate": calibrate, "faiss_params": faiss_params,
                  "rerank": rerank, "layout": layout, "instance_prompt": instance_prompt,
-                 "class_prompt": class_prompt}.items():
+                 "class_prompt": class_prompt, "memory_limit": memory_limit}.items():
         if v is not None:
             kwargs[k] = v
     if overwrite:

@@ -103,11 +103,11 @@ def calibrate_index(index: Any, sample: int = 2000, fprs: Sequence[float] = (0.0
     ngroups = int(index.index.ntotal)
     names = list(criteria) if criteria is not None else list(supported_criteria(index))
     rng = np.random.default_rng(seed)
-    group_of_item = np.asarray(index.items.column("group_id").to_numpy(), np.int64)
-    nitems = len(group_of_item)
+    nitems = int(index.nitems)
     n = min(int(sample), nitems)
     rows = np.sort(rng.choice(nitems, size=n, replace=False)) if n > 0 else np.zeros(0, int)
-    sampled = group_of_item[rows]  # each item's own group (repeated for duplicates)
+    # each item's own group (repeated for duplicates), read for the sampled rows only
+    sampled = np.asarray(index.group_of_rows(rows), np.int64)
     settings: dict[str, Any] = {
         "sample": int(sample), "sampled": int(n), "unit": "training items",
         "items": nitems, "groups": ngroups, "seed": int(seed),

@@ -273,19 +273,8 @@ def calibrated_threshold_or_none(index: Any, name: str, fpr: str) -> float | Non
 
 
 def describe_rows(index: Any, rows: Sequence[int]) -> dict[str, list]:
-    """key, caption and group_count of items by row id (vectorised over the items table)."""
+    """key, caption and group_count of items by row id (only those rows are read)."""
     rows = [int(r) for r in rows]
-    items = index.items
-    row_ids = np.asarray(items.column("row_id").to_numpy(), np.int64)
-    if len(row_ids) and np.array_equal(row_ids, np.arange(len(row_ids))):
-        pos = np.asarray(rows, np.int64)
-    else:
-        lookup = {int(r): i for i, r in enumerate(row_ids)}
-        pos = np.asarray([lookup[r] for r in rows], np.int64)
-    out: dict[str, list] = {}
-    for col in ("key", "caption", "group_count"):
-        if col in items.column_names:
-            out[col] = items.column(col).take(pos).to_pylist() if len(pos) else []
-        else:
-            out[col] = [None] * len(rows)
-    return out
+    t = index.take_items(rows)
+    return {c: t.column(c).to_pylist() if c in t.column_names else [None] * len(rows)
+            for c in ("key", "caption", "group_count")}

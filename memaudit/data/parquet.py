@@ -142,11 +142,12 @@ def iter_training_batches(source: str | Path, image_col: str | None = None,
             continue
         cols = detect_columns(pf.schema_arrow, path, image_col, caption_col, key_col)
         wanted = [c for c in (cols.image, cols.caption, cols.key) if c]
-        # skip whole row groups before start_row
+        # read tasks by row group: only the row groups overlapping [start_row, stop_row)
         groups, rg_offset, first_row = [], 0, None
         for i in range(pf.metadata.num_row_groups):
             rg_n = pf.metadata.row_group(i).num_rows
-            if offset + rg_offset + rg_n > start_row:
+            if (offset + rg_offset + rg_n > start_row
+                    and (stop_row is None or offset + rg_offset < stop_row)):
                 if first_row is None:
                     first_row = rg_offset
                 groups.append(i)
@@ -156,6 +157,13 @@ def iter_training_batches(source: str | Path, image_col: str | None = None,
         try:
             batches = pf.iter_batches(batch_size=batch_rows, row_groups=groups, columns=wanted)
             for rb in batches:
+                # rows of this batch before start_row are not converted to Python
+                lead = min(rb.num_rows, max(0, start_row - offset - row_in_file))
+                if lead:
+                    rb = rb.slice(lead)
+                    row_in_file += lead
+                if stop_row is not None:
+                    rb = rb.slice(0, max(0, min(rb.num_rows, stop_row - offset - row_in_file)))
                 images = rb.column(cols.image)
                 if cols.image_is_struct:
                     images = images.field("bytes")

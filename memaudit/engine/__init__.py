@@ -7,9 +7,10 @@ every engine: one index shard (`memaudit.index.shards.build_shard`) or one audit
 bookkeeping and finalisation, the DuckDB transactions).
 
 - `local`: one worker in this process (the factory is called once, here).
-- `ray`: Ray Data over the items with a pool of actors, each holding one worker (one model
-  replica per GPU, or one per CPU), on a local Ray instance or a cluster
-  (`--address auto|HOST:PORT`). Needs the optional extra `memaudit[ray]`.
+- `ray`: a pool of Ray actors, each holding one worker (one model replica per GPU, or one
+  per CPU), spread over the nodes of a local Ray instance or a cluster
+  (`--address auto|HOST:PORT`); a lost actor's items are computed again by the others.
+  Needs the optional extra `memaudit[ray]`.
 
 A factory is a picklable callable `factory(device) -> worker`, `worker(item) -> result`;
 items and results are picklable and small (paths, ids, scores), never images or tensors.

@@ -1,10 +1,14 @@
-"""The Ray engine: work items on a pool of Ray actors through Ray Data (`memaudit[ray]`).
+"""The Ray engine: work items on a pool of Ray actors (`memaudit[ray]`).
 
 Each actor calls the factory once (loads one model replica: on its GPU when the cluster has
-GPUs, else on CPU) and then runs items one at a time; Ray Data streams the items to the pool
-and the results back to the driver in item order (`preserve_order`), so the driver writes
-exactly what a local run writes, in the same order. Paths in the items must be visible to
-every node (a shared filesystem mounted at the same path), like the inputs themselves.
+GPUs, else on CPU) and then runs items one at a time. The driver hands each ready actor up
+to two items at a time, keeps what comes back, and yields the results in item order, so it
+writes exactly what a local run writes, in the same order. Actors are spread over the nodes
+(`SPREAD`). An actor that dies (its node lost, its process killed) is not restarted in place:
+its unfinished items go back to the queue, to the actors left, and a replacement actor is
+asked for, which takes work once it has started wherever the cluster has room; every item's
+result is yielded exactly once. Paths in the items must be visible to every node (a shared
+filesystem mounted at the same path), like the inputs themselves.
 """
 
 from __future__ import annotations
@@ -80,20 +84,25 @@ class _Actor:
         except UserError as e:  # e.g. missing weights: reported by the first item
             self.failed = _Failed(e)
 
-    def _run(self, item: Any) -> Any:
+    def ready(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+    def run(self, item: bytes) -> bytes:
         if self.failed is not None:
-            return self.failed
+            return pickle.dumps(self.failed, protocol=5)
         try:
-            return self.worker(item)
+            result = self.worker(pickle.loads(item))
         except UserError as e:
-            return _Failed(e)
+            result = _Failed(e)
+        return pickle.dumps(result, protocol=5)
 
-    def __call__(self, batch):
-        import pyarrow as pa
 
-        out = [pickle.dumps(self._run(pickle.loads(b)), protocol=5)
-               for b in batch.column("item").to_pylist()]
-        return pa.table({"i": batch.column("i"), "r": pa.array(out, pa.binary())})
+#: items handed to one actor at a time (one running, one waiting: the actor never idles)
+_IN_FLIGHT = 2
+#: an actor that dies while starting this many times in a row ends the map
+_MAX_START_FAILURES = 3
 
 
 class RayEngine:
@@ -105,6 +114,8 @@ class RayEngine:
 
     def __init__(self, address: str | None = None, actors: int | None = None,
                  device: str | None = None):
+        #: items computed per Ray node id in the last `map` (which nodes did the work)
+        self.nodes_used: dict[str, int] = {}
         if actors is not None and actors < 1:
             raise UserError("--actors must be at least 1")
         if address is not None:
@@ -158,42 +169,88 @@ class RayEngine:
         p = self._connect()
         return {"name": self.name, "address": self.address or "local",
                 "actors": p["actors"], "gpus_per_actor": p["gpus_per_actor"],
-                "cpus_per_actor": p["cpus_per_actor"]}
+                "cpus_per_actor": p["cpus_per_actor"],
+                **({"nodes": len(self.nodes_used)} if self.nodes_used else {})}
 
     # -- the work --------------------------------------------------------------------------
+    def _new_actor(self, factory_ref, p: dict[str, Any]):
+        ray = self.ray
+        opts: dict[str, Any] = {"num_cpus": p["cpus_per_actor"], "max_restarts": 0,
+                                "scheduling_strategy": "SPREAD"}
+        if p["gpus_per_actor"]:
+            opts["num_gpus"] = 1
+        actor = ray.remote(_Actor).options(**opts).remote(
+            factory_ref, self.worker_device(), int(p["cpus_per_actor"]))
+        return actor, actor.ready.remote()
+
     def map(self, factory, items: Sequence[Any], cpus: int = 1) -> Iterator[Any]:
-        """Results of `factory(device)(item)` for every item, in item order."""
+        """Results of `factory(device)(item)` for every item, in item order (module
+        docstring: lost actors' items are computed again by the others)."""
         if not items:
             return
-        import ray.data
+        ray = self.ray
+        from ray.exceptions import RayActorError
 
         p = self._connect()
-        ctx = ray.data.DataContext.get_current()
-        saved = (ctx.execution_options.preserve_order, ctx.enable_progress_bars)
-        ctx.execution_options.preserve_order = True
-        logging.getLogger("ray.data").setLevel(logging.ERROR)
-        ctx.enable_progress_bars = False
+        factory_ref = ray.put(factory)
+        todo = list(range(len(items)))  # indices not yet handed out (front: first)
+        starting: dict[Any, Any] = {}  # ready ref -> actor
+        busy: dict[Any, tuple[Any, int]] = {}  # result ref -> (actor, item index)
+        load: dict[Any, int] = {}  # live actor -> items handed to it
+        node_of: dict[Any, str] = {}
+        results: dict[int, Any] = {}
+        start_failures, nxt = 0, 0
+        self.nodes_used = {}
+        for _ in range(min(p["actors"], len(items))):
+            a, ref = self._new_actor(factory_ref, p)
+            starting[ref] = a
         try:
-            rows = [{"i": i, "item": pickle.dumps(it, protocol=5)} for i, it in enumerate(items)]
-            ds = ray.data.from_items(rows, override_num_blocks=len(rows))
-            gpu = {"num_gpus": 1} if p["gpus_per_actor"] else {}
-            ds = ds.map_batches(
-                _Actor, fn_constructor_args=(factory, self.worker_device(),
-                                             int(p["cpus_per_actor"])),
-                batch_size=1, batch_format="pyarrow",
-                compute=ray.data.ActorPoolStrategy(size=min(p["actors"], len(rows))),
-                num_cpus=p["cpus_per_actor"], **gpu)
-            expect = 0
-            for row in ds.iter_rows():
-                if row["i"] != expect:  # preserve_order is a contract; check it
-                    raise RuntimeError(f"Ray returned item {row['i']}, expected {expect}")
-                expect += 1
-                result = pickle.loads(row["r"])
-                if isinstance(result, _Failed):
-                    raise UserError(result.message, result.exit_code)
-                yield result
+            while nxt < len(items):
+                for a in [a for a, n in load.items() if n < _IN_FLIGHT]:
+                    while todo and load[a] < _IN_FLIGHT:
+                        i = todo.pop(0)
+                        busy[a.run.remote(pickle.dumps(items[i], protocol=5))] = (a, i)
+                        load[a] += 1
+                ready, _ = ray.wait([*starting, *busy], num_returns=1)
+                ref = ready[0]
+                if ref in starting:
+                    a = starting.pop(ref)
+                    try:
+                        node_of[a] = ray.get(ref)
+                        load[a] = 0
+                        start_failures = 0
+                    except RayActorError:  # died while starting (its node lost...)
+                        start_failures += 1
+                        if start_failures > _MAX_START_FAILURES:
+                            raise
+                        a, r = self._new_actor(factory_ref, p)
+                        starting[r] = a
+                    continue
+                a, i = busy.pop(ref)
+                try:
+                    out = pickle.loads(ray.get(ref))
+                except RayActorError:  # lost: its items back to the queue, a replacement
+                    lost = sorted([i] + [j for r, (b, j) in list(busy.items()) if b is a])
+                    for r in [r for r, (b, _) in busy.items() if b is a]:
+                        del busy[r]
+                    load.pop(a, None)
+                    todo = sorted(set(todo) | set(lost))
+                    a2, r2 = self._new_actor(factory_ref, p)
+                    starting[r2] = a2
+                    continue
+                load[a] -= 1
+                results[i] = out
+                node = node_of.get(a, "")
+                self.nodes_used[node] = self.nodes_used.get(node, 0) + 1
+                while nxt in results:
+                    result = results.pop(nxt)
+                    nxt += 1
+                    if isinstance(result, _Failed):
+                        raise UserError(result.message, result.exit_code)
+                    yield result
         finally:
-            ctx.execution_options.preserve_order, ctx.enable_progress_bars = saved
+            for a in [*load, *starting.values()]:
+                ray.kill(a, no_restart=True)
 
     def close(self) -> None:
         """Shut down the Ray instance this engine started (not one it joined)."""

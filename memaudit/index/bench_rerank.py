@@ -2,7 +2,7 @@
 
 Synthetic vectors stand in for a large training set: `n` items in clusters (so the nearest
 neighbours are cluster-mates at realistic similarities), indexed twice through the build's
-own finalisation (`build._finalize`: IVF-PQ trained on a sample, filled shard by shard,
+own finalisation (`finalize_shards`: IVF-PQ trained on a sample, filled shard by shard,
 vectors.npy kept): once `Flat` (the truth) and once with a compressed factory. Queries are
 near-copies of training items at similarities spread across the copy threshold, and fresh
 cluster members (near but not copies). For each way of answering, the real criterion (sscd
@@ -69,7 +69,8 @@ def index_from_vectors(vectors: np.ndarray, out: Path, factory: str, metric: str
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from memaudit.index.build import FORMAT_VERSION, _finalize
+    from memaudit.index.build import FORMAT_VERSION
+    from memaudit.index.finalize import finalize_shards
     from memaudit.index.shards import shard_paths
     from memaudit.index.training_index import (
         MANIFEST_FILE,
@@ -98,8 +99,8 @@ def index_from_vectors(vectors: np.ndarray, out: Path, factory: str, metric: str
                                       .hexdigest()})
     staging = partial / "final"
     staging.mkdir()
-    stats = _finalize(partial, staging, nshards, SimpleNamespace(dim=dim, metric=metric),
-                      factory, train_sample)
+    stats = finalize_shards(partial, staging, nshards,
+                            SimpleNamespace(dim=dim, metric=metric), factory, train_sample)
     manifest = {"format": "memaudit-index", "format_version": FORMAT_VERSION,
                 "embedder": {"name": embedder, "config": {}}, "dim": dim, "metric": metric,
                 "factory": factory, "rows": stats["rows"], "groups": stats["groups"],

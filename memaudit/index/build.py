@@ -8,12 +8,13 @@ rename. Decoding and preprocessing run in worker threads ahead of the model.
 
 Exact duplicates (same decoded pixels at index resolution, i.e. the same preprocessed
 tensor) form one group; the faiss index holds the first-seen representative of each group
-(faiss id == group id), so nL2's S_k is over representatives (METHODS 1.2).
+(faiss id == group id), so nL2's S_k is over representatives (METHODS 1.2). The
+finalisation (grouping with DuckDB, faiss filled in pieces) is `memaudit.index.finalize`;
+`memory_limit` bounds every stage (issue 20).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -22,18 +23,21 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
-
 from memaudit.common import UserError, package_versions, progress_bar
 from memaudit.data.parquet import image_size
 from memaudit.data.training_set import iter_training_batches, open_training_set
+from memaudit.engine.memory import (
+    format_bytes,
+    last_stages,
+    parse_memory,
+    stage,
+    stage_budgets,
+)
+from memaudit.index.finalize import ITEM_SCHEMA, finalize_shards
+from memaudit.index.grouping import group_duplicates
 from memaudit.index.output import check_index_out, remove_partial
 from memaudit.index.shards import ShardFactory, ShardSpec, last_build_stats, shard_paths
 from memaudit.index.training_index import (
-    INDEX_FILE,
-    ITEMS_FILE,
     MANIFEST_FILE,
     MAX_RERANK,
     VECTORS_FILE,
@@ -43,21 +47,14 @@ from memaudit.index.training_index import (
     write_json_atomic,
 )
 
+__all__ = ["ITEM_SCHEMA", "build_index", "group_duplicates", "make_faiss_index",
+           "run_calibration"]
+
 FORMAT_VERSION = 1
 #: test hook: os._exit right after this shard number has been saved
 EXIT_AFTER_SHARD_ENV = "MEMAUDIT_INDEX_EXIT_AFTER_SHARD"
-
-ITEM_SCHEMA = pa.schema([
-    ("row_id", pa.int64()),
-    ("key", pa.string()),
-    ("caption", pa.string()),
-    ("source_file", pa.string()),
-    ("source_row", pa.int64()),
-    ("group_id", pa.int64()),
-    ("group_count", pa.int64()),
-    ("is_representative", pa.bool_()),
-])
-
+#: benchmark hook: keep DIR.partial's shards as DIR.shards (memaudit.index.bench_scale)
+KEEP_SHARDS_ENV = "MEMAUDIT_INDEX_KEEP_SHARDS"
 
 def faiss_metric(metric: str) -> int:
     import faiss
@@ -127,6 +124,29 @@ def _settings_fingerprint(files: list[Path], counts: list[int], embedder, factor
     }
 
 
+def check_memory(limit: int | None, index, factory: str, rows: int, shard_rows: int,
+                 dim: int, train_sample: int) -> None:
+    """Refuse, before any work, settings whose known memory exceeds an explicit limit: one
+    shard's embeddings on a worker, the IVF training sample, or a factory that is filled in
+    memory (rows: the input rows, an upper bound on the groups)."""
+    from memaudit.index.fill import check_memory_fill
+
+    if limit is None:
+        return
+    budgets = stage_budgets(limit)
+    shard = 2 * shard_rows * dim * 4  # the embeddings + the tensors waiting for the model
+    if shard > budgets["shard"]:
+        raise UserError(f"--shard-rows {shard_rows} at dim {dim} needs about "
+                        f"{format_bytes(shard)} per worker, over its share of --memory-limit "
+                        f"{format_bytes(limit)}: lower --shard-rows")
+    sample = min(train_sample, rows) * dim * 4
+    if not index.is_trained and sample > budgets["train"]:
+        raise UserError(f"the IVF training sample ({min(train_sample, rows)} vectors of dim "
+                        f"{dim}, {format_bytes(sample)}) is over its share of --memory-limit "
+                        f"{format_bytes(limit)}: lower train_sample")
+    check_memory_fill(index, factory, rows, limit)
+
+
 def build_index(source: str | Path, embedder: str, out: str | Path, factory: str = "Flat",
                 device: str | None = None, batch_size: int = 64, image_col: str | None = None,
                 caption_col: str | None = None, key_col: str | None = None,
@@ -136,7 +156,8 @@ def build_index(source: str | Path, embedder: str, out: str | Path, factory: str
                 engine: Any = "local", address: str | None = None, actors: int | None = None,
                 faiss_params: str | None = None, rerank: int | None = None,
                 layout: str | None = None, instance_prompt: str | None = None,
-                class_prompt: str | None = None) -> Path:
+                class_prompt: str | None = None,
+                memory_limit: str | int | None = None) -> Path:
     """Build a training-set index (see the module docstring); returns the index directory.
 
     `engine` ("local", "ray" or an engine object, see memaudit.engine) decides only where
@@ -144,12 +165,15 @@ def build_index(source: str | Path, embedder: str, out: str | Path, factory: str
     also keep the exact vectors for re-ranking the `rerank` best candidates (default 100;
     refused on exact factories, which have nothing to re-rank). `source` is a training set
     in any layout (memaudit.data.training_set; `layout`, `instance_prompt`, `class_prompt`
-    and the column options choose and read it)."""
+    and the column options choose and read it). `memory_limit` ("4GB", bytes) caps each
+    stage's peak in one process (memaudit.engine.memory)."""
     from memaudit.embedders import EMBEDDERS, make_embedder
     from memaudit.engine import make_engine
 
     t0 = time.time()
     last_build_stats.clear()
+    last_stages.clear()
+    limit = parse_memory(memory_limit)
     if embedder not in EMBEDDERS:
         raise UserError(f"unknown embedder {embedder!r}; choose one of {', '.join(EMBEDDERS)}")
     if batch_size < 1 or shard_rows < 1:
@@ -181,6 +205,7 @@ def build_index(source: str | Path, embedder: str, out: str | Path, factory: str
     probe = make_faiss_index(emb.dim, factory, emb.metric)  # bad strings fail before work
     if faiss_params:
         set_faiss_params(probe, faiss_params)
+    check_memory(limit, probe, factory, total, shard_rows, emb.dim, train_sample)
 
     partial = out.with_name(out.name + ".partial")
     settings = _settings_fingerprint(files, counts, emb, factory, cols, shard_rows, data)
@@ -206,7 +231,8 @@ def build_index(source: str | Path, embedder: str, out: str | Path, factory: str
     done_rows = (nshards - len(todo)) * shard_rows
     exit_after = os.environ.get(EXIT_AFTER_SHARD_ENV)
     try:
-        with progress_bar(f"index {embedder}", total=total, unit="rows") as advance:
+        with stage("shards"), progress_bar(f"index {embedder}", total=total,
+                                           unit="rows") as advance:
             advance(min(done_rows, total))
             work = ShardFactory(spec, emb.name, emb.config(), embedder=emb if local else None,
                                 advance=advance if local else None)
@@ -234,7 +260,7 @@ def build_index(source: str | Path, embedder: str, out: str | Path, factory: str
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir()
-    stats = _finalize(partial, staging, nshards, emb, factory, train_sample)
+    stats = finalize_shards(partial, staging, nshards, emb, factory, train_sample, limit)
     exact = None
     if stats["exact_vectors"]:
         exact = {"file": VECTORS_FILE, "dtype": "float32", "rerank_candidates": int(rerank)}
@@ -268,13 +294,17 @@ def build_index(source: str | Path, embedder: str, out: str | Path, factory: str
     }
     write_json_atomic(staging / MANIFEST_FILE, manifest)
     if calibrate:
-        run_calibration(staging, emb, **(calibration_opts or {}))
+        with stage("calibration"):
+            run_calibration(staging, emb, **(calibration_opts or {}))
         manifest = json.loads((staging / MANIFEST_FILE).read_text())
     manifest["build_seconds"] = round(time.time() - t0, 3)
     write_json_atomic(staging / MANIFEST_FILE, manifest)
 
     publish_dir(staging, out)
-    shutil.rmtree(partial)
+    if os.environ.get(KEEP_SHARDS_ENV):  # benchmark hook: the shards stay for a reference
+        os.replace(partial, out.with_name(out.name + ".shards"))
+    else:
+        shutil.rmtree(partial)
     return out
 
 
@@ -299,130 +329,3 @@ def run_calibration(index_dir: Path, embedder=None, **opts: Any) -> dict[str, An
     idx.manifest.pop("calibration_note", None)
     idx.save_manifest()
     return result
-
-
-def group_duplicates(hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Exact-duplicate groups from per-item digests [n, 16] (uint8), numbered in order of
-    first appearance: (group id per item, is-representative (first seen) per item,
-    item count per group)."""
-    n = len(hashes)
-    if n == 0:
-        return np.zeros(0, np.int64), np.zeros(0, bool), np.zeros(0, np.int64)
-    keys = np.ascontiguousarray(hashes, dtype=np.uint8).view(f"V{hashes.shape[1]}").ravel()
-    _, first, inverse, counts = np.unique(keys, return_index=True, return_inverse=True,
-                                          return_counts=True)
-    order = np.argsort(first, kind="stable")
-    rank = np.empty_like(order)
-    rank[order] = np.arange(len(order))
-    groups = rank[inverse.ravel()].astype(np.int64)
-    rep = np.zeros(n, dtype=bool)
-    rep[first] = True
-    return groups, rep, counts[order].astype(np.int64)
-
-
-def _finalize(partial: Path, staging: Path, nshards: int, emb, factory: str,
-              train_sample: int) -> dict[str, Any]:
-    """Group duplicates, build the faiss index over representatives, write items.parquet."""
-    import faiss
-
-    skipped_by_reason: dict[str, int] = {}
-    skipped_keys: dict[str, list[str]] = {}
-    content = hashlib.sha256()
-    hash_parts: list[np.ndarray] = []
-    for k in range(nshards):
-        p = shard_paths(partial, k)
-        info = json.loads(p["done"].read_text())
-        content.update(bytes.fromhex(info["content_digest"]))
-        for s in info["skipped"]:
-            skipped_by_reason[s["reason"]] = skipped_by_reason.get(s["reason"], 0) + 1
-            skipped_keys.setdefault(s["reason"], []).append(s["key"])
-        hash_parts.append(np.load(p["hash"]))
-    sizes = [len(h) for h in hash_parts]
-    groups, rep_all, count_arr = group_duplicates(
-        np.concatenate(hash_parts) if hash_parts else np.zeros((0, 16), np.uint8))
-    del hash_parts
-    bounds = np.cumsum([0, *sizes])
-    shard_groups = [groups[bounds[i]:bounds[i + 1]] for i in range(nshards)]
-    shard_reps = [rep_all[bounds[i]:bounds[i + 1]] for i in range(nshards)]
-    ngroups = len(count_arr)
-
-    index = make_faiss_index(emb.dim, factory, emb.metric)
-    if not index.is_trained:
-        if ngroups == 0:
-            raise UserError("no decodable images: cannot train the faiss index")
-        rng = np.random.default_rng(0)
-        pick = np.sort(rng.choice(ngroups, size=min(train_sample, ngroups), replace=False))
-        parts, seen = [], 0
-        for k in range(nshards):
-            nrep = int(shard_reps[k].sum())
-            sel = pick[(pick >= seen) & (pick < seen + nrep)] - seen
-            if len(sel):
-                vecs = np.load(shard_paths(partial, k)["emb"], mmap_mode="r")[shard_reps[k]]
-                parts.append(np.asarray(vecs[sel], dtype=np.float32))
-            seen += nrep
-        train = np.ascontiguousarray(np.concatenate(parts))
-        try:
-            index.train(train)
-        except RuntimeError as e:
-            raise UserError(f"cannot train faiss {factory!r} on {len(train)} vectors: "
-                            f"{str(e).strip().splitlines()[-1]}") from e
-    # Flat: allocate the vector storage once and fill it shard by shard (repeated add()
-    # would grow it by doubling, a transient of up to 3x the vectors' size)
-    flat = faiss.downcast_index(index)
-    direct = None
-    if isinstance(flat, faiss.IndexFlat) and ngroups:
-        flat.codes.resize(ngroups * flat.code_size)
-        direct = faiss.rev_swig_ptr(flat.codes.data(), ngroups * flat.code_size)
-        direct = direct.view(np.float32).reshape(ngroups, emb.dim)
-    # compressed factories: the exact vectors too, for re-ranking (docs/index-format.md)
-    exact = (np.lib.format.open_memmap(staging / VECTORS_FILE, mode="w+", dtype=np.float32,
-                                       shape=(ngroups, emb.dim))
-             if is_lossy_factory(factory) else None)
-    writer = pq.ParquetWriter(staging / ITEMS_FILE, ITEM_SCHEMA)
-    row0 = 0
-    filled = 0
-    try:
-        for k in range(nshards):
-            p = shard_paths(partial, k)
-            vecs = np.load(p["emb"], mmap_mode="r")
-            rep = shard_reps[k]
-            nrep = int(rep.sum())
-            if nrep and direct is not None:
-                direct[filled:filled + nrep] = vecs[rep]
-            elif nrep:
-                index.add(np.ascontiguousarray(vecs[rep], dtype=np.float32))
-            if nrep and exact is not None:
-                exact[filled:filled + nrep] = vecs[rep]
-            filled += nrep
-            items = pq.read_table(p["items"])
-            n = items.num_rows
-            g = shard_groups[k]
-            table = pa.table({
-                "row_id": pa.array(np.arange(row0, row0 + n, dtype=np.int64)),
-                "key": items.column("key"),
-                "caption": items.column("caption"),
-                "source_file": items.column("source_file"),
-                "source_row": items.column("source_row"),
-                "group_id": pa.array(g),
-                "group_count": pa.array(count_arr[g] if n else np.zeros(0, np.int64)),
-                "is_representative": pa.array(rep),
-            }, schema=ITEM_SCHEMA)
-            writer.write_table(table)
-            row0 += n
-    finally:
-        writer.close()
-    if direct is not None:
-        del direct
-        flat.ntotal = ngroups  # same C++ object as `index` (which keeps ownership)
-    if exact is not None:
-        exact.flush()
-        del exact
-    faiss.write_index(index, str(staging / INDEX_FILE))
-    return {
-        "exact_vectors": is_lossy_factory(factory),
-        "rows": row0,
-        "groups": ngroups,
-        "skipped": {"total": sum(skipped_by_reason.values()), "by_reason": skipped_by_reason,
-                    "keys": skipped_keys},
-        "content_hash": content.hexdigest(),
-    }

@@ -29,7 +29,7 @@ from memaudit.common import UserError, read_toml
 BUILD_KEYS = {"data", "source", "embedder", "out", "path", "factory", "device", "batch_size",
               "image_col", "caption_col", "key_col", "shard_rows", "calibrate", "workers",
               "overwrite", "train_sample", "embedder_opts", "calibration", "faiss_params",
-              "rerank", "layout", "instance_prompt", "class_prompt"}
+              "rerank", "layout", "instance_prompt", "class_prompt", "memory_limit"}
 EMBEDDER_KEYS = {"weights", "weights_sha256", "preprocessing", "short_edge", "crop", "size",
                  "model", "pretrained", "model_config"}
 #: keys a plan's [index] table may not set (the plan sets them, or builds only once)
@@ -52,6 +52,8 @@ TYPES: dict[str, tuple[str, Any]] = {
     "train_sample": _POS_INT, "calibrate": _BOOL, "overwrite": _BOOL,
     "faiss_params": _STR, "rerank": _POS_INT, "layout": _STR, "instance_prompt": _STR,
     "class_prompt": _STR,
+    "memory_limit": ("a size such as \"4GB\"", lambda v: (isinstance(v, str) and v != "")
+                     or (isinstance(v, int) and not isinstance(v, bool) and v > 0)),
     "weights": _STR, "weights_sha256": _STR, "preprocessing": _STR, "short_edge": _POS_INT,
     "crop": _POS_INT, "size": _SIZE, "model": _STR, "pretrained": _STR, "model_config": _STR,
 }
@@ -115,6 +117,10 @@ def index_options(table: Any, where: str, base: Path | None = None,
             out["calibration_opts"] = dict(v)
             continue
         _check(where, k, v, TYPES)
+        if k == "memory_limit":
+            from memaudit.engine.memory import parse_memory
+
+            parse_memory(v, f"{where}: memory_limit")
         if k == "size":
             from memaudit.embedders.pixels import parse_size
 

@@ -19,9 +19,10 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from memaudit.common import UserError
+from memaudit.index.fill import read_index
+from memaudit.index.items import GROUPS_FILE, GroupTable, ItemReader
 
 INDEX_FILE = "index.faiss"
 ITEMS_FILE = "items.parquet"
@@ -102,25 +103,39 @@ def _field_problem(m: dict[str, Any]) -> str | None:
     return None
 
 
-def _check_items(f: Path, items: pa.Table, manifest: dict[str, Any], ngroups: int) -> None:
+def _check_items(f: Path, items: ItemReader, manifest: dict[str, Any], ngroups: int) -> None:
     """items.parquet agrees with index.faiss and the manifest: integer group ids without
-    nulls, a boolean is_representative, one representative per group, the row count the
-    manifest records (a truncated or foreign item list is one line, not a crash later)."""
+    nulls inside index.faiss's groups, a boolean is_representative, one representative per
+    group, the row count the manifest records (a truncated or foreign item list is one line,
+    not a crash later). Read one row group at a time: memory is a bit per group."""
+    schema = items.table.schema if items.table is not None else items._pf.schema_arrow
     for col, ok in (("row_id", pa.types.is_integer), ("group_id", pa.types.is_integer),
                     ("is_representative", pa.types.is_boolean)):
-        c = items.column(col)
-        if not ok(c.type) or c.null_count:
-            raise UserError(f"{f}: column {col} is {c.type}"
-                            + (f" with {c.null_count} nulls" if c.null_count else "")
-                            + " (not a memaudit item list)")
+        if not ok(schema.field(col).type):
+            raise UserError(f"{f}: column {col} is {schema.field(col).type} "
+                            "(not a memaudit item list)")
     rows = manifest.get("rows")
     if isinstance(rows, int) and rows != items.num_rows:
         raise UserError(f"{f} holds {items.num_rows} rows, the manifest says {rows} "
                         "(truncated or replaced)")
-    rep = items.column("is_representative").to_numpy(zero_copy_only=False)
-    gid = items.column("group_id").to_numpy()[rep]
-    if len(gid) != ngroups or len(np.unique(gid)) != ngroups:
-        raise UserError(f"{f}: {len(np.unique(gid))} of index.faiss's {ngroups} groups have a "
+    seen = np.zeros(ngroups, dtype=bool)
+    reps = 0
+    step = 65536
+    for start in range(0, items.num_rows, step):
+        t = items.take(np.arange(start, min(start + step, items.num_rows)),
+                       ["row_id", "group_id", "is_representative"])
+        for col in t.column_names:
+            if t.column(col).null_count:
+                raise UserError(f"{f}: column {col} has nulls (not a memaudit item list)")
+        gid = t.column("group_id").to_numpy()
+        if len(gid) and (gid.min() < 0 or gid.max() >= ngroups):
+            raise UserError(f"{f.parent}: items.parquet names groups outside index.faiss "
+                            f"(0..{ngroups - 1})")
+        g = gid[t.column("is_representative").to_numpy(zero_copy_only=False)]
+        reps += len(g)
+        seen[g] = True
+    if reps != ngroups or int(seen.sum()) != ngroups:
+        raise UserError(f"{f}: {int(seen.sum())} of index.faiss's {ngroups} groups have a "
                         "representative item (truncated or replaced)")
 
 
@@ -170,23 +185,22 @@ def publish_dir(staging: Path, out: Path) -> Path:
 class TrainingIndex:
     """A built (or imported) training-set index. Open with `TrainingIndex.open(dir)`."""
 
-    def __init__(self, path: Path, manifest: dict[str, Any], items: pa.Table, index,
-                 weights: str | None = None):
+    def __init__(self, path: Path, manifest: dict[str, Any], items: pa.Table | ItemReader,
+                 index, weights: str | None = None, groups: GroupTable | None = None):
         self.path = Path(path)
         self.manifest = manifest
-        self.items = items
+        self._items = items if isinstance(items, ItemReader) else ItemReader(items)
+        self._items_table: pa.Table | None = None
         self.index = index
         #: the embedder weights file the user named (never the manifest's: it is code)
         self.weights = None if weights is None else str(weights)
         self._embedder = None
-        self._group_of_row = items.column("group_id").to_numpy()
-        rep = items.column("is_representative").to_numpy(zero_copy_only=False)
-        rep_rows = np.nonzero(rep)[0]
-        self._rep_row = np.full(self.ntotal, -1, dtype=np.int64)
-        self._rep_row[self._group_of_row[rep_rows]] = rep_rows
-        self._group_count = np.zeros(self.ntotal, dtype=np.int64)
-        np.add.at(self._group_count, self._group_of_row, 1)
-        self._members: tuple[np.ndarray, np.ndarray] | None = None
+        if groups is None:  # no group table on disk: computed from two item columns
+            t = self._items.read_all()
+            groups = GroupTable.from_columns(
+                t.column("group_id").to_numpy(),
+                t.column("is_representative").to_numpy(zero_copy_only=False), self.ntotal)
+        self.groups = groups
         #: exact group vectors [ngroups, dim] (memory-mapped vectors.npy) or None
         self.exact_vectors: np.ndarray | None = None
         self.rerank_candidates = 0
@@ -204,34 +218,30 @@ class TrainingIndex:
             if not (p / name).is_file():
                 raise UserError(f"{p} is not a memaudit index (missing {name})")
         manifest = read_manifest(p / MANIFEST_FILE)
-        try:
-            items = pq.read_table(p / ITEMS_FILE, read_dictionary=["source_file"])
-        except (pa.ArrowException, OSError) as e:
-            raise UserError(f"cannot read {p / ITEMS_FILE}: {str(e).splitlines()[0]}") from e
+        items = ItemReader(p / ITEMS_FILE)
         missing = {"row_id", "key", "caption", "group_id", "is_representative"} - set(
             items.column_names)
         if missing:
             raise UserError(f"{p / ITEMS_FILE} lacks column(s) {', '.join(sorted(missing))}")
-        try:  # memory-mapped: processes on one node (Ray actors) share one copy in RAM
-            index = faiss.read_index(str(p / INDEX_FILE),
-                                     faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+        try:  # memory-mapped: processes on one node (Ray actors) share one copy in RAM; an
+            # IVF index's lists are in index.ivfdata beside it (memaudit.index.fill)
+            index = read_index(p / INDEX_FILE)
         except RuntimeError as e:
             raise UserError(f"cannot read {p / INDEX_FILE}: {str(e).splitlines()[0]}") from e
         if index.d != manifest["dim"]:
             raise UserError(f"{p}: index.faiss has dim {index.d}, the manifest says "
                             f"{manifest['dim']}")
-        _check_items(p / ITEMS_FILE, items, manifest, index.ntotal)
-        groups = items.column("group_id").to_numpy()
-        if len(groups) and (groups.min() < 0 or groups.max() >= index.ntotal):
-            raise UserError(f"{p}: items.parquet names groups outside index.faiss "
-                            f"(0..{index.ntotal - 1})")
+        _check_items(p / ITEMS_FILE, items, manifest, int(index.ntotal))
+        groups = None
+        if (p / GROUPS_FILE).is_file():
+            groups = GroupTable.open(p, int(index.ntotal), items.num_rows)
         params = manifest.get("faiss_params")
         if params:  # e.g. "nprobe=16" (autofaiss index_param)
             try:
                 faiss.ParameterSpace().set_index_parameters(index, params)
             except RuntimeError as e:
                 raise UserError(f"bad faiss_params {params!r} in the manifest") from e
-        idx = cls(p, manifest, items, index, weights=weights)
+        idx = cls(p, manifest, items, index, weights=weights, groups=groups)
         exact = manifest.get("exact_vectors")
         if exact:
             idx._open_exact_vectors(exact)
@@ -270,7 +280,7 @@ class TrainingIndex:
 
     @property
     def nitems(self) -> int:
-        return self.items.num_rows
+        return self._items.num_rows
 
     @property
     def dim(self) -> int:
@@ -365,50 +375,52 @@ class TrainingIndex:
                 raise UserError(f"index {self.manifest.get('factory')} cannot reconstruct "
                                 "its vectors") from e
 
-    # -- items and groups ------------------------------------------------------------------
+    # -- items and groups ----------------------------------------------------------------
+    @property
+    def items(self) -> pa.Table:
+        """The whole items table. It grows with the training set: the library itself reads
+        rows by id (`take_items`, `item`); this is for tools and tests on small indexes."""
+        if self._items_table is None:
+            self._items_table = self._items.read_all()
+        return self._items_table
+
+    def take_items(self, row_ids, columns=None) -> pa.Table:
+        """Rows of items.parquet by row id, in the order given (only their row groups are
+        read, memaudit.index.items)."""
+        return self._items.take(row_ids, columns)
+
     def representative_rows(self, group_ids) -> np.ndarray:
         """Row id (in items.parquet) of each group's representative; -1 stays -1."""
-        g = np.asarray(group_ids, dtype=np.int64)
-        out = np.full(g.shape, -1, dtype=np.int64)
-        ok = g >= 0
-        out[ok] = self._rep_row[g[ok]]
-        return out
+        return self.groups.rep_rows(group_ids)
 
     def group_of_rows(self, row_ids) -> np.ndarray:
-        return self._group_of_row[np.asarray(row_ids, dtype=np.int64)]
+        r = np.asarray(row_ids, dtype=np.int64)
+        g = self._items.take(r.reshape(-1), ["group_id"]).column(0).to_numpy()
+        return np.array(g, np.int64).reshape(r.shape)  # a writable copy
 
     def group_counts(self, group_ids) -> np.ndarray:
         """Number of items in each group (0 for -1)."""
-        g = np.asarray(group_ids, dtype=np.int64)
-        out = np.zeros(g.shape, dtype=np.int64)
-        ok = g >= 0
-        out[ok] = self._group_count[g[ok]]
-        return out
+        return self.groups.counts(group_ids)
 
     def group_rows(self, group_id: int) -> np.ndarray:
         """Row ids of every item of a group, in row order."""
-        if self._members is None:
-            order = np.argsort(self._group_of_row, kind="stable")
-            starts = np.searchsorted(self._group_of_row[order], np.arange(self.ntotal + 1))
-            self._members = (order, starts)
-        order, starts = self._members
-        return order[starts[group_id]:starts[group_id + 1]]
+        return self.groups.rows_of(int(group_id))
 
     def group_caption(self, group_id: int) -> str:
         """Most frequent caption in the group (ties: the one seen first); METHODS 3.2 Gdup."""
         rows = self.group_rows(int(group_id))
-        caps = self.items.column("caption").take(pa.array(rows)).to_pylist()
+        caps = self._items.take(rows, ["caption"]).column(0).to_pylist()
         return Counter(caps).most_common(1)[0][0] if caps else ""
 
     def item(self, row_id: int) -> dict[str, Any]:
         """One row of items.parquet as a dict."""
         if not 0 <= int(row_id) < self.nitems:
             raise IndexError(f"row id {row_id} out of range [0, {self.nitems})")
-        return self.items.slice(int(row_id), 1).to_pylist()[0]
+        return self._items.take([int(row_id)]).to_pylist()[0]
 
     def keys(self, row_ids) -> list[str]:
-        return self.items.column("key").take(pa.array(np.asarray(row_ids, dtype=np.int64))
-                                             ).to_pylist()
+        return self._items.take(np.asarray(row_ids, dtype=np.int64), ["key"]).column(0
+                                                                                ).to_pylist()
 
     def save_manifest(self) -> None:
         write_json_atomic(self.path / MANIFEST_FILE, self.manifest)

@@ -72,8 +72,9 @@ def reference_sample(index: Any, n: int, seed: int = 0) -> ReferenceSample:
     if k < 2:
         raise UserError(f"quality: reference sample of {k} images; need at least 2")
     rows = np.sort(np.random.default_rng(int(seed)).choice(total, size=k, replace=False))
-    files = index.items.column("source_file").take(rows).to_pylist()
-    src_rows = index.items.column("source_row").take(rows).to_pylist()
+    picked = index.take_items(rows, ["source_file", "source_row"])
+    files = picked.column("source_file").to_pylist()
+    src_rows = picked.column("source_row").to_pylist()
     image_col = (index.manifest.get("source") or {}).get("image_col")
     by_file: dict[Path, list[tuple[int, int]]] = {}
     for i, (f, r) in enumerate(zip(files, src_rows, strict=True)):
