@@ -33,6 +33,12 @@ class Embedder(ABC):
     def embed_tensor(self, x01: torch.Tensor) -> torch.Tensor:
         """Differentiable: [B, 3, H, W] in [0, 1] -> [B, dim] (L2-normalised when metric ip)."""
 
+    def input_size(self, h: int, w: int) -> tuple[int, int]:
+        """The size at which the descriptor reads an h x w image (after its resize, before
+        any centre crop); AMG decodes its check at this size (memaudit/guidance/amg_check.py).
+        Default: as given (no resize)."""
+        return h, w
+
     @abstractmethod
     def _forward(self, batch: torch.Tensor) -> torch.Tensor:
         """Model on an already preprocessed batch."""

@@ -90,13 +90,18 @@ class CLIPEmbedder(Embedder):
     def _forward(self, batch: torch.Tensor) -> torch.Tensor:
         return self.model.encode_image(batch)
 
+    def input_size(self, h: int, w: int) -> tuple[int, int]:
+        """Short edge resized to cover the model's input, before the centre crop."""
+        th, tw = self.image_size
+        s = max(th / h, tw / w)
+        return max(th, round(h * s)), max(tw, round(w * s))
+
     def embed_tensor(self, x01: torch.Tensor) -> torch.Tensor:
         """Differentiable: resize short edge (bicubic), centre crop, CLIP mean/std, encode."""
         x01 = x01.to(self.device)
         th, tw = self.image_size
         h, w = x01.shape[-2:]
-        s = max(th / h, tw / w)
-        nh, nw = max(th, round(h * s)), max(tw, round(w * s))
+        nh, nw = self.input_size(h, w)
         if (nh, nw) != (h, w):
             x01 = F.interpolate(x01, size=(nh, nw), mode="bicubic", align_corners=False,
                                 antialias=True)

@@ -66,6 +66,10 @@ class PixelEmbedder(Embedder):
         arr = np.asarray(image, dtype=np.float32) / 255.0
         return torch.from_numpy(arr.transpose(2, 0, 1).copy())
 
+    def input_size(self, h: int, w: int) -> tuple[int, int]:
+        """The comparison size, whatever the image's."""
+        return self.size
+
     def _forward(self, batch: torch.Tensor) -> torch.Tensor:
         return batch.reshape(batch.shape[0], -1)
 

@@ -133,10 +133,14 @@ class SSCDEmbedder(Embedder):
     def _forward(self, batch: torch.Tensor) -> torch.Tensor:
         return self.model(batch)
 
+    def input_size(self, h: int, w: int) -> tuple[int, int]:
+        """Short edge resized to `short_edge` (288, or 256 before the 224 crop), aspect kept."""
+        s = self.short_edge
+        return (s, max(1, round(w * s / h))) if h <= w else (max(1, round(h * s / w)), s)
+
     def _tensor_preprocess(self, x01: torch.Tensor) -> torch.Tensor:
         h, w = x01.shape[-2:]
-        s = self.short_edge
-        nh, nw = (s, max(1, round(w * s / h))) if h <= w else (max(1, round(h * s / w)), s)
+        nh, nw = self.input_size(h, w)
         if (nh, nw) != (h, w):
             x01 = F.interpolate(x01, size=(nh, nw), mode="bilinear", align_corners=False,
                                 antialias=True)
