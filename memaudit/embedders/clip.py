@@ -24,7 +24,8 @@ class CLIPEmbedder(Embedder):
 
     def __init__(self, model: str = "ViT-B-32", pretrained: str | None = None,
                  model_config: str | Path | None = None, device: str | None = None,
-                 pretrained_sha256: str | None = None, **_: Any):
+                 pretrained_sha256: str | None = None, precision: str | None = None,
+                 **_: Any):
         try:
             import open_clip
         except ImportError as e:
@@ -75,6 +76,7 @@ class CLIPEmbedder(Embedder):
         with torch.inference_mode():
             probe = torch.zeros(1, 3, *self.image_size, device=self.device)
             self.dim = int(self.model.encode_image(probe).shape[-1])
+        self.set_precision(precision, self.model.visual)
 
     def config(self) -> dict[str, Any]:
         cfg: dict[str, Any] = {"model": self.model_name, "pretrained": self.pretrained}
@@ -82,6 +84,8 @@ class CLIPEmbedder(Embedder):
             cfg["pretrained_sha256"] = self.pretrained_sha256
         if self.model_config:
             cfg["model_config"] = self.model_config
+        if self.precision != "fp32":
+            cfg["precision"] = self.precision
         return cfg
 
     def preprocess(self, image) -> torch.Tensor:
@@ -109,7 +113,9 @@ class CLIPEmbedder(Embedder):
         x = x01[..., top:top + th, left:left + tw]
         mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-        return F.normalize(self.model.encode_image((x - mean) / std), dim=-1)
+        with self.autocast():
+            out = self.model.encode_image(self.memory_format((x - mean) / std))
+        return F.normalize(out.float(), dim=-1)
 
     @torch.inference_mode()
     def embed_text(self, texts: list[str]) -> np.ndarray:

@@ -46,7 +46,11 @@ class PixelEmbedder(Embedder):
     name = "pixels"
     metric = "l2"
 
-    def __init__(self, size=None, device: str | None = None, **_: Any):
+    def __init__(self, size=None, device: str | None = None, precision: str | None = None,
+                 **_: Any):
+        if str(precision or "fp32").lower() != "fp32":
+            raise UserError("the pixels embedder has no model: --precision applies to sscd "
+                            "and clip")
         self.size = parse_size(size)
         h, w = self.size
         self.dim = 3 * h * w

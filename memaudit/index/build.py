@@ -131,12 +131,15 @@ def build_index(source: str | Path, embedder: str, out: str | Path, factory: str
                 calibrate: bool = True, workers: int | None = None, overwrite: bool = False,
                 train_sample: int = 100_000, calibration_opts: dict[str, Any] | None = None,
                 engine: Any = "local", address: str | None = None, actors: int | None = None,
-                faiss_params: str | None = None, rerank: int = 100) -> Path:
+                faiss_params: str | None = None, rerank: int = 100,
+                jpeg_device: str | None = None) -> Path:
     """Build a training-set index (see the module docstring); returns the index directory.
 
     `engine` ("local", "ray" or an engine object, see memaudit.engine) decides only where
     the shards are computed; `address` and `actors` are Ray's. Compressed factories (PQ, SQ)
-    also keep the exact vectors for re-ranking the `rerank` best candidates."""
+    also keep the exact vectors for re-ranking the `rerank` best candidates. `jpeg_device`:
+    where JPEG rows are decoded (memaudit/embedders/jpeg.py; default: on the GPU when the
+    embedder runs there and can, else PIL)."""
     from memaudit.embedders import EMBEDDERS, make_embedder
     from memaudit.engine import make_engine
 
@@ -168,7 +171,12 @@ def build_index(source: str | Path, embedder: str, out: str | Path, factory: str
         set_faiss_params(probe, faiss_params)
 
     partial = out.with_name(out.name + ".partial")
+    from memaudit.embedders.jpeg import resolve_jpeg_device
+
+    jpeg = resolve_jpeg_device(jpeg_device, emb)
     settings = _settings_fingerprint(files, counts, emb, factory, cols, shard_rows)
+    if jpeg:  # shards decoded by another decoder are not mixed in
+        settings["jpeg_decoder"] = f"torchvision:{jpeg}"
     state_file = partial / "state.json"
     if partial.exists():
         try:
@@ -184,7 +192,8 @@ def build_index(source: str | Path, embedder: str, out: str | Path, factory: str
     spec = ShardSpec(partial=partial.absolute(), source=str(source), files=files,
                      counts=counts, cols=cols, shard_rows=shard_rows, total=total,
                      batch_size=batch_size,
-                     workers=workers or (min(4, os.cpu_count() or 1) if local else None))
+                     workers=workers or (min(4, os.cpu_count() or 1) if local else None),
+                     extra={"jpeg_device": jpeg_device} if jpeg_device else {})
     nshards = spec.nshards
     todo = [k for k in range(nshards) if not shard_paths(partial, k)["done"].is_file()]
     done_rows = (nshards - len(todo)) * shard_rows
@@ -233,6 +242,7 @@ def build_index(source: str | Path, embedder: str, out: str | Path, factory: str
         **({"faiss_params": faiss_params} if faiss_params else {}),
         "exact_vectors": exact,
         "dedup": "exact-pixel-hash",
+        **({"jpeg_decoder": f"torchvision:{jpeg}"} if jpeg else {}),
         "dedup_note": "faiss holds one representative (first seen) per exact-duplicate group; "
                       "faiss id == group_id; nL2's S_k is over representatives (METHODS 1.2)",
         "input_rows": total,

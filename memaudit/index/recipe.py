@@ -28,9 +28,9 @@ from memaudit.common import UserError, read_toml
 BUILD_KEYS = {"data", "source", "embedder", "out", "path", "factory", "device", "batch_size",
               "image_col", "caption_col", "key_col", "shard_rows", "calibrate", "workers",
               "overwrite", "train_sample", "embedder_opts", "calibration", "faiss_params",
-              "rerank"}
+              "rerank", "jpeg_device"}
 EMBEDDER_KEYS = {"weights", "weights_sha256", "preprocessing", "short_edge", "crop", "size",
-                 "model", "pretrained", "model_config"}
+                 "model", "pretrained", "model_config", "precision"}
 #: keys a plan's [index] table may not set (the plan sets them, or builds only once)
 PLAN_EXCLUDED = {"device", "overwrite"}
 
@@ -49,7 +49,7 @@ TYPES: dict[str, tuple[str, Any]] = {
     "factory": _STR, "device": _STR, "image_col": _STR, "caption_col": _STR,
     "key_col": _STR, "batch_size": _POS_INT, "shard_rows": _POS_INT, "workers": _POS_INT,
     "train_sample": _POS_INT, "calibrate": _BOOL, "overwrite": _BOOL,
-    "faiss_params": _STR, "rerank": _POS_INT,
+    "faiss_params": _STR, "rerank": _POS_INT, "jpeg_device": _STR, "precision": _STR,
     "weights": _STR, "weights_sha256": _STR, "preprocessing": _STR, "short_edge": _POS_INT,
     "crop": _POS_INT, "size": _SIZE, "model": _STR, "pretrained": _STR, "model_config": _STR,
 }
