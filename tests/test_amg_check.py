@@ -60,7 +60,8 @@ class Recording(FiringCriterion):
     def similarity_tensor(self, images):
         self.seen.append(images.detach().clone())
         if self.value is not None:
-            s = torch.full((images.shape[0],), float(self.value)) + 0 * images.mean((1, 2, 3))
+            s = torch.full((images.shape[0],), float(self.value), device=images.device) \
+                + 0 * images.mean((1, 2, 3))
             return s, torch.zeros(images.shape[0], dtype=torch.long)
         return super().similarity_tensor(images)
 
@@ -89,7 +90,7 @@ def test_tiny_decoder_decodes_the_check_per_family(family_dir, tiny_dirs, name):
     eps = torch.randn_like(state.x_t)
     sigma, _, grad_fn = amg.similarity(state, eps, True)
     # by hand: the pipeline's un-scaling with the tiny VAE's config, then its decoder
-    ref_vae = AutoencoderTiny.from_pretrained(folder)
+    ref_vae = AutoencoderTiny.from_pretrained(folder).to(state.x_t.device)
     _, sf, shift = TAESD[name]
     x0 = state.x0_hat(eps)
     ref = (ref_vae.decode(x0 / sf + shift).sample / 2 + 0.5).clamp(0, 1)
@@ -159,8 +160,9 @@ def test_check_decoded_at_the_descriptors_size(family_dir, tiny_dirs):
         assert crit.seen[0].shape == (2, 3, 8, 12)
         torch.testing.assert_close(crit.seen[0], ref, atol=1e-5, rtol=1e-5)
     crit = Recording(view=(32, 32))  # larger than the image: decoded at full size
-    make_guidance("amg", check_size="descriptor").similarity(_state(model, crit),
-                                                             torch.zeros(2, 4, 8, 8), False)
+    state = _state(model, crit)
+    make_guidance("amg", check_size="descriptor").similarity(state, torch.zeros_like(state.x_t),
+                                                             False)
     assert crit.seen[0].shape == (2, 3, 16, 16)
     ddpm = load_family(family_dir, "ddpm")
     crit = Recording(view=(4, 4))
