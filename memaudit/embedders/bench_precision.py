@@ -149,9 +149,27 @@ def compare_set(name: str, train: list[Image.Image], queries: list[Image.Image],
             "build_seconds": {"fp32": a["seconds"], precision: b["seconds"]}}
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def bare_forward(weights: Path, precision: str, device: str, repeats: int = 3,
+                 batch: int = 8) -> dict[str, float]:
+    """Rows/s of the bare SSCD forward at 288 x 288, fp32 and `precision`, interleaved
+    (best of `repeats`)."""
     import torch
 
+    from memaudit.embedders import make_embedder
+
+    embs = {p: make_embedder("sscd", weights=str(weights), device=device, precision=p)
+            for p in ("fp32", precision)}
+    x = torch.rand(batch, 3, 288, 288, generator=torch.Generator().manual_seed(0))
+    best = {p: float("inf") for p in embs}
+    for _ in range(repeats):
+        for p, e in embs.items():
+            t0 = time.perf_counter()
+            e.embed_batch(x)
+            best[p] = min(best[p], time.perf_counter() - t0)
+    return {f"{p}_rows_per_s": round(batch / t, 2) for p, t in best.items()}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, required=True)
     ap.add_argument("--weights", type=Path, default=None, help="SSCD TorchScript (default: "
@@ -162,7 +180,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--precision", default="mixed")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
-    torch.set_num_threads(int(torch.get_num_threads()))
     args.work.mkdir(parents=True, exist_ok=True)
     weights = args.weights or random_sscd_torchscript(args.work / "sscd_random.torchscript.pt")
     data = args.canary_data
@@ -173,7 +190,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if not (data / "train.parquet").exists():
             build_canary_data(data)
     out = {"weights": str(weights), "precision": args.precision, "device": args.device,
-           "sets": []}
+           "bare_forward": bare_forward(weights, args.precision, args.device), "sets": []}
+    print(json.dumps(out["bare_forward"]), flush=True)
     for name, (train, queries) in (("photos", photo_set()),
                                    ("canary", canary_set(data, args.canary_rows))):
         r = compare_set(name, train, queries, args.work, weights, args.precision, args.device)

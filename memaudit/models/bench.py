@@ -84,7 +84,8 @@ def components(model: Any, crit: DescriptorCriterion, repeats: int,
     from memaudit.guidance import make_guidance
     from memaudit.guidance.base import StepState
 
-    x = torch.randn(1, *model.latent_shape, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(1, *model.latent_shape, generator=torch.Generator().manual_seed(0)).to(
+        model.device)
     sched = model.scheduler(None, 50)
     t = sched.timesteps[10]
     with torch.no_grad():
