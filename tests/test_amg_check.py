@@ -238,3 +238,33 @@ def test_rows_under_gdup_are_checked_every_step(family_dir):
             for m in (0.0, 0.5)]
     assert torch.equal(outs[0].images, outs[1].images)
     assert all(v == 1.0 for rec in outs[1].trace for v in rec["checked"])
+
+
+def test_cli_amg_decoder_is_recorded_and_refused_in_one_line(family_dir, tiny_dirs, tmp_path,
+                                                             capsys):
+    import pyarrow.parquet as pq
+    from index_helpers import digits_parquet
+
+    from memaudit.cli import main
+    from memaudit.index import build_index
+
+    idx = build_index(digits_parquet(tmp_path / "d.parquet", n=20), "pixels", tmp_path / "idx",
+                      calibrate=False)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a photo of a cat\n", encoding="utf-8")
+    out = tmp_path / "out"
+    main(["generate", "--model", str(family_dir("sd")), "--prompts", str(prompts), "--method",
+          "amg", "--index", str(idx), "--amg-decoder", str(tiny_dirs["sd"]), "--out", str(out),
+          "--steps", "1", "--device", "cpu"])
+    (row,) = pq.read_table(out / "generations.parquet").to_pylist()
+    params = json.loads(row["params_json"])["params"]
+    assert params["decoder"] == str(tiny_dirs["sd"].resolve())
+    assert params["decoder_sha256"] == sha256_file(
+        tiny_dirs["sd"] / "diffusion_pytorch_model.safetensors")
+    with pytest.raises(SystemExit) as e:  # the canary samples in pixel space
+        main(["generate", "--model", "canary", "--prompts", str(prompts), "--method", "amg",
+              "--index", str(idx), "--amg-decoder", str(tiny_dirs["sd"]), "--out",
+              str(tmp_path / "o2"), "--steps", "1"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "\n" not in err and "pixel space" in err
+    assert not (tmp_path / "o2" / "generations.parquet").exists()
