@@ -1,9 +1,11 @@
 """JPEG decoding on the GPU for index builds (issue 21): torchvision's `decode_jpeg(list,
 device="cuda")` (nvJPEG, batched) instead of PIL in the decoding threads.
 
-`jpeg_device` of a build: None / "auto" decodes on the GPU when the embedder runs on CUDA,
-torchvision can decode there and the embedder preprocesses tensors itself
-(`Embedder.preprocess_tensor`; SSCD does); "off" always uses PIL; "cpu" or "cuda[:N]" force
+`jpeg_device` of a build (resolved once by the build, recorded in its manifest, handed to
+every worker): None / "auto" decodes on the GPU when the embedder runs on CUDA in the
+building process (Ray builds: PIL unless a device is named), torchvision can decode there and
+the embedder preprocesses tensors itself (`Embedder.preprocess_tensor`; SSCD does); "off"
+always uses PIL; "cpu" or "cuda[:N]" force
 torchvision's decoder on that device ("cpu": libjpeg, the same code path without a GPU, which
 is how the tests run it). Rows that are not JPEG, larger than the build's pixel limit, or that
 torchvision cannot decode go through PIL as before (which gives the skip reason). Decoders

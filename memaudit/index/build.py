@@ -173,7 +173,10 @@ def build_index(source: str | Path, embedder: str, out: str | Path, factory: str
     partial = out.with_name(out.name + ".partial")
     from memaudit.embedders.jpeg import resolve_jpeg_device
 
-    jpeg = resolve_jpeg_device(jpeg_device, emb)
+    # resolved once here and handed to every worker as is: local builds by their embedder's
+    # device; on Ray only when the user names a device (auto stays with PIL there)
+    auto = str(jpeg_device or "auto").lower() == "auto"
+    jpeg = resolve_jpeg_device("off" if auto and not local else jpeg_device, emb)
     settings = _settings_fingerprint(files, counts, emb, factory, cols, shard_rows)
     if jpeg:  # shards decoded by another decoder are not mixed in
         settings["jpeg_decoder"] = f"torchvision:{jpeg}"
@@ -193,7 +196,7 @@ def build_index(source: str | Path, embedder: str, out: str | Path, factory: str
                      counts=counts, cols=cols, shard_rows=shard_rows, total=total,
                      batch_size=batch_size,
                      workers=workers or (min(4, os.cpu_count() or 1) if local else None),
-                     extra={"jpeg_device": jpeg_device} if jpeg_device else {})
+                     extra={"jpeg_device": jpeg} if jpeg else {})
     nshards = spec.nshards
     todo = [k for k in range(nshards) if not shard_paths(partial, k)["done"].is_file()]
     done_rows = (nshards - len(todo)) * shard_rows

@@ -216,9 +216,7 @@ def build_shard(spec: ShardSpec, k: int, embedder,
                                     stop_row=stop, files=spec.files, counts=spec.counts)
     shard = _Shard(k)
     batch_size = spec.batch_size
-    from memaudit.embedders.jpeg import resolve_jpeg_device
-
-    jpeg = resolve_jpeg_device(spec.extra.get("jpeg_device"), embedder)
+    jpeg = spec.extra.get("jpeg_device")  # resolved by the build (memaudit/embedders/jpeg.py)
     for prepared in prepared_batches(embedder, batches, workers, 2 * workers, jpeg):
         for r, t, reason, phash, content in prepared:
             shard.digest.update(r.key.encode() + b"\0" + r.caption.encode() + b"\0" + content)
