@@ -88,15 +88,19 @@ def sscd_throughput(work: Path, device: str, smoke: bool) -> dict[str, Any]:
     from memaudit.index import build_index
     from memaudit.index.bench import synthetic_parquet
 
-    rows, size, batch = (64, 64, 16) if smoke else (2048, 384, 128)
+    rows, size, batch = (64, 64, 16) if smoke else (4096, 384, 128)
     src = synthetic_parquet(work / "jpegs.parquet", rows, size=size, fmt="JPEG")
     weights = random_sscd_torchscript(work / "sscd_random.torchscript.pt")
     opts = {"weights": str(weights), **({"short_edge": 32} if smoke else {})}
     out: dict[str, Any] = {"rows": rows, "image_px": size, "batch_size": batch}
+    batches = None
     for prec in ("fp32", "mixed"):
         emb = make_embedder("sscd", device=device, precision=prec, **opts)
-        tensors = [emb.preprocess(decode_image(r.image_bytes)[0]) for r in iter_training_rows(src)]
-        batches = [torch.stack(tensors[i:i + batch]) for i in range(0, rows, batch)]
+        if batches is None:  # the same preprocessed tensors for both precisions
+            tensors = [emb.preprocess(decode_image(r.image_bytes)[0])
+                       for r in iter_training_rows(src)]
+            batches = [torch.stack(tensors[i:i + batch]) for i in range(0, rows, batch)]
+            del tensors
         emb.embed_batch(batches[0])  # warm-up
         _sync()
         t0 = time.perf_counter()
