@@ -140,7 +140,8 @@ def test_wen_screening_takes_the_noise_prediction_magnitude(family_dir):
 
     m = load_family(family_dir, "sd3")
     prompt = "a red car"
-    got = screen_prompts(m, [prompt], steps=2, seeds=1, guidance_scale=3.0, progress=False)
+    got = screen_prompts(m, [prompt], steps=2, seeds=1, guidance_scale=3.0, progress=False,
+                        score="wen")
     sched = m.scheduler(None, m.default_steps)
     from memaudit.sampler import initial_noise
 

@@ -44,6 +44,10 @@ def generate_cmd(
                                   help="criterion over --index that guides amg (nl2, sscd, clip)"),
     weights: str = typer.Option(None, "--weights", help="sscd index: the TorchScript file it was "
                                 "built with (checked against its recorded SHA-256)"),
+    amg_decoder: str = typer.Option(None, "--amg-decoder",
+                                    help="AutoencoderTiny (TAESD) folder or cached hub id that "
+                                    "decodes AMG's per-step check (same as --param "
+                                    "amg.decoder=PATH)"),
 ) -> None:
     """Generate images for every prompt x method x seed into OUT (images/, generations.parquet,
     trace.parquet)."""
@@ -58,11 +62,14 @@ def generate_cmd(
 
     loras = [parse_lora_spec(x)[0] for x in lora or []]
     check_output_dir(out, [prompts, index, weights, model if Path(model).exists() else None,
+                           amg_decoder if amg_decoder and Path(amg_decoder).exists() else None,
                            *loras],
                      writes=("generations.parquet", "trace.parquet", "images"),
                      what="--out folder")
     records = read_prompts(prompts) if prompts is not None else None
     params = parse_params(param)
+    if amg_decoder:
+        params.setdefault("amg", {})["decoder"] = amg_decoder
     guided = [m for m in method if build_guidance(m, params).needs_criterion]
     if guided and index is not None:
         from memaudit.criteria import check_guiding

@@ -51,6 +51,11 @@ def build(
                                      "nprobe=32 for IVF factories"),
     rerank: int = typer.Option(None, "--rerank", help="compressed factories (PQ, SQ): "
                                "candidates re-scored with the exact vectors [100]"),
+    precision: str = typer.Option(None, "--precision", help="sscd, clip: fp32, mixed (fp16 on "
+                                  "cuda, bf16 on cpu; channels-last), bf16 or fp16 [fp32]"),
+    jpeg_device: str = typer.Option(None, "--jpeg-device", help="where JPEG rows are decoded: "
+                                    "auto (the GPU when the embedder runs there), off (PIL), "
+                                    "cpu or cuda (torchvision) [auto]"),
     engine: str = typer.Option("local", "--engine", help="local, or ray (memaudit[ray])"),
     address: str = typer.Option(None, "--address",
                                 help="ray: auto or HOST:PORT of a running cluster "
@@ -76,7 +81,7 @@ def build(
     opts = dict(kwargs.pop("embedder_opts", {}) or {})
     for k, v in {"weights": weights, "weights_sha256": weights_sha256,
                  "preprocessing": preprocessing, "size": size, "model": clip_model,
-                 "pretrained": pretrained}.items():
+                 "pretrained": pretrained, "precision": precision}.items():
         if v is not None:
             opts[k] = v
     for k, v in {"embedder": embedder, "out": out, "factory": factory, "device": device,
@@ -84,7 +89,8 @@ def build(
                  "image_col": image_col, "caption_col": caption_col, "key_col": key_col,
                  "calibrate": calibrate, "faiss_params": faiss_params,
                  "rerank": rerank, "layout": layout, "instance_prompt": instance_prompt,
-                 "class_prompt": class_prompt, "memory_limit": memory_limit}.items():
+                 "class_prompt": class_prompt, "memory_limit": memory_limit,
+                 "jpeg_device": jpeg_device}.items():
         if v is not None:
             kwargs[k] = v
     if overwrite:

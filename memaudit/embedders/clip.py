@@ -24,7 +24,8 @@ class CLIPEmbedder(Embedder):
 
     def __init__(self, model: str = "ViT-B-32", pretrained: str | None = None,
                  model_config: str | Path | None = None, device: str | None = None,
-                 pretrained_sha256: str | None = None, **_: Any):
+                 pretrained_sha256: str | None = None, precision: str | None = None,
+                 **_: Any):
         try:
             import open_clip
         except ImportError as e:
@@ -78,6 +79,7 @@ class CLIPEmbedder(Embedder):
         with torch.inference_mode():
             probe = torch.zeros(1, 3, *self.image_size, device=self.device)
             self.dim = int(self.model.encode_image(probe).shape[-1])
+        self.set_precision(precision, self.model.visual)
 
     def config(self) -> dict[str, Any]:
         cfg: dict[str, Any] = {"model": self.model_name, "pretrained": self.pretrained}
@@ -85,6 +87,8 @@ class CLIPEmbedder(Embedder):
             cfg["pretrained_sha256"] = self.pretrained_sha256
         if self.model_config:
             cfg["model_config"] = self.model_config
+        if self.precision != "fp32":
+            cfg["precision"] = self.precision
         return cfg
 
     def preprocess(self, image) -> torch.Tensor:
@@ -93,13 +97,18 @@ class CLIPEmbedder(Embedder):
     def _forward(self, batch: torch.Tensor) -> torch.Tensor:
         return self.model.encode_image(batch)
 
+    def input_size(self, h: int, w: int) -> tuple[int, int]:
+        """Short edge resized to cover the model's input, before the centre crop."""
+        th, tw = self.image_size
+        s = max(th / h, tw / w)
+        return max(th, round(h * s)), max(tw, round(w * s))
+
     def embed_tensor(self, x01: torch.Tensor) -> torch.Tensor:
         """Differentiable: resize short edge (bicubic), centre crop, CLIP mean/std, encode."""
         x01 = x01.to(self.device)
         th, tw = self.image_size
         h, w = x01.shape[-2:]
-        s = max(th / h, tw / w)
-        nh, nw = max(th, round(h * s)), max(tw, round(w * s))
+        nh, nw = self.input_size(h, w)
         if (nh, nw) != (h, w):
             x01 = F.interpolate(x01, size=(nh, nw), mode="bicubic", align_corners=False,
                                 antialias=True)
@@ -107,7 +116,9 @@ class CLIPEmbedder(Embedder):
         x = x01[..., top:top + th, left:left + tw]
         mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-        return F.normalize(self.model.encode_image((x - mean) / std), dim=-1)
+        with self.autocast():
+            out = self.model.encode_image(self.memory_format((x - mean) / std))
+        return F.normalize(out.float(), dim=-1)
 
     @torch.inference_mode()
     def embed_text(self, texts: list[str]) -> np.ndarray:

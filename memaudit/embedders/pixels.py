@@ -46,7 +46,11 @@ class PixelEmbedder(Embedder):
     name = "pixels"
     metric = "l2"
 
-    def __init__(self, size=None, device: str | None = None, **_: Any):
+    def __init__(self, size=None, device: str | None = None, precision: str | None = None,
+                 **_: Any):
+        if str(precision or "fp32").lower() != "fp32":
+            raise UserError("the pixels embedder has no model: --precision applies to sscd "
+                            "and clip")
         self.size = parse_size(size)
         h, w = self.size
         self.dim = 3 * h * w
@@ -65,6 +69,10 @@ class PixelEmbedder(Embedder):
             image = image.resize((w, h), Image.BICUBIC)
         arr = np.asarray(image, dtype=np.float32) / 255.0
         return torch.from_numpy(arr.transpose(2, 0, 1).copy())
+
+    def input_size(self, h: int, w: int) -> tuple[int, int]:
+        """The comparison size, whatever the image's."""
+        return self.size
 
     def _forward(self, batch: torch.Tensor) -> torch.Tensor:
         return batch.reshape(batch.shape[0], -1)

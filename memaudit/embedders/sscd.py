@@ -67,7 +67,8 @@ class SSCDEmbedder(Embedder):
 
     def __init__(self, weights: str | Path | None = None, preprocessing: str = "official",
                  short_edge: int | None = None, crop: int | None = None,
-                 weights_sha256: str | None = None, device: str | None = None, **_: Any):
+                 weights_sha256: str | None = None, device: str | None = None,
+                 precision: str | None = None, **_: Any):
         if weights is None:
             raise UserError("the sscd embedder needs --weights PATH (a TorchScript file such as "
                             "sscd_disc_mixup.torchscript.pt)")
@@ -108,11 +109,14 @@ class SSCDEmbedder(Embedder):
         with torch.inference_mode():
             probe = torch.zeros(1, 3, 64, 64, device=self.device)
             self.dim = int(self.model(probe).shape[-1])
+        self.set_precision(precision, self.model)
 
     def config(self) -> dict[str, Any]:
         cfg: dict[str, Any] = {"weights": self.url or str(self.weights),
                                "preprocessing": self.preset,
                                "weights_sha256": self.weights_sha256}
+        if self.precision != "fp32":
+            cfg["precision"] = self.precision
         if self.short_edge != PRESETS[self.preset][0]:
             cfg["short_edge"] = self.short_edge
         if self.crop != PRESETS[self.preset][1]:
@@ -130,13 +134,25 @@ class SSCDEmbedder(Embedder):
         t = TF.to_tensor(image)
         return TF.normalize(t, list(self.mean), list(self.std))
 
+    tensor_preprocess = True
+
+    def preprocess_tensor(self, u8: torch.Tensor) -> torch.Tensor:
+        """uint8 [3, H, W] on any device (GPU-decoded JPEG) -> the model input there: the
+        preset's resize (bilinear, antialiased, in float, without PIL's rounding to 8 bits),
+        crop and mean/std, as `preprocess`."""
+        return self._tensor_preprocess(u8[None].float() / 255.0)[0]
+
     def _forward(self, batch: torch.Tensor) -> torch.Tensor:
         return self.model(batch)
 
+    def input_size(self, h: int, w: int) -> tuple[int, int]:
+        """Short edge resized to `short_edge` (288, or 256 before the 224 crop), aspect kept."""
+        s = self.short_edge
+        return (s, max(1, round(w * s / h))) if h <= w else (max(1, round(h * s / w)), s)
+
     def _tensor_preprocess(self, x01: torch.Tensor) -> torch.Tensor:
         h, w = x01.shape[-2:]
-        s = self.short_edge
-        nh, nw = (s, max(1, round(w * s / h))) if h <= w else (max(1, round(h * s / w)), s)
+        nh, nw = self.input_size(h, w)
         if (nh, nw) != (h, w):
             x01 = F.interpolate(x01, size=(nh, nw), mode="bilinear", align_corners=False,
                                 antialias=True)
@@ -150,5 +166,6 @@ class SSCDEmbedder(Embedder):
 
     def embed_tensor(self, x01: torch.Tensor) -> torch.Tensor:
         """Differentiable descriptor of [B, 3, H, W] images in [0, 1], L2-normalised."""
-        out = self.model(self._tensor_preprocess(x01.to(self.device)))
-        return F.normalize(out, dim=-1)
+        with self.autocast():
+            out = self.model(self.memory_format(self._tensor_preprocess(x01.to(self.device))))
+        return F.normalize(out.float(), dim=-1)

@@ -29,6 +29,8 @@ lambda(u): SSCD exponential 0.3 + 0.1 exp(-5u) (lambda0 = 0.3); nL2 "guide when
 nL2 < L(u)", L(u) = tau (1.95 - 0.45 exp(-6.25u)) / 1.5 with tau the index's calibrated nL2
 threshold (1.5 when uncalibrated), lambda0 = L at u -> inf = 1.95 tau / 1.5; `parabolic`
 gives a + b (1 - u)^2 on the criterion's own scale.
+What the check decodes (the full VAE or a tiny `decoder`, at full or the descriptor's size,
+`check_size`) and on which steps it runs (`skip_margin`, `skip_max_gap`): amg_check.py.
 """
 
 from __future__ import annotations
@@ -36,11 +38,13 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from memaudit.common import UserError
+from memaudit.guidance.amg_check import CheckImage, CheckSchedule
 from memaudit.guidance.base import Guidance, StepState
 from memaudit.models.base import COND, TEXT, UNCOND
 from memaudit.models.cond import Cond
@@ -53,6 +57,15 @@ C3_NL2 = 3000.0
 
 def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v.view(-1, *([1] * (like.ndim - 1))).to(like)
+
+
+def _scattered(grad_fn: Any, rows: torch.Tensor, like: torch.Tensor) -> Any:
+    """grad_fn of some rows -> a function giving the gradient of every row (0 elsewhere)."""
+    def full() -> torch.Tensor:
+        out = torch.zeros(like.shape, device=like.device)
+        out[rows.to(out.device)] = grad_fn().to(out)
+        return out
+    return full
 
 
 class AMG(Guidance):
@@ -71,6 +84,14 @@ class AMG(Guidance):
         b: float = 0.1
         dup_steps: int = 10
         calibrated: bool = True  # nL2: scale lambda(u) to the index's calibrated threshold
+        # the check's cost (issue 21; amg_check.py): a tiny AutoencoderTiny folder or cached
+        # hub id for x0_hat (its weights' SHA-256 recorded on load), the decode size, and
+        # skipping checks far below lambda (margin on the criterion's scale; 0: every step)
+        decoder: str | None = None
+        decoder_sha256: str | None = None
+        check_size: str = "full"  # or "descriptor"
+        skip_margin: float = 0.0
+        skip_max_gap: int = 4
 
     def required(self) -> dict[str, str]:
         """Gsim needs only a decodable x0 estimate (AMG's unconditional iDDPM case); Gspe
@@ -94,7 +115,22 @@ class AMG(Guidance):
             raise UserError(f"unknown AMG schedule {self.params.schedule!r}; "
                             "known: exponential, parabolic")
         self.parts = set(parts)
-        self.cost = {"similarity_s": 0.0, "similarity_calls": 0}
+        self.cost = {"similarity_s": 0.0, "similarity_calls": 0, "rows_checked": 0,
+                     "rows_skipped": 0}
+        p = self.params
+        self.check_image = CheckImage(p.decoder, p.decoder_sha256, p.check_size)
+        self.schedule = CheckSchedule(p.skip_margin, p.skip_max_gap)
+        if self.check_image.tiny is not None:  # provenance: what was loaded
+            tiny = self.check_image.tiny
+            p.decoder_sha256 = tiny.sha256
+            if Path(str(p.decoder)).expanduser().exists():
+                p.decoder = str(tiny.folder)
+
+    def prepare_noise(self, x_T, emb_c, emb_u, seeds, model, t0):
+        """x_T unchanged; a tiny decoder that cannot read this model is refused here,
+        before the loop."""
+        self.check_image.bind(model)
+        return x_T
 
     # --- the threshold schedule -------------------------------------------------------
     def is_cosine(self, criterion: Any) -> bool:
@@ -134,17 +170,21 @@ class AMG(Guidance):
             return {}
         return {"amg_dup": state.memory["dup_emb"].where(active, state.emb_u)}
 
-    def similarity(self, state: StepState, eps: torch.Tensor, need_grad: bool
-                   ) -> tuple[torch.Tensor, torch.Tensor, Any]:
-        """sigma_t [B] (detached), neighbour ids [B], and a function returning
-        grad_{x_t} sigma_t (eps held constant; None without need_grad). The backward runs
-        only when that function is called, i.e. on steps where some row fires: the decode and
-        descriptor forward keep their graph until then (docs/benchmarks.md, AMG's cost)."""
+    def similarity(self, state: StepState, eps: torch.Tensor, need_grad: bool,
+                   rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """sigma_t [R] (detached), neighbour ids [R], and a function returning
+        grad_{x_t} sigma_t [R, ...] (eps held constant; None without need_grad), for the
+        rows `rows` of the batch (default all). The backward runs only when that function is
+        called, i.e. on steps where some row fires: the decode and descriptor forward keep
+        their graph until then (docs/benchmarks.md, AMG's cost)."""
         t0 = time.perf_counter()
-        with torch.enable_grad():  # float32 x_t; the model's x0 estimate, float32 VAE decode
-            x = state.x_t.detach().clone().float().requires_grad_(need_grad)
+        x_t = state.x_t
+        if rows is not None:
+            x_t, eps = x_t[rows.to(x_t.device)], eps[rows.to(eps.device)]
+        with torch.enable_grad():  # float32 x_t; the model's x0 estimate, float32 decode
+            x = x_t.detach().clone().float().requires_grad_(need_grad)
             x0 = state.x0_hat(eps.detach().float(), x)
-            img = state.model.decode(x0)
+            img = self.check_image(state.model, state.criterion, x0)
             sigma, ids = state.criterion.similarity_tensor(img)
         self.cost["similarity_s"] += time.perf_counter() - t0
         self.cost["similarity_calls"] += 1
@@ -158,6 +198,35 @@ class AMG(Guidance):
         return (sigma.detach().float().cpu(), torch.as_tensor(ids).long().cpu(),
                 grad if need_grad else None)
 
+    def checked_similarity(self, state: StepState, eps: torch.Tensor, lam: float
+                           ) -> tuple[torch.Tensor, torch.Tensor, Any, torch.Tensor]:
+        """`similarity` on the rows the check schedule says are due (amg_check.py): sigma
+        [B] (-inf on rows not checked, which cannot fire), group ids [B], the gradient
+        function (zero on rows not checked) and the checked rows [B] (bool)."""
+        b = eps.shape[0]
+        always = None
+        if "spe" in self.parts and not self.params.gate_spe:
+            always = torch.ones(b, dtype=torch.bool)
+        elif "dup" in self.parts and "dup_until" in state.memory:
+            always = state.memory["dup_until"] > state.index
+        checked = self.schedule.due(state.memory, state.index, b, always)
+        n = int(checked.sum())
+        self.cost["rows_checked"] += n
+        self.cost["rows_skipped"] += b - n
+        if n == b:
+            sigma, ids, grad_fn = self.similarity(state, eps, "sim" in self.parts)
+        else:
+            sigma, ids = torch.full((b,), -math.inf), torch.zeros(b, dtype=torch.long)
+            grad_fn = None
+            if n:
+                rows = checked.nonzero().flatten()
+                s, i, g = self.similarity(state, eps, "sim" in self.parts, rows)
+                sigma[rows], ids[rows] = s, i
+                grad_fn = None if g is None else _scattered(g, rows, state.x_t)
+        if n:
+            self.schedule.after(state.memory, state.index, sigma, lam, checked)
+        return sigma, ids, grad_fn, checked
+
     def guide(self, state: StepState):
         p, crit, s0 = self.params, state.criterion, float(state.s0)
         if crit is None:
@@ -168,8 +237,8 @@ class AMG(Guidance):
         b = state.e_c.shape[0]
         diff = state.e_c - state.e_u
         eps = state.e_u + s0 * diff
-        sigma, ids, grad_fn = self.similarity(state, eps, "sim" in self.parts)
         lam, lam0 = self.threshold(state.u, crit)
+        sigma, ids, grad_fn, checked = self.checked_similarity(state, eps, lam)
         fired = sigma > lam
         cosine = self.is_cosine(crit)
         zeros = torch.zeros(b)
@@ -222,7 +291,7 @@ class AMG(Guidance):
         # (skipped at a flow model's sigma = 1, where x0_hat carries no image: METHODS 0)
         if "sim" in self.parts and grad_fn is not None and bool(fired.any()) \
                 and state.has_signal():
-            grad = grad_fn()  # the backward, only when some row fires
+            grad = grad_fn()  # the backward, only when some row fires (checked rows only)
             sim_on = fired
             if cosine:  # u_ref: u on SD's schedule at this SNR (u itself for eps families)
                 w = (sigma - lam0) * math.exp((1.0 - state.u_ref) / 0.17)
@@ -236,4 +305,7 @@ class AMG(Guidance):
         trace = {"sigma": sigma, "lambda": float(lam), "fired": fired.float(),
                  "amg_spe": (s1 > 0).float(), "amg_dup": dup_on.float(),
                  "amg_sim": sim_on.float(), "s1": s1, "s2": s2, "w": w}
+        if self.schedule.margin > 0:  # skipped rows: no sigma (NaN), checked 0
+            trace["sigma"] = torch.where(checked, sigma, torch.full_like(sigma, math.nan))
+            trace["checked"] = checked.float()
         return eps, trace

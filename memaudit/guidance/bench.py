@@ -156,7 +156,7 @@ def screening(model: Any, groups_all: dict[str, list[str]], seeds: int = 4, step
 
     rows0 = model.unet_rows
     t0 = time.perf_counter()
-    scores = {g: screen_prompts(model, ps, steps=steps, seeds=seeds)
+    scores = {g: screen_prompts(model, ps, steps=steps, seeds=seeds, score="wen")
               for g, ps in groups_all.items()}
     n = sum(len(ps) for ps in groups_all.values())
     rows = (model.unet_rows - rows0) / n

@@ -157,7 +157,8 @@ def build_index(source: str | Path, embedder: str, out: str | Path, factory: str
                 faiss_params: str | None = None, rerank: int | None = None,
                 layout: str | None = None, instance_prompt: str | None = None,
                 class_prompt: str | None = None,
-                memory_limit: str | int | None = None) -> Path:
+                memory_limit: str | int | None = None,
+                jpeg_device: str | None = None) -> Path:
     """Build a training-set index (see the module docstring); returns the index directory.
 
     `engine` ("local", "ray" or an engine object, see memaudit.engine) decides only where
@@ -166,7 +167,9 @@ def build_index(source: str | Path, embedder: str, out: str | Path, factory: str
     refused on exact factories, which have nothing to re-rank). `source` is a training set
     in any layout (memaudit.data.training_set; `layout`, `instance_prompt`, `class_prompt`
     and the column options choose and read it). `memory_limit` ("4GB", bytes) caps each
-    stage's peak in one process (memaudit.engine.memory)."""
+    stage's peak in one process (memaudit.engine.memory). `jpeg_device`: where JPEG rows are
+    decoded (memaudit/embedders/jpeg.py; default: on the GPU when the embedder runs there
+    and can, else PIL)."""
     from memaudit.embedders import EMBEDDERS, make_embedder
     from memaudit.engine import make_engine
 
@@ -208,7 +211,15 @@ def build_index(source: str | Path, embedder: str, out: str | Path, factory: str
     check_memory(limit, probe, factory, total, shard_rows, emb.dim, train_sample)
 
     partial = out.with_name(out.name + ".partial")
+    from memaudit.embedders.jpeg import resolve_jpeg_device
+
+    # resolved once here and handed to every worker as is: local builds by their embedder's
+    # device; on Ray only when the user names a device (auto stays with PIL there)
+    auto = str(jpeg_device or "auto").lower() == "auto"
+    jpeg = resolve_jpeg_device("off" if auto and not local else jpeg_device, emb)
     settings = _settings_fingerprint(files, counts, emb, factory, cols, shard_rows, data)
+    if jpeg:  # shards decoded by another decoder are not mixed in
+        settings["jpeg_decoder"] = f"torchvision:{jpeg}"
     state_file = partial / "state.json"
     if partial.exists():
         try:
@@ -225,7 +236,8 @@ def build_index(source: str | Path, embedder: str, out: str | Path, factory: str
                      counts=counts, cols={**cols, "layout": data.name},  # not detected again
                      shard_rows=shard_rows, total=total,
                      batch_size=batch_size,
-                     workers=workers or (min(4, os.cpu_count() or 1) if local else None))
+                     workers=workers or (min(4, os.cpu_count() or 1) if local else None),
+                     extra={"jpeg_device": jpeg} if jpeg else {})
     nshards = spec.nshards
     todo = [k for k in range(nshards) if not shard_paths(partial, k)["done"].is_file()]
     done_rows = (nshards - len(todo)) * shard_rows
@@ -275,6 +287,7 @@ def build_index(source: str | Path, embedder: str, out: str | Path, factory: str
         **({"faiss_params": faiss_params} if faiss_params else {}),
         "exact_vectors": exact,
         "dedup": "exact-pixel-hash",
+        **({"jpeg_decoder": f"torchvision:{jpeg}"} if jpeg else {}),
         "dedup_note": "faiss holds one representative (first seen) per exact-duplicate group; "
                       "faiss id == group_id; nL2's S_k is over representatives (METHODS 1.2)",
         "input_rows": total,

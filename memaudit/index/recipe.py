@@ -29,9 +29,10 @@ from memaudit.common import UserError, read_toml
 BUILD_KEYS = {"data", "source", "embedder", "out", "path", "factory", "device", "batch_size",
               "image_col", "caption_col", "key_col", "shard_rows", "calibrate", "workers",
               "overwrite", "train_sample", "embedder_opts", "calibration", "faiss_params",
-              "rerank", "layout", "instance_prompt", "class_prompt", "memory_limit"}
+              "rerank", "layout", "instance_prompt", "class_prompt", "memory_limit",
+              "jpeg_device"}
 EMBEDDER_KEYS = {"weights", "weights_sha256", "preprocessing", "short_edge", "crop", "size",
-                 "model", "pretrained", "model_config"}
+                 "model", "pretrained", "model_config", "precision"}
 #: keys a plan's [index] table may not set (the plan sets them, or builds only once)
 PLAN_EXCLUDED = {"device", "overwrite"}
 
@@ -51,7 +52,7 @@ TYPES: dict[str, tuple[str, Any]] = {
     "key_col": _STR, "batch_size": _POS_INT, "shard_rows": _POS_INT, "workers": _POS_INT,
     "train_sample": _POS_INT, "calibrate": _BOOL, "overwrite": _BOOL,
     "faiss_params": _STR, "rerank": _POS_INT, "layout": _STR, "instance_prompt": _STR,
-    "class_prompt": _STR,
+    "class_prompt": _STR, "jpeg_device": _STR, "precision": _STR,
     "memory_limit": ("a size such as \"4GB\"", lambda v: (isinstance(v, str) and v != "")
                      or (isinstance(v, int) and not isinstance(v, bool) and v > 0)),
     "weights": _STR, "weights_sha256": _STR, "preprocessing": _STR, "short_edge": _POS_INT,

@@ -62,11 +62,38 @@ def _pixel_hash(t) -> bytes:
     return h.digest()
 
 
-def _prepare(embedder, rows) -> list[tuple[Any, Any, str | None, bytes, bytes]]:
-    """Worker thread: decode + preprocess + hash one batch of rows."""
+def _decode_jpegs(embedder, rows, device: str) -> dict[int, tuple[Any, bytes]]:
+    """{row position: (preprocessed tensor, pixel hash)} of the JPEG rows torchvision decodes
+    on `device` (memaudit/embedders/jpeg.py); the others are left to PIL."""
+    from memaudit.data.parquet import MAX_IMAGE_PIXELS, image_size
+    from memaudit.embedders.jpeg import decode_jpegs, is_jpeg
+
+    pos = []
+    for i, r in enumerate(rows):
+        usable = r.skip is None and r.image_bytes  # a layout's skipped row has no image
+        size = image_size(r.image_bytes) if usable and is_jpeg(r.image_bytes) else None
+        if size is not None and 0 < size[0] * size[1] <= MAX_IMAGE_PIXELS:
+            pos.append(i)
+    out = {}
+    for i, u8 in zip(pos, decode_jpegs([rows[i].image_bytes for i in pos], device),
+                     strict=True):
+        if u8 is not None:
+            t = embedder.preprocess_tensor(u8)
+            out[i] = (t, _pixel_hash(t.detach().cpu()))
+    return out
+
+
+def _prepare(embedder, rows, jpeg_device: str | None = None
+             ) -> list[tuple[Any, Any, str | None, bytes, bytes]]:
+    """Worker thread: decode + preprocess + hash one batch of rows (JPEG rows by torchvision
+    on `jpeg_device` when given, the rest by PIL)."""
     out = []
-    for r in rows:
+    gpu = _decode_jpegs(embedder, rows, jpeg_device) if jpeg_device else {}
+    for i, r in enumerate(rows):
         content = hashlib.sha256(r.image_bytes or b"").digest()
+        if i in gpu and r.skip is None:
+            out.append((r, *gpu[i][:1], None, gpu[i][1], content))
+            continue
         img, reason = decode_image(r.image_bytes) if r.skip is None else (None, r.skip)
         t = None
         phash = b""
@@ -81,7 +108,7 @@ def _prepare(embedder, rows) -> list[tuple[Any, Any, str | None, bytes, bytes]]:
 
 
 def prepared_batches(embedder, batches: Iterator[list], workers: int,
-                     prefetch: int) -> Iterator[list]:
+                     prefetch: int, jpeg_device: str | None = None) -> Iterator[list]:
     """Read in a producer thread, decode/preprocess in `workers` threads, yield in order with
     up to `prefetch` batches ready ahead of the consumer (the model)."""
     q: queue.Queue[Future | BaseException | None] = queue.Queue(maxsize=max(1, prefetch))
@@ -94,7 +121,7 @@ def prepared_batches(embedder, batches: Iterator[list], workers: int,
                 for b in batches:
                     if stop.is_set():
                         return
-                    q.put(ex.submit(_prepare, embedder, b))
+                    q.put(ex.submit(_prepare, embedder, b, jpeg_device))
                 q.put(None)
             except BaseException as e:  # surfaced in the consumer
                 q.put(e)
@@ -190,7 +217,8 @@ def build_shard(spec: ShardSpec, k: int, embedder,
                                     **spec.cols)
     shard = _Shard(k)
     batch_size = spec.batch_size
-    for prepared in prepared_batches(embedder, batches, workers, 2 * workers):
+    jpeg = spec.extra.get("jpeg_device")  # resolved by the build (memaudit/embedders/jpeg.py)
+    for prepared in prepared_batches(embedder, batches, workers, 2 * workers, jpeg):
         for r, t, reason, phash, content in prepared:
             shard.digest.update(r.key.encode() + b"\0" + r.caption.encode() + b"\0" + content)
             if t is None:
