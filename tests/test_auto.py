@@ -15,7 +15,7 @@ from test_guidance import FakeDenoiser, PixelNL2
 from memaudit.common import UserError
 from memaudit.guidance import build_guidance, make_guidance
 from memaudit.sampler import sample
-from memaudit.screen import calibrate_threshold, screen_prompts
+from memaudit.screen import DEFAULT_SCORE, calibrate_threshold, make_score, screen_prompts
 
 PROMPTS = ["a canary on a branch", "a photo of a cat", "the sky at night", "a red car"]
 
@@ -81,9 +81,11 @@ def test_the_main_forward_keeps_cfgs_rows_and_amg_runs_on_flagged_rows_only():
     crit.similarity_tensor = counted
     out = sample(model, P, S, g, steps=10, criterion=crit)
     cfg = sample(Fake(), P, S, make_guidance("cfg"), steps=10)
-    # screening: one forward of 2 x 4 seeds per prompt; then per step the sampler's forward
-    # of cfg's 2B rows and one of the 2 flagged rows' Gdup condition
-    assert model.batches == [8] * 4 + [2 * len(P), 2] * 10
+    # screening: one forward of the default score's rows x 4 seeds per prompt (wen 2,
+    # anisotropy 4); then per step the sampler's forward of cfg's 2B rows and one of the 2
+    # flagged rows' Gdup condition
+    screen_rows = 4 * make_score(DEFAULT_SCORE).rows(1)
+    assert model.batches == [screen_rows] * 4 + [2 * len(P), 2] * 10
     assert calls == [2] * 10  # AMG's similarity on the 2 flagged rows only
     flagged = [sc[PROMPTS.index(p)] > thr for p in P]
     for i, f in enumerate(flagged):
@@ -91,7 +93,7 @@ def test_the_main_forward_keeps_cfgs_rows_and_amg_runs_on_flagged_rows_only():
     assert out.trace[0]["fired"] == [1.0 if f else None for f in flagged]
     rec = g.generation_record(P[0], S[0])["auto"]
     assert rec["applied"] == ("dynamic + amg:spe,dup,sim" if flagged[0] else "cfg")
-    assert rec["threshold"] == thr and rec["score_name"] == "wen"
+    assert rec["threshold"] == thr and rec["score_name"] == DEFAULT_SCORE
 
 
 def test_decisions_are_recorded_and_calibration_uses_the_clean_list(tmp_path):
