@@ -51,6 +51,10 @@ def train_cmd(
     seed: int = typer.Option(0, help="Random seed."),
     resolution: int = typer.Option(16, help="Training resolution (square, grey)."),
     layers_per_block: int = typer.Option(1, help="UNet resnet layers per block."),
+    beta_schedule: str = typer.Option("linear", help="Noise schedule: linear (DDPM, "
+                                      "1e-4..0.02) or scaled_linear (SD 1/2, 0.00085..0.012)."),
+    cross_attention_levels: int = typer.Option(1, help="Resolution levels, from the lowest, "
+                                               "with cross-attention (3: every level)."),
     init: Path = typer.Option(None, help="Fine-tune: start from this canary folder's weights "
                               "(and its architecture)."),
     checkpoint_every: int = typer.Option(500, help="Checkpoint interval (steps)."),
@@ -62,10 +66,17 @@ def train_cmd(
 ) -> None:
     """Train (or resume) a canary model; writes canary.safetensors + canary.json. A run
     resumes only from a checkpoint of the same data and settings."""
-    from memaudit.canary.model import CanaryConfig
+    from memaudit.canary.model import BETA_SCHEDULES, CanaryConfig
     from memaudit.canary.train import train_canary
+    from memaudit.common import UserError
 
-    cfg = CanaryConfig(resolution=resolution, layers_per_block=layers_per_block)
+    if beta_schedule not in BETA_SCHEDULES:
+        raise UserError(f"--beta-schedule must be one of {', '.join(BETA_SCHEDULES)}, "
+                        f"got {beta_schedule!r}")
+    start, end = BETA_SCHEDULES[beta_schedule]
+    cfg = CanaryConfig(resolution=resolution, layers_per_block=layers_per_block,
+                       beta_schedule=beta_schedule, beta_start=start, beta_end=end,
+                       cross_attention_levels=cross_attention_levels)
     command = "memaudit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     info = train_canary(data, out, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
                         device=device, cfg=None if init else cfg, cond_dropout=cond_dropout,
