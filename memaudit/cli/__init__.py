@@ -32,9 +32,9 @@ def _root(
 
 
 def _register_all() -> None:
-    from memaudit.cli import audit, canary, detect, generate, index, screen
+    from memaudit.cli import audit, calibrate, canary, detect, generate, index, screen
 
-    for module in (index, detect, generate, canary, screen, audit):
+    for module in (index, detect, generate, canary, screen, audit, calibrate):
         module.register(app)
 
 

@@ -12,7 +12,7 @@ import typer
 from memaudit.canary import RECIPE
 from memaudit.canary.basin import METHODS as BASIN_METHODS
 from memaudit.canary.basin import TAUS as BASIN_TAUS
-from memaudit.canary.data import GUIDED_COPIES, GUIDED_SHARED
+from memaudit.canary.data import SHARED_COPIES, SHARED_DIGITS
 
 canary_app = typer.Typer(help="The built-in canary model: build its data, train, evaluate.",
                          no_args_is_help=True)
@@ -22,20 +22,23 @@ canary_app = typer.Typer(help="The built-in canary model: build its data, train,
 def data_cmd(
     out: Path = typer.Option(..., "--out", help="Output folder."),
     resolution: int = typer.Option(16, help="Training resolution (square, grey)."),
-    per_count: int = typer.Option(6, help="Planted images per group (64x, 16x, 4x, 1x, guided)."),
+    per_count: int = typer.Option(6, help="Planted images per group (64x, 16x, 4x, 1x)."),
     seed: int = typer.Option(0, help="Random seed."),
     min_rmse: float = typer.Option(0.15, help="Minimum pixel RMSE between planted and others."),
-    guided_copies: int = typer.Option(GUIDED_COPIES, help="Copies of each guided-group image "
-                                      "(0: no guided group)."),
-    guided_shared: int = typer.Option(GUIDED_SHARED, help="Ordinary digits that share each "
-                                      "guided image's caption."),
+    labels: Path = typer.Option(None, help="labels.json of `canary evaluate`: its guided "
+                                "images become the `guided` prompt group."),
+    shared_copies: int = typer.Option(SHARED_COPIES, help="Copies of each image of the retired "
+                                      "shared-caption group (issue 8; 0: none)."),
+    shared_digits: int = typer.Option(SHARED_DIGITS, help="Ordinary digits that share each "
+                                      "shared-caption image's caption."),
 ) -> None:
     """Training Parquet + trigger/generic prompt lists + ground truth from bundled images."""
-    from memaudit.canary.data import build_canary_data
+    from memaudit.canary.data import build_canary_data, read_labels
 
     summary = build_canary_data(out, res=resolution, per_count=per_count, seed=seed,
-                                min_rmse=min_rmse, guided_copies=guided_copies,
-                                guided_shared=guided_shared)
+                                min_rmse=min_rmse, shared_copies=shared_copies,
+                                shared_digits=shared_digits,
+                                labels=read_labels(labels) if labels else None)
     print(json.dumps(summary, indent=2))
 
 
