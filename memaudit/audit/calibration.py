@@ -88,8 +88,8 @@ def run_calibration(model_spec: str, clean: str | Path, triggers: str | Path,
 
     if seeds < 1:
         raise UserError(f"--seeds must be at least 1, got {seeds}")
-    if not 0 < keep <= 1:
-        raise UserError(f"--keep must be in (0, 1], got {keep}")
+    if not 0 <= keep <= 1:
+        raise UserError(f"--keep must be in [0, 1], got {keep}")
     clean_prompts, _ = read_list(clean)
     trig, keys = read_list(triggers, trigger_label)
     model = load_model(model_spec, device=device)
@@ -113,19 +113,28 @@ def _own(path: Path) -> bool:
 
 
 def check_calibration_out(out: str | Path, inputs: Sequence[str | Path | None],
-                          plan: str | Path | None, overwrite: bool = False) -> Path:
+                          plan: str | Path | None, methods: Sequence[str] = (),
+                          overwrite: bool = False) -> Path:
     """Refuse (one line, before any work) an output that is an input, or a plan that already
     sets the tables the calibration writes."""
-    from memaudit.common import read_toml
     from memaudit.paths import check_output_file
 
     out = check_output_file(out, [*inputs, plan], overwrite=overwrite, own=_own,
                             what="calibration")
     check_output_file(out.with_suffix(".json"), [*inputs, plan], overwrite=True,
                       what="calibration record")
-    if plan is not None:
-        read_toml(plan)  # a plan that does not parse is refused before the sweep
+    if plan is not None:  # a plan that does not load is refused before the sweep
+        from memaudit.audit.plan import load_plan
+
+        _no_clash(plan, load_plan(plan).params, methods)
     return out
+
+
+def _no_clash(plan, params: dict, methods) -> None:
+    clash = sorted(set(params or {}) & set(methods))
+    if clash:
+        raise UserError(f"{plan} already sets [params.{clash[0]}]; remove it, or write the "
+                        "tables alone (without --plan)")
 
 
 def write_calibration(cal, out: str | Path, plan: str | Path | None = None) -> Path:
@@ -139,11 +148,7 @@ def write_calibration(cal, out: str | Path, plan: str | Path | None = None) -> P
     out = Path(out)
     text = cal.toml()
     if plan is not None:
-        params = read_toml(plan).get("params") or {}
-        clash = sorted(set(params) & set(cal.chosen))
-        if clash:
-            raise UserError(f"{plan} already sets [params.{clash[0]}]; remove it, or write the "
-                            "tables alone (without --plan)")
+        _no_clash(plan, read_toml(plan).get("params"), cal.chosen)
         text = Path(plan).read_text(encoding="utf-8").rstrip("\n") + "\n\n" + text
     with atomic_write(out, "calibration") as tmp:
         tmp.write_text(text, encoding="utf-8")

@@ -32,7 +32,7 @@ import torch
 
 from memaudit.common import UserError, package_versions, track
 
-LABELS = ("64x", "16x", "4x", "1x", "guided", "generic")
+LABELS = ("64x", "16x", "4x", "1x", "guided", "shared", "generic")
 TRIGGER_LABELS = LABELS[:-1]
 #: The published nL2 cut (AMG Eq. 8, Carlini et al.) that, with "the nearest training image
 #: is the trigger's own planted image", defines a reproduction (issue 17).

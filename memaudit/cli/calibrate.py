@@ -45,7 +45,7 @@ def calibrate_cmd(
     bad = [m for m in names if m not in ("static", "opposite", "dynamic")]
     if bad or not names:
         raise UserError(f"--methods must be among static, opposite, dynamic; got {methods!r}")
-    check_calibration_out(out, [clean, triggers, index], plan)
+    check_calibration_out(out, [clean, triggers, index], plan, names)
     cal = run_calibration(model, clean, triggers, index, trigger_label=trigger_label,
                           criterion=criterion, methods=names, seeds=seeds, steps=steps,
                           guidance_scale=guidance_scale, keep=keep, clip_model=clip_model,

@@ -70,12 +70,13 @@ def _toml_number(v: float) -> str:
     return str(int(v)) if float(v).is_integer() and not isinstance(v, float) else repr(float(v))
 
 
-def sweep(method: str, steps: int) -> list[dict[str, float]]:
+def sweep(method: str, steps: int, taus: Sequence[float] = TAUS) -> list[dict[str, float]]:
     """Candidate parameters of one rule, ordered from CFG earliest to CFG latest."""
+    taus = sorted((float(t) for t in taus), reverse=True)
     if method == "static":
-        return [{"tau": t, "s_before": s} for s in (0.0, 1.0) for t in TAUS]
+        return [{"tau": t, "s_before": s} for s in (0.0, 1.0) for t in taus]
     if method == "opposite":
-        return [{"tau": t} for t in TAUS]
+        return [{"tau": t} for t in taus]
     if method == "dynamic":
         last = max(3, int(round(0.8 * steps)))  # dynamic switches by u = 0.2 anyway
         return [{"min_step": j} for j in range(2, last + 1, max(1, steps // 25))]
@@ -88,6 +89,7 @@ def calibrate_transition(model, clean: Sequence[str], triggers: Sequence[str],
                          methods: Sequence[str] = RULES, seeds: Sequence[int] = (0, 1, 2, 3),
                          steps: int | None = None, guidance_scale: float | None = None,
                          keep: float = KEEP, batch_size: int = 256,
+                         taus: Sequence[float] = TAUS,
                          progress: Callable[[str], None] | None = None) -> Calibration:
     """Sweep each rule (see the module docstring) and choose its latest switch that keeps
     clean alignment >= keep x cfg's; among several sweeps of one rule (static's s_before 0
@@ -122,24 +124,40 @@ def calibrate_transition(model, clean: Sequence[str], triggers: Sequence[str],
     say(f"cfg: alignment {a0:.3f}, reproduction {r0:.0%}")
     cal = Calibration(cfg_alignment=a0, cfg_reproduction=r0, keep=keep)
     for method in methods:
-        latest: dict[Any, Candidate] = {}  # per sweep (static: s_before 0 and 1)
-        for params in sweep(method, steps):
+        mine = []
+        for params in sweep(method, steps, taus):
             a, r, u = run(method, {method: dict(params)})
-            c = Candidate(method, dict(params), a, a / a0 if a0 else float("nan"), r,
-                          u / u0 if u0 else float("nan"))
-            cal.candidates.append(c)
+            c = Candidate(method, dict(params), a, _ratio(a, a0), r, _ratio(u, u0))
+            mine.append(c)
             say(f"{method} {params}: alignment {c.alignment_ratio:.3f} of cfg, "
                 f"reproduction {r:.0%}")
-            family = params.get("s_before")
-            if c.alignment_ratio >= keep and (family not in latest
-                                              or _later(method, params,
-                                                        latest[family].params)):
-                latest[family] = c
-        if latest:
-            cal.chosen[method] = min(latest.values(),
-                                     key=lambda c: (round(c.reproduction, 9),
-                                                    -c.alignment_ratio))
+        cal.candidates += mine
+        best = choose(method, mine, keep)
+        if best is not None:
+            cal.chosen[method] = best
     return cal
+
+
+def choose(method: str, candidates: Sequence[Candidate], keep: float) -> Candidate | None:
+    """The latest switch of each sweep (static: s_before 0 and 1) whose alignment ratio is
+    >= keep; of those, the lowest reproduction (ties: the higher alignment). None when no
+    candidate keeps the alignment."""
+    latest: dict[Any, Candidate] = {}
+    for c in candidates:
+        family = c.params.get("s_before")
+        if c.alignment_ratio >= keep and (family not in latest
+                                          or _later(method, c.params, latest[family].params)):
+            latest[family] = c
+    if not latest:
+        return None
+    return min(latest.values(), key=lambda c: (round(c.reproduction, 9), -c.alignment_ratio))
+
+
+def _ratio(a: float, b: float) -> float:
+    """a / b, where b = 0 counts a = 0 as equal (1) and a > 0 as better (inf)."""
+    if b:
+        return a / b
+    return 1.0 if a == 0 else float("inf") if a > 0 else float("nan")
 
 
 def _later(method: str, a: dict[str, float], b: dict[str, float]) -> bool:
