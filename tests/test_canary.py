@@ -132,6 +132,27 @@ def test_shared_group_leaves_the_other_groups_unchanged(canary_data: Path, tmp_p
     assert len(changed) == 6 * SHARED_DIGITS and all(ta[k] in guided for k in changed)
 
 
+def test_extra_counts_add_a_group_and_leave_the_others_unchanged(tmp_path):
+    """issue 17: `extra_counts` (e.g. 2x) adds planted images shown that many times, chosen
+    after the default groups, whose images and captions stay the same."""
+    build_canary_data(tmp_path / "a", digits_limit=1200)
+    build_canary_data(tmp_path / "b", digits_limit=1200, extra_counts=(2,))
+    a = pq.read_table(tmp_path / "a" / "ground_truth.parquet").to_pylist()
+    b = pq.read_table(tmp_path / "b" / "ground_truth.parquet").to_pylist()
+    assert [(g["caption"], g["source"]) for g in b[:24]] == \
+        [(g["caption"], g["source"]) for g in a]
+    two = [g for g in b[24:] if g["group"] == "2x"]
+    assert len(two) == 6 == len(b) - 24 and all(g["duplicate_count"] == 2 for g in two)
+    keys = pq.read_table(tmp_path / "b" / "train.parquet", columns=["key"]).column(
+        "key").to_pylist()
+    assert all(sum(k.startswith(g["key_prefix"] + "-") for k in keys) == 2 for g in two)
+    assert (tmp_path / "b" / "triggers_2x.txt").read_text().splitlines() == \
+        [g["caption"] for g in two]
+    assert json.loads((tmp_path / "b" / "data.json").read_text())["extra_counts"] == [2]
+    with pytest.raises(UserError, match="--extra-counts"):
+        build_canary_data(tmp_path / "c", extra_counts=(4,))
+
+
 def test_measured_labels_make_the_guided_group(canary_data: Path, tmp_path):
     """issue 17: labels from `canary evaluate` move the guided images' prompts to their own
     group (prompts.csv, triggers_guided.txt, ground truth), out of their count's list; the

@@ -42,7 +42,9 @@ def basin_groups(data_dir: Path) -> dict[str, list[str]]:
     from memaudit.canary.evaluate import read_prompts
 
     rows = read_prompts(data_dir)
-    groups = {g: [p for p, lab in rows if lab == g] for g in GROUPS if g != "generic"}
+    order = [g for g in GROUPS if g != "generic"] + [lab for _, lab in rows]
+    groups = {g: [p for p, lab in rows if lab == g] for g in dict.fromkeys(order)
+              if g != "generic"}
     seen: set[int] = set()
     groups["generic"] = []
     for p, lab in rows:

@@ -75,7 +75,8 @@ def build_canary_data(out: str | Path, res: int = 16, per_count: int = 6, seed: 
                       min_rmse: float = 0.15, digits_limit: int | None = None,
                       shared_copies: int = SHARED_COPIES,
                       shared_digits: int = SHARED_DIGITS,
-                      labels: dict[str, str] | None = None) -> dict:
+                      labels: dict[str, str] | None = None,
+                      extra_counts: tuple[int, ...] = ()) -> dict:
     """Write the canary training set and prompt lists into `out`.
 
     Files: train.parquet (key, caption, png), ground_truth.parquet (caption, key, key_prefix,
@@ -88,7 +89,9 @@ def build_canary_data(out: str | Path, res: int = 16, per_count: int = 6, seed: 
     labelled `guided` and listed in triggers_guided.txt instead of its count's list; the
     training rows do not depend on it. The shared-caption group: per_count planted images,
     `shared_copies` rows each, whose caption `shared_digits` randomly drawn digits carry
-    instead of a digit caption (0: none, the default).
+    instead of a digit caption (0: none, the default). `extra_counts`: more duplicated
+    groups (e.g. (2,): per_count images shown twice), chosen after the default ones, which
+    they leave unchanged.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -99,6 +102,10 @@ def build_canary_data(out: str | Path, res: int = 16, per_count: int = 6, seed: 
               (res >= 4, f"--resolution must be at least 4, got {res}"),
               (min_rmse >= 0, f"--min-rmse must be >= 0, got {min_rmse}"),
               (shared_copies >= 0, f"--shared-copies must be >= 0, got {shared_copies}"),
+              (all(c >= 1 for c in extra_counts) and not set(extra_counts) & set(DUP_COUNTS)
+               and len(set(extra_counts)) == len(extra_counts),
+               f"--extra-counts must be distinct counts >= 1 other than "
+               f"{', '.join(map(str, DUP_COUNTS))}, got {list(extra_counts)}"),
               (shared_digits >= 0, f"--shared-digits must be >= 0, got {shared_digits}"),
               (not out.exists() or out.is_dir(), f"--out {out} is a file, not a folder")]
     for ok, message in checks:
@@ -114,7 +121,7 @@ def build_canary_data(out: str | Path, res: int = 16, per_count: int = 6, seed: 
     # Faces used as planted candidates are drawn from lfw[:100]; generic faces are the rest.
     generic_digits = digits
     planted = select_planted(res, per_count, seed, min_rmse, generic=generic_digits,
-                             shared_copies=shared_copies)
+                             shared_copies=shared_copies, extra_counts=tuple(extra_counts))
     planted_faces = {int(p.source.split()[-1]) for p in planted if p.source.startswith("lfw")}
     shared_caption = _share_captions(planted, len(digits), shared_digits, seed)
     labels = labels or {}
@@ -171,8 +178,8 @@ def build_canary_data(out: str | Path, res: int = 16, per_count: int = 6, seed: 
     pq.write_table(gt, out / "ground_truth.parquet")
 
     prompt_rows: list[tuple[str, str, str]] = []
-    names = [lab for lab, _ in groups(shared_copies)] + ([GUIDED] if GUIDED in prompt_group
-                                                          else [])
+    names = [lab for lab, _ in groups(shared_copies, tuple(extra_counts))] + (
+        [GUIDED] if GUIDED in prompt_group else [])
     for label in names:
         mine = [p for p, g in zip(planted, prompt_group, strict=True) if g == label]
         (out / f"triggers_{label}.txt").write_text("".join(p.caption + "\n" for p in mine))
@@ -197,6 +204,7 @@ def build_canary_data(out: str | Path, res: int = 16, per_count: int = 6, seed: 
         "planted_images": len(planted),
         "planted_rows": int(sum(p.count for p in planted)),
         "per_count": per_count,
+        "extra_counts": list(extra_counts),
         "shared_copies": shared_copies,
         "shared_digits": shared_digits if shared_copies else 0,
         "guided": sorted(p.caption for p, g in zip(planted, prompt_group, strict=True)
@@ -242,6 +250,8 @@ def model_data_settings(model: str) -> dict:
     if not isinstance(rec, dict):
         return out
     out.update({k: rec[k] for k in ("per_count", "seed", "min_rmse") if k in rec})
+    if rec.get("extra_counts"):
+        out["extra_counts"] = tuple(rec["extra_counts"])
     if "resolution" in rec:
         out["res"] = rec["resolution"]
     out["shared_copies"] = rec.get("shared_copies", rec.get("guided_copies", 0))

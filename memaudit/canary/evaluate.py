@@ -32,8 +32,7 @@ import torch
 
 from memaudit.common import UserError, package_versions, track
 
-LABELS = ("64x", "16x", "4x", "1x", "guided", "shared", "generic")
-TRIGGER_LABELS = LABELS[:-1]
+LABELS = ("64x", "16x", "4x", "1x", "guided", "shared", "generic")  # the default data's
 #: The published nL2 cut (AMG Eq. 8, Carlini et al.) that, with "the nearest training image
 #: is the trigger's own planted image", defines a reproduction (issue 17).
 REPRODUCTION_CUT = 1.4
@@ -245,7 +244,7 @@ def evaluate_canary(model: str | Path = "canary", out: str | Path = "canary_eval
     table: dict[str, dict[str, dict]] = {}
     for scale in scales:
         per: dict[str, dict] = {}
-        for lab in LABELS:
+        for lab in dict.fromkeys(lab for _, lab in prompts):
             rs = [r for r in records if r["scale"] == scale and r["label"] == lab]
             if rs:
                 per[lab] = group_rates(rs, lab)
@@ -257,7 +256,7 @@ def evaluate_canary(model: str | Path = "canary", out: str | Path = "canary_eval
     # grid at the default scale (or the middle one)
     gs = s0 if s0 in gens_at else scales[len(scales) // 2]
     grid_rows = []
-    for lab in TRIGGER_LABELS:
+    for lab in [x for x in dict.fromkeys(lab for _, lab in prompts) if x != "generic"]:
         for p, label in prompts:
             if label != lab:
                 continue

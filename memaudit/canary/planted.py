@@ -58,11 +58,13 @@ class Planted:
     shared: int = 0  # ordinary (digit) rows that carry the same caption
 
 
-def groups(shared_copies: int = SHARED_COPIES) -> list[tuple[str, int]]:
-    """(label, copies) of every planted group, in selection order (the shared-caption group
-    last, so the other groups' images and captions do not depend on it)."""
-    return [(f"{c}x", c) for c in DUP_COUNTS] + ([(SHARED, shared_copies)]
-                                                  if shared_copies else [])
+def groups(shared_copies: int = SHARED_COPIES,
+           extra_counts: tuple[int, ...] = ()) -> list[tuple[str, int]]:
+    """(label, copies) of every planted group, in selection order: DUP_COUNTS, then the
+    `extra_counts` groups, then the shared-caption group, so adding a later group never
+    changes the images and captions of an earlier one."""
+    return ([(f"{c}x", c) for c in (*DUP_COUNTS, *extra_counts)]
+            + ([(SHARED, shared_copies)] if shared_copies else []))
 
 
 def to_png(img01: np.ndarray) -> bytes:
@@ -211,11 +213,14 @@ def _greedy(stream: list[tuple[str, np.ndarray]], kept: list[tuple[str, np.ndarr
 
 def select_planted(res: int = 16, per_count: int = 6, seed: int = 0, min_rmse: float = 0.15,
                    generic: np.ndarray | None = None, max_per_photo: int = 3,
-                   shared_copies: int = SHARED_COPIES) -> list[Planted]:
-    """Choose per_count distinct images for each group of `groups(shared_copies)`.
+                   shared_copies: int = SHARED_COPIES,
+                   extra_counts: tuple[int, ...] = ()) -> list[Planted]:
+    """Choose per_count distinct images for each group of `groups(shared_copies,
+    extra_counts)`.
 
     The duplicated groups (64x ... 1x): greedy over shuffled candidates (photo crops and
-    faces, alternating so every count mixes both). The shared-caption group, chosen afterwards from
+    faces, alternating so every count mixes both); the `extra_counts` groups (e.g. 2x)
+    continue the same stream afterwards. The shared-caption group, chosen afterwards from
     its own random stream so the other groups never depend on it: crops of other bundled
     photographs (SHARED_PHOTOS; no face, a class the model also sees under a generic
     caption), at most ceil(per_count / len(SHARED_PHOTOS)) per photograph. A candidate is
@@ -231,10 +236,13 @@ def select_planted(res: int = 16, per_count: int = 6, seed: int = 0, min_rmse: f
     photos = [cands[i] for i in order if not cands[i][0].startswith("lfw")]
     kept: list[tuple[str, np.ndarray]] = []
     _greedy(photos, kept, n_base, generic, min_rmse, max_per_photo, n_base // 3, faces)
+    if extra_counts:
+        n_base += per_count * len(extra_counts)
+        _greedy(photos, kept, n_base, generic, min_rmse, max_per_photo, n_base // 3, faces)
     if len(kept) < n_base:
         raise UserError(f"only {len(kept)} distinct planted images found (need {n_base}); "
                         "lower min_rmse or per_count")
-    grp = groups(shared_copies)
+    grp = groups(shared_copies, extra_counts)
     if shared_copies:
         g_rng = np.random.default_rng([seed, 9])
         g_cands = _photo_crops(g_rng, res, SHARED_PHOTOS)

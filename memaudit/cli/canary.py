@@ -25,6 +25,8 @@ def data_cmd(
     per_count: int = typer.Option(6, help="Planted images per group (64x, 16x, 4x, 1x)."),
     seed: int = typer.Option(0, help="Random seed."),
     min_rmse: float = typer.Option(0.15, help="Minimum pixel RMSE between planted and others."),
+    extra_counts: str = typer.Option("", help="More duplicated groups, e.g. 2 or 2,8 (chosen "
+                                     "after 64x/16x/4x/1x, which stay the same)."),
     labels: Path = typer.Option(None, help="labels.json of `canary evaluate`: its guided "
                                 "images become the `guided` prompt group."),
     shared_copies: int = typer.Option(SHARED_COPIES, help="Copies of each image of the retired "
@@ -34,10 +36,16 @@ def data_cmd(
 ) -> None:
     """Training Parquet + trigger/generic prompt lists + ground truth from bundled images."""
     from memaudit.canary.data import build_canary_data, read_labels
+    from memaudit.common import UserError
 
+    try:
+        extra = tuple(int(c) for c in extra_counts.split(",") if c.strip())
+    except ValueError:
+        raise UserError(f"--extra-counts must be integers separated by commas, got "
+                        f"{extra_counts!r}") from None
     summary = build_canary_data(out, res=resolution, per_count=per_count, seed=seed,
                                 min_rmse=min_rmse, shared_copies=shared_copies,
-                                shared_digits=shared_digits,
+                                shared_digits=shared_digits, extra_counts=extra,
                                 labels=read_labels(labels) if labels else None)
     print(json.dumps(summary, indent=2))
 
