@@ -177,7 +177,7 @@ def run_demo(out: str | Path = "memaudit-demo", *, device: str | None = None,
     times["index_and_audit"] = time.perf_counter() - t1
     t2 = time.perf_counter()
     log(f"[4/4] report -> {out / 'report.html'}")
-    report = write_report(res.db_path, out / "report.html")
+    report = write_report(res.db_path, out / "report.html", sources=[data / "train.parquet"])
     times["report"] = time.perf_counter() - t2
     times["total"] = time.perf_counter() - t0
     rows = summary_rows(res.db_path)

@@ -43,6 +43,7 @@ class Check:
     passed: bool
     detail: str
     offending: list[dict[str, Any]] = field(default_factory=list)
+    facts: dict[str, Any] = field(default_factory=dict)  # the figures, for the report's words
 
 
 @dataclass
@@ -164,7 +165,8 @@ def _copy_checks(store: AuditStore, rid: int, criteria: list[str] | None,
                 passed=rate <= limit,
                 detail=(f"{method}: {copies}/{n} generations are copies by {crit} "
                         f"({kind} threshold {thr_s}); copy rate {rate:.3f}, limit {limit:g}"),
-                offending=off))
+                offending=off, facts={"method": method, "criterion": crit, "copies": copies,
+                                      "n": n, "kind": kind, "threshold": thr}))
     if not checks:
         raise UserError("no generations match the requested method(s) and criterion(s)")
     return checks

@@ -41,9 +41,11 @@ Contract (what every guidance may rely on; memaudit/guidance/base.py):
   gradients, e.g. AMG, builds them itself: the UNet outputs carry no graph). Then
   `x = scheduler.step(eps_hat, t, x).prev_sample` (DDIM: eta = 0; flow matching: Euler on v).
   `callback(j, state, eps_hat)`.
-* Trace: per step a dict with `t` (int), `u` (float) and per-sample lists of length B:
-  `guidance_norm` = ||eps_hat - e_u||_2 per sample plus every key of the guidance's trace
-  (tensors [B] -> lists; scalars are repeated for every row).
+* Trace: per step a dict with `t` (int), `u` (float; sigma for flow matching) and per-sample
+  lists of length B: `guidance_norm` = the noise-prediction magnitude of eps_hat - e_u
+  (`state.magnitude`: ||eps_hat - e_u||_2, on flow models ||(1 - sigma)(v_hat - v_u)||_2;
+  METHODS 0) plus every key of the guidance's trace (tensors [B] -> lists; scalars are
+  repeated for every row).
 * Cost: `unet_rows` = rows evaluated by `model.eps` during the call (the sampler's and any a
   guidance makes itself) / B, so 2 x steps for cfg; `forwards` = batched forward passes an
   image went through (steps for cfg); `wall_seconds` = wall time of the call / B.
@@ -63,7 +65,7 @@ import numpy as np
 import torch
 
 from memaudit.common import UserError
-from memaudit.guidance.base import Guidance, StepState, check_supported, per_sample_norm
+from memaudit.guidance.base import Guidance, StepState, check_supported
 from memaudit.models.base import UNCOND, Denoiser
 from memaudit.models.cond import Cond, as_cond
 
@@ -173,7 +175,7 @@ def _sample_chunk(model: Denoiser, prompts: list[str], seeds: list[int], guidanc
         record: dict[str, Any] = {}
         for key, value in (gtrace or {}).items():
             record[key] = _per_sample(value, b)
-        record["guidance_norm"] = per_sample_norm(eps_hat - state.e_u).cpu().tolist()
+        record["guidance_norm"] = state.magnitude(eps_hat - state.e_u).tolist()
         record["t"] = int(t)
         record["u"] = state.u
         trace.append(record)

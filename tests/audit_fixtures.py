@@ -129,3 +129,36 @@ def copying_audit(tmp: Path) -> Path:
     res = run_audit(load_plan(plan), components=comp,
                     device="cpu")
     return res.db_path
+
+
+def crafted_db(audit_db: Path, folder: Path, kind: str, secret: Path) -> Path:
+    """A copy of a real audit database, altered as `kind` says with DuckDB itself (as an
+    attacker would): tests/test_untrusted_db.py lists the kinds."""
+    import shutil
+
+    import duckdb
+
+    folder.mkdir(parents=True, exist_ok=True)
+    db = folder / "audit.duckdb"
+    shutil.copy(audit_db, db)
+    s = str(secret).replace("'", "''")
+    con = duckdb.connect(str(db))
+    if kind == "view-over-read-text":  # every prompt the gate and report print gets the file
+        con.execute("ALTER TABLE prompts RENAME TO prompts_data")
+        con.execute("CREATE VIEW prompts AS SELECT id, text || (SELECT content FROM "
+                    f"read_text('{s}')) AS text, sources_json, label FROM prompts_data")
+    elif kind == "stored-macro":  # shadows the built-in aggregate the gate's query calls
+        con.execute(f"CREATE MACRO arg_max(a, b) AS (SELECT content FROM read_text('{s}'))")
+    elif kind == "extra-table":
+        con.execute(f"CREATE TABLE notes AS SELECT content FROM read_text('{s}')")
+    elif kind == "extra-column":
+        con.execute("ALTER TABLE runs ADD COLUMN note TEXT")
+    elif kind == "view-raises":
+        con.execute("CREATE OR REPLACE VIEW method_summary AS SELECT * FROM "
+                    "(SELECT error('crafted failure') AS x)")
+    elif kind == "plan-json-not-json":
+        con.execute("UPDATE runs SET plan_json = '{\"methods\": [not json'")
+    else:
+        raise ValueError(kind)
+    con.close()
+    return db

@@ -6,6 +6,7 @@ criterion, screening) so each test takes a second; the real chain runs in test_a
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -439,3 +440,87 @@ def test_built_pixel_index_compares_at_the_model_output_size(tmp_path):
     assert built[1]["embedder_opts"] == {"size": 32}  # the plan's own choice wins
     warn = [m for m in logs if m.startswith("warning:")]
     assert warn and "compares pixels at 32x32, finer than the 16x16 images" in warn[0]
+
+
+def _run_prompts(db: Path, run_id: int) -> dict[str, set[str]]:
+    with AuditStore(db, read_only=True) as s:
+        return {t: {r[0] for r in s.con.execute(
+            f"SELECT DISTINCT p.text FROM {t} x JOIN prompts p ON p.id = x.prompt_id "
+            "WHERE x.run_id = ?", [run_id]).fetchall()} for t in ("generations", "screens")}
+
+
+_GEN = "a digit\nzero\nsomething\n"  # write_plan's gen.txt
+_CHANGED = {"replace": "a cat\nzero\nsomething\n", "append": _GEN + "one more\n",
+            "remove": "a digit\nzero\n"}
+
+
+@pytest.mark.parametrize("change", list(_CHANGED))
+def test_a_changed_prompt_list_is_never_a_silent_reuse(tmp_path, change):
+    """issue 18: the plan recorded only the prompt file's path, so replacing the prompts and
+    rerunning printed "9 already done" and kept the old rows, appending left the quality
+    figures of the old prompts, and a removed line kept its rows. A run is keyed by the
+    content it audits: over a finished run a changed list is refused, naming it."""
+    plan = write_plan(tmp_path)
+    first = run_plan(plan)
+    (tmp_path / "gen.txt").write_text(_CHANGED[change])
+    with pytest.raises(UserError, match=r"prompt list gen.txt changed since run 1 \(sha256 "
+                       r"[0-9a-f]{12} -> [0-9a-f]{12}, \d prompts -> \d prompts\).*run 1 is "
+                       "finished: use --new-run"):
+        run_plan(plan)
+    with AuditStore(first.db_path, read_only=True) as s:
+        assert s.count("runs") == 1 and s.count("units") == 9  # nothing written
+    res = run_plan(plan, new_run=True)
+    assert res.run_id == 2 and res.units_skipped == 0
+    want = {"a very specific caption", "another <script>x</script>",
+            *_CHANGED[change].split("\n")} - {""}
+    assert _run_prompts(res.db_path, 2) == {"generations": want, "screens": want}
+    with AuditStore(res.db_path, read_only=True) as s:
+        plan_json = json.loads(s.run(2)["plan_json"])
+    gen = next(p for p in plan_json["prompts"] if p["file"].endswith("gen.txt"))
+    assert gen["rows"] == len(want) - 2
+    assert gen["sha256"] == hashlib.sha256(_CHANGED[change].encode()).hexdigest()
+
+
+@pytest.mark.parametrize("change", ["replace", "remove"])
+def test_a_changed_prompt_list_over_a_failed_run_starts_a_new_run(tmp_path, change):
+    """Over a failed (or killed) run, changed prompts start a new run beside it, as any
+    changed plan does; the removed line's rows are not in it (before: the failed run was
+    resumed, its batches shifted under the committed unit names)."""
+    plan = write_plan(tmp_path)
+    comp = fake_components()
+    comp.sample = _failing_sample(after=3)
+    with pytest.raises(Boom):
+        run_audit(load_plan(plan), components=comp, device="cpu")
+    (tmp_path / "gen.txt").write_text(_CHANGED[change])
+    logs: list[str] = []
+    res = run_audit(load_plan(plan), components=fake_components(), device="cpu",
+                    log=logs.append)
+    assert res.run_id == 2 and res.units_skipped == 0
+    assert any("prompt list gen.txt changed since run 1" in m and "run 1 is failed" in m
+               for m in logs)
+    want = {"a very specific caption", "another <script>x</script>",
+            *_CHANGED[change].split("\n")} - {""}
+    assert _run_prompts(res.db_path, 2)["generations"] == want
+
+
+def test_a_prompt_list_changed_after_the_plan_was_read_is_refused(tmp_path):
+    """The content checked is the content audited: a list edited between reading the plan and
+    reading the prompts is refused before the run row exists."""
+    p = load_plan(write_plan(tmp_path))
+    (tmp_path / "gen.txt").write_text("a cat\n")
+    with pytest.raises(UserError, match="prompt list .*gen.txt changed since the plan was read"):
+        run_audit(p, components=fake_components(), device="cpu")
+    assert not (tmp_path / "out" / "audit.duckdb").exists()
+
+
+def test_a_changed_model_or_index_hash_is_never_a_silent_reuse(tmp_path):
+    """A model or an index without a recorded hash is not "unchanged" (before: a missing hash
+    on either side skipped the comparison)."""
+    plan = write_plan(tmp_path)
+    run_plan(plan)
+    comp = fake_components()
+    model = comp.load_model("fake", "cpu")
+    model.model_hash = None
+    with pytest.raises(UserError, match=r"model weights changed since run 1 \(modelhash -> "
+                       r"none\).*use --new-run"):
+        run_audit(load_plan(plan), components=comp, device="cpu")

@@ -282,6 +282,76 @@ def _foreign_out(w: Path, t: Path) -> str:
     return str(out)
 
 
+def _crafted(w: Path, t: Path, kind: str) -> str:
+    """A copy of the workspace's audit database altered as an attacker would
+    (audit_fixtures.crafted_db), its target a file of the case's own folder."""
+    from audit_fixtures import crafted_db
+
+    (t / "secret.env").write_text("CI_TOKEN=s3cr3t\n")
+    return str(crafted_db(w / DB, t / "db", kind, t / "secret.env"))
+
+
+def _crafted_out(w: Path, t: Path, kind: str) -> str:
+    _crafted(w, t, kind)
+    return str(t / "db")
+
+
+def _changed_copy(w: Path, t: Path) -> str:
+    """The workspace's finished audit moved to the case's folder (its plan and database
+    rewritten to the new place, as if it had run there), then a line appended to a list."""
+    import duckdb
+
+    old, new = str(w / "audit"), str(t / "audit")
+    shutil.copytree(old, new, symlinks=True)
+    plan = t / "audit" / "plan.toml"
+    plan.write_text(plan.read_text().replace(old, new))
+    con = duckdb.connect(str(t / "audit" / "out" / "audit.duckdb"))
+    con.execute("UPDATE runs SET plan_json = replace(plan_json, ?, ?), "
+                "index_path = replace(index_path, ?, ?)", [old, new, old, new])
+    con.close()
+    with open(t / "audit" / "gen.txt", "a") as f:
+        f.write("one more generic prompt\n")
+    return str(plan)
+
+
+# issue 18: audit databases someone else made (tests/test_untrusted_db.py: nothing leaks)
+CASES += [
+    Case("report-db-view-over-read-text", lambda w, t: ["report", _crafted(
+         w, t, "view-over-read-text"), "--out", f"{t}/r.html"], "extra view prompts"),
+    Case("report-db-stored-macro", lambda w, t: ["report", _crafted(w, t, "stored-macro"),
+         "--out", f"{t}/r.html"], "stored macro arg_max"),
+    Case("report-db-extra-column", lambda w, t: ["report", _crafted(w, t, "extra-column"),
+         "--out", f"{t}/r.html"], "extra column runs.note"),
+    Case("report-db-plan-json-not-json", lambda w, t: ["report", _crafted(
+         w, t, "plan-json-not-json"), "--out", f"{t}/r.html"],
+         "runs.plan_json of run 1 is not a JSON object"),
+    Case("report-db-view-raises", lambda w, t: ["report", _crafted(w, t, "view-raises"),
+         "--out", f"{t}/r.html"], "view method_summary differs from memaudit's"),
+    Case("gate-db-view-over-read-text", lambda w, t: ["gate", _crafted(
+         w, t, "view-over-read-text"), "--junit", f"{t}/g.xml"], "extra view prompts"),
+    Case("gate-db-stored-macro", lambda w, t: ["gate", _crafted(w, t, "stored-macro"),
+         "--junit", f"{t}/g.xml"], "stored macro arg_max"),
+    Case("gate-db-extra-table", lambda w, t: ["gate", _crafted(w, t, "extra-table"),
+         "--junit", f"{t}/g.xml"], "extra table notes"),
+    Case("gate-db-view-raises", lambda w, t: ["gate", _crafted(w, t, "view-raises"),
+         "--max-quality-loss", "0.5"], "view method_summary differs from memaudit's"),
+    Case("gate-db-plan-json-not-json", lambda w, t: ["gate", _crafted(
+         w, t, "plan-json-not-json")], "runs.plan_json of run 1 is not a JSON object"),
+    Case("report-index-of-other-data", lambda w, t: ["report", f"{w}/{DB}", "--out",
+         f"{t}/r.html", "--index", f"{w}/idx"], "is not the run's index (content hash"),
+    Case("report-source-not-found", lambda w, t: ["report", f"{w}/{DB}", "--out",
+         f"{t}/r.html", "--source", f"{t}/none.parquet"], "--source"),
+    Case("report-out-is-a-named-source", lambda w, t: ["report", f"{w}/{DB}", "--out",
+         f"{w}/data/train.parquet", "--source", f"{w}/data", "--overwrite"],
+         "is one of this command's inputs"),
+    Case("audit-prompts-changed-since-a-finished-run", lambda w, t: ["audit", _changed_copy(
+         w, t)], "prompt list gen.txt changed since run 1"),
+    Case("audit-out-holds-a-crafted-duckdb", lambda w, t: ["audit", _plan(
+         w, t, f'index = "{w}/idx"', out=_crafted_out(w, t, "stored-macro"))],
+         "stored macro arg_max"),
+]
+
+
 def test_at_least_forty_cases_cover_every_command():
     assert len(CASES) >= 40 and len({c.id for c in CASES}) == len(CASES)
     assert {c.id.split("-")[0] for c in CASES} == {

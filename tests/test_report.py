@@ -4,6 +4,7 @@ training images re-read from Parquet, and a real headless-chromium render."""
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import re
 from pathlib import Path
@@ -12,8 +13,9 @@ import numpy as np
 import pytest
 from audit_fixtures import PLANTED_CAPTION, copying_audit, planted_image
 from PIL import Image
+from report_outline import SECTIONS, Outline
 
-from memaudit.report import dump_dom, find_chromium, render_pdf, screenshot, write_report
+from memaudit.report import dump_dom, find_chromium, render_pdf, screenshot, unfold, write_report
 from memaudit.report.plots import distribution_svg, histogram_counts
 
 
@@ -24,12 +26,24 @@ def audit_db(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def report(audit_db):
-    return write_report(audit_db, audit_db.parent / "report.html")
+    return write_report(audit_db, audit_db.parent / "report.html",
+                        sources=[audit_db.parent.parent / "train.parquet"])
 
 
 def _data_uris(html: str) -> list[bytes]:
     return [base64.b64decode(m) for m in re.findall(r'src="data:image/png;base64,([^"]+)"',
                                                     html)]
+
+
+def _pixels(png: bytes, res: int = 16) -> np.ndarray:
+    """The `res` x `res` image a data URI shows: inlined images are enlarged by a whole
+    factor with nearest-neighbour sampling (blocks of equal pixels), checked here."""
+    a = np.asarray(Image.open(io.BytesIO(png)).convert("L"))
+    k = a.shape[0] // res
+    assert a.shape == (res * k, res * k)
+    small = a[::k, ::k]
+    assert np.array_equal(a, np.kron(small, np.ones((k, k), np.uint8)))
+    return small
 
 
 def test_report_content(report):
@@ -49,7 +63,7 @@ def test_report_content(report):
     # flagged cards: the generated image and the training image re-read from the Parquet
     assert "4 generation(s) flagged" in html and "Showing 4 of 4 generation(s)" in html
     assert html.count('alt="generated image"') == 4
-    imgs = [np.asarray(Image.open(io.BytesIO(b)).convert("L")) for b in _data_uris(html)]
+    imgs = [_pixels(b) for b in _data_uris(html)]
     planted = planted_image()
     assert sum(np.array_equal(a, planted) for a in imgs) >= 8  # generated + training, x4
     assert "<code>item0-0</code>" in html  # neighbour key, duplicate count 4
@@ -58,6 +72,90 @@ def test_report_content(report):
     assert html.count("<svg") == 1 and "nl2 score per method (lower = more similar)" in html
     assert "Pre-generation screening" in html
     assert "content hash" in html and "schema version 2" in html
+
+
+def test_report_reads_from_the_top(audit_db, report):
+    """issue 22: verdict, flagged outputs, per-method and per-group tables, quality, per
+    prompt, diagnostics (folded), provenance; the flagged section precedes every plot."""
+    from memaudit.gate import gate_db
+
+    html = report.read_text()
+    page = Outline(html)
+    assert page.sections == SECTIONS
+    assert page.plots and all(i > page.at("flagged") for i, _ in page.plots)
+    assert all(page.at("diagnostics") < i < page.at("provenance") and folded
+               for i, folded in page.plots)
+    assert len(page.ids) == len(set(page.ids))
+    # the verdict is the default gate's, one sentence per check, with the database's figures
+    gate = gate_db(audit_db, max_copy_rate=0.0)
+    assert gate.verdict == "FAIL" and "<b>Gate: FAIL.</b>" in html
+    verdict = html.split('<h2 id="verdict">')[1].split("<h2 ")[0]
+    thr = next(c.facts["threshold"] for c in gate.checks)
+    assert re.search(rf"FAIL</b>\s*<b>cfg</b>: 4 of its 8 generations \(50.0%\) copy a "
+                     rf"training image \(by nl2 at the calibrated threshold {thr:.4g}\)", verdict)
+    assert re.search(rf"pass</b>\s*<b>static</b>: none of its 8 generations copies a training "
+                     rf"image \(by nl2 at the calibrated threshold {thr:.4g}\)", verdict)
+    assert "1 of 2 method(s)\n produce copies of training images: cfg." in verdict
+    assert "Screening before generation" in verdict
+
+
+def _prompt_row(html: str, text: str) -> str:
+    anchor = "prompt-" + hashlib.sha256(text.encode()).hexdigest()[:12]
+    return html.split(f'<div class="prow" id="{anchor}">')[1].split('class="prow"')[0]
+
+
+def test_per_prompt_rows_have_stable_anchors(report):
+    """One row per prompt with a flagged output: each method's generations (every seed) and
+    the training image, under #prompt-<sha256 of the text>; every prompt is addressable."""
+    html = report.read_text()
+    planted = planted_image()
+    for text in (PLANTED_CAPTION, "another planted one"):
+        row = _prompt_row(html, text)
+        train = re.search(r'<img src="data:image/png;base64,([^"]+)" width="64" height="64"\s+'
+                          r'alt="training image item0-0"', row).group(1)
+        assert np.array_equal(_pixels(base64.b64decode(train)), planted)
+        for method, copies in (("cfg", True), ("static", False)):
+            thumbs = re.findall(rf'src="data:image/png;base64,([^"]+)" width="48" height="48" '
+                                rf'class="([a-z]*)" alt="{method} seed (\d)"', row)
+            assert [s for _, _, s in thumbs] == ["0", "1"]
+            assert all((c == "copy") == copies for _, c, _ in thumbs)
+            assert all(np.array_equal(_pixels(base64.b64decode(u)), planted) == copies
+                       for u, _, _ in thumbs)
+        assert "2\n  of 4 generation(s) copy (calibrated)" in row
+    # the prompt table links to the rows; prompts without a row carry the anchor themselves
+    for text in (PLANTED_CAPTION, "another planted one", "a generic item", "something else"):
+        anchor = "prompt-" + hashlib.sha256(text.encode()).hexdigest()[:12]
+        assert html.count(f'id="{anchor}"') == 1
+        if "planted" in text:
+            assert f'<a href="#{anchor}">' in html
+    assert html.count('all outputs of this prompt</a>') == 4  # from each flagged card
+
+
+def test_fixed_threshold_only_matches_are_folded_after_the_copies(audit_db, tmp_path):
+    """Calibrated copies first; generations only the fixed threshold flags are counted and
+    folded away (a real database whose fixed verdicts were made looser)."""
+    import shutil
+
+    import duckdb
+
+    db = tmp_path / "audit.duckdb"
+    shutil.copy(audit_db, db)
+    shutil.copytree(audit_db.parent / "images", tmp_path / "images")
+    con = duckdb.connect(str(db))
+    con.execute("UPDATE matches SET is_copy = true WHERE generation_id IN (SELECT g.id FROM "
+                "generations g JOIN prompts p ON p.id = g.prompt_id WHERE g.method = 'static' "
+                "AND p.text = 'something else')")
+    con.close()
+    html = write_report(db, tmp_path / "report.html").read_text()
+    assert "4 generation(s) flagged" in html  # the verdict in use is the calibrated one
+    flagged = html.split('<h2 id="flagged">')[1].split("<h2 ")[0]
+    shown, folded = flagged.split('<details class="fold" id="fixed-only">')
+    assert "Showing 4 of 4 generation(s)" in shown and shown.count('class="card"') == 4
+    assert "Folded away: 2\ngeneration(s) that only the fixed (published) threshold" in folded
+    assert folded.count('class="card"') == 2 and "something else" in folded
+    assert "something else" not in shown
+    row = _prompt_row(html, "something else")
+    assert re.findall(r'class="([a-z]*)" alt="static seed', row) == ["fixed", "fixed"]
 
 
 def test_report_quality_table(audit_db, report):
@@ -98,6 +196,30 @@ def test_svg_histogram_hand_counts():
     assert "fixed threshold 0.25" in svg and "calibrated threshold 0.75" in svg
 
 
+def test_inlined_image_sizes():
+    """Small images are enlarged by whole factors, nearest-neighbour (sharp in the PDF);
+    thumbnails of large images are reduced (JPEG); an undecodable image is None."""
+    from memaudit.report.images import _to_png_uri
+
+    def decode(uri):
+        mime, b64 = uri.split(";base64,")
+        return mime, Image.open(io.BytesIO(base64.b64decode(b64)))
+
+    small = (np.arange(16 * 12).reshape(12, 16) % 251).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(small).save(buf, format="PNG")
+    mime, im = decode(_to_png_uri(buf.getvalue(), px=96))
+    assert mime == "data:image/png" and im.size == (96, 72)  # factor 96 // 16 = 6
+    assert np.array_equal(np.asarray(im), np.kron(small, np.ones((6, 6), np.uint8)))
+    big = io.BytesIO()
+    Image.new("RGB", (300, 200), (200, 10, 10)).save(big, format="PNG")
+    mime, im = decode(_to_png_uri(big.getvalue(), px=96, shrink=True))
+    assert mime == "data:image/jpeg" and im.size == (96, 64)
+    mime, im = decode(_to_png_uri(big.getvalue(), px=96))  # a card keeps the original
+    assert mime == "data:image/png" and im.size == (300, 200)
+    assert _to_png_uri(b"not an image") is None
+
+
 chromium = pytest.mark.skipif(find_chromium() is None,
                               reason="chromium not installed (CI installs Debian's chromium)")
 
@@ -114,6 +236,31 @@ def test_browser_render(report, tmp_path):
     assert len(np.unique(np.asarray(im.convert("L")))) > 10  # something was drawn
     pdf = render_pdf(report, tmp_path / "report.pdf")
     assert pdf.read_bytes()[:5] == b"%PDF-"
+    # sharp in the PDF: chromium embeds an image at the size it was given (CSS pixelated is
+    # not carried over), so the 16x16 planted image is there as 256x256 blocks of its pixels
+    sharp = np.kron(planted_image(), np.ones((16, 16), np.uint8))
+    images = _pdf_images(pdf.read_bytes())
+    assert images and any(a.shape[:2] == (256, 256) and np.array_equal(a[..., 0], sharp)
+                          for a in images)
+    # printed unfolded: every folded section of the page is open in the copy chromium prints
+    html = report.read_bytes()
+    assert unfold(html).count(b"<details open") == html.count(b"<details") >= 2
+
+
+def _pdf_images(pdf: bytes) -> list[np.ndarray]:
+    """The raw RGB images of a chromium PDF (image XObjects, Flate, 8 bits, no predictor)."""
+    import zlib
+
+    out = []
+    for m in re.finditer(rb"<<(/Type /XObject\n/Subtype /Image\n.*?)>>\s*stream\r?\n", pdf,
+                         re.S):
+        head = m.group(1)
+        w, h, n = (int(re.search(rb"/%s (\d+)" % k, head).group(1))
+                   for k in (b"Width", b"Height", b"Length"))
+        raw = np.frombuffer(zlib.decompress(pdf[m.end():m.end() + n]), np.uint8)
+        if raw.size == w * h * 3:
+            out.append(raw.reshape(h, w, 3))
+    return out
 
 
 def test_report_cli(audit_db, tmp_path):
@@ -171,12 +318,14 @@ def test_foreign_database_and_index_cannot_pull_local_files_in(audit_db, tmp_pat
     con.execute("UPDATE runs SET index_path = ?", [str(index)])
     con.close()
     html = write_report(foreign / "audit.duckdb", foreign / "report.html").read_text()
-    shown = [np.asarray(Image.open(io.BytesIO(b)).convert("L")) for b in _data_uris(html)]
+    shown = [_pixels(b) for b in _data_uris(html)]
     assert not any(np.array_equal(a, secret) for a in shown)
-    assert sum(np.array_equal(a, planted_image()) for a in shown) == 2  # the untouched two
+    # the untouched two, each in its card and in its prompt's row
+    assert sum(np.array_equal(a, planted_image()) for a in shown) == 4
     assert "Files not shown" in html
     assert "2 generated image path(s) outside" in html
-    assert "training images from 1 file(s) the index does not record as its sources" in html
+    assert ("training images from 1 file(s) neither inside the index folder nor named with "
+            "--source") in html
 
 
 def test_report_never_overwrites_its_input_and_names_the_real_problem(audit_db, tmp_path,

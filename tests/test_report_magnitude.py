@@ -11,7 +11,7 @@ import pytest
 from audit_fixtures import make_tiny_canary, make_training_parquet, write_plan
 
 from memaudit.report import write_report
-from memaudit.report.plots import line_plot_svg, magnitude_d, magnitude_plots
+from memaudit.report.plots import axis_ticks, line_plot_svg, magnitude_d, magnitude_plots
 from memaudit.store import AuditStore
 
 
@@ -53,7 +53,7 @@ def test_report_shows_one_plot_per_prompt_and_transition_method(audit):
             "SELECT g.method, p.text, g.seed, st.extra_json FROM steps st JOIN generations g "
             "ON g.id = st.generation_id JOIN prompts p ON p.id = g.prompt_id WHERE st.step = "
             "(SELECT max(step) FROM steps) AND g.method <> 'cfg' ORDER BY p.id, g.seed")
-    section = html.split('<h2 id="magnitudes">')[1].split("<h2 ")[0]
+    section = html.split('id="magnitudes">')[1].split("</details>")[0]  # folded: diagnostics
     assert "<h3>static</h3>" in section and "<h3>dynamic</h3>" in section
     assert "<h3>cfg</h3>" not in section  # cfg has no transition point
     assert section.count("<svg") == 2 * n_prompts
@@ -95,3 +95,36 @@ def test_line_plot_coordinates_by_hand():
     assert '<polyline points="56.0,126.0 122.7,26.0"' in svg
     assert '<circle cx="256.0" cy="26.0"' in svg
     assert "a<" not in svg
+
+
+def test_step_axis_ticks_at_whole_steps(audit):
+    """issue 22: the step axis was labelled 0, 9.8, 19.6, 29.4, ... (fifths of 49 steps)."""
+    assert axis_ticks(0, 49, integer=True) == [0, 10, 20, 30, 40]
+    assert axis_ticks(0, 2, integer=True) == [0, 1, 2]
+    assert axis_ticks(0, 9, integer=True) == [0, 2, 4, 6, 8]
+    assert axis_ticks(0, 0.5, integer=True) == [0]
+    assert axis_ticks(-0.03, 0.97) == [0.0, 0.2, 0.4, 0.6, 0.8]
+    assert axis_ticks(0.1, 1.6) == [0.5, 1.0, 1.5]
+    svg = line_plot_svg([{"label": "s", "y": [float(j) for j in range(50)]}], title="t",
+                        x_label="step", y_label="y", width=312, height=170, legend=False)
+    # plot area: left 56, width 312 - 56 - 12 = 244, bottom 26 + 100; labels 14 below it
+    ticks = re.findall(r'<text x="([\d.]+)" y="140" font-size="10" text-anchor="middle">'
+                       r"([^<]+)</text>", svg)
+    assert ticks == [(f"{56 + 244 * v / 49:.1f}", str(v)) for v in (0, 10, 20, 30, 40)]
+    # in the report of a real audit (3 steps): every plot's step labels are whole steps
+    _, html = audit
+    section = html.split('id="magnitudes">')[1].split("</details>")[0]
+    steps = re.findall(r'y="140" font-size="10" text-anchor="middle">([^<]+)</text>', section)
+    assert len(steps) == 3 * section.count("<svg") and set(steps) == {"0", "1", "2"}
+
+
+def test_flagged_section_precedes_every_plot(audit):
+    """The magnitude plots (2 per prompt) and the distributions come after the flagged
+    outputs, folded under Diagnostics (issue 22: 135 plots used to come first)."""
+    from report_outline import SECTIONS, Outline
+
+    page = Outline(audit[1])
+    assert page.sections == SECTIONS
+    assert len(page.plots) > 2
+    assert all(page.at("flagged") < page.at("diagnostics") < i < page.at("provenance")
+               and folded for i, folded in page.plots)

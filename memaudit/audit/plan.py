@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from memaudit.audit.quality import QualitySpec, quality_from_plan
-from memaudit.common import UserError, read_toml
+from memaudit.common import UserError, read_toml, sha256_file
 
 _PLAN_KEYS = {"out", "model", "index", "criteria", "methods", "seeds", "steps",
               "guidance_scale", "scheduler", "batch_size", "alignment", "params", "prompts",
@@ -22,8 +22,13 @@ OUT_WRITES = ("audit.duckdb", "audit.duckdb.wal", "images")
 
 @dataclass
 class PromptList:
+    """One [[prompts]] entry; `sha256` (of the file's bytes) and `rows` (prompts read) are the
+    content a run audits, part of its identity (docs/database.md "Resuming")."""
+
     file: str
     label: str | None = None
+    sha256: str | None = None
+    rows: int | None = None
 
 
 @dataclass
@@ -238,9 +243,10 @@ def _prompt_lists(raw: Any, base: Path) -> tuple[list[PromptList], set[str | Non
         _need(label is None or isinstance(label, str), "a [[prompts]] label must be a string")
         f = _abs(base, p["file"])
         _need(Path(f).exists(), f"prompt list {f} not found")
+        digest = sha256_file(f)
         records = read_prompts(f)
         labels |= {label} if label is not None else {r.label for r in records}
-        out.append(PromptList(file=f, label=label))
+        out.append(PromptList(file=f, label=label, sha256=digest, rows=len(records)))
     return out, labels
 
 
@@ -310,7 +316,7 @@ def _criteria(d: dict[str, Any], methods: list[str], params: dict[str, dict[str,
 def check_plan_outputs(plan: Plan) -> None:
     """OUT is not an input, not inside an input folder, and what the audit writes there
     (audit.duckdb, images/, a built index) holds no input (memaudit.paths)."""
-    from memaudit.data.parquet import resolve_sources
+    from memaudit.data.training_set import open_training_set
     from memaudit.paths import check_output_dir
 
     inputs: list[str] = [p.file for p in plan.prompts]
@@ -320,8 +326,9 @@ def check_plan_outputs(plan: Plan) -> None:
         inputs.append(plan.model)
     writes = list(OUT_WRITES)
     if plan.index_build is not None:
-        src = str(plan.index_build["source"])
-        inputs += [str(f) for f in resolve_sources(src)] + ([src] if Path(src).is_dir() else [])
+        b = plan.index_build
+        data = open_training_set(b["source"], **{k: v for k, v in b.items() if k != "source"})
+        inputs += [str(f) for f in [*data.units(), *data.roots()]]
         if plan.index and Path(plan.index).parent == Path(plan.out):
             writes.append(Path(plan.index).name)
     elif plan.index:
@@ -347,6 +354,26 @@ def plan_difference(old: dict[str, Any], new: dict[str, Any], prefix: str = "") 
             diffs.append(f"{name}: {json.dumps(a)} -> {json.dumps(b)}")
     return diffs
 
+
+def prompt_list_changes(old: Any, new: list[dict[str, Any]], run_id: int) -> list[str] | None:
+    """How the content of the same prompt lists (files and labels) differs from a run's;
+    None when the lists themselves differ (then `plan_difference` names them)."""
+    def files(lists: Any) -> list[tuple[Any, Any]]:
+        return [(p.get("file"), p.get("label")) for p in lists if isinstance(p, dict)]
+
+    if not isinstance(old, list) or len(old) != len(new) or files(old) != files(new):
+        return None
+    out = []
+    for a, b in zip(old, new, strict=True):
+        name = Path(str(b["file"])).name
+        if not a.get("sha256"):
+            out.append(f"run {run_id} recorded no content of prompt list {name} (an older "
+                       "memaudit), so it cannot be taken for unchanged")
+        elif (a.get("sha256"), a.get("rows")) != (b["sha256"], b["rows"]):
+            out.append(f"prompt list {name} changed since run {run_id} (sha256 "
+                       f"{a['sha256'][:12]} -> {b['sha256'][:12]}, {a.get('rows')} prompts -> "
+                       f"{b['rows']} prompts)")
+    return out
 
 
 def normalise_params(params: dict[str, Any]) -> dict[str, dict[str, Any]]:

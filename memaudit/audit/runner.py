@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -13,7 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from memaudit.audit.components import Components, default_components
-from memaudit.audit.plan import Plan, check_plan_outputs, plan_difference
+from memaudit.audit.plan import (
+    Plan,
+    check_plan_outputs,
+    plan_difference,
+    prompt_list_changes,
+)
 from memaudit.audit.units import (
     GenerationItem,
     ScreenItem,
@@ -23,7 +27,7 @@ from memaudit.audit.units import (
     commit_screen,
     screen_binding,
 )
-from memaudit.common import UserError, package_versions, progress_bar
+from memaudit.common import UserError, package_versions, progress_bar, sha256_file
 from memaudit.guidance.base import check_supported
 from memaudit.models.resolution import finer_than_model, output_size
 from memaudit.store import AuditStore
@@ -34,13 +38,10 @@ KILL_BEFORE_COMMIT_ENV = "MEMAUDIT_TEST_KILL_BEFORE_COMMIT"  # ... or mid-unit (
 
 # --- helpers ----------------------------------------------------------------------------
 def index_hash(index: Any, index_dir: str | None) -> str | None:
-    man = getattr(index, "manifest", None) or {}
-    for k in ("content_hash", "hash", "sha256"):
-        if man.get(k):
-            return str(man[k])
-    if index_dir and (Path(index_dir) / "manifest.json").exists():
-        return hashlib.sha256((Path(index_dir) / "manifest.json").read_bytes()).hexdigest()
-    return None
+    """What the run records as its index's identity (`training_index.index_hash`)."""
+    from memaudit.index.training_index import index_hash as _hash
+
+    return _hash(getattr(index, "manifest", None), index_dir)
 
 
 @dataclass
@@ -128,9 +129,15 @@ def _run_audit(plan: Plan, eng: Any, new_run: bool, components: Components | Non
 
     # 2. prompts
     records: list[tuple[str, str, str | None]] = []  # (text, source, label)
-    for pl in plan.prompts:
-        for r in comp.read_prompts(pl.file):
-            records.append((r.text, Path(pl.file).name, pl.label or r.label))
+    for pl in plan.prompts:  # the content audited is the content the run is keyed by
+        digest = sha256_file(pl.file)
+        read = comp.read_prompts(pl.file)
+        if pl.sha256 is not None and (pl.sha256, pl.rows) != (digest, len(read)):
+            raise UserError(f"prompt list {pl.file} changed since the plan was read "
+                            f"(sha256 {pl.sha256[:12]} -> {digest[:12]}); start the audit "
+                            "again")
+        pl.sha256, pl.rows = digest, len(read)
+        records += [(r.text, Path(pl.file).name, pl.label or r.label) for r in read]
     if not records:
         raise UserError("plan: the prompt lists hold no prompts")
 
@@ -273,15 +280,23 @@ def _start_or_resume(store: AuditStore, plan: Plan, model: Any, ihash: str | Non
     rid, status = int(latest["id"]), str(latest["status"])
     old = json.loads(latest["plan_json"])
     old.pop("device", None)
-    diffs = plan_difference(old, plan.comparable())
-    why = [f"the plan differs from run {rid} in {plan.db_path} ({'; '.join(diffs)})"
-           ] if diffs else []
+    new = plan.comparable()
+    # a run is keyed by the content it audits: each prompt list's SHA-256 and rows, the
+    # model's and the index's hashes (a hash missing on either side is not "unchanged")
+    why = prompt_list_changes(old.get("prompts"), new["prompts"], rid)
+    if why is not None:
+        old.pop("prompts", None)
+        new.pop("prompts")
+    diffs = plan_difference(old, new)
+    why = ([f"the plan differs from run {rid} in {plan.db_path} ({'; '.join(diffs)})"]
+           if diffs else []) + (why or [])
     mh = getattr(model, "model_hash", None)
-    if latest["model_hash"] and mh and latest["model_hash"] != mh:
-        why.append(f"model weights changed since run {rid} ({latest['model_hash'][:12]} -> "
-                   f"{mh[:12]})")
-    if latest["index_hash"] and ihash and latest["index_hash"] != ihash:
-        why.append(f"the index changed since run {rid}")
+    if latest["model_hash"] != mh:
+        why.append(f"model weights changed since run {rid} "
+                   f"({(latest['model_hash'] or 'none')[:12]} -> {(mh or 'none')[:12]})")
+    if latest["index_hash"] != ihash:
+        why.append(f"the index changed since run {rid} ({(latest['index_hash'] or 'none')[:12]}"
+                   f" -> {(ihash or 'none')[:12]})")
     if not why:
         log(f"resuming run {rid}" + ("" if status == "running" else f" ({status})"))
         return rid

@@ -1,10 +1,11 @@
 """The attraction basin on the canary: the evidence of Jain et al. (CVPR 2025) reproduced by one
 command (`memaudit canary basin`, issues 8 and 17), written to docs/attraction-basin.md.
 
-1. Magnitude curves (the paper's Figures 2-3): per step, d = ||e_c - e_u||_2 while sampling
-   with zero guidance (s = 0, unconditional trajectory) and unit guidance (s = 1, conditional,
-   no CFG), per prompt group (mean and 10-90% spread over prompts x seeds), with the switch
-   step the `dynamic` rule picks on the s = 1 curve (`transition.dynamic_switch`).
+1. Magnitude curves (the paper's Figures 2-3): per step, d = ||e_c - e_u||_2 (the noise-
+   prediction magnitude on every family, METHODS 0) while sampling with zero guidance (s = 0,
+   unconditional trajectory) and unit guidance (s = 1, conditional, no CFG), per prompt group
+   (mean and 10-90% spread over prompts x seeds), with the switch step the `dynamic` rule
+   picks on the s = 1 curve (`transition.dynamic_update`).
 2. Reproduction against the switch point (Figure 4), on the guided group (images reproduced
    only with guidance, measured by `canary evaluate`): the calibration of
    `memaudit.guidance.calibrate` with the generic digit prompts as the clean list: `static`'s
@@ -60,22 +61,22 @@ def _rows(groups: dict[str, list[str]], seeds: int) -> tuple[list[str], list[str
     return [p for _, p, _ in rows], [g for g, _, _ in rows], [s for _, _, s in rows]
 
 
-def switch_steps(d: np.ndarray, u: list[float], min_step: int, force_u: float) -> np.ndarray:
+def switch_steps(d: np.ndarray, u: list[float], min_step: int, force_u: float,
+                 force_level: float | None = None) -> np.ndarray:
     """The `dynamic` rule's switch step of each row of d [B, steps] (its own code path:
-    memaudit.guidance.transition.dynamic_switch fed with these magnitudes)."""
+    memaudit.guidance.transition.dynamic_update fed with these magnitudes), forced at
+    u <= force_level (default force_u: eps families; a flow model's is its sigma with SD's SNR
+    at force_u, METHODS 0)."""
     import torch
 
-    from memaudit.guidance.base import StepState
-    from memaudit.guidance.transition import dynamic_switch
+    from memaudit.guidance.transition import dynamic_update
 
+    level = force_u if force_level is None else force_level
     memory: dict[str, Any] = {}
     dt = torch.as_tensor(d, dtype=torch.float32)
-    zero = torch.zeros(dt.shape[0], 1)
+    sw = torch.full((dt.shape[0],), -1, dtype=torch.long)
     for j in range(dt.shape[1]):
-        st = StepState(index=j, num_steps=dt.shape[1], t=torch.tensor(0), u=float(u[j]),
-                       x_t=zero, alpha_bar=torch.tensor(1.0), s0=1.0, model=None,
-                       e_u=zero, e_c=dt[:, j:j + 1], memory=memory)
-        sw, _ = dynamic_switch(st, min_step, force_u)
+        sw = dynamic_update(memory, j, dt[:, j], min_step, float(u[j]) <= level)
     return sw.numpy()
 
 
@@ -86,7 +87,6 @@ def magnitude_curves(model, groups: dict[str, list[str]], seeds: int, steps: int
     import torch
 
     from memaudit.guidance import make_guidance
-    from memaudit.guidance.base import per_sample_norm
     from memaudit.guidance.dynamic import Dynamic
     from memaudit.sampler import sample
 
@@ -98,7 +98,7 @@ def magnitude_curves(model, groups: dict[str, list[str]], seeds: int, steps: int
             d_steps: list[torch.Tensor] = []
 
             def record(j, state, eps_hat, d_steps=d_steps):
-                d_steps.append(per_sample_norm(state.e_c - state.e_u).cpu())
+                d_steps.append(state.magnitude())  # noise-prediction magnitude (METHODS 0)
 
             res = sample(model, prompts[lo:lo + batch_size], rseeds[lo:lo + batch_size],
                          make_guidance("cfg"), steps=steps, guidance_scale=scale,
@@ -107,7 +107,8 @@ def magnitude_curves(model, groups: dict[str, list[str]], seeds: int, steps: int
             out["u"] = [rec["u"] for rec in res.trace]
         out[f"d_s{scale:g}"] = np.concatenate(curves)
     p = Dynamic.Params()
-    out["switch"] = switch_steps(out["d_s1"], out["u"], p.min_step, p.force_u)
+    out["switch"] = switch_steps(out["d_s1"], out["u"], p.min_step, p.force_u,
+                                 model.prediction.switch_level(p.force_u))
     return out
 
 

@@ -1,4 +1,4 @@
-"""Train a canary model on any training Parquet (DESIGN.md, "The built-in canary").
+"""Train a canary model on any training set (DESIGN.md, "The built-in canary").
 
 Standard DDPM eps-prediction training (Ho et al. 2020, L_simple) with classifier-free
 dropout (Ho & Salimans 2022): with probability `cond_dropout` a row's caption is replaced by
@@ -27,39 +27,49 @@ from memaudit.common import UserError, package_versions, progress_bar, resolve_d
 
 
 def read_training_images(data: str | Path, resolution: int) -> tuple[torch.Tensor, list[str], str]:
-    """Decode a training Parquet (file, directory of shards, or glob) into grey images.
+    """Decode a training set (any layout `index build` reads: Parquet file, folder or glob,
+    image folder, tar shards...) into grey images.
 
-    Returns (images [N, 1, res, res] in [-1, 1], captions, sha256 over the files' bytes).
-    Rows come through the shared reader (`memaudit.data.parquet`, same columns and overrides
-    as `index build`); undecodable rows are skipped (count printed on stderr). In a canary
-    data folder, ground_truth.parquet is not training data and is left out.
+    Returns (images [N, 1, res, res] in [-1, 1], captions, sha256 of the data). Rows come
+    through the shared reader (`memaudit.data.training_set`, same detection as `index
+    build`); unusable rows are skipped (count printed on stderr). Parquet: the hash is over
+    the files' bytes, and in a canary data folder ground_truth.parquet is not training data
+    and is left out; other layouts: over every row's key, caption and image bytes.
     """
     from PIL import Image
 
-    from memaudit.data.parquet import decode_image, iter_training_rows, resolve_sources
+    from memaudit.data.parquet import decode_image
+    from memaudit.data.training_set import ParquetLayout, open_training_set
 
-    files = resolve_sources(data)
-    if len(files) > 1:
-        files = [f for f in files if f.name != "ground_truth.parquet"]
+    ts = open_training_set(data)
     h = hashlib.sha256()
-    for f in files:
-        h.update(f.read_bytes())
+    if isinstance(ts, ParquetLayout):
+        files = ts.units()
+        if len(files) > 1:
+            files = [f for f in files if f.name != "ground_truth.parquet"]
+        for f in files:
+            h.update(f.read_bytes())
+        rows = (r for f in files for b in open_training_set(f).iter_batches() for r in b)
+    else:
+        rows = (r for b in ts.iter_batches() for r in b)
     imgs: list[np.ndarray] = []
     caps: list[str] = []
     skipped = 0
-    for f in files:
-        for row in iter_training_rows(f):
-            im, _reason = decode_image(row.image_bytes)
-            if im is None:
-                skipped += 1
-                continue
-            im = im.convert("L")
-            if im.size != (resolution, resolution):
-                im = im.resize((resolution, resolution), Image.BILINEAR)
-            imgs.append(np.asarray(im, dtype=np.float32) / 255.0)
-            caps.append(row.caption or "")
+    for row in rows:
+        if not isinstance(ts, ParquetLayout):
+            h.update(hashlib.sha256(f"{row.key}\0{row.caption}\0".encode()).digest()
+                     + hashlib.sha256(row.image_bytes or b"").digest())
+        im, _reason = decode_image(row.image_bytes)
+        if im is None:
+            skipped += 1
+            continue
+        im = im.convert("L")
+        if im.size != (resolution, resolution):
+            im = im.resize((resolution, resolution), Image.BILINEAR)
+        imgs.append(np.asarray(im, dtype=np.float32) / 255.0)
+        caps.append(row.caption or "")
     if skipped:
-        print(f"skipped {skipped} undecodable rows", file=sys.stderr)
+        print(f"skipped {skipped} unusable rows", file=sys.stderr)
     if not imgs:
         raise UserError(f"no decodable images in {data}")
     x = torch.from_numpy(np.stack(imgs))[:, None] * 2.0 - 1.0

@@ -5,6 +5,7 @@ Thin layer over memaudit.audit, memaudit.report, memaudit.gate and memaudit.demo
 
 from __future__ import annotations
 
+import shlex
 import sys
 from pathlib import Path
 
@@ -20,7 +21,8 @@ def _log(msg: str) -> None:
 
 
 def audit_cmd(
-    plan: Path = typer.Argument(..., help="The audit plan (TOML); see docs/database.md."),
+    plan: Path = typer.Argument(None, help="The audit plan (TOML); see docs/database.md. "
+                                "With --init: the plan to write [plan.toml]."),
     new_run: bool = typer.Option(False, "--new-run",
                                  help="Start a new run even though the plan changed."),
     device: str = typer.Option(None, help="cpu, cuda, ... (default: cuda when available)."),
@@ -37,10 +39,38 @@ def audit_cmd(
                                 "cluster (default: a local instance)."),
     actors: int = typer.Option(None, "--actors", help="ray: model replicas (default: one "
                                "per GPU, else one per CPU)."),
+    init: tuple[str, str] | None = typer.Option(
+        None, "--init", metavar="MODEL DATA", help="Write a commented plan for MODEL and the "
+        "training set DATA (any layout) instead of running one."),
+    layout: str = typer.Option(None, "--layout", help="With --init: DATA's layout [detected]."),
+    caption_col: str = typer.Option(None, "--caption-col", "--caption-column",
+                                    help="With --init: DATA's caption column."),
+    instance_prompt: str = typer.Option(None, "--instance-prompt",
+                                        help="With --init: DreamBooth instance prompt."),
+    class_prompt: str = typer.Option(None, "--class-prompt",
+                                     help="With --init: DreamBooth class prompt."),
+    overwrite: bool = typer.Option(False, "--overwrite",
+                                   help="With --init: replace an existing plan."),
 ) -> None:
-    """Run (or resume) a whole audit: generate, detect, screen, quality -> OUT/audit.duckdb."""
+    """Run (or resume) a whole audit: generate, detect, screen, quality -> OUT/audit.duckdb.
+    `--init MODEL DATA` writes a plan to start from instead."""
     from memaudit.audit import load_plan, run_audit, set_threads
 
+    if init is not None:
+        from memaudit.audit.init import init_plan
+
+        res = init_plan(init[0], init[1], plan or Path("plan.toml"), overwrite=overwrite,
+                        command="memaudit audit --init "
+                        + shlex.join([*init, *([str(plan)] if plan else [])]),
+                        layout=layout, caption_col=caption_col,
+                        instance_prompt=instance_prompt, class_prompt=class_prompt)
+        for f in res["lists"]:
+            print(f"prompts: {f}")
+        print(f"training set: {res['layout']['layout']}, {res['rows']} rows")
+        print(f"plan: {res['plan']} (run it: memaudit audit {res['plan']})")
+        return
+    if plan is None:
+        raise UserError("give the audit plan (or --init MODEL DATA to write one)")
     if threads is not None:
         set_threads(threads)
     p = load_plan(plan)
@@ -66,24 +96,33 @@ def report_cmd(
     out: Path = typer.Option(None, "--out", help="HTML file (default: beside the database)."),
     pdf: bool = typer.Option(False, "--pdf", help="Also print a PDF with headless chromium."),
     run: int = typer.Option(None, help="Run id (default: the latest)."),
-    max_flagged: int = typer.Option(200, help="At most this many flagged outputs shown."),
+    max_flagged: int = typer.Option(200, help="At most this many flagged outputs (and as many "
+                                    "per-prompt rows) shown."),
     index: Path = typer.Option(None, "--index", help="The run's training index, to show the "
                                "training images (default: the index the database names)."),
     overwrite: bool = typer.Option(False, "--overwrite",
                                    help="Replace an existing file that is not a report."),
+    source: list[Path] = typer.Option(None, "--source", help="Training Parquet (file or "
+                                      "folder) to read the training images from, besides "
+                                      "files inside the index folder (repeatable)."),
+    index_mismatch_ok: bool = typer.Option(False, "--index-mismatch-ok", help="Show the "
+                                           "images of an index whose content hash is not "
+                                           "the run's (the page says so)."),
 ) -> None:
     """Render the self-contained HTML report (and optionally a PDF)."""
     from memaudit.paths import check_output_file, is_memaudit_html, is_pdf
     from memaudit.report import render_pdf, write_report
 
     out = out or db.parent / "report.html"
-    check_output_file(out, [db, index], overwrite=overwrite, own=is_memaudit_html,
+    inputs = [db, index, *(source or [])]
+    check_output_file(out, inputs, overwrite=overwrite, own=is_memaudit_html,
                       what="report")  # before the work; write_report checks again
     if pdf:
-        check_output_file(out.with_suffix(".pdf"), [db, index], overwrite=overwrite,
+        check_output_file(out.with_suffix(".pdf"), inputs, overwrite=overwrite,
                           own=is_pdf, what="PDF")
     path = write_report(db, out, run_id=run, max_flagged=max_flagged, index=index,
-                        overwrite=overwrite)
+                        overwrite=overwrite, sources=source or None,
+                        index_mismatch_ok=index_mismatch_ok)
     print(f"report: {path}")
     if pdf:
         print(f"pdf: {render_pdf(path, path.with_suffix('.pdf'))}")

@@ -52,7 +52,8 @@ def data_cmd(
 
 @canary_app.command("train")
 def train_cmd(
-    data: Path = typer.Argument(..., help="Training Parquet (file, folder or glob)."),
+    data: Path = typer.Argument(..., help="Training set: Parquet (file, folder or glob), "
+                              "image folder, tar shards... (as index build)."),
     out: Path = typer.Option(..., "--out", help="Output canary folder."),
     steps: int = typer.Option(RECIPE["steps"], help="Training steps."),
     batch_size: int = typer.Option(RECIPE["batch_size"], help="Batch size."),

@@ -13,7 +13,9 @@ index_app = typer.Typer(help="Build, inspect and query training-set indexes.",
 
 @index_app.command("build")
 def build(
-    data: str = typer.Argument(..., help="Parquet file, directory, glob, or a recipe .toml"),
+    data: str = typer.Argument(None, help="Training set (Parquet, image folder, Hugging Face "
+                               "imagefolder, tar shards; file, folder or glob) or a recipe "
+                               ".toml"),
     embedder: str = typer.Option(None, "--embedder", "-e", help="pixels, sscd or clip"),
     out: Path = typer.Option(None, "--out", "-o", help="Index directory to create"),
     factory: str = typer.Option(None, "--factory", help="faiss factory string [Flat]"),
@@ -26,8 +28,17 @@ def build(
     pretrained: str = typer.Option(None, "--pretrained",
                                    help="clip: pretrained tag or checkpoint path"),
     image_col: str = typer.Option(None, "--image-col"),
-    caption_col: str = typer.Option(None, "--caption-col"),
+    caption_col: str = typer.Option(None, "--caption-col", "--caption-column",
+                                    help="caption column (imagefolder: default text)"),
     key_col: str = typer.Option(None, "--key-col"),
+    dataset_config: str = typer.Option(None, "--dataset-config",
+                                       help="a kohya-ss dataset config (TOML) as the training set"),
+    layout: str = typer.Option(None, "--layout", help="training-set layout [detected]: parquet, "
+                               "folder, imagefolder, webdataset, kohya, dreambooth"),
+    instance_prompt: str = typer.Option(None, "--instance-prompt",
+                                        help="DreamBooth: every image's caption"),
+    class_prompt: str = typer.Option(None, "--class-prompt",
+                                     help="DreamBooth: the class prompt (recorded)"),
     device: str = typer.Option(None, "--device", help="cuda or cpu [auto]"),
     batch_size: int = typer.Option(None, "--batch-size"),
     shard_rows: int = typer.Option(None, "--shard-rows", help="rows per resumable shard"),
@@ -52,7 +63,11 @@ def build(
     from memaudit.index import build_index, load_recipe
 
     kwargs: dict = {}
-    if data.endswith(".toml"):
+    if (data is None) == (dataset_config is None):
+        raise UserError("give the training set (DATA or a recipe) or --dataset-config, not both")
+    if dataset_config is not None:
+        kwargs = {"source": dataset_config, "layout": "kohya"}
+    elif data.endswith(".toml"):
         kwargs = load_recipe(data)
     else:
         kwargs["source"] = data
@@ -66,7 +81,8 @@ def build(
                  "batch_size": batch_size, "shard_rows": shard_rows, "workers": workers,
                  "image_col": image_col, "caption_col": caption_col, "key_col": key_col,
                  "calibrate": calibrate, "faiss_params": faiss_params,
-                 "rerank": rerank}.items():
+                 "rerank": rerank, "layout": layout, "instance_prompt": instance_prompt,
+                 "class_prompt": class_prompt}.items():
         if v is not None:
             kwargs[k] = v
     if overwrite:

@@ -38,6 +38,7 @@ class TrainingRow:
     source_file: str
     source_row: int  # row number inside source_file
     row: int  # global row number across all files of the source (in file order)
+    skip: str | None = None  # other layouts: why the row is unusable (image_bytes is None)
 
 
 @dataclass(frozen=True)

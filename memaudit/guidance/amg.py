@@ -15,9 +15,11 @@ Per step and per sample, from the CFG estimate eps = e_u + s0 (e_c - e_u):
   lambda0). eps(x_t, y_N) comes from `extra_conditions` (batched with e_u, e_c); on the step
   it first fires, the triggered rows are evaluated here (counted as UNet rows).
 - Gsim: eps += c3 w(t) gain(t) grad_{x_t} sigma_t when fired, gain = the model's
-  -d pred / d score (sqrt(1 - abar_t) for eps, sigma / (1 - sigma) for velocity), gradient
-  through the decoder and descriptor only (eps detached). Cosine:
-  w = (sigma - lambda0) exp((1 - u)/0.17) (official code); nL2: w = sigma - lambda(u), the
+  (sqrt(1 - abar_t) for eps; for velocity sigma / (1 - sigma)^2, which moves x0_hat as the eps
+  rule does at the same SNR, derived in memaudit/models/prediction.py; skipped at sigma = 1),
+  gradient through the decoder and descriptor only (eps detached). Cosine:
+  w = (sigma - lambda0) exp((1 - u)/0.17) (official code; on flow models u on SD's schedule at
+  the step's SNR, `state.u_ref`); nL2: w = sigma - lambda(u), the
   margin past the threshold (METHODS 3.2).
   c3 = None (default) means the criterion's own: 100 for cosine criteria (official SSCD
   value), 3000 for nL2, tuned on the canary (docs/mitigations.md "Tuning": the lowest
@@ -217,11 +219,13 @@ class AMG(Guidance):
         # Gsim
         sim_on = torch.zeros(b, dtype=torch.bool)
         w = zeros.clone()
-        if "sim" in self.parts and grad_fn is not None and bool(fired.any()):
+        # (skipped at a flow model's sigma = 1, where x0_hat carries no image: METHODS 0)
+        if "sim" in self.parts and grad_fn is not None and bool(fired.any()) \
+                and state.has_signal():
             grad = grad_fn()  # the backward, only when some row fires
             sim_on = fired
-            if cosine:
-                w = (sigma - lam0) * math.exp((1.0 - state.u) / 0.17)
+            if cosine:  # u_ref: u on SD's schedule at this SNR (u itself for eps families)
+                w = (sigma - lam0) * math.exp((1.0 - state.u_ref) / 0.17)
             else:
                 w = sigma - lam
             w = torch.where(sim_on, w, zeros)

@@ -16,7 +16,9 @@ Every rule is per sample: `state.memory` holds per-sample tensors across steps.
 Predictions are in the model's guidance space (eps, or velocity for flow matching; METHODS.md
 0): `e_u`, `e_c`, eps_hat are whatever `model.eps` returns, and a guidance that needs the x0
 estimate or turns a gradient into a prediction change uses `state.x0_hat(pred)` and
-`state.gain()`, never schedule formulas of its own. A guidance declares the model capabilities
+`state.gain()`, a magnitude `state.magnitude(d)` (the noise prediction's on every family) and
+a switch point `state.switch_level(tau)` (matched by SNR on flow models), never schedule
+formulas or norms of its own. A guidance declares the model capabilities
 it needs in `requires` (memaudit.models.base.CAPABILITIES); `check_supported` refuses a
 method a model cannot run in one line, before any work.
 """
@@ -29,6 +31,9 @@ from typing import Any, ClassVar
 import torch
 
 from memaudit.models.cond import Cond
+from memaudit.models.prediction import EpsPrediction
+
+_EPS_RULES = EpsPrediction()  # METHODS 0 rules of eps-prediction, for states without a model
 
 
 @dataclass
@@ -59,9 +64,36 @@ class StepState:
         return self.model.x0_estimate(self.x_t if x_t is None else x_t, pred, self.t)
 
     def gain(self) -> torch.Tensor:
-        """-d prediction / d score at this step (sqrt(1 - abar_t) for eps, sigma / (1 - sigma)
-        for velocity): a gradient g of a log-likelihood moves the prediction by -gain g."""
+        """AMG's Gsim gain at this step (sqrt(1 - abar_t) for eps, sigma / (1 - sigma)^2 for
+        velocity, 0 at sigma = 1; memaudit/models/prediction.py)."""
         return self.model.guidance_gain(self.t)
+
+    # --- METHODS 0: one meaning on every family (memaudit/models/prediction.py) -----------
+    @property
+    def prediction(self) -> Any:
+        """The model's prediction object; a state without a model (hand-made in tests) is
+        eps-prediction."""
+        return getattr(self.model, "prediction", None) or _EPS_RULES
+
+    def magnitude(self, d: torch.Tensor | None = None) -> torch.Tensor:
+        """The noise-prediction magnitude [B] (CPU) of a prediction difference d at this x_t
+        (default e_c - e_u): ||d|| for eps, ||(1 - sigma) d|| for velocity."""
+        d = self.e_c - self.e_u if d is None else d
+        return self.prediction.magnitude(d, self.t).cpu()
+
+    def switch_level(self, tau: float) -> float:
+        """A switch point tau of METHODS 3.1 as a level of `u`: tau for eps, the sigma with
+        SD's SNR at tau for velocity. The step has switched once u <= switch_level(tau)."""
+        return float(self.prediction.switch_level(tau))
+
+    @property
+    def u_ref(self) -> float:
+        """u on SD's schedule with this step's SNR (u itself for eps families)."""
+        return float(self.prediction.ref_u(self.u))
+
+    def has_signal(self) -> bool:
+        """Whether x0_hat depends on the image at this step (not at a flow sigma of 1)."""
+        return bool(torch.as_tensor(self.prediction.has_signal(self.t)).all())
 
 
 class Guidance:

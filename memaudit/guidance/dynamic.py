@@ -3,7 +3,9 @@
 s = 1 (conditional only, no CFG) until the per-sample transition, then s0. The transition is
 the first strict local minimum of d_j = ||e_c - e_u||_2 (seen one step late), searched from
 step `min_step`, forced at u = 0.2. Decided per sample (the official script's batch-wide
-norm couples samples). No extra UNet calls; the switch step is traced.
+norm couples samples). No extra UNet calls; the switch step is traced. On flow models d_j is
+the noise-prediction magnitude ||(1 - sigma)(v_c - v_u)|| and the fallback the sigma with
+Stable Diffusion's SNR at u = 0.2 (0.364), traced as `force_sigma` (METHODS 0).
 """
 
 from __future__ import annotations
@@ -26,6 +28,6 @@ class Dynamic(Guidance):
         s_before: float = 1.0
 
     def guide(self, state: StepState):
-        sw, d = dynamic_switch(state, self.params.min_step, self.params.force_u)
+        sw, d, trace = dynamic_switch(state, self.params.min_step, self.params.force_u)
         scale = scale_from_switch(sw, self.params.s_before, state.s0)
-        return apply_scale(state, scale, sw, {"d": d})
+        return apply_scale(state, scale, sw, {"d": d, **trace})

@@ -3,7 +3,9 @@
 s = -s_opp (guidance away from the prompt) before the transition, then s0. Default
 s_opp = 2. `opposite` uses the static transition at tau = 0.65 T (paper setting);
 `opposite-dynamic` the per-sample dynamic rule of `dynamic`. Follows the paper text (the
-official opposite-guidance script does not run as committed). No extra UNet calls.
+official opposite-guidance script does not run as committed). No extra UNet calls. On flow
+models magnitudes and switch points follow METHODS 0 (memaudit/guidance/transition.py):
+tau = 0.65 switches at sigma 0.733, Stable Diffusion's SNR at t = 0.65 T.
 """
 
 from __future__ import annotations
@@ -30,8 +32,9 @@ class Opposite(Guidance):
         tau: float = 0.65
 
     def guide(self, state: StepState):
-        sw = static_switch(state, self.params.tau)
-        return apply_scale(state, scale_from_switch(sw, -self.params.s_opp, state.s0), sw)
+        sw, trace = static_switch(state, self.params.tau)
+        return apply_scale(state, scale_from_switch(sw, -self.params.s_opp, state.s0), sw,
+                           trace)
 
 
 class OppositeDynamic(Guidance):
@@ -45,6 +48,6 @@ class OppositeDynamic(Guidance):
         force_u: float = 0.2
 
     def guide(self, state: StepState):
-        sw, d = dynamic_switch(state, self.params.min_step, self.params.force_u)
+        sw, d, trace = dynamic_switch(state, self.params.min_step, self.params.force_u)
         scale = scale_from_switch(sw, -self.params.s_opp, state.s0)
-        return apply_scale(state, scale, sw, {"d": d})
+        return apply_scale(state, scale, sw, {"d": d, **trace})

@@ -6,8 +6,11 @@ sample, L(e) = || eps(x_T, e) - eps(x_T, null) ||_2 with AdamW (lr 0.05), at mos
 iterations; a sample stops once L <= target, where target is `target` when given (3.0 for
 SD v1 latents) else `fraction` (0.5) of its initial loss. Then sampling is plain CFG from the
 same x_T with the adjusted e. Deterministic given x_T (which comes from the generation seed).
-The embedding and AdamW's state are float32 whatever the model's dtype. For flow-matching
-models the loss is taken on the velocity the same way (METHODS.md 0).
+The embedding and AdamW's state are float32 whatever the model's dtype. L is the noise-
+prediction magnitude on every family (METHODS.md 0, the model's `prediction.magnitude`): on
+flow models (1 - sigma) ||v(x_T, e) - v(x_T, null)|| with 1 - sigma floored at 1 / T at x_T,
+where sigma = 1; a constant factor there, so the minimiser is the velocity's, and the fraction
+target (the default off SD v1) is unchanged by it.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import Any
 
 import torch
 
-from memaudit.guidance.base import Guidance, StepState, cfg_combine, per_sample_norm
+from memaudit.guidance.base import Guidance, StepState, cfg_combine
 from memaudit.guidance.optim import minimise_per_row
 from memaudit.models.base import TEXT, UNCOND
 from memaudit.models.cond import Cond
@@ -53,8 +56,8 @@ class Wen(Guidance):
             e[:, :1] = first  # the first token stays frozen
 
         res = minimise_per_row(
-            emb_c.emb, lambda e: per_sample_norm(model.eps(x_T, t0, emb_c.replace(emb=e))
-                                                 - e_null),
+            emb_c.emb, lambda e: model.prediction.magnitude(
+                model.eps(x_T, t0, emb_c.replace(emb=e)) - e_null, t0),
             p.lr, p.max_iters, p.target, p.fraction, freeze_grad, freeze_value)
         self.last = {"wen_loss0": res.loss0.cpu(), "wen_loss": res.loss.cpu(),
                      "wen_iters": res.iters, "wen_reached": res.reached.float()}

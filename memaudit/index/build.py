@@ -1,4 +1,4 @@
-"""`build_index`: training Parquet -> DIR/{index.faiss, items.parquet, manifest.json}.
+"""`build_index`: a training set (any layout) -> DIR/{index.faiss, items.parquet, manifest.json}.
 
 Streaming and resumable (DESIGN.md "Core abstractions", issue 2): input rows are cut into
 shards of `shard_rows`; each shard's embeddings, pixel hashes and item rows are saved under
@@ -27,12 +27,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from memaudit.common import UserError, package_versions, progress_bar
-from memaudit.data.parquet import (
-    file_row_counts,
-    image_size,
-    iter_training_batches,
-    resolve_sources,
-)
+from memaudit.data.parquet import image_size
+from memaudit.data.training_set import iter_training_batches, open_training_set
 from memaudit.index.output import check_index_out, remove_partial
 from memaudit.index.shards import ShardFactory, ShardSpec, last_build_stats, shard_paths
 from memaudit.index.training_index import (
@@ -96,10 +92,12 @@ def set_faiss_params(index, params: str) -> None:
                         f"{str(e).strip().splitlines()[-1]}") from e
 
 
-def common_image_size(source, image_col=None, caption_col=None, key_col=None) -> list[int] | None:
+def common_image_size(source, image_col=None, caption_col=None, key_col=None,
+                      **layout_opts) -> list[int] | None:
     """[H, W] when every readable training image has the same size, else None (headers only)."""
     seen: tuple[int, int] | None = None
-    for batch in iter_training_batches(source, image_col, caption_col, key_col, 1024):
+    for batch in iter_training_batches(source, image_col, caption_col, key_col, 1024,
+                                       **layout_opts):
         for r in batch:
             s = image_size(r.image_bytes)
             if s is None:
@@ -112,8 +110,9 @@ def common_image_size(source, image_col=None, caption_col=None, key_col=None) ->
 
 
 def _settings_fingerprint(files: list[Path], counts: list[int], embedder, factory: str,
-                          cols: dict, shard_rows: int) -> dict[str, Any]:
-    return {
+                          cols: dict, shard_rows: int, layout=None) -> dict[str, Any]:
+    extra = layout.fingerprint() if layout is not None else None
+    return {**({"layout": extra} if extra else {}),
         "files": [{"path": str(f.resolve()), "rows": n, "bytes": f.stat().st_size,
                    "mtime_ns": f.stat().st_mtime_ns} for f, n in zip(files, counts, strict=True)],
         "embedder": {"name": embedder.name, "config": embedder.config()},
@@ -131,12 +130,16 @@ def build_index(source: str | Path, embedder: str, out: str | Path, factory: str
                 calibrate: bool = True, workers: int | None = None, overwrite: bool = False,
                 train_sample: int = 100_000, calibration_opts: dict[str, Any] | None = None,
                 engine: Any = "local", address: str | None = None, actors: int | None = None,
-                faiss_params: str | None = None, rerank: int = 100) -> Path:
+                faiss_params: str | None = None, rerank: int = 100,
+                layout: str | None = None, instance_prompt: str | None = None,
+                class_prompt: str | None = None) -> Path:
     """Build a training-set index (see the module docstring); returns the index directory.
 
     `engine` ("local", "ray" or an engine object, see memaudit.engine) decides only where
     the shards are computed; `address` and `actors` are Ray's. Compressed factories (PQ, SQ)
-    also keep the exact vectors for re-ranking the `rerank` best candidates."""
+    also keep the exact vectors for re-ranking the `rerank` best candidates. `source` is a
+    training set in any layout (memaudit.data.training_set; `layout`, `instance_prompt`,
+    `class_prompt` and the column options choose and read it)."""
     from memaudit.embedders import EMBEDDERS, make_embedder
     from memaudit.engine import make_engine
 
@@ -149,15 +152,18 @@ def build_index(source: str | Path, embedder: str, out: str | Path, factory: str
     out = Path(out)
     if rerank < 1:
         raise UserError("--rerank must be at least 1")
-    files = [f.resolve() for f in resolve_sources(source)]  # workers may run elsewhere
-    check_index_out(out, source, files, overwrite)
-    counts = file_row_counts(files)
-    total = sum(counts)
     cols = {"image_col": image_col, "caption_col": caption_col, "key_col": key_col}
+    cols.update({k: v for k, v in (("layout", layout), ("instance_prompt", instance_prompt),
+                                   ("class_prompt", class_prompt)) if v is not None})
+    data = open_training_set(source, **cols)
+    files = [f.resolve() for f in data.units()]  # workers may run elsewhere
+    check_index_out(out, source, [*files, *data.roots()], overwrite)
+    counts = data.unit_rows(files)
+    total = sum(counts)
     opts = dict(embedder_opts or {})
     size_auto = False
     if embedder == "pixels" and opts.get("size") is None:
-        opts["size"] = common_image_size(source, image_col, caption_col, key_col)
+        opts["size"] = common_image_size(source, **{**cols, "layout": data.name})
         size_auto = True
     eng = make_engine(engine, address, actors, device) if isinstance(engine, str) else engine
     local = eng.name == "local"
@@ -168,7 +174,7 @@ def build_index(source: str | Path, embedder: str, out: str | Path, factory: str
         set_faiss_params(probe, faiss_params)
 
     partial = out.with_name(out.name + ".partial")
-    settings = _settings_fingerprint(files, counts, emb, factory, cols, shard_rows)
+    settings = _settings_fingerprint(files, counts, emb, factory, cols, shard_rows, data)
     state_file = partial / "state.json"
     if partial.exists():
         try:
@@ -182,7 +188,8 @@ def build_index(source: str | Path, embedder: str, out: str | Path, factory: str
         write_json_atomic(state_file, settings)
 
     spec = ShardSpec(partial=partial.absolute(), source=str(source), files=files,
-                     counts=counts, cols=cols, shard_rows=shard_rows, total=total,
+                     counts=counts, cols={**cols, "layout": data.name},  # not detected again
+                     shard_rows=shard_rows, total=total,
                      batch_size=batch_size,
                      workers=workers or (min(4, os.cpu_count() or 1) if local else None))
     nshards = spec.nshards
@@ -240,7 +247,7 @@ def build_index(source: str | Path, embedder: str, out: str | Path, factory: str
         "groups": stats["groups"],
         "skipped": stats["skipped"],
         "source": {"paths": [str(f.resolve()) for f in files], "rows_per_file": counts,
-                   **cols},
+                   **cols, **data.describe()},
         "content_hash": stats["content_hash"],
         "pixel_size_auto": size_auto if embedder == "pixels" else None,
         "shard_rows": shard_rows,

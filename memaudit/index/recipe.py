@@ -1,7 +1,8 @@
 """Index recipes: `indexes/NAME.toml` holds the arguments of `build_index`.
 
 ```toml
-data = "data/train/*.parquet"    # file, directory or glob (relative to the working dir)
+data = "data/train/*.parquet"    # a training set in any layout (docs/index-format.md "Input"):
+                                 # file, directory or glob (relative to the working dir)
 embedder = "sscd"
 out = "indexes/train-sscd"
 factory = "Flat"
@@ -28,7 +29,7 @@ from memaudit.common import UserError, read_toml
 BUILD_KEYS = {"data", "source", "embedder", "out", "path", "factory", "device", "batch_size",
               "image_col", "caption_col", "key_col", "shard_rows", "calibrate", "workers",
               "overwrite", "train_sample", "embedder_opts", "calibration", "faiss_params",
-              "rerank"}
+              "rerank", "layout", "instance_prompt", "class_prompt"}
 EMBEDDER_KEYS = {"weights", "weights_sha256", "preprocessing", "short_edge", "crop", "size",
                  "model", "pretrained", "model_config"}
 #: keys a plan's [index] table may not set (the plan sets them, or builds only once)
@@ -49,7 +50,8 @@ TYPES: dict[str, tuple[str, Any]] = {
     "factory": _STR, "device": _STR, "image_col": _STR, "caption_col": _STR,
     "key_col": _STR, "batch_size": _POS_INT, "shard_rows": _POS_INT, "workers": _POS_INT,
     "train_sample": _POS_INT, "calibrate": _BOOL, "overwrite": _BOOL,
-    "faiss_params": _STR, "rerank": _POS_INT,
+    "faiss_params": _STR, "rerank": _POS_INT, "layout": _STR, "instance_prompt": _STR,
+    "class_prompt": _STR,
     "weights": _STR, "weights_sha256": _STR, "preprocessing": _STR, "short_edge": _POS_INT,
     "crop": _POS_INT, "size": _SIZE, "model": _STR, "pretrained": _STR, "model_config": _STR,
 }
@@ -142,7 +144,7 @@ def index_options(table: Any, where: str, base: Path | None = None,
         out.setdefault("embedder", "pixels")
         out.setdefault("factory", "Flat")
     if "source" not in out:
-        raise UserError(f"{where}: missing key 'data' (the training Parquet)")
+        raise UserError(f"{where}: missing key 'data' (the training set)")
     if "embedder" not in out:
         raise UserError(f"{where}: missing key 'embedder'")
     from memaudit.embedders import EMBEDDERS

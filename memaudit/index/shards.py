@@ -1,7 +1,7 @@
 """One shard of an index build: the unit of work every engine computes (issue 9).
 
 Input rows are cut into shards of `shard_rows`; `build_shard(spec, k, embedder)` reads shard
-k's rows with the Parquet reader (memaudit.data.parquet), decodes + preprocesses + hashes them
+k's rows (memaudit.data.training_set, any layout), decodes + preprocesses + hashes them
 in worker threads ahead of the model, embeds them, and saves the shard's files under
 `DIR.partial/` (each written to a temporary name then renamed; the `.json` marker last, so a
 shard with a marker is complete). The local engine calls it in this process, the Ray engine
@@ -26,7 +26,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from memaudit.data.parquet import decode_image, iter_training_batches
+from memaudit.data.parquet import decode_image
+from memaudit.data.training_set import iter_training_batches
 from memaudit.index.training_index import write_json_atomic
 
 #: timings of the last build in this process (read by `memaudit index bench`): seconds the
@@ -66,7 +67,7 @@ def _prepare(embedder, rows) -> list[tuple[Any, Any, str | None, bytes, bytes]]:
     out = []
     for r in rows:
         content = hashlib.sha256(r.image_bytes or b"").digest()
-        img, reason = decode_image(r.image_bytes)
+        img, reason = decode_image(r.image_bytes) if r.skip is None else (None, r.skip)
         t = None
         phash = b""
         if img is not None:
@@ -184,10 +185,9 @@ def build_shard(spec: ShardSpec, k: int, embedder,
         import torch
 
         workers = torch.get_num_threads()
-    batches = iter_training_batches(spec.source, spec.cols["image_col"],
-                                    spec.cols["caption_col"], spec.cols["key_col"],
-                                    batch_rows=spec.batch_size, start_row=start,
-                                    stop_row=stop, files=spec.files, counts=spec.counts)
+    batches = iter_training_batches(spec.source, batch_rows=spec.batch_size, start_row=start,
+                                    stop_row=stop, files=spec.files, counts=spec.counts,
+                                    **spec.cols)
     shard = _Shard(k)
     batch_size = spec.batch_size
     for prepared in prepared_batches(embedder, batches, workers, 2 * workers):

@@ -76,6 +76,21 @@ def is_index_dir(path: str | Path) -> bool:
     return Path(path).is_dir()
 
 
+def index_hash(manifest: dict[str, Any] | None, index_dir: str | Path | None) -> str | None:
+    """The identity an audit run records for its index: the manifest's content hash (over
+    every input row's key, caption and image bytes), else the SHA-256 of manifest.json."""
+    man = manifest or {}
+    for k in ("content_hash", "hash", "sha256"):
+        if man.get(k):
+            return str(man[k])
+    f = Path(index_dir) / MANIFEST_FILE if index_dir else None
+    if f is not None and f.is_file():
+        import hashlib
+
+        return hashlib.sha256(f.read_bytes()).hexdigest()
+    return None
+
+
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")

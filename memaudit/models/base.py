@@ -138,7 +138,8 @@ class Denoiser(ABC):
         return self.prediction.x0(x_t, pred, t)
 
     def guidance_gain(self, t: torch.Tensor | int) -> torch.Tensor:
-        """-d prediction / d score at t: sqrt(1 - abar_t) for eps, sigma / (1 - sigma) for v."""
+        """AMG's Gsim gain at t: sqrt(1 - abar_t) for eps, sigma / (1 - sigma)^2 for v (0 at
+        sigma = 1; memaudit/models/prediction.py)."""
         return self.prediction.gain(t)
 
     @abstractmethod

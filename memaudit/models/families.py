@@ -93,6 +93,17 @@ def pipeline_class_name(folder: Path) -> str:
         raise UserError(f"{folder}/model_index.json: unreadable ({e})") from e
 
 
+def null_components(folder: Path) -> list[str]:
+    """Components the folder's model_index.json lists as null ([null, null]: saved from a
+    pipeline loaded with that component None, e.g. SD3 with `text_encoder_3=None`)."""
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{folder}/model_index.json: unreadable ({e})") from e
+    return sorted(k for k, v in index.items() if not k.startswith("_") and
+                  (v is None or (isinstance(v, list) and all(x is None for x in v))))
+
+
 def load_pipeline(spec: str | Path, device: str | torch.device = "cpu",
                   dtype: torch.dtype | None = None, loras: list[str] | None = None,
                   resolution: int | None = None) -> Denoiser:
@@ -136,6 +147,8 @@ class DiffusersDenoiser(Denoiser):
     pipeline_class: ClassVar[str] = "DiffusionPipeline"
     required: ClassVar[tuple[str, ...]] = ("vae", "scheduler")
     load_kwargs: ClassVar[dict[str, Any]] = {}
+    #: what an absent (null) component means for the family, noted when it is absent
+    absent_notes: ClassVar[dict[str, str]] = {}
     cuda_dtype: ClassVar[torch.dtype] = torch.float16
 
     def __init__(self, pipe: Any, name: str, model_hash: str, device: str | torch.device,
@@ -186,10 +199,13 @@ class DiffusersDenoiser(Denoiser):
         device = torch.device(device)
         if dtype is None:
             dtype = cls.cuda_dtype if device.type == "cuda" else torch.float32
+        pipe_cls = getattr(diffusers, cls.pipeline_class)
+        # diffusers wants a component the folder lists as null passed as None explicitly
+        absent = null_components(folder)
         with quiet_loading():
             try:
-                pipe = getattr(diffusers, cls.pipeline_class).from_pretrained(
-                    str(folder), dtype=dtype, **cls.load_kwargs)
+                pipe = pipe_cls.from_pretrained(
+                    str(folder), dtype=dtype, **{**{c: None for c in absent}, **cls.load_kwargs})
             except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise UserError(f"cannot load {cls.pipeline_class} {spec!r}: {first}") from e
@@ -198,9 +214,16 @@ class DiffusersDenoiser(Denoiser):
                     raise UserError(f"{spec}: pipeline has no {comp}")
             pipe.to(device)
             records = load_loras(pipe, list(loras or []))
-        return cls(pipe, name=spec, model_hash=hash_pipeline_weights(folder), device=device,
-                   dtype=dtype, revision=revision, loras=records, resolution=resolution,
-                   folder=folder)
+        model = cls(pipe, name=spec, model_hash=hash_pipeline_weights(folder), device=device,
+                    dtype=dtype, revision=revision, loras=records, resolution=resolution,
+                    folder=folder)
+        missing = [c for c in absent if c not in getattr(pipe_cls, "_optional_components", [])
+                   and c not in cls.load_kwargs]
+        if missing:
+            model.notes.append(f"saved without {', '.join(missing)} (null in model_index.json)")
+            model.notes += [cls.absent_notes[c].format(model=model) for c in missing
+                            if c in cls.absent_notes]
+        return model
 
     # --- shared pieces ------------------------------------------------------------------------
     def resolution_from(self, resolution: int | None, default_sample_size: int) -> int:

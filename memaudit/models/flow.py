@@ -2,13 +2,17 @@
 (Black Forest Labs 2024) through diffusers (issue 13; METHODS.md 0).
 
 x_t = (1 - sigma) x0 + sigma n and the transformer predicts v = n - x0; the adapter keeps the
-velocity (`FlowPrediction`: x0_hat = x_t - sigma v, sigma = t / 1000), so CFG and every
-magnitude are taken on v. The scheduler is the pipeline's FlowMatchEulerDiscreteScheduler with
-its timesteps set as the pipeline sets them (shift, and FLUX's resolution-dependent mu).
+velocity (`FlowPrediction`: x0_hat = x_t - sigma v, sigma = t / 1000), so CFG is taken on v
+(linear: the same in any parameterisation), while every magnitude is the noise prediction's,
+||(1 - sigma)(v_c - v_u)||, and switch points are matched to Stable Diffusion's by SNR
+(METHODS.md 0; memaudit/models/prediction.py). The scheduler is the pipeline's
+FlowMatchEulerDiscreteScheduler with its timesteps set as the pipeline sets them (shift, and
+FLUX's resolution-dependent mu).
 Conditions: SD3 `emb` = [CLIP-L | CLIP-G padded ; T5] states, `pooled` = both CLIP pooled
-outputs; FLUX `emb` = T5 states, `pooled` = CLIP pooled; both through the pipeline's own
-`encode_prompt`. FLUX latents live unpacked as [C, H, W] in the sampler and are packed into
-2x2 patches at the transformer only.
+outputs (an SD3 saved without T5, `text_encoder_3=None`, has zeros for the T5 states and a
+77-token prompt limit, said in the model's notes); FLUX `emb` = T5 states, `pooled` = CLIP
+pooled; both through the pipeline's own `encode_prompt`. FLUX latents live unpacked as
+[C, H, W] in the sampler and are packed into 2x2 patches at the transformer only.
 
 FLUX.1 is guidance-distilled: its distilled guidance scale (default 3.5, FluxPipeline's) is
 embedded, and it has no trained unconditional branch. memaudit evaluates the null prompt
@@ -78,6 +82,10 @@ class SD3Denoiser(FlowDenoiser):
     family = "sd3"
     default_guidance_scale = 7.0  # the pipeline's default
     capabilities = frozenset({TEXT, COND, UNCOND})
+    absent_notes = {"text_encoder_3": (
+        "no T5 encoder: prompts are read by the two CLIP encoders only, "
+        "{model.pipe.tokenizer.model_max_length}-token prompt limit (longer prompts are cut); "
+        "the T5 part of the condition is zeros, as StableDiffusion3Pipeline does")}
 
     def setup(self, resolution: int | None) -> None:
         super().setup(resolution)

@@ -60,7 +60,8 @@ def _resolve(name: str, allowed: list[Path]) -> Path:
 
 def reference_sample(index: Any, n: int, seed: int = 0) -> ReferenceSample:
     """Draw and decode `n` training images (see the module docstring)."""
-    from memaudit.data.parquet import decode_image, read_image_rows
+    from memaudit.data.parquet import decode_image
+    from memaudit.data.training_set import read_image_rows
 
     allowed = source_files(index)
     if not allowed:

@@ -25,6 +25,23 @@ def _fmt(x: float) -> str:
     return f"{x:.3g}"
 
 
+def axis_ticks(lo: float, hi: float, n: int = 6, integer: bool = False) -> list[float]:
+    """At most `n` ticks in [lo, hi] at multiples of a round step (1, 2, 2.5 or 5 x 10^k);
+    with `integer`, the step is a whole number (an axis of steps: 0, 10, 20, ..., never
+    9.8, 19.6, ...)."""
+    if not (np.isfinite(lo) and np.isfinite(hi)) or hi <= lo:
+        return [float(lo)] if np.isfinite(lo) else []
+    raw = (hi - lo) / max(n - 1, 1)
+    mag = 10.0 ** np.floor(np.log10(raw))
+    step = next(m * mag for m in (1.0, 2.0, 2.5, 5.0, 10.0) if m * mag >= raw * (1 - 1e-9))
+    if integer:
+        step = max(1.0, float(np.ceil(step)))
+    first = np.ceil(lo / step - 1e-9) * step
+    count = int((hi - first) / step + 1e-9) + 1
+    ticks = [round(float(first + k * step), 12) for k in range(count)]
+    return [0.0 if abs(t) < step * 1e-9 else t for t in ticks]
+
+
 def distribution_svg(scores: dict[str, np.ndarray], criterion: str, *,
                      threshold: float | None = None, calibrated: float | None = None,
                      higher_is_more_similar: bool = True, bins: int = 30,
@@ -82,8 +99,7 @@ def distribution_svg(scores: dict[str, np.ndarray], criterion: str, *,
     axis_y = top + row_height * len(methods)
     parts.append(f'<line x1="{left}" y1="{axis_y}" x2="{left + plot_w}" y2="{axis_y}" '
                  'stroke="#333"/>')
-    for k in range(6):
-        v = lo + k * (hi - lo) / 5
+    for v in axis_ticks(lo, hi):
         parts.append(f'<line x1="{x(v):.1f}" y1="{axis_y}" x2="{x(v):.1f}" y2="{axis_y + 4}" '
                      'stroke="#333"/>')
         parts.append(f'<text x="{x(v):.1f}" y="{axis_y + 16}" font-size="11" '
@@ -147,8 +163,8 @@ def line_plot_svg(series: list[dict], *, title: str, x_label: str, y_label: str,
         v = lo + k * (hi - lo) / 4
         parts.append(f'<text x="{left - 4}" y="{py(v) + 4:.1f}" font-size="10" '
                      f'text-anchor="end">{_fmt(v)}</text>')
-    for k in range(6):
-        v = x0 + k * (x1 - x0) / 5
+    whole = bool(np.all(np.mod(allx, 1) == 0))  # steps: ticks at whole steps only
+    for v in axis_ticks(x0, x1, integer=whole):
         parts.append(f'<text x="{px(v):.1f}" y="{top + ph + 14}" font-size="10" '
                      f'text-anchor="middle">{_fmt(v)}</text>')
     parts.append(f'<text x="{left + pw / 2:.1f}" y="{height - 6}" font-size="11" '

@@ -39,19 +39,107 @@ REPORT_TEMPLATE = r"""<!DOCTYPE html>
  .note { color: #555; font-size: 0.9em; }
  .label { display: inline-block; background: #eef; border-radius: 3px; padding: 0 4px;
           font-size: 0.85em; }
+ .checks { list-style: none; padding-left: 0.4em; } .checks li { margin: 0.2em 0; }
+ .checks .fail b.v { color: #b00020; } .checks .pass b.v { color: #1b7e1b; }
+ nav { font-size: 0.9em; margin: 0.6em 0; } nav a { margin-right: 0.8em; }
+ details { margin: 0.6em 0; } summary { cursor: pointer; font-weight: 600; }
+ details.diag > summary { font-size: 1.1em; }
+ .prow { border-top: 1px solid #ddd; padding: 8px 0; break-inside: avoid; }
+ .strip { display: flex; flex-wrap: wrap; gap: 10px; align-items: flex-start; }
+ .strip figure { margin: 0; text-align: center; }
+ .thumbs { display: flex; gap: 2px; }
+ .strip img { image-rendering: pixelated; border: 2px solid #fff; outline: 1px solid #999; }
+ .strip img.copy { border-color: #d62728; } .strip img.fixed { border-color: #ff9f40; }
+ a.anchor { color: #999; text-decoration: none; margin-right: 0.3em; }
+ @media print { nav { display: none; } body { margin: 0; max-width: none; }
+   h2, h3, summary { break-after: avoid; } .card, .prow, tr { break-inside: avoid; } }
 </style>
 </head>
 <body>
+{% macro card(f) %}
+<div class="card">
+ <div class="prompt">{{ f.prompt }}</div>
+ <div class="note">{{ f.method }} · seed {{ f.seed }}{% if f.label %} ·
+  <span class="label">{{ f.label }}</span>{% endif %}{% if f.anchor in row_anchors %} ·
+  <a href="#{{ f.anchor }}">all outputs of this prompt</a>{% endif %}</div>
+ {% if f.final_prompt and f.final_prompt != f.prompt %}<div class="note">as sampled:
+  {{ f.final_prompt }}</div>{% endif %}
+ {% for m in f.matches %}
+ <div class="pair">
+  <figure><img src="{{ f.image_uri }}" width="128" height="128" alt="generated image">
+   <figcaption>generated</figcaption></figure>
+  <figure>{% if m.train_uri %}<img src="{{ m.train_uri }}" width="128" height="128"
+   alt="training image {{ m.neighbour_key }}">{% else %}<div style="width:128px;height:128px;
+   border:1px dashed #999">image unavailable</div>{% endif %}
+   <figcaption>training item</figcaption></figure>
+ </div>
+ <table>
+  <tr><th>criterion</th><td>{{ m.criterion }}: score {{ num(m.score) }}
+   ({{ "copy" if m.is_copy else "no copy" }} at fixed {{ num(m.threshold) }}{% if m.calibrated_threshold is not none %};
+   {{ "copy" if m.is_copy_calibrated else "no copy" }} at calibrated {{ num(m.calibrated_threshold) }}{% endif %})</td></tr>
+  <tr><th>key</th><td><code>{{ m.neighbour_key }}</code></td></tr>
+  <tr><th>caption</th><td>{{ m.neighbour_caption }}</td></tr>
+  <tr><th>duplicates</th><td>{{ m.dup_count }}</td></tr>
+ </table>
+ {% endfor %}
+</div>
+{% endmacro %}
 <h1>Memorization audit: {{ run.model }}</h1>
 <p class="sub">run {{ run.id }} · {{ run.status }} · started {{ ts(run.started_at) }} ·
  {{ n_generations }} generations of {{ n_prompts }} prompts · {{ methods|length }} methods ·
  criteria: {{ criteria|join(", ") }}</p>
+<nav>{% for id, name in sections %}<a href="#{{ id }}">{{ name }}</a>{% endfor %}</nav>
+
+{% if index_mismatch %}<p class="verdict copy">The training images shown are from an index
+ that is not the index this run recorded (<code>--index-mismatch-ok</code>): {{ index_mismatch }}.
+ A flagged output may be shown beside an image it was not matched with.</p>{% endif %}
+<h2 id="verdict">Verdict</h2>
 {% if run.status != "finished" %}<p class="verdict copy">This run is <b>{{ run.status }}</b>:
  the audit is incomplete, so these figures cover only the units committed so far.</p>{% endif %}
 <p class="verdict {{ 'copy' if n_flagged else 'ok' }}">
 {% if n_flagged %}{{ n_flagged }} generation(s) flagged as copies of training images
 {% else %}No generation flagged as a copy of a training image{% endif %}
  (verdict: {{ verdict_kind }} thresholds).</p>
+{% if gate.verdict == "NONE" %}<p>Gate: nothing to check ({{ gate.reason }}).</p>
+{% else %}
+<p><b>Gate: {{ gate.verdict }}.</b>
+{% if gate.verdict == "INCOMPLETE" %}{{ gate.reason }}.
+{% elif gate.failed_methods %}{{ gate.failed_methods|length }} of {{ methods|length }} method(s)
+ produce copies of training images: {{ gate.failed_methods|join(", ") }}.
+{% else %}No method produces a copy of a training image.{% endif %}</p>
+<ul class="checks">
+{% for c in gate.checks %}<li class="{{ 'pass' if c.passed else 'fail' }}"><b class="v">{{ "pass" if c.passed else "FAIL" }}</b>
+ <b>{{ c.method }}</b>: {{ c.words }}</li>
+{% endfor %}</ul>
+<p class="note">These are the checks <code>memaudit gate</code> makes with its defaults: every
+method and criterion, no copy allowed (<code>--max-copy-rate 0</code>), the calibrated threshold
+where the index has a calibration, else the fixed (published) one. A CI job may set its own
+limits.</p>
+{% endif %}
+{% if screening_words %}<p>{{ screening_words }}</p>{% endif %}
+
+<h2 id="flagged">Flagged outputs beside the training images they copy</h2>
+{% if flagged %}
+<p class="note">Showing {{ flagged|length }} of {{ n_flagged }} generation(s) flagged as copies by
+the {{ verdict_kind }} copy threshold of a criterion, furthest past the threshold first.</p>
+<div class="cards">
+{% for f in flagged %}{{ card(f) }}{% endfor %}
+</div>
+{% else %}
+<p>None{% if n_any_flagged %} by the {{ verdict_kind }} threshold{% endif %}.</p>
+{% endif %}
+{% if verdict_kind == "calibrated" %}
+{% if n_any_flagged > n_flagged %}
+<details class="fold" id="fixed-only"><summary>Folded away: {{ n_any_flagged - n_flagged }}
+generation(s) that only the fixed (published) threshold flags, not the calibrated one{% if flagged_fixed_only|length < n_any_flagged - n_flagged %} (showing {{ flagged_fixed_only|length }}){% endif %}</summary>
+<p class="note">The fixed thresholds were set on other data; the calibrated threshold of this
+index (1% false positives on training-vs-training pairs, METHODS 1.2) does not call these copies.</p>
+<div class="cards">
+{% for f in flagged_fixed_only %}{{ card(f) }}{% endfor %}
+</div>
+</details>
+{% else %}<p class="note">No generation is flagged by the fixed (published) threshold alone.</p>{% endif %}
+{% endif %}
 
 <h2 id="summary">Summary per method</h2>
 <p class="note">Copy rate = share of generations whose nearest training image passes the
@@ -81,8 +169,23 @@ Cost is relative to <code>cfg</code> in this run.</p>
 {% endfor %}
 </table>
 {% if has_alignment %}<p class="note">Alignment: {{ alignment_note }}</p>{% endif %}
+{% if label_tables %}
+<h2 id="groups">Copy rate per prompt group</h2>
+{% for t in label_tables %}
+<h3>Copy rate by prompt label: {{ t.criterion }}, calibrated (fixed)</h3>
+<table>
+<tr><th>method</th>{% for lab in t.labels %}<th>{{ lab if lab is not none else "(no label)" }}</th>{% endfor %}</tr>
+{% for row in t.rows %}
+<tr><td>{{ row.method }}</td>
+{% for c in row.cells %}<td class="num {{ 'copy' if c and ((c.calibrated if c.calibrated is not none else c.fixed)) else '' }}">{% if c %}{{ pct(c.calibrated) }} ({{ pct(c.fixed) }}) <span class="note">n={{ c.n }}</span>{% endif %}</td>{% endfor %}
+</tr>
+{% endfor %}
+</table>
+{% endfor %}
+
+{% endif %}
 {% if has_quality %}
-<h3 id="quality">Quality and alignment beside the copy rate</h3>
+<h2 id="quality">Quality and alignment beside the copy rate</h2>
 <p class="note">What a method costs in image quality and text alignment, each also as a ratio
 to <code>cfg</code> in this run (METHODS 4). Copy rate: {{ criteria[0] }}, {{ verdict_kind }}
 threshold. <b>KID</b>: kernel distance to a sample of the training set (unbiased; ± its
@@ -109,20 +212,61 @@ closer to the training images. The feature space is named on every row: FID prop
 {% endfor %}
 </table>
 {% endif %}
-{% for t in label_tables %}
-<h3>Copy rate by prompt label: {{ t.criterion }}, calibrated (fixed)</h3>
+
+<h2 id="prompts">Per prompt</h2>
+{% if prompt_rows %}
+<p class="note">Each prompt with a flagged output: every generation per method (red frame: a
+copy by the {{ verdict_kind }} threshold{% if verdict_kind == "calibrated" %}; orange: by the fixed
+threshold only{% endif %}), beside the training image its most similar flagged output matches.
+Each row has a stable address: <code>report.html#prompt-</code> and the first 12 hex digits of
+the SHA-256 of the prompt's text.</p>
+{% for r in prompt_rows %}
+<div class="prow" id="{{ r.anchor }}">
+ <div class="prompt"><a class="anchor" href="#{{ r.anchor }}">#</a>{{ r.prompt }}</div>
+ <div class="note">{% if r.label %}<span class="label">{{ r.label }}</span> · {% endif %}{{ r.copies }}
+  of {{ r.n }} generation(s) copy ({{ verdict_kind }}) · nearest training item
+  <code>{{ r.train.neighbour_key }}</code> ({{ r.train.dup_count }} duplicate(s)), {{ r.train.criterion }}
+  score {{ num(r.train.score) }}</div>
+ <div class="strip">
+  <figure>{% if r.train.train_uri %}<img src="{{ r.train.train_uri }}" width="64" height="64"
+   alt="training image {{ r.train.neighbour_key }}">{% else %}<div style="width:64px;height:64px;
+   border:1px dashed #999" class="note">unavailable</div>{% endif %}
+   <figcaption>training item</figcaption></figure>
+  {% for c in r.cells %}<figure><div class="thumbs">{% for i in c.images %}{% if i.uri %}<img
+   src="{{ i.uri }}" width="48" height="48" class="{{ i.state }}" alt="{{ c.method }} seed {{ i.seed }}"
+   title="{{ c.method }}, seed {{ i.seed }}{{ ': copy' if i.state == 'copy' else (': fixed threshold only' if i.state == 'fixed' else '') }}">{% else %}<span
+   class="note">n/a</span>{% endif %}{% endfor %}</div>
+   <figcaption>{{ c.method }}</figcaption></figure>{% endfor %}
+ </div>
+</div>
+{% endfor %}
+{% if prompt_rows|length < n_flagged_prompts %}<p class="note">... {{ n_flagged_prompts - prompt_rows|length }}
+more prompt(s) with a flagged output (in the tables below).</p>{% endif %}
+{% else %}<p class="note">No prompt has a flagged output.</p>{% endif %}
+{% for t in prompt_tables %}
+<h3>{{ t.criterion }}: copies / generations (best score)</h3>
 <table>
-<tr><th>method</th>{% for lab in t.labels %}<th>{{ lab if lab is not none else "(no label)" }}</th>{% endfor %}</tr>
+<tr><th>prompt</th><th>label</th>{% for m in methods %}<th>{{ m }}</th>{% endfor %}</tr>
 {% for row in t.rows %}
-<tr><td>{{ row.method }}</td>
-{% for c in row.cells %}<td class="num {{ 'copy' if c and ((c.calibrated if c.calibrated is not none else c.fixed)) else '' }}">{% if c %}{{ pct(c.calibrated) }} ({{ pct(c.fixed) }}) <span class="note">n={{ c.n }}</span>{% endif %}</td>{% endfor %}
-</tr>
+<tr{% if row.place_id %} id="{{ row.anchor }}"{% endif %}><td class="prompt">{% if row.link %}<a href="#{{ row.anchor }}">{{ row.prompt }}</a>{% else %}{{ row.prompt }}{% endif %}</td><td>{{ row.label or "" }}</td>
+{% for c in row.cells %}
+<td class="num {{ 'copy' if c and c.copies else '' }}">{% if c %}{{ c.copies }}/{{ c.n }}
+ ({{ num(c.best_score) }}){% endif %}</td>
+{% endfor %}</tr>
 {% endfor %}
 </table>
 {% endfor %}
 
+<h2 id="diagnostics">Diagnostics</h2>
+<p class="note">The plots and scores behind the figures above, folded: click a line to unfold
+it (the PDF prints them unfolded).</p>
+<details class="diag" id="distributions"><summary>Similarity distributions: one plot per
+ criterion</summary>
+{% for p in plots %}<div class="plot">{{ p }}</div>{% endfor %}
+</details>
 {% if magnitudes %}
-<h2 id="magnitudes">Guidance magnitude and switch steps (transition-point methods)</h2>
+<details class="diag" id="magnitudes"><summary>Guidance magnitude and switch steps (transition-point
+ methods): {{ n_magnitude_plots }} plot(s)</summary>
 <p class="note">||e_c - e_u||<sub>2</sub> per sampling step of each seed (Jain et al. CVPR 2025,
 Figure 2), with each seed's switch step (the step from which full CFG applies) marked under
 the axis. Before the switch a transition rule samples without CFG; a memorized prompt shows a
@@ -136,13 +280,12 @@ high magnitude that falls once the trajectory leaves the attraction basin.</p>
 {{ p.svg }}</div>{% endfor %}
 </div>
 {% endfor %}
+</details>
 {% endif %}
 
-<h2 id="distributions">Similarity distributions</h2>
-{% for p in plots %}<div class="plot">{{ p }}</div>{% endfor %}
-
 {% if screens %}
-<h2 id="screening">Pre-generation screening</h2>
+<details class="diag" id="screening"><summary>Pre-generation screening: {{ screens|length }}
+ prompt(s)</summary>
 <p class="note">Wen et al. (ICLR 2024) score: mean magnitude of the text-conditional noise
 prediction, ||e_c - e_u||, over {{ screens[0].seeds }} seeds and the first
 {{ screens[0].steps }} step(s) (METHODS 2).
@@ -155,59 +298,8 @@ Threshold: {{ num(screens[0].threshold) }}.</p>
 {% endfor %}</table>
 {% if screens|length > max_screens %}<p class="note">... {{ screens|length - max_screens }} more
 prompts with lower scores (all in the database's <code>screens</code> table).</p>{% endif %}
+</details>
 {% endif %}
-
-<h2 id="flagged">Flagged outputs beside the training images they copy</h2>
-{% if flagged %}
-<p class="note">Showing {{ flagged|length }} of {{ n_any_flagged }} generation(s) that pass the
-fixed or the calibrated copy threshold of a criterion, furthest past the threshold first.</p>
-<div class="cards">
-{% for f in flagged %}
-<div class="card">
- <div class="prompt">{{ f.prompt }}</div>
- <div class="note">{{ f.method }} · seed {{ f.seed }}{% if f.label %} ·
-  <span class="label">{{ f.label }}</span>{% endif %}</div>
- {% if f.final_prompt and f.final_prompt != f.prompt %}<div class="note">as sampled:
-  {{ f.final_prompt }}</div>{% endif %}
- {% for m in f.matches %}
- <div class="pair">
-  <figure><img src="{{ f.image_uri }}" width="128" height="128" alt="generated image">
-   <figcaption>generated</figcaption></figure>
-  <figure>{% if m.train_uri %}<img src="{{ m.train_uri }}" width="128" height="128"
-   alt="training image {{ m.neighbour_key }}">{% else %}<div style="width:128px;height:128px;
-   border:1px dashed #999">image unavailable</div>{% endif %}
-   <figcaption>training item</figcaption></figure>
- </div>
- <table>
-  <tr><th>criterion</th><td>{{ m.criterion }}: score {{ num(m.score) }}
-   ({{ "copy" if m.is_copy else "no copy" }} at fixed {{ num(m.threshold) }}{% if m.calibrated_threshold is not none %};
-   {{ "copy" if m.is_copy_calibrated else "no copy" }} at calibrated {{ num(m.calibrated_threshold) }}{% endif %})</td></tr>
-  <tr><th>key</th><td><code>{{ m.neighbour_key }}</code></td></tr>
-  <tr><th>caption</th><td>{{ m.neighbour_caption }}</td></tr>
-  <tr><th>duplicates</th><td>{{ m.dup_count }}</td></tr>
- </table>
- {% endfor %}
-</div>
-{% endfor %}
-</div>
-{% else %}
-<p>None.</p>
-{% endif %}
-
-<h2 id="prompts">Per prompt and method</h2>
-{% for t in prompt_tables %}
-<h3>{{ t.criterion }}: copies / generations (best score)</h3>
-<table>
-<tr><th>prompt</th><th>label</th>{% for m in methods %}<th>{{ m }}</th>{% endfor %}</tr>
-{% for row in t.rows %}
-<tr><td class="prompt">{{ row.prompt }}</td><td>{{ row.label or "" }}</td>
-{% for c in row.cells %}
-<td class="num {{ 'copy' if c and c.copies else '' }}">{% if c %}{{ c.copies }}/{{ c.n }}
- ({{ num(c.best_score) }}){% endif %}</td>
-{% endfor %}</tr>
-{% endfor %}
-</table>
-{% endfor %}
 
 <h2 id="provenance">Provenance</h2>
 <table>

@@ -3,7 +3,10 @@ Memorization in Diffusion Models", ICLR 2024; METHODS.md 2).
 
 Per row, m_j = ||e_c - e_u||_2 (all dimensions) at each of the first `steps` steps, averaged.
 For steps > 1 the row follows the CFG trajectory (eps_hat = e_u + s0 (e_c - e_u) fed to the
-scheduler). One batched forward of 2 rows per (prompt, seed) and step.
+scheduler). One batched forward of 2 rows per (prompt, seed) and step. m_j is the noise-
+prediction magnitude on every family (METHODS 0; the model's `prediction.magnitude`): on flow
+models ||(1 - sigma)(v_c - v_u)||_2, with 1 - sigma floored at 1 / T at the first step, where
+sigma = 1 (memaudit/models/prediction.py).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from memaudit.sampler import scale_input
-from memaudit.screen.base import ScoreInput, ScreenScore, cond_uncond, row_norm
+from memaudit.screen.base import ScoreInput, ScreenScore, cond_uncond
 
 
 class Wen(ScreenScore):
@@ -36,7 +39,7 @@ class Wen(ScreenScore):
         for j, t in enumerate(sched.timesteps[:inp.steps]):
             e_u, e_c = cond_uncond(inp.model, scale_input(sched, x, t), t, inp.emb_u,
                                    inp.emb_c)
-            acc += row_norm(e_c - e_u)
+            acc += inp.model.prediction.magnitude(e_c - e_u, t).double().cpu()
             if j + 1 < inp.steps:
                 x = sched.step(e_u + inp.s0 * (e_c - e_u), t, x).prev_sample
         return acc / inp.steps

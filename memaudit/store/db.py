@@ -16,6 +16,7 @@ from typing import Any
 import pyarrow as pa
 
 from memaudit.common import UserError
+from memaudit.store.catalog import DUCKDB_CONFIG, catalog, differences, is_empty
 from memaudit.store.schema import SCHEMA_VERSION, TABLE_NAMES, TABLES, VIEWS
 
 #: runs.status: running (in progress, or killed: nothing can tell them apart once the
@@ -52,6 +53,14 @@ class AuditStore:
     `AuditStore(path)` creates the file with the current schema when absent; an existing file
     with another `schema_version` is refused with a `UserError`. `read_only=True` opens an
     existing file for the report and the gate.
+
+    A database may come from someone else (docs/report.md "Trust model"): every connection has
+    DuckDB's external access off and its configuration locked (`catalog.DUCKDB_CONFIG`); an
+    existing file is refused unless its catalog is exactly the schema memaudit writes (no
+    stored macro, no extra or altered table, column or view); and the views memaudit reads
+    are its own, defined as temporary views at open, so a view stored in the file never runs.
+    While reading (`read_only`), a DuckDB error or a run row that is not JSON is a
+    `UserError` naming the file.
     """
 
     def __init__(self, path: str | Path, read_only: bool = False) -> None:
@@ -63,26 +72,28 @@ class AuditStore:
         if not read_only:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            self.con = duckdb.connect(str(self.path), read_only=read_only)
+            self.con = duckdb.connect(str(self.path), read_only=read_only,
+                                      config=dict(DUCKDB_CONFIG))
         except duckdb.Error as e:
-            raise UserError(f"cannot open audit database {self.path}: {e}") from e
+            raise UserError(f"cannot open audit database {self.path}: "
+                            f"{str(e).splitlines()[0]}") from e
         self.read_only = read_only
-        self._check_or_create()
+        try:
+            self._check_or_create()
+        except BaseException:
+            self.con.close()
+            raise
 
     # --- schema -----------------------------------------------------------------------
     def _check_or_create(self) -> None:
         import duckdb
 
         try:
-            tables = {r[0] for r in self.con.execute(
-                "SELECT table_name FROM information_schema.tables WHERE table_schema = 'main'"
-            ).fetchall()}
-        except duckdb.Error as e:
+            cat = catalog(self.con)
+        except (duckdb.Error, ValueError) as e:
             raise UserError(f"{self.path} is not a readable DuckDB database: "
                             f"{str(e).splitlines()[0]}") from e
-        if "meta" not in tables:
-            if tables:
-                raise UserError(f"{self.path} is not a memaudit audit database (no meta table)")
+        if is_empty(cat):
             if self.read_only:
                 raise UserError(f"{self.path} is empty, not a memaudit audit database")
             with self.transaction():
@@ -92,9 +103,14 @@ class AuditStore:
                                  [str(SCHEMA_VERSION)])
                 self.con.execute("INSERT INTO meta VALUES ('created_at', ?)",
                                  [_now().isoformat()])
-                for view in VIEWS:
+                for view in VIEWS:  # for users who query the file directly
                     self.con.execute(view)
+            self._own_views()
             return
+        if cat["macros"]:  # they would shadow built-ins in every query below: nothing runs
+            raise UserError(self._foreign(differences(cat)))
+        if "meta" not in cat["tables"]:
+            raise UserError(f"{self.path} is not a memaudit audit database (no meta table)")
         try:
             row = self.con.execute(
                 "SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
@@ -110,10 +126,21 @@ class AuditStore:
                 f"{self.path} uses {older} audit schema (version {version}; this memaudit "
                 f"reads version {SCHEMA_VERSION}); rerun the audit into a new output directory"
             )
-        missing = sorted(set(TABLE_NAMES) - tables)
-        if missing:
-            raise UserError(f"{self.path} is not a complete memaudit audit database (missing "
-                            f"table(s) {', '.join(missing)})")
+        diffs = differences(cat)
+        if diffs:
+            raise UserError(self._foreign(diffs))
+        self._own_views()
+
+    def _foreign(self, diffs: list[str]) -> str:
+        more = f"; and {len(diffs) - 4} more" if len(diffs) > 4 else ""
+        return (f"{self.path} is not a memaudit audit database as memaudit writes it "
+                f"(schema version {SCHEMA_VERSION}): {'; '.join(diffs[:4])}{more}")
+
+    def _own_views(self) -> None:
+        """memaudit's views as temporary views: they shadow the file's, which never run."""
+        for view in VIEWS:
+            self.con.execute(view.replace("CREATE OR REPLACE VIEW",
+                                          "CREATE OR REPLACE TEMP VIEW", 1))
 
     @property
     def schema_version(self) -> int:
@@ -126,8 +153,15 @@ class AuditStore:
     def __enter__(self) -> AuditStore:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: type | None, exc: BaseException | None,
+                 tb: object) -> None:
         self.close()
+        if self.read_only and exc is not None:
+            import duckdb
+
+            if isinstance(exc, duckdb.Error):  # the file's rows, read by memaudit's own SQL
+                raise UserError(f"cannot read audit database {self.path}: "
+                                f"{str(exc).splitlines()[0]}") from exc
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
@@ -154,7 +188,22 @@ class AuditStore:
 
     def latest_run(self) -> dict[str, Any] | None:
         rows = self.query("SELECT * FROM runs ORDER BY id DESC LIMIT 1")
-        return rows[0] if rows else None
+        return self._checked_run(rows[0]) if rows else None
+
+    def _checked_run(self, run: dict[str, Any]) -> dict[str, Any]:
+        """The run row, its JSON columns checked (a crafted or damaged file: one line)."""
+        for col in ("plan_json", "settings_json", "versions_json", "seeds_json"):
+            v = run.get(col)
+            if v is None and col != "plan_json":
+                continue
+            try:
+                parsed = json.loads(v)
+            except (TypeError, ValueError):
+                parsed = None
+            if not isinstance(parsed, dict if col != "seeds_json" else list):
+                raise UserError(f"{self.path}: runs.{col} of run {run.get('id')} is not a "
+                                f"JSON {'object' if col != 'seeds_json' else 'list'}")
+        return run
 
     def run(self, run_id: int | None = None) -> dict[str, Any]:
         """One run's row (default the latest); `UserError` when there is none."""
@@ -166,7 +215,7 @@ class AuditStore:
         rows = self.query("SELECT * FROM runs WHERE id = ?", [run_id])
         if not rows:
             raise UserError(f"no run {run_id} in {self.path}")
-        return rows[0]
+        return self._checked_run(rows[0])
 
     def done_units(self, run_id: int) -> set[str]:
         return {r[0] for r in self.con.execute(
