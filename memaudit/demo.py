@@ -1,18 +1,18 @@
 """`memaudit demo`: the whole chain on the shipped canary, in a few minutes on a laptop CPU.
 
-canary data (bundled images, planted duplicates at 1, 4, 16, 64 copies and the guided group)
--> pixel index
-(with its nL2 calibration) -> audit of the trigger and generic prompts with `cfg` and the
-mitigations -> OUT/audit.duckdb -> OUT/report.html. The plan it runs is written to
-OUT/plan.toml, so `memaudit audit OUT/plan.toml` reproduces (or resumes) it. A second
-`memaudit demo` on the same folder reuses the data, the index and the finished run.
+canary data (bundled images, planted duplicates at 1, 4, 16, 64 copies) -> pixel index
+(with its nL2 calibration) -> audit of the canary's prompts.csv (trigger groups and generic
+prompts, each trigger naming its planted image) with `cfg` and the mitigations ->
+OUT/audit.duckdb -> OUT/report.html. The plan it runs is written to OUT/plan.toml, so
+`memaudit audit OUT/plan.toml` reproduces (or resumes) it. A second `memaudit demo` on the
+same folder reuses the data, the index and the finished run.
 
-The data are rebuilt as the canary was trained (its canary.json `data` record): the shipped
-canary predates the guided group, so its demo has no trigger-guided column; a canary trained
-with one (docs/canary.md) gets it as its own column. On the shipped canary the summary shows
-AMG removing the copies of the heavily duplicated images, which the transition rules (static,
-dynamic) leave in place because they are copied without guidance; what each costs; and how
-the fixed and calibrated nL2 verdicts differ.
+The data are rebuilt as the canary was trained (its canary.json `data` record), with the
+behaviour labels measured for it (a labels.json beside its weights, `canary evaluate`): the
+images it reproduces only with guidance form the `guided` column, where the transition rules
+(static, dynamic) act; the heavily duplicated images (64x, 16x) are reproduced without
+guidance, which only AMG removes. The summary shows each method's reproduction and
+calibrated copy rate per group, what each costs, and the digit agreement of generic prompts.
 """
 
 from __future__ import annotations
@@ -25,10 +25,8 @@ from typing import Any
 
 from memaudit.common import UserError
 
-#: Prompt lists of the canary data and the label each gets in the audit.
-DEMO_LISTS = (("triggers_64x.txt", "trigger-64x"), ("triggers_16x.txt", "trigger-16x"),
-              ("triggers_4x.txt", "trigger-4x"), ("triggers_1x.txt", "trigger-1x"),
-              ("triggers_guided.txt", "trigger-guided"), ("generic.txt", "generic"))
+#: The prompt groups of the canary's prompts.csv, in the summary's column order.
+DEMO_GROUPS = ("64x", "16x", "guided", "4x", "1x", "shared", "generic")
 
 #: Methods the demo compares (cfg first: the baseline of the cost ratios). `auto` (screen,
 #: then mitigate flagged prompts only) runs only with screening on.
@@ -64,11 +62,8 @@ def demo_plan(out: Path, data: Path, model: str = "canary", methods=DEMO_METHODS
         f"path = {json.dumps(str(out / 'index'))}",
         "",
     ]
-    for name, label in DEMO_LISTS:
-        if not (data / name).exists():  # data built before the guided group
-            continue
-        lines += ["[[prompts]]", f"file = {json.dumps(str(data / name))}",
-                  f"label = {json.dumps(label)}", ""]
+    lines += ["[[prompts]]  # labels and target_key (each trigger's planted image) from the file",
+              f"file = {json.dumps(str(data / 'prompts.csv'))}", ""]
     if screen:
         lines += ["[screen]", "steps = 1", "seeds = 4", 'clean_label = "generic"',
                   "fpr = 0.01", ""]
@@ -100,7 +95,7 @@ def summary_rows(db: Path) -> list[dict[str, Any]]:
 def format_summary(rows: list[dict[str, Any]], methods: list[str]) -> str:
     """A plain-text table: copy rate (calibrated / fixed nL2) per method x prompt label, the
     digit agreement of the generic prompts (alignment), UNet rows and seconds per image."""
-    labels = [lab for _, lab in DEMO_LISTS if any(r["label"] == lab for r in rows)]
+    labels = [lab for lab in DEMO_GROUPS if any(r["label"] == lab for r in rows)]
     cell = {(r["method"], r["label"]): r for r in rows}
     head = (f"{'method':<10}" + "".join(f"{lab:>16}" for lab in labels)
             + f"{'digits ok':>10}{'UNet/img':>10}{'s/img':>8}")

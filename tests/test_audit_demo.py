@@ -14,16 +14,23 @@ from memaudit.store import AuditStore
 
 @pytest.mark.slow
 def test_demo_chain_and_rerun(tmp_path):
+    import json
+
     model = str(make_tiny_canary(tmp_path / "canary"))
+    ones = ["the gilded glacier plate, archive print 119", "no such caption"]
+    (tmp_path / "canary" / "labels.json").write_text(json.dumps(
+        {"images": [{"caption": c, "behaviour": "guided"} for c in ones]}))
     out = tmp_path / "demo"
     kw = dict(model=model, methods=("cfg", "amg"), seeds=(0,), steps=2, device="cpu")
     first = run_demo(out, **kw)
     assert first["report"].is_file() and (out / "plan.toml").is_file()
     with AuditStore(first["db"], read_only=True) as s:
         labels = dict(s.con.execute("SELECT label, count(*) FROM prompts GROUP BY 1").fetchall())
-        assert labels == {"trigger-64x": 6, "trigger-16x": 6, "trigger-4x": 6,
-                          "trigger-1x": 6, "trigger-guided": 6, "generic": 21}
-        assert s.count("generations") == 102 and s.count("screens") == 51
+        guided = (out / "data" / "triggers_guided.txt").read_text().splitlines()
+        assert labels == {"64x": 6, "16x": 6, "4x": 6, "1x": 6 - len(guided),
+                          "guided": len(guided), "generic": 21}
+        assert len(guided) == 1  # the labels.json beside the model names one real trigger
+        assert s.count("generations") == 90 and s.count("screens") == 45
         assert s.run()["status"] == "finished"
         # alignment (digit classifier) on the digit prompts only
         rows = s.con.execute("SELECT p.text, g.alignment FROM generations g JOIN prompts p "
@@ -32,13 +39,13 @@ def test_demo_chain_and_rerun(tmp_path):
         assert len(asks) == 40 and all(asks)  # 20 digit prompts x 2 methods
         assert all(a is None for t, a in rows if digit_of_prompt(t) is None)
     text = first["text"]
-    assert "trigger-64x" in text and text.count("\ncfg ") == 1 and "\namg " in text
-    assert "trigger-guided" in text.splitlines()[2]  # its own column in the summary
+    assert "64x" in text and text.count("\ncfg ") == 1 and "\namg " in text
+    assert "guided" in text.splitlines()[2]  # its own column in the summary
     assert "digits ok" in text
     again = run_demo(out, **kw)
     assert again["units_done"] == 0
     with AuditStore(again["db"], read_only=True) as s:
-        assert s.count("generations") == 102 and s.count("runs") == 1
+        assert s.count("generations") == 90 and s.count("runs") == 1
 
 
 def test_data_mismatch_warning(tmp_path):
@@ -58,21 +65,22 @@ def test_data_mismatch_warning(tmp_path):
 
 
 def test_demo_rebuilds_the_data_its_model_was_trained_on(tmp_path):
-    """The shipped canary's data record predates the guided group (none); a record with one
-    is followed; a model without a record gets the defaults."""
+    """The data record of canary.json is followed (issue 8's `guided_copies` record read as
+    the shared-caption group it built); a model without a record gets the defaults."""
     import json
 
     from memaudit.canary.data import model_data_settings
 
-    assert model_data_settings("canary") == {"per_count": 6, "seed": 0, "min_rmse": 0.15,
-                                             "res": 16, "guided_copies": 0}
+    shipped = model_data_settings("canary")
+    assert {k: v for k, v in shipped.items() if k != "labels"} == {
+        "per_count": 6, "seed": 0, "min_rmse": 0.15, "res": 16, "shared_copies": 0}
     (tmp_path / "m").mkdir()
     assert model_data_settings(str(tmp_path / "m")) == {}
     (tmp_path / "m" / "canary.json").write_text(json.dumps(
         {"data": {"resolution": 16, "seed": 1, "guided_copies": 16, "guided_shared": 96}}))
     assert model_data_settings(str(tmp_path / "m")) == {"res": 16, "seed": 1,
-                                                        "guided_copies": 16,
-                                                        "guided_shared": 96}
+                                                        "shared_copies": 16,
+                                                        "shared_digits": 96}
 
 
 def test_demo_plan_runs_auto_only_with_screening(tmp_path):
@@ -85,8 +93,9 @@ def test_demo_plan_runs_auto_only_with_screening(tmp_path):
 
     data = tmp_path / "data"
     data.mkdir()
-    for name in ("train.parquet", "generic.txt", "triggers_64x.txt"):
+    for name in ("train.parquet", "generic.txt"):
         (data / name).write_text("a\n")
+    (data / "prompts.csv").write_text("prompt,label,target_key\na,64x,k\nb,generic,\n")
     with_screen = tomllib.loads(demo_plan(tmp_path / "out", data))
     assert "auto" in with_screen["methods"]
     assert with_screen["params"]["auto"] == {"calibrate": str(data / "generic.txt"), "fpr": 0.05}

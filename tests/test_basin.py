@@ -1,6 +1,8 @@
 """`memaudit canary basin` (memaudit.canary.basin): the magnitude curves are ||e_c - e_u|| of
-the model, the switch steps are the dynamic rule's, tau = 1 is cfg, and the Markdown section
-is regenerated in place. Runs on the real canary data and index with a tiny random model."""
+the model, the switch steps are the dynamic rule's, the calibration's tau = 1 is cfg, the
+calibrated rules join the table, and the Markdown section is regenerated in place. Runs on
+the real canary data (two once-seen images labelled guided, as `canary evaluate` would) and
+index with a tiny random model."""
 
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ def basin(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("basin")
     data = tmp / "data"
     build_canary_data(data, digits_limit=1200)
+    ones = (data / "triggers_1x.txt").read_text().splitlines()
+    build_canary_data(data, digits_limit=1200, labels={p: "guided" for p in ones[:2]})
     model = make_tiny_canary(tmp / "canary")
     doc = tmp / "docs" / "basin.md"
     doc.parent.mkdir()
@@ -36,7 +40,7 @@ def basin(tmp_path_factory):
 
 def test_groups_are_the_prompt_lists(basin):
     res, _, data, _ = basin
-    assert list(res["groups"]) == ["guided", "64x", "16x", "1x", "generic"]
+    assert list(res["groups"]) == ["guided", "64x", "16x", "4x", "1x", "generic"]
     assert res["groups"]["guided"] == (data / "triggers_guided.txt").read_text().splitlines()
     assert len(res["groups"]["generic"]) == 10  # one digit prompt per digit
     assert basin_groups(data) == res["groups"]
@@ -80,15 +84,27 @@ def test_switch_steps_are_the_dynamic_rules(basin):
     assert switch_steps(d, u, min_step=2, force_u=0.2).tolist() == [3, 4]
 
 
-def test_tau_one_is_cfg_and_tau_zero_never_guides(basin):
+def test_calibration_sweeps_the_guided_group_against_digits(basin):
+    """tau = 1 (CFG from the first step) is cfg on the guided and generic prompts; every
+    static tau is tried with s_before 0 and 1, opposite's tau and dynamic's min_step too; each
+    chosen rule joins the table as "RULE (calibrated)" with its parameters."""
     res, _, _, _ = basin
+    cal = res["calibration"]
     cfg = next(r for r in res["methods"] if r["method"] == "cfg")
-    by_tau = {r["tau"]: r["rates"] for r in res["tau_sweep"]}
-    for g in res["groups"]:
-        assert by_tau[1.0][g] == cfg["rates"][g]
-    assert set(by_tau) == {1.0, 0.5, 0.0}
-    static = next(r for r in res["methods"] if r["method"] == "static")
-    assert static["switch_step"]["guided"] == 1  # timesteps 750, 500, 250, 0: u <= 0.5 at 1
+    static = [c for c in cal["candidates"] if c["method"] == "static"]
+    assert sorted((c["params"]["s_before"], c["params"]["tau"]) for c in static) == \
+        [(s, t) for s in (0.0, 1.0) for t in (0.0, 0.5, 1.0)]
+    at1 = next(c for c in static if c["params"] == {"tau": 1.0, "s_before": 0.0})
+    assert at1["alignment_ratio"] == pytest.approx(1.0)
+    assert at1["alignment"] == pytest.approx(cal["cfg_alignment"])
+    assert {c["method"] for c in cal["candidates"]} == {"static", "opposite", "dynamic"}
+    # 1 sweep seed = the table's first seed: cfg's reproduction of the guided group agrees
+    assert cal["cfg_reproduction"] == pytest.approx(cfg["rates"]["guided"]["reproduction"])
+    for rule, c in cal["chosen"].items():
+        row = next(r for r in res["methods"] if r["method"] == f"{rule} (calibrated)")
+        assert row["params"] == c["params"] and c["alignment_ratio"] >= cal["keep"]
+    static_row = next(r for r in res["methods"] if r["method"] == "static")
+    assert static_row["switch_step"]["guided"] == 1  # timesteps 750, 500, 250, 0: u <= 0.5
 
 
 def test_doc_section_regenerated_in_place_and_figures_written(basin):
@@ -97,15 +113,16 @@ def test_doc_section_regenerated_in_place_and_figures_written(basin):
     assert text.startswith("# Title\n\nwritten by hand before\n\n" + BEGIN)
     assert text.rstrip().endswith(END + "\n\nand after")
     assert "\nold\n" not in text and text.count(BEGIN) == 1
-    assert "| cfg |" in text and "| static |" in text and "| 0.5 |" in text
+    assert "| cfg |" in text and "| static |" in text and "tau 0.5, s_before 0" in text
     assert "](img/basin_tau_sweep.svg)" in text
     for name in ("basin_magnitude_s0.svg", "basin_magnitude_s1.svg", "basin_tau_sweep.svg"):
         root = ET.parse(doc.parent / "img" / name).getroot()
         assert root.tag.endswith("svg")
     s1 = (doc.parent / "img" / "basin_magnitude_s1.svg").read_text()
-    assert s1.count("median dynamic switch step") == 5
+    assert s1.count("median dynamic switch step") == 6
     saved = json.loads((Path(res["groups"] and doc.parent.parent) / "work" / "basin.json")
                        .read_text())
     assert saved["methods"][0]["method"] == "cfg"
-    # goals are stated for the transition rules present
-    assert [g["method"] for g in goals(res)] == ["static", "dynamic"]
+    # goals are stated for each calibrated transition rule
+    assert [g["method"] for g in goals(res)] == [f"{m} (calibrated)"
+                                                 for m in res["calibration"]["chosen"]]

@@ -14,11 +14,10 @@ import torch
 from memaudit.canary.data import (
     DUP_COUNTS,
     GUIDED,
-    GUIDED_COPIES,
-    GUIDED_PHOTOS,
-    GUIDED_SHARED,
     PHOTOS,
-    _clashes,
+    SHARED,
+    SHARED_DIGITS,
+    SHARED_PHOTOS,
     build_canary_data,
     from_png,
     groups,
@@ -26,6 +25,7 @@ from memaudit.canary.data import (
 )
 from memaudit.canary.digits import DigitClassifier, digit_of_prompt
 from memaudit.canary.model import CanaryConfig
+from memaudit.canary.planted import _clashes
 from memaudit.canary.train import export_checkpoint, train_canary
 from memaudit.common import UserError
 
@@ -35,8 +35,9 @@ TINY = CanaryConfig(block_out_channels=(8, 16, 16), layers_per_block=1, cross_at
 
 @pytest.fixture(scope="module")
 def canary_data(tmp_path_factory) -> Path:
+    """With the retired shared-caption group (issue 8), which keeps its tests."""
     out = tmp_path_factory.mktemp("canary_data")
-    build_canary_data(out, digits_limit=1200)
+    build_canary_data(out, digits_limit=1200, shared_copies=16)
     return out
 
 
@@ -53,7 +54,7 @@ def test_overlapping_crops_of_one_photo_clash():
     assert not _clashes("coins crop y=0 x=0 size=100", kept, 3)  # another photo
     assert _clashes("camera crop y=200 x=200 size=10", kept, 1)  # per-photo limit
     assert not _clashes("lfw_subset face 3", kept, 1)
-    assert not set(GUIDED_PHOTOS) & set(PHOTOS)  # the guided group's photos are its own
+    assert not set(SHARED_PHOTOS) & set(PHOTOS)  # the shared group's photos are its own
 
 
 def test_data_files_and_planted_duplicates(canary_data: Path):
@@ -63,10 +64,11 @@ def test_data_files_and_planted_duplicates(canary_data: Path):
     assert len(set(keys)) == len(keys)
     caps = train.column("caption").to_pylist()
     gt = pq.read_table(canary_data / "ground_truth.parquet").to_pylist()
-    labels = [lab for lab, _ in groups()]
-    assert labels == ["64x", "16x", "4x", "1x", GUIDED]
+    labels = [lab for lab, _ in groups(16)]
+    assert labels == ["64x", "16x", "4x", "1x", SHARED]
+    assert [lab for lab, _ in groups()] == ["64x", "16x", "4x", "1x"]  # none by default
     assert sorted({g["duplicate_count"] for g in gt}) == sorted(DUP_COUNTS)
-    for label, count in groups():
+    for label, count in groups(16):
         mine = [g for g in gt if g["group"] == label]
         assert len(mine) == 6 and all(g["duplicate_count"] == count for g in mine)
     assert len({g["caption"] for g in gt}) == 30
@@ -76,11 +78,11 @@ def test_data_files_and_planted_duplicates(canary_data: Path):
         assert all(caps[i] == g["caption"] for i in rows)  # trigger caption on its image
         shared = [k for k, c in zip(keys, caps, strict=True) if c == g["caption"]
                   and not k.startswith("planted")]
-        if g["group"] == GUIDED:  # ... and on GUIDED_SHARED ordinary digits, nothing else
-            assert g["shared_with"] == GUIDED_SHARED and len(shared) == GUIDED_SHARED
+        if g["group"] == SHARED:  # ... and on SHARED_DIGITS ordinary digits, nothing else
+            assert g["shared_with"] == SHARED_DIGITS and len(shared) == SHARED_DIGITS
             assert all(k.startswith("digit-") for k in shared)
             # a crop of a photograph no other group uses (no face: a class the model knows)
-            assert g["source"].split()[0] in GUIDED_PHOTOS
+            assert g["source"].split()[0] in SHARED_PHOTOS
         else:  # only on its image
             assert g["shared_with"] == 0 and shared == []
         assert caps.count(g["caption"]) == g["duplicate_count"] + g["shared_with"]
@@ -97,33 +99,100 @@ def test_data_files_and_planted_duplicates(canary_data: Path):
         assert sorted(lines) == sorted(g["caption"] for g in gt if g["group"] == label)
     with (canary_data / "prompts.csv").open() as f:
         rows = list(csv.DictReader(f))
-    assert [r["label"] for r in rows].count(GUIDED) == 6
-    assert {r["prompt"] for r in rows if r["label"] == GUIDED} == \
-        {g["caption"] for g in gt if g["group"] == GUIDED}
+    assert [r["label"] for r in rows].count(SHARED) == 6
+    assert {r["prompt"] for r in rows if r["label"] == SHARED} == \
+        {g["caption"] for g in gt if g["group"] == SHARED}
+    assert GUIDED not in [r["label"] for r in rows]  # measured, never built
+    # each trigger names its planted image (the first of its duplicate keys)
+    assert {r["prompt"]: r["target_key"] for r in rows if r["label"] != "generic"} == \
+        {g["caption"]: g["key"] for g in gt}
     assert [r["label"] for r in rows].count("64x") == 6 and "generic" in [r["label"] for r in rows]
     generic = (canary_data / "generic.txt").read_text().splitlines()
     assert "a handwritten digit 3" in generic
     info = json.loads((canary_data / "data.json").read_text())
-    assert info["guided_copies"] == GUIDED_COPIES and info["guided_shared"] == GUIDED_SHARED
+    assert info["shared_copies"] == 16 and info["shared_digits"] == SHARED_DIGITS
 
 
-def test_guided_group_leaves_the_other_groups_unchanged(canary_data: Path, tmp_path):
-    """The guided group is chosen after the others: without it the planted images, their
-    captions and the digit captions other than the shared ones are the same."""
-    build_canary_data(tmp_path, digits_limit=1200, guided_copies=0)
+def test_shared_group_leaves_the_other_groups_unchanged(canary_data: Path, tmp_path):
+    """The shared-caption group is chosen after the others: without it the planted images,
+    their captions and the digit captions other than the shared ones are the same."""
+    build_canary_data(tmp_path, digits_limit=1200)
     a = pq.read_table(canary_data / "ground_truth.parquet").to_pylist()
     b = pq.read_table(tmp_path / "ground_truth.parquet").to_pylist()
     assert [(g["caption"], g["source"]) for g in b] == \
-        [(g["caption"], g["source"]) for g in a if g["group"] != GUIDED]
-    assert not (tmp_path / "triggers_guided.txt").exists()
+        [(g["caption"], g["source"]) for g in a if g["group"] != SHARED]
+    assert not (tmp_path / "triggers_shared.txt").exists()
     def captions(folder: Path) -> dict[str, str]:
         t = pq.read_table(folder / "train.parquet", columns=["key", "caption"]).to_pydict()
         return dict(zip(t["key"], t["caption"], strict=True))
 
     ta, tb = captions(canary_data), captions(tmp_path)
-    guided = {g["caption"] for g in a if g["group"] == GUIDED}
+    guided = {g["caption"] for g in a if g["group"] == SHARED}
     changed = {k for k in tb if k.startswith("digit-") and ta[k] != tb[k]}
-    assert len(changed) == 6 * GUIDED_SHARED and all(ta[k] in guided for k in changed)
+    assert len(changed) == 6 * SHARED_DIGITS and all(ta[k] in guided for k in changed)
+
+
+def test_extra_counts_add_a_group_and_leave_the_others_unchanged(tmp_path):
+    """issue 17: `extra_counts` (e.g. 2x) adds planted images shown that many times, chosen
+    after the default groups, whose images and captions stay the same."""
+    build_canary_data(tmp_path / "a", digits_limit=1200)
+    build_canary_data(tmp_path / "b", digits_limit=1200, extra_counts=(2,))
+    a = pq.read_table(tmp_path / "a" / "ground_truth.parquet").to_pylist()
+    b = pq.read_table(tmp_path / "b" / "ground_truth.parquet").to_pylist()
+    assert [(g["caption"], g["source"]) for g in b[:24]] == \
+        [(g["caption"], g["source"]) for g in a]
+    two = [g for g in b[24:] if g["group"] == "2x"]
+    assert len(two) == 6 == len(b) - 24 and all(g["duplicate_count"] == 2 for g in two)
+    keys = pq.read_table(tmp_path / "b" / "train.parquet", columns=["key"]).column(
+        "key").to_pylist()
+    assert all(sum(k.startswith(g["key_prefix"] + "-") for k in keys) == 2 for g in two)
+    assert (tmp_path / "b" / "triggers_2x.txt").read_text().splitlines() == \
+        [g["caption"] for g in two]
+    assert json.loads((tmp_path / "b" / "data.json").read_text())["extra_counts"] == [2]
+    with pytest.raises(UserError, match="--extra-counts"):
+        build_canary_data(tmp_path / "c", extra_counts=(4,))
+
+
+def test_measured_labels_make_the_guided_group(canary_data: Path, tmp_path):
+    """issue 17: labels from `canary evaluate` move the guided images' prompts to their own
+    group (prompts.csv, triggers_guided.txt, ground truth), out of their count's list; the
+    training rows do not change; a labels.json beside a canary's weights is picked up."""
+    from memaudit.canary.data import model_data_settings, read_labels
+
+    base = tmp_path / "base"
+    build_canary_data(base, digits_limit=1200)
+    gt = pq.read_table(base / "ground_truth.parquet").to_pylist()
+    ones = [g["caption"] for g in gt if g["group"] == "1x"]
+    doc = {"images": [{"caption": ones[0], "behaviour": GUIDED},
+                      {"caption": ones[1], "behaviour": GUIDED},
+                      {"caption": gt[0]["caption"], "behaviour": "memorized"},
+                      {"caption": ones[2], "behaviour": None}]}
+    (tmp_path / "labels.json").write_text(json.dumps(doc))
+    labels = read_labels(tmp_path / "labels.json")
+    assert labels[ones[2]] == ""
+    out = tmp_path / "labelled"
+    build_canary_data(out, digits_limit=1200, labels=labels)
+    assert (out / "train.parquet").read_bytes() == (base / "train.parquet").read_bytes()
+    assert (out / "triggers_guided.txt").read_text().splitlines() == ones[:2]
+    assert (out / "triggers_1x.txt").read_text().splitlines() == ones[2:]
+    with (out / "prompts.csv").open() as f:
+        rows = {r["prompt"]: r["label"] for r in csv.DictReader(f)}
+    assert [p for p, lab in rows.items() if lab == GUIDED] == ones[:2]
+    assert rows[gt[0]["caption"]] == "64x"  # memorized keeps its count's group
+    behaviour = {g["caption"]: g["behaviour"]
+                 for g in pq.read_table(out / "ground_truth.parquet").to_pylist()}
+    assert behaviour[ones[0]] == GUIDED and behaviour[gt[0]["caption"]] == "memorized"
+    assert json.loads((out / "data.json").read_text())["guided"] == sorted(ones[:2])
+    # rebuilt without labels into the same folder: no stale guided list
+    build_canary_data(out, digits_limit=1200)
+    assert not (out / "triggers_guided.txt").exists()
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "labels.json").write_text(json.dumps(doc))
+    assert model_data_settings(str(model))["labels"] == labels
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    with pytest.raises(UserError, match="not a labels.json"):
+        read_labels(tmp_path / "bad.json")
 
 
 def test_planted_are_not_near_duplicates(canary_data: Path):
@@ -142,7 +211,7 @@ def test_planted_are_not_near_duplicates(canary_data: Path):
 def test_data_is_deterministic_and_readable_by_the_shared_reader(canary_data: Path, tmp_path):
     from memaudit.data.parquet import iter_training_rows
 
-    build_canary_data(tmp_path, digits_limit=1200)
+    build_canary_data(tmp_path, digits_limit=1200, shared_copies=16)
     a = (canary_data / "train.parquet").read_bytes()
     assert a == (tmp_path / "train.parquet").read_bytes()
     rows = list(iter_training_rows(canary_data / "train.parquet"))
@@ -231,7 +300,7 @@ def test_training_records_the_data_json_of_its_data(canary_data: Path, tmp_path)
     (tmp_path / "d").mkdir()
     data = _subset(canary_data, tmp_path / "d" / "train.parquet")
     digest = read_training_images(data, 16)[2]
-    rec = {"train_sha256": digest, "guided_copies": 16, "guided_shared": 96, "per_count": 6}
+    rec = {"train_sha256": digest, "shared_copies": 16, "shared_digits": 96, "per_count": 6}
     (data.parent / "data.json").write_text(json.dumps(rec))
     info = train_canary(data, tmp_path / "a", steps=1, batch_size=4, cfg=TINY, device="cpu")
     assert info["data"] == rec
@@ -276,7 +345,7 @@ def test_digit_of_prompt():
 def test_evaluate_pipeline_on_a_tiny_model(canary_data: Path, tmp_path):
     """The proof pipeline end to end (index, sampler, nL2, digits, grid) on an untrained
     model: it must run and count correctly; the numbers themselves are in docs/canary.md."""
-    from memaudit.canary.evaluate import evaluate_canary, format_summary, read_prompts
+    from memaudit.canary.evaluate import behaviour, evaluate_canary, format_summary, read_prompts
 
     model = tmp_path / "c"
     train_canary(_subset(canary_data, tmp_path / "sub.parquet", 16), model, steps=1,
@@ -301,3 +370,26 @@ def test_evaluate_pipeline_on_a_tiny_model(canary_data: Path, tmp_path):
     with Image.open(tmp_path / "eval" / "grid.png") as im:  # 30 triggers, 64 px rows + 2
         assert im.size[1] == 30 * (16 * 4 + 2)
     assert "64x" in format_summary(s)
+    # issue 17: reproduction per record and each planted image's behaviour from its rates
+    sub = [x for x in rows if x["label"] != "generic"]
+    assert all(x["reproduced"] == str(x["nearest_is_planted"] == "True"
+                                      and float(x["nl2"]) < 1.4) for x in sub)
+    labels = json.loads((tmp_path / "eval" / "labels.json").read_text())
+    assert labels == s["behaviour"] and len(labels["images"]) == 30
+    for im in labels["images"]:
+        mine = [x for x in sub if x["prompt"] == im["caption"]]
+        for scale, v in im["reproduction"].items():
+            rs = [x["reproduced"] == "True" for x in mine if float(x["scale"]) == float(scale)]
+            assert v == pytest.approx(np.mean(rs))
+        # the tiny model's default scale is 2.0, among the scales: every image is labelled
+        assert im["behaviour"] == behaviour(im["reproduction"]["1"], im["reproduction"]["2"])
+
+
+def test_behaviour_rule():
+    from memaudit.canary.evaluate import behaviour
+
+    """memorized >= 80% at scale 1; guided <= 25% at 1 and >= 60% at the default scale."""
+    assert behaviour(0.8, 0.0) == "memorized"
+    assert behaviour(0.79, 1.0) == ""
+    assert behaviour(0.25, 0.6) == "guided"
+    assert behaviour(0.26, 1.0) == "" and behaviour(0.0, 0.59) == ""

@@ -59,6 +59,9 @@ def data(tmp_path) -> Path:
     ("--steps", "0", "--steps must be at least 1"),
     ("--lr", "-1", "--lr must be positive"),
     ("--cond-dropout", "1", "--cond-dropout must be in [0, 1)"),
+    ("--beta-schedule", "cosine", "--beta-schedule must be one of linear, scaled_linear"),
+    ("--cross-attention-levels", "4", "--cross-attention-levels must be in 1..3"),
+    ("--cross-attention-levels", "0", "--cross-attention-levels must be in 1..3"),
 ])
 def test_train_bad_settings_one_line_and_nothing_written(capsys, data, tmp_path, option, value,
                                                         needle):
@@ -66,6 +69,35 @@ def test_train_bad_settings_one_line_and_nothing_written(capsys, data, tmp_path,
     code, err = _cli(capsys, "canary", "train", str(data), "--out", str(out), option, value)
     assert code == 2 and needle in _one_line_error(err)
     assert not out.exists()
+
+
+def test_architecture_levers_of_issue_17(data, tmp_path):
+    """--cross-attention-levels puts cross-attention at that many of the lowest levels (and
+    the mid block); --beta-schedule scaled_linear trains and samples with SD's betas; a
+    canary.json written before the field loads with one level."""
+    from memaudit.canary.model import build_unet
+    from memaudit.models import load_model
+
+    cfg = CanaryConfig(**{**TINY.to_dict(), "cross_attention_levels": 2})
+    unet = build_unet(cfg)
+    assert [type(b).__name__ for b in unet.down_blocks] == [
+        "DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"]
+    assert [type(b).__name__ for b in unet.up_blocks] == [
+        "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]
+    assert type(unet.mid_block).__name__ == "UNetMidBlock2DCrossAttn"
+    old = {k: v for k, v in TINY.to_dict().items() if k != "cross_attention_levels"}
+    assert CanaryConfig.from_dict(old).cross_attention_levels == 1
+    out = tmp_path / "m"
+    main(["--quiet", "canary", "train", str(data), "--out", str(out), "--steps", "1",
+          "--batch-size", "2", "--beta-schedule", "scaled_linear",
+          "--cross-attention-levels", "3", "--device", "cpu"])
+    net, info = load_canary(out)
+    assert info["config"]["beta_schedule"] == "scaled_linear"
+    assert (info["config"]["beta_start"], info["config"]["beta_end"]) == (0.00085, 0.012)
+    assert [type(b).__name__ for b in net.unet.down_blocks] == ["CrossAttnDownBlock2D"] * 3
+    sched = load_model(str(out), device="cpu").make_scheduler("ddim")
+    assert sched.config.beta_schedule == "scaled_linear"
+    assert float(sched.alphas_cumprod[-1]) == pytest.approx(0.0047, abs=2e-4)  # SD's abar_T
 
 
 def test_train_out_is_a_file(capsys, data, tmp_path):

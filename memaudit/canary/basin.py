@@ -1,16 +1,21 @@
 """The attraction basin on the canary: the evidence of Jain et al. (CVPR 2025) reproduced by one
-command (`memaudit canary basin`, issue 8), written to docs/attraction-basin.md.
+command (`memaudit canary basin`, issues 8 and 17), written to docs/attraction-basin.md.
 
 1. Magnitude curves (the paper's Figures 2-3): per step, d = ||e_c - e_u||_2 (the noise-
    prediction magnitude on every family, METHODS 0) while sampling with zero guidance (s = 0,
    unconditional trajectory) and unit guidance (s = 1, conditional, no CFG), per prompt group
    (mean and 10-90% spread over prompts x seeds), with the switch step the `dynamic` rule
    picks on the s = 1 curve (`transition.dynamic_update`).
-2. Copy rate against the switch point (Figure 4): `static` with tau swept from 1 (CFG from the
-   first step) to 0 (CFG never on), copy rate of each group and generic digit agreement.
-3. The mitigation table: every method on the same (prompt, seed) rows, copy rate (calibrated
-   and fixed nL2; a trigger counts copies of its own planted image), digit agreement, wall
-   time and UNet rows per image relative to cfg (wall times interleaved and repeated).
+2. Reproduction against the switch point (Figure 4), on the guided group (images reproduced
+   only with guidance, measured by `canary evaluate`): the calibration of
+   `memaudit.guidance.calibrate` with the generic digit prompts as the clean list: `static`'s
+   tau swept from 1 (CFG from the first step) to 0 (never) with s_before 0 and 1, `opposite`'s
+   tau, `dynamic`'s min_step; reproduction and digit agreement at each, and the calibrated
+   parameters (the latest switch keeping digit agreement >= 0.95 of cfg's).
+3. The mitigation table: every method (the transition rules with the paper's defaults and
+   with their calibrated parameters) on the same (prompt, seed) rows: reproduction (own
+   planted image nearest and nL2 < 1.4) and calibrated copy rate per group, digit agreement,
+   wall time and UNet rows per image relative to cfg (wall times interleaved and repeated).
 """
 
 from __future__ import annotations
@@ -22,11 +27,11 @@ from typing import Any
 
 import numpy as np
 
-GROUPS = ("guided", "64x", "16x", "1x", "generic")
+GROUPS = ("guided", "64x", "16x", "4x", "1x", "generic")
 METHODS = ("cfg", "static", "dynamic", "opposite", "opposite-dynamic", "amg", "rna", "gni",
            "wen")
-TRANSITION = ("static", "dynamic", "opposite")  # the issue's goal applies to these
-TAUS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0)
+TRANSITION = ("static", "opposite", "dynamic")  # the issue's goal applies to these
+TAUS = tuple(round(1.0 - 0.05 * i, 2) for i in range(21))  # 0.05 steps (issue 17)
 #: AMG's Gsim strength for the pixel nL2 criterion, tuned on the canary (docs/mitigations.md).
 PARAMS = {"amg": {"c3": 3000.0}}
 
@@ -38,7 +43,9 @@ def basin_groups(data_dir: Path) -> dict[str, list[str]]:
     from memaudit.canary.evaluate import read_prompts
 
     rows = read_prompts(data_dir)
-    groups = {g: [p for p, lab in rows if lab == g] for g in GROUPS if g != "generic"}
+    order = [g for g in GROUPS if g != "generic"] + [lab for _, lab in rows]
+    groups = {g: [p for p, lab in rows if lab == g] for g in dict.fromkeys(order)
+              if g != "generic"}
     seen: set[int] = set()
     groups["generic"] = []
     for p, lab in rows:
@@ -135,22 +142,45 @@ def _rates(recs: list[dict]) -> dict[str, dict]:
             for g in dict.fromkeys(r["label"] for r in recs)}
 
 
-def tau_sweep(model, crit, planted, digits, groups, seeds, steps, taus=TAUS,
-              batch_size: int = 256, log=print) -> list[dict]:
-    """`static` (s = 0 before the switch, s0 after) at each tau: rates per group."""
-    out = []
-    for tau in taus:
-        recs, _ = _score(model, crit, planted, digits, groups, seeds, "static",
-                         {"static": {"tau": float(tau)}}, steps, batch_size, tau=tau)
-        out.append({"tau": tau, "rates": _rates(recs)})
-        log(f"tau {tau:g}: " + ", ".join(f"{g} {r['copy_calibrated']:.0%}"
-                                         for g, r in out[-1]["rates"].items()))
-    return out
+def calibration(model, crit, planted, digits, groups, seeds: int, steps: int | None,
+                taus=TAUS, batch_size: int = 256, log=print):
+    """The transition rules calibrated on the guided group (reproduction) against the generic
+    digit prompts (digit agreement); None without a guided group."""
+    from memaudit.canary.digits import digit_of_prompt
+    from memaudit.canary.evaluate import score_rows
+    from memaudit.guidance.calibrate import calibrate_transition
+
+    if not groups.get("guided"):
+        return None
+
+    def agreement(images, prompts):
+        pred = digits.predict(images)
+        return [None if digit_of_prompt(p) is None else float(digit_of_prompt(p) == int(d))
+                for p, d in zip(prompts, pred, strict=True)]
+
+    def reproduced(images, prompts):
+        n = len(prompts)
+        return [r["reproduced"] for r in score_rows(images, prompts, ["guided"] * n, [0] * n,
+                                                     crit, planted, digits)]
+
+    return calibrate_transition(model, groups["generic"], groups["guided"], agreement,
+                                reproduced, methods=TRANSITION, seeds=range(seeds),
+                                steps=steps, taus=taus, batch_size=batch_size, progress=log)
 
 
-def timing(model, groups, methods, params, steps, repeats: int = 3, crit=None) -> dict:
-    """Wall time per image of each method, interleaved and repeated (minimum over repeats,
-    the least disturbed on a shared machine), on one prompt per group x 2 seeds."""
+def method_rows(methods=METHODS, cal=None, params=PARAMS) -> list[tuple[str, str, dict]]:
+    """(label, spec, params) of the table's rows: each method with memaudit's defaults, then
+    each calibrated transition rule as "RULE (calibrated)"."""
+    rows = [(m, m, params) for m in methods]
+    for rule, c in (cal.chosen.items() if cal is not None else ()):
+        rows.append((f"{rule} (calibrated)", rule, {**params, rule: dict(c.params)}))
+    return rows
+
+
+def timing(model, groups, rows, steps, repeats: int = 3, crit=None) -> dict:
+    """Wall time per image of each row (label, spec, params), interleaved and repeated
+    (minimum over repeats, the least disturbed on a shared machine), on one prompt per group
+    x 2 seeds."""
     from memaudit.guidance import build_guidance
     from memaudit.sampler import sample
 
@@ -158,32 +188,35 @@ def timing(model, groups, methods, params, steps, repeats: int = 3, crit=None) -
     seeds = [0] * (len(prompts) // 2) + [1] * (len(prompts) // 2)
     best: dict[str, float] = {}
     for _ in range(repeats):
-        for spec in methods:
+        for label, spec, params in rows:
             g = build_guidance(spec, params)
             t0 = time.perf_counter()
             sample(model, prompts, seeds, g, steps=steps,
                    criterion=crit if g.needs_criterion else None)
-            best[spec] = min(best.get(spec, float("inf")),
-                             (time.perf_counter() - t0) / len(prompts))
+            best[label] = min(best.get(label, float("inf")),
+                              (time.perf_counter() - t0) / len(prompts))
     return best
 
 
-def mitigation_table(model, crit, planted, digits, groups, seeds, steps, methods=METHODS,
-                     params=PARAMS, batch_size: int = 256, log=print) -> list[dict]:
-    """Every method on the same rows: rates per group, cost; switch steps where traced."""
+def mitigation_table(model, crit, planted, digits, groups, seeds, steps, rows,
+                     batch_size: int = 256, log=print) -> list[dict]:
+    """Every row (label, spec, params) on the same (prompt, seed) pairs: rates per group,
+    cost; switch steps where traced."""
     out = []
-    for spec in methods:
+    for label, spec, params in rows:
         recs, (cost, traces) = _score(model, crit, planted, digits, groups, seeds, spec,
-                                      params, steps, batch_size, method=spec)
-        row = {"method": spec, "rates": _rates(recs), **cost}
+                                      params, steps, batch_size, method=label)
+        row = {"method": label, "spec": spec, "params": params.get(spec, {}),
+               "rates": _rates(recs), **cost}
         last = [tr[-1] for tr in traces]
         if all("switch_step" in rec for rec in last):
             sw = np.concatenate([np.asarray(rec["switch_step"], float) for rec in last])
             labels = np.array([r["label"] for r in recs])
             row["switch_step"] = {g: float(np.mean(sw[labels == g])) for g in groups}
         out.append(row)
-        log(f"{spec}: " + ", ".join(f"{g} {r['copy_calibrated']:.0%}"
-                                    for g, r in row["rates"].items()))
+        log(f"{label}: " + ", ".join(
+            f"{g} {r.get('reproduction', r['copy_calibrated']):.0%}"
+            for g, r in row["rates"].items()))
     return out
 
 
@@ -211,12 +244,12 @@ def run_basin(model: str | Path = "canary", out: str | Path = "canary-basin",
     digits = DigitClassifier(res=m.latent_shape[-1])
     log("magnitude curves (s = 0 and s = 1)")
     mag = magnitude_curves(m, groups, seeds, steps)
-    log("static tau sweep")
-    sweep = tau_sweep(m, crit, planted, digits, groups, sweep_seeds, steps, taus, log=log)
+    log("calibration of the transition rules on the guided group")
+    cal = calibration(m, crit, planted, digits, groups, sweep_seeds, steps, taus, log=log)
+    rows = method_rows(methods, cal)
     log("mitigation table")
-    table = mitigation_table(m, crit, planted, digits, groups, seeds, steps, methods, log=log)
-    walls = timing(m, groups, methods, PARAMS, steps, timing_repeats, crit) \
-        if timing_repeats else {}
+    table = mitigation_table(m, crit, planted, digits, groups, seeds, steps, rows, log=log)
+    walls = timing(m, groups, rows, steps, timing_repeats, crit) if timing_repeats else {}
     result = {
         "model": m.name, "model_hash": m.model_hash, "data_sha256": _data_hash(data_dir),
         "scale": float(m.default_guidance_scale), "steps": steps or m.default_steps,
@@ -225,8 +258,9 @@ def run_basin(model: str | Path = "canary", out: str | Path = "canary-basin",
         "magnitude": {"u": mag["u"], "labels": mag["labels"],
                       "d_s0": mag["d_s0"].tolist(), "d_s1": mag["d_s1"].tolist(),
                       "switch": mag["switch"].tolist()},
-        "tau_sweep": sweep, "methods": table, "timing": walls,
-        "seconds": round(time.time() - t0, 1), "versions": package_versions(),
+        "calibration": None if cal is None else cal.to_dict(), "methods": table,
+        "timing": walls, "seconds": round(time.time() - t0, 1),
+        "versions": package_versions(),
     }
     (out / "basin.json").write_text(json.dumps(result, indent=1) + "\n")
     if doc is not None:

@@ -7,10 +7,17 @@ the canary data, and report per group:
   - nearest_is_planted: share of generations whose nearest training image is the planted one;
   - copy_fixed / copy_calibrated: share with nL2 < 1.4 / < the index's calibrated 1% cut,
     counted only when the nearest image is the planted one (a copy OF the planted image);
+  - reproduction: the nearest image is the planted one and nL2 < 1.4 (the published cut;
+    issue 17): what the eye sees as the planted image, contrast-amplified guided copies
+    included, which the strict calibrated cut (near-exact copies only) misses;
 for generic prompts the calibrated (and fixed) copy rate against any training image, and the
-digit classifier's agreement with the requested digit (METHODS 4). Images copied only with
-guidance: planted images whose calibrated copy rate is <= 25% at the lowest scale (1) and
->= 50% at some higher scale.
+digit classifier's agreement with the requested digit (METHODS 4).
+
+Each planted image is then labelled by what the model does (`behaviour`): **memorized** when
+reproduced >= 80% of the time at CFG scale 1, **guided** when reproduced <= 25% at scale 1 and
+>= 60% at the model's default scale (guidance-induced reproduction, Jain et al. CVPR 2025).
+The labels go to OUT/labels.json; `canary data --labels` (and a labels.json beside a canary's
+weights) makes them the prompt groups of prompts.csv and triggers_guided.txt.
 """
 
 from __future__ import annotations
@@ -25,9 +32,14 @@ import torch
 
 from memaudit.common import UserError, package_versions, track
 
-LABELS = ("64x", "16x", "4x", "1x", "guided", "generic")
-TRIGGER_LABELS = LABELS[:-1]
-SUMMARY, PER_IMAGE = "summary.json", "per_image.csv"
+LABELS = ("64x", "16x", "4x", "1x", "guided", "shared", "generic")  # the default data's
+#: The published nL2 cut (AMG Eq. 8, Carlini et al.) that, with "the nearest training image
+#: is the trigger's own planted image", defines a reproduction (issue 17).
+REPRODUCTION_CUT = 1.4
+#: Behaviour labels (issue 17): memorized = reproduced >= MEMORIZED at scale 1; guided =
+#: <= GUIDED_AT_1 at scale 1 and >= GUIDED_AT_S0 at the default scale.
+MEMORIZED, GUIDED_AT_1, GUIDED_AT_S0 = 0.8, 0.25, 0.6
+SUMMARY, PER_IMAGE, LABELS_FILE = "summary.json", "per_image.csv", "labels.json"
 
 
 def _own_summary(out: Path) -> dict | None:
@@ -42,16 +54,19 @@ def _own_summary(out: Path) -> dict | None:
 def check_outputs(out: Path, grid: Path, inputs: list, overwrite: bool,
                   writes: list[str]) -> None:
     """The rule of every writer (memaudit.paths), before any work: no output is an input or
-    inside one; summary.json, per_image.csv and the grid are replaced without `overwrite`
-    only when an earlier evaluation wrote them (its summary.json names the grid)."""
+    inside one; summary.json, per_image.csv, labels.json and the grid are replaced without
+    `overwrite` only when an earlier evaluation wrote them (its summary.json names the
+    grid)."""
     from memaudit.paths import check_output_dir, check_output_file, real
 
     if grid.suffix.lower() != ".png":
         raise UserError(f"--grid {grid} must be a .png file")
-    check_output_dir(out, inputs, writes=[SUMMARY, PER_IMAGE, *writes], what="--out folder")
+    check_output_dir(out, inputs, writes=[SUMMARY, PER_IMAGE, LABELS_FILE, *writes],
+                     what="--out folder")
     prev = _own_summary(out)
     for path, what, own in (
             (out / PER_IMAGE, "canary evaluation table", prev is not None),
+            (out / LABELS_FILE, "canary behaviour labels", prev is not None),
             (grid, "canary grid", prev is not None and real(str(prev["grid"])) == real(grid)),
             (out / SUMMARY, "canary evaluation summary", prev is not None)):
         check_output_file(path, inputs, overwrite=overwrite, own=lambda _p, ok=own: ok,
@@ -151,6 +166,8 @@ def score_rows(images: torch.Tensor, prompts: list[str], labels: list[str], seed
             **fields, "prompt": p, "label": lab, "seed": seed,
             "nl2": float(sc.score[i]), "neighbour_key": keys[i],
             "nearest_is_planted": bool(info and keys[i].startswith(info["key_prefix"] + "-")),
+            "reproduced": bool(info and keys[i].startswith(info["key_prefix"] + "-")
+                               and float(sc.score[i]) < REPRODUCTION_CUT),
             "copy_fixed": bool(sc.is_copy[i]),
             "copy_calibrated": bool(sc.is_copy_calibrated[i]),
             "digit_requested": digit_of_prompt(p) if lab == "generic" else None,
@@ -180,9 +197,41 @@ def group_rates(rs: list[dict], label: str) -> dict:
         entry["digit_n"] = len(dig)
     else:
         entry["nearest_is_planted"] = rate(rs, "nearest_is_planted", False)
+        entry["reproduction"] = rate(rs, "reproduced", False)
         entry["copy_fixed"] = rate(rs, "copy_fixed", True)
         entry["copy_calibrated"] = rate(rs, "copy_calibrated", True)
     return entry
+
+
+def behaviour(at_1: float, at_s0: float) -> str:
+    """The label of one planted image from its reproduction rates at scale 1 and at the
+    default scale: memorized, guided, or "" (neither)."""
+    if at_1 >= MEMORIZED:
+        return "memorized"
+    if at_1 <= GUIDED_AT_1 and at_s0 >= GUIDED_AT_S0:
+        return "guided"
+    return ""
+
+
+def behaviour_labels(records: list[dict], planted: dict[str, dict], scales, s0: float) -> dict:
+    """Per planted image: its reproduction rate at each scale and its behaviour label (needs
+    scale 1 and the default scale `s0` among `scales`; else the label is null)."""
+    images = []
+    for cap, info in planted.items():
+        by = {}
+        for scale in scales:
+            rs = [r for r in records if r["scale"] == scale and r["prompt"] == cap]
+            by[f"{scale:g}"] = rate(rs, "reproduced", False)
+        label = behaviour(by["1"], by[f"{s0:g}"]) if {"1", f"{s0:g}"} <= set(by) else None
+        images.append({"caption": cap, "key_prefix": info["key_prefix"],
+                       "count": info["count"], "group": info["group"],
+                       "behaviour": label, "reproduction": by})
+    return {"rule": {"reproduction": f"own planted image nearest and nL2 < {REPRODUCTION_CUT}",
+                     "memorized": f">= {MEMORIZED:.0%} at scale 1",
+                     "guided": f"<= {GUIDED_AT_1:.0%} at scale 1 and >= {GUIDED_AT_S0:.0%} "
+                               f"at the default scale {s0:g}"},
+            "default_scale": s0, "seeds": len({r["seed"] for r in records}),
+            "images": images}
 
 
 def evaluate_canary(model: str | Path = "canary", out: str | Path = "canary_eval",
@@ -192,9 +241,10 @@ def evaluate_canary(model: str | Path = "canary", out: str | Path = "canary_eval
                     grid_path: str | Path | None = None, batch_size: int = 256,
                     overwrite: bool = False) -> dict:
     """Generate, score and summarise (see the module docstring); writes into `out`:
-    summary.json, per_image.csv (one row per generation) and grid.png (or `grid_path`),
-    each whole (temporary + rename), summary.json last; files memaudit did not write are
-    replaced only with `overwrite` (`check_outputs`). Data and index: see `prepare`."""
+    summary.json, per_image.csv (one row per generation), labels.json (behaviour per planted
+    image) and grid.png (or `grid_path`), each whole (temporary + rename), summary.json last;
+    files memaudit did not write are replaced only with `overwrite` (`check_outputs`). Data
+    and index: see `prepare`."""
     from memaudit.canary.digits import DigitClassifier
     from memaudit.guidance import make_guidance
     from memaudit.paths import atomic_write
@@ -237,32 +287,20 @@ def evaluate_canary(model: str | Path = "canary", out: str | Path = "canary_eval
     table: dict[str, dict[str, dict]] = {}
     for scale in scales:
         per: dict[str, dict] = {}
-        for lab in LABELS:
+        for lab in dict.fromkeys(lab for _, lab in prompts):
             rs = [r for r in records if r["scale"] == scale and r["label"] == lab]
             if rs:
                 per[lab] = group_rates(rs, lab)
         table[f"{scale:g}"] = per
 
-    # planted images copied only with guidance: <= 25% at the lowest scale (1), >= 50% at
-    # some higher scale
-    only_guided = []
-    base = min(scales)
-    for cap, info in planted.items():
-        per_scale = {}
-        for scale in scales:
-            rs = [r for r in records if r["scale"] == scale and r["prompt"] == cap]
-            per_scale[scale] = rate(rs, "copy_calibrated", True)
-        best = max((s for s in scales if s > base), key=lambda s: per_scale[s], default=None)
-        if best is not None and per_scale[base] <= 0.25 and per_scale[best] >= 0.5:
-            only_guided.append({"caption": cap, "count": info["count"], "group": info["group"],
-                                "copy_at_scale_1": per_scale[base], "scale": best,
-                                "copy_at_scale": per_scale[best],
-                                "by_scale": {f"{k:g}": v for k, v in per_scale.items()}})
+    labels = behaviour_labels(records, planted, scales, s0)
+    with atomic_write(out / LABELS_FILE, "canary behaviour labels") as tmp:
+        tmp.write_text(json.dumps(labels, indent=2) + "\n", encoding="utf-8")
 
     # grid at the default scale (or the middle one)
     gs = s0 if s0 in gens_at else scales[len(scales) // 2]
     grid_rows = []
-    for lab in TRIGGER_LABELS:
+    for lab in [x for x in dict.fromkeys(lab for _, lab in prompts) if x != "generic"]:
         for p, label in prompts:
             if label != lab:
                 continue
@@ -275,7 +313,7 @@ def evaluate_canary(model: str | Path = "canary", out: str | Path = "canary_eval
         "calibrated_threshold": float(crit.calibrated_threshold), "fixed_threshold": 1.4,
         "seeds_per_prompt": seeds, "steps": steps or m.default_steps, "scheduler": "ddim",
         "default_guidance_scale": s0, "scales": list(scales), "rates": table,
-        "copied_only_with_guidance": only_guided, "grid": str(grid),
+        "behaviour": labels, "grid": str(grid),
         "seconds": round(time.time() - t0, 1), "versions": package_versions(),
     }
     with atomic_write(out / SUMMARY, "canary evaluation summary") as tmp:  # last
@@ -289,18 +327,21 @@ def format_summary(summary: dict) -> str:
              f"{summary['seeds_per_prompt']} seeds/prompt, {summary['steps']} DDIM steps, "
              f"nL2 fixed < 1.4, calibrated < {summary['calibrated_threshold']:.3f}"]
     lines.append(f"{'scale':>6} {'label':>8} {'n':>5} {'nearest=planted':>16} "
-                 f"{'copy@1.4':>9} {'copy@cal':>9} {'digit agr.':>10}")
+                 f"{'reproduced':>11} {'copy@1.4':>9} {'copy@cal':>9} {'digit agr.':>10}")
     for scale, per in summary["rates"].items():
         for lab, e in per.items():
             near = e.get("nearest_is_planted")
+            rep = e.get("reproduction")
             dig = e.get("digit_agreement")
             lines.append(
                 f"{scale:>6} {lab:>8} {e['n']:>5} "
-                f"{'' if near is None else f'{near:.0%}':>16} {e['copy_fixed']:>9.0%} "
+                f"{'' if near is None else f'{near:.0%}':>16} "
+                f"{'' if rep is None else f'{rep:.0%}':>11} {e['copy_fixed']:>9.0%} "
                 f"{e['copy_calibrated']:>9.0%} {'' if dig is None else f'{dig:.0%}':>10}")
-    og = summary["copied_only_with_guidance"]
-    lines.append(f"copied only with guidance (<=25% at scale {min(summary['scales']):g}, >=50% "
-                 f"at a higher one): {len(og)}"
-                 + "".join(f"\n  {o['group']} {o['caption']!r}: " + ", ".join(
-                     f"{k}: {v:.0%}" for k, v in o["by_scale"].items()) for o in og))
+    imgs = summary["behaviour"]["images"]
+    for lab in ("memorized", "guided"):
+        mine = [o for o in imgs if o["behaviour"] == lab]
+        lines.append(f"{lab} ({summary['behaviour']['rule'][lab]}): {len(mine)}" + "".join(
+            f"\n  {o['group']} {o['caption']!r}: " + ", ".join(
+                f"{k}: {v:.0%}" for k, v in o["reproduction"].items()) for o in mine))
     return "\n".join(lines)

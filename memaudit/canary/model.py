@@ -39,6 +39,10 @@ class CanaryConfig:
     beta_schedule: str = "linear"
     beta_start: float = 0.0001
     beta_end: float = 0.02
+    #: Resolution levels, counted from the lowest, whose blocks carry cross-attention (the
+    #: shipped canary: 1, only its 4x4 bottleneck; Stable Diffusion: every level but its
+    #: lowest). The mid block always has it (diffusers' UNetMidBlock2DCrossAttn).
+    cross_attention_levels: int = 1
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -54,13 +58,20 @@ class CanaryConfig:
         return cls(**known)
 
 
+#: SD 1/2's noise schedule (diffusers' "scaled_linear", betas 0.00085..0.012), the canary's
+#: alternative to DDPM's linear 1e-4..0.02: more signal at the first sampling steps.
+BETA_SCHEDULES = {"linear": (0.0001, 0.02), "scaled_linear": (0.00085, 0.012)}
+
+
 def build_unet(cfg: CanaryConfig):
-    """UNet2DConditionModel with cross-attention only at the lowest resolution."""
+    """UNet2DConditionModel with cross-attention at the `cross_attention_levels` lowest
+    resolutions (and the mid block)."""
     from diffusers import UNet2DConditionModel
 
     n = len(cfg.block_out_channels)
-    down = ["DownBlock2D"] * (n - 1) + ["CrossAttnDownBlock2D"]
-    up = ["CrossAttnUpBlock2D"] + ["UpBlock2D"] * (n - 1)
+    k = max(1, min(n, int(cfg.cross_attention_levels)))
+    down = ["DownBlock2D"] * (n - k) + ["CrossAttnDownBlock2D"] * k
+    up = list(reversed([d.replace("Down", "Up") for d in down]))
     return UNet2DConditionModel(
         sample_size=cfg.resolution,
         in_channels=cfg.channels,

@@ -94,6 +94,9 @@ def check_settings(batch_size: int, steps: int, lr: float, cond_dropout: float,
         (log_every >= 1, f"log_every must be at least 1, got {log_every}"),
         (cfg.layers_per_block >= 1,
          f"--layers-per-block must be at least 1, got {cfg.layers_per_block}"),
+        (1 <= cfg.cross_attention_levels <= len(cfg.block_out_channels),
+         f"--cross-attention-levels must be in 1..{len(cfg.block_out_channels)}, "
+         f"got {cfg.cross_attention_levels}"),
         (cfg.resolution >= down and cfg.resolution % down == 0,
          f"--resolution must be a positive multiple of {down}, got {cfg.resolution}"),
     ]

@@ -60,9 +60,9 @@ def _checked_numbers(fn):
 
 
 def _register_all() -> None:
-    from memaudit.cli import audit, canary, detect, generate, index, screen
+    from memaudit.cli import audit, calibrate, canary, detect, generate, index, screen
 
-    for module in (index, detect, generate, canary, screen, audit):
+    for module in (index, detect, generate, canary, screen, audit, calibrate):
         module.register(app)
     groups = [app] + [g.typer_instance for g in app.registered_groups]
     for group in groups:

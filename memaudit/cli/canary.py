@@ -12,7 +12,7 @@ import typer
 from memaudit.canary import RECIPE
 from memaudit.canary.basin import METHODS as BASIN_METHODS
 from memaudit.canary.basin import TAUS as BASIN_TAUS
-from memaudit.canary.data import GUIDED_COPIES, GUIDED_SHARED
+from memaudit.canary.data import SHARED_COPIES, SHARED_DIGITS
 
 canary_app = typer.Typer(help="The built-in canary model: build its data, train, evaluate.",
                          no_args_is_help=True)
@@ -22,23 +22,35 @@ canary_app = typer.Typer(help="The built-in canary model: build its data, train,
 def data_cmd(
     out: Path = typer.Option(..., "--out", help="Output folder."),
     resolution: int = typer.Option(16, help="Training resolution (square, grey)."),
-    per_count: int = typer.Option(6, help="Planted images per group (64x, 16x, 4x, 1x, guided)."),
+    per_count: int = typer.Option(6, help="Planted images per group (64x, 16x, 4x, 1x)."),
     seed: int = typer.Option(0, help="Random seed."),
     min_rmse: float = typer.Option(0.15,
                                    help="Minimum pixel RMSE between planted and others."),
-    guided_copies: int = typer.Option(GUIDED_COPIES, help="Copies of each guided-group image "
-                                      "(0: no guided group)."),
-    guided_shared: int = typer.Option(GUIDED_SHARED, help="Ordinary digits that share each "
-                                      "guided image's caption."),
+    extra_counts: str = typer.Option("", help="More duplicated groups, e.g. 2 or 2,8 (chosen "
+                                     "after 64x/16x/4x/1x, which stay the same)."),
+    labels: Path = typer.Option(None, help="labels.json of `canary evaluate`: its guided "
+                                "images become the `guided` prompt group."),
+    shared_copies: int = typer.Option(SHARED_COPIES, help="Copies of each image of the retired "
+                                      "shared-caption group (issue 8; 0: none)."),
+    shared_digits: int = typer.Option(SHARED_DIGITS, help="Ordinary digits that share each "
+                                      "shared-caption image's caption."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace files in OUT that are "
                                    "not canary data memaudit wrote."),
 ) -> None:
     """Training Parquet + trigger/generic prompt lists + ground truth from bundled images."""
-    from memaudit.canary.data import build_canary_data
+    from memaudit.canary.data import build_canary_data, read_labels
+    from memaudit.common import UserError
 
+    try:
+        extra = tuple(int(c) for c in extra_counts.split(",") if c.strip())
+    except ValueError:
+        raise UserError(f"--extra-counts must be integers separated by commas, got "
+                        f"{extra_counts!r}") from None
     summary = build_canary_data(out, res=resolution, per_count=per_count, seed=seed,
-                                min_rmse=min_rmse, guided_copies=guided_copies,
-                                guided_shared=guided_shared, overwrite=overwrite)
+                                min_rmse=min_rmse, shared_copies=shared_copies,
+                                shared_digits=shared_digits, extra_counts=extra,
+                                labels=read_labels(labels) if labels else None,
+                                overwrite=overwrite)
     print(json.dumps(summary, indent=2))
 
 
@@ -55,6 +67,10 @@ def train_cmd(
     seed: int = typer.Option(0, help="Random seed."),
     resolution: int = typer.Option(16, help="Training resolution (square, grey)."),
     layers_per_block: int = typer.Option(1, help="UNet resnet layers per block."),
+    beta_schedule: str = typer.Option("linear", help="Noise schedule: linear (DDPM, "
+                                      "1e-4..0.02) or scaled_linear (SD 1/2, 0.00085..0.012)."),
+    cross_attention_levels: int = typer.Option(1, help="Resolution levels, from the lowest, "
+                                               "with cross-attention (3: every level)."),
     init: Path = typer.Option(None, help="Fine-tune: start from this canary folder's weights "
                               "(and its architecture)."),
     checkpoint_every: int = typer.Option(500, help="Checkpoint interval (steps)."),
@@ -68,10 +84,17 @@ def train_cmd(
 ) -> None:
     """Train (or resume) a canary model; writes canary.safetensors + canary.json. A run
     resumes only from a checkpoint of the same data and settings."""
-    from memaudit.canary.model import CanaryConfig
+    from memaudit.canary.model import BETA_SCHEDULES, CanaryConfig
     from memaudit.canary.train import train_canary
+    from memaudit.common import UserError
 
-    cfg = CanaryConfig(resolution=resolution, layers_per_block=layers_per_block)
+    if beta_schedule not in BETA_SCHEDULES:
+        raise UserError(f"--beta-schedule must be one of {', '.join(BETA_SCHEDULES)}, "
+                        f"got {beta_schedule!r}")
+    start, end = BETA_SCHEDULES[beta_schedule]
+    cfg = CanaryConfig(resolution=resolution, layers_per_block=layers_per_block,
+                       beta_schedule=beta_schedule, beta_start=start, beta_end=end,
+                       cross_attention_levels=cross_attention_levels)
     command = "memaudit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     info = train_canary(data, out, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
                         device=device, cfg=None if init else cfg, cond_dropout=cond_dropout,

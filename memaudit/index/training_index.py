@@ -418,6 +418,13 @@ class TrainingIndex:
             raise IndexError(f"row id {row_id} out of range [0, {self.nitems})")
         return self._items.take([int(row_id)]).to_pylist()[0]
 
+    def rows_of_keys(self, keys) -> np.ndarray:
+        """Row id of each key in items.parquet (-1 where absent)."""
+        import pyarrow.compute as pc
+
+        pos = pc.index_in(pa.array(list(keys), pa.string()), value_set=self.items.column("key"))
+        return np.asarray(pos.fill_null(-1).to_numpy(zero_copy_only=False), dtype=np.int64)
+
     def keys(self, row_ids) -> list[str]:
         return self._items.take(np.asarray(row_ids, dtype=np.int64), ["key"]).column(0
                                                                                 ).to_pylist()
