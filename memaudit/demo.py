@@ -85,6 +85,8 @@ def summary_rows(db: Path) -> list[dict[str, Any]]:
             "SELECT g.method, p.label, count(*) AS n, "
             "avg(CASE WHEN m.is_copy THEN 1.0 ELSE 0.0 END) AS fixed, "
             "avg(CASE WHEN m.is_copy_calibrated THEN 1.0 ELSE 0.0 END) AS calibrated, "
+            "avg(CASE WHEN m.reproduced THEN 1.0 ELSE 0.0 END) "
+            "FILTER (WHERE m.reproduced IS NOT NULL) AS reproduced, "
             "avg(g.alignment) AS alignment, avg(g.unet_calls) AS unet, "
             "avg(g.wall_seconds) AS wall "
             "FROM generations g JOIN prompts p ON p.id = g.prompt_id "
@@ -93,20 +95,26 @@ def summary_rows(db: Path) -> list[dict[str, Any]]:
 
 
 def format_summary(rows: list[dict[str, Any]], methods: list[str]) -> str:
-    """A plain-text table: copy rate (calibrated / fixed nL2) per method x prompt label, the
-    digit agreement of the generic prompts (alignment), UNet rows and seconds per image."""
+    """A plain-text table per method x prompt label: reproduction (the trigger's own planted
+    image nearest and nL2 < 1.4; docs/criteria.md "Reproduction") and copy rate (calibrated
+    and fixed nL2); the digit agreement of the generic prompts (alignment), UNet rows and
+    seconds per image."""
     labels = [lab for lab in DEMO_GROUPS if any(r["label"] == lab for r in rows)]
+    labels += sorted({r["label"] for r in rows if r["label"] not in labels}, key=str)
     cell = {(r["method"], r["label"]): r for r in rows}
-    head = (f"{'method':<10}" + "".join(f"{lab:>16}" for lab in labels)
+    head = (f"{'method':<10}" + "".join(f"{str(lab):>19}" for lab in labels)
             + f"{'digits ok':>10}{'UNet/img':>10}{'s/img':>8}")
-    out = ["copy rate by nL2, calibrated (fixed), per prompt group", head, "-" * len(head)]
+    out = ["per prompt group: reproduced / copy rate by nL2, calibrated (fixed)", head,
+           "-" * len(head)]
     for m in methods:
         line = f"{m:<10}"
         mine = [r for r in rows if r["method"] == m]
         for lab in labels:
             r = cell.get((m, lab))
-            line += (f"{'-':>16}" if r is None else
-                     f"{100 * r['calibrated']:>8.0f}% ({100 * r['fixed']:>3.0f}%)")
+            rep = r and r.get("reproduced")
+            line += (f"{'-':>19}" if r is None else
+                     (f"{100 * rep:>6.0f}% /" if rep is not None else f"{'- /':>8}")
+                     + f"{100 * r['calibrated']:>4.0f}% ({100 * r['fixed']:>3.0f}%)")
         al = [(r["alignment"], r["n"]) for r in mine if r["alignment"] is not None]
         n = sum(k for _, k in al)
         line += f"{100 * sum(a * k for a, k in al) / n:>9.0f}%" if n else f"{'-':>10}"

@@ -38,7 +38,27 @@ def test_demo_chain_and_rerun(tmp_path):
         asks = [a is not None for t, a in rows if digit_of_prompt(t) is not None]
         assert len(asks) == 40 and all(asks)  # 20 digit prompts x 2 methods
         assert all(a is None for t, a in rows if digit_of_prompt(t) is None)
+        # reproduction (issue 17): every trigger names its planted image, generic prompts none
+        tk = dict(s.con.execute("SELECT label IS NOT NULL AND label <> 'generic', "
+                                "count(target_key) = count(*) FROM prompts GROUP BY 1"
+                                ).fetchall())
+        assert tk == {True: True, False: False}
+        got = s.con.execute(
+            "SELECT p.target_key, m.neighbour_key, m.score, m.is_copy, m.reproduced "
+            "FROM matches m JOIN generations g ON g.id = m.generation_id "
+            "JOIN prompts p ON p.id = g.prompt_id").fetchall()
+        for target, near, score, is_copy, rep in got:
+            if target is None:
+                assert rep is None
+            else:  # the canary's planted copies share one exact-duplicate group
+                same = near.rsplit("-", 1)[0] == target.rsplit("-", 1)[0]
+                assert rep == (same and is_copy) and is_copy == (score < 1.4)
+        rates = s.con.execute("SELECT label, method, reproduction_rate FROM prompt_method "
+                              "WHERE label = 'generic'").fetchall()
+        assert rates and all(r is None for _, _, r in rates)
     text = first["text"]
+    assert "reproduced" in text.splitlines()[1]
+    assert "reproduced" in first["report"].read_text()
     assert "64x" in text and text.count("\ncfg ") == 1 and "\namg " in text
     assert "guided" in text.splitlines()[2]  # its own column in the summary
     assert "digits ok" in text

@@ -115,3 +115,15 @@ def test_errors_are_user_errors(tmp_path):
     e.write_text("# nothing\n\n", encoding="utf-8")
     with pytest.raises(UserError, match="no prompts"):
         read_prompts(e)
+
+
+def test_target_key_column_names_the_training_item_a_prompt_reproduces(tmp_path):
+    """issue 17: a `target_key` column (the canary's prompts.csv) is read as the prompt's
+    target; blank or absent means none."""
+    f = tmp_path / "p.csv"
+    f.write_text("prompt,label,target_key\na,64x,planted-64x-00-00\nb,generic,\n")
+    recs = read_prompts(f)
+    assert [r.target_key for r in recs] == ["planted-64x-00-00", None]
+    j = tmp_path / "p.jsonl"
+    j.write_text('{"prompt": "a", "target_key": " k-1 "}\n{"prompt": "b", "target_key": 3}\n')
+    assert [r.target_key for r in read_prompts(j)] == ["k-1", None]

@@ -129,6 +129,7 @@ def _run_audit(plan: Plan, eng: Any, new_run: bool, components: Components | Non
 
     # 2. prompts
     records: list[tuple[str, str, str | None]] = []  # (text, source, label)
+    targets: dict[str, str] = {}  # text -> the training key it is known to reproduce
     for pl in plan.prompts:  # the content audited is the content the run is keyed by
         digest = sha256_file(pl.file)
         read = comp.read_prompts(pl.file)
@@ -138,6 +139,7 @@ def _run_audit(plan: Plan, eng: Any, new_run: bool, components: Components | Non
                             "again")
         pl.sha256, pl.rows = digest, len(read)
         records += [(r.text, Path(pl.file).name, pl.label or r.label) for r in read]
+        targets.update({r.text: r.target_key for r in read if r.target_key})
     if not records:
         raise UserError("plan: the prompt lists hold no prompts")
 
@@ -207,7 +209,8 @@ def _run_audit(plan: Plan, eng: Any, new_run: bool, components: Components | Non
                 store.set_run_status(run_id, "running")
             prompt_ids: dict[str, int] = {}
             for text, source, label in records:
-                prompt_ids[text] = store.upsert_prompt(text, source=source, label=label)
+                prompt_ids[text] = store.upsert_prompt(text, source=source, label=label,
+                                                       target_key=targets.get(text))
         texts = list(dict.fromkeys(t for t, _, _ in records))  # unique, in plan order
         done = store.done_units(run_id)
 
@@ -229,7 +232,8 @@ def _run_audit(plan: Plan, eng: Any, new_run: bool, components: Components | Non
                 return ScreenItem(unit, plan.screen, texts, labels)
             return GenerationItem(unit, method, batches[bi],
                                   {t: prompt_ids[t] for t, _ in batches[bi]},
-                                  f"images/run{run_id}", screen)
+                                  f"images/run{run_id}", screen,
+                                  {t: targets[t] for t, _ in batches[bi] if t in targets})
 
         # generation and screening on the engine's workers, in phases: the screening unit
         # first when `auto` decides with its scores (committed before any generation unit is

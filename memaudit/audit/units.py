@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ import numpy as np
 from memaudit.audit.components import Components
 from memaudit.audit.plan import Plan, ScreenSpec
 from memaudit.common import UserError, require_finite
+from memaudit.criteria.reproduction import reproduced, target_groups
 from memaudit.generate import save_png
 from memaudit.store import AuditStore
 
@@ -112,6 +113,7 @@ class GenerationItem:
     prompt_ids: dict[str, int]
     img_dir: str
     screen: dict[str, Any] | None = None  # the run's screening, for `auto` (use_screen kwargs)
+    targets: dict[str, str] = field(default_factory=dict)  # prompt -> its known target key
 
 
 @dataclass
@@ -163,6 +165,11 @@ def _compute_generation(ctx: UnitContext, item: GenerationItem) -> dict[str, Any
         save_png(images[i], ctx.out / rel)
         paths.append(rel.as_posix())
     scores = {name: c.score(images) for name, c in ctx.criteria.items()}
+    groups = target_groups(ctx.index, [item.targets.get(t) for t in prompts]) \
+        if item.targets else None
+    repro = {name: (reproduced(ctx.index, sc, groups) if groups is not None
+                    and sc.neighbour is not None else [None] * b)
+             for name, sc in scores.items()}
     crit_info = {name: {"higher": bool(c.higher_is_more_similar),
                         "threshold": getattr(c, "threshold", None),
                         "calibrated_threshold": getattr(c, "calibrated_threshold", None)}
@@ -172,6 +179,7 @@ def _compute_generation(ctx: UnitContext, item: GenerationItem) -> dict[str, Any
                   for name, sc in scores.items()}
     return {
         "paths": paths, "scores": scores, "criteria": crit_info, "neighbours": neighbours,
+        "reproduced": repro,
         "finals": list(getattr(res, "prompts", None) or prompts),
         "align": (comp.alignment(ctx.model, prompts, images)
                   if ctx.use_alignment and comp.alignment else [None] * b),
@@ -208,7 +216,8 @@ def commit_generation(store: AuditStore, run_id: int, item: GenerationItem,
                 neighbour_row=row, neighbour_key=_opt_str(info.get("key")),
                 neighbour_caption=_opt_str(info.get("caption")),
                 dup_count=_opt_int(info.get("group_count", info.get("dup_count"))),
-                extra={k: np.asarray(v)[i] for k, v in (sc.extra or {}).items()})
+                extra={k: np.asarray(v)[i] for k, v in (sc.extra or {}).items()},
+                reproduced=r.get("reproduced", {}).get(name, [None] * len(item.batch))[i])
     store.add_steps(gids, r["trace"])
 
 

@@ -42,6 +42,13 @@ class PromptRecord:
     index: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def target_key(self) -> str | None:
+        """The training item this prompt is known to reproduce: a `target_key` column or key
+        (the canary's prompts.csv; docs/criteria.md "Reproduction"), else None."""
+        v = self.extra.get("target_key")
+        return (v.strip() or None) if isinstance(v, str) else None
+
 
 def _find_key(names: list[str], wanted: tuple[str, ...]) -> str | None:
     lowered = {n.strip().lower(): n for n in names}

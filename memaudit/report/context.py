@@ -107,7 +107,9 @@ def build_context(db: str | Path, run_id: int | None = None, max_flagged: int = 
             "SELECT g.method, p.label, m.criterion, count(*) AS n, "
             "avg(CASE WHEN m.is_copy THEN 1.0 ELSE 0.0 END) AS fixed, "
             "avg(CASE WHEN m.is_copy_calibrated THEN 1.0 ELSE 0.0 END) "
-            "FILTER (WHERE m.is_copy_calibrated IS NOT NULL) AS calibrated "
+            "FILTER (WHERE m.is_copy_calibrated IS NOT NULL) AS calibrated, "
+            "avg(CASE WHEN m.reproduced THEN 1.0 ELSE 0.0 END) "
+            "FILTER (WHERE m.reproduced IS NOT NULL) AS reproduction "
             "FROM generations g JOIN prompts p ON p.id = g.prompt_id "
             "JOIN matches m ON m.generation_id = g.id WHERE g.run_id = ? "
             "GROUP BY ALL", [rid])
@@ -189,7 +191,8 @@ def build_context(db: str | Path, run_id: int | None = None, max_flagged: int = 
         for c in criteria:
             label_tables.append({"criterion": c, "labels": label_order, "rows": [
                 {"method": m, "cells": [cells.get((c, m, lab)) for lab in label_order]}
-                for m in methods]})
+                for m in methods], "has_reproduction": any(
+                    r["reproduction"] is not None for r in by_label if r["criterion"] == c)})
 
     magnitudes = _magnitude_context(magnitude_rows, methods)
     has_quality = any(q["features"] or q["clip_score"] is not None for q in quality)

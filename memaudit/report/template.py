@@ -172,12 +172,17 @@ Cost is relative to <code>cfg</code> in this run.</p>
 {% if label_tables %}
 <h2 id="groups">Copy rate per prompt group</h2>
 {% for t in label_tables %}
-<h3>Copy rate by prompt label: {{ t.criterion }}, calibrated (fixed)</h3>
+<h3>Copy rate by prompt label: {{ t.criterion }}, calibrated (fixed){% if t.has_reproduction %};
+reproduction{% endif %}</h3>
+{% if t.has_reproduction %}<p class="note"><b>Reproduction</b>: share of a group's images whose
+nearest training item is the prompt's own target (the prompt list's <code>target_key</code>)
+and whose score passes the fixed, published cut; it counts the contrast-amplified copies that
+a threshold calibrated at 1% FPR misses (docs/criteria.md "Reproduction").</p>{% endif %}
 <table>
 <tr><th>method</th>{% for lab in t.labels %}<th>{{ lab if lab is not none else "(no label)" }}</th>{% endfor %}</tr>
 {% for row in t.rows %}
 <tr><td>{{ row.method }}</td>
-{% for c in row.cells %}<td class="num {{ 'copy' if c and ((c.calibrated if c.calibrated is not none else c.fixed)) else '' }}">{% if c %}{{ pct(c.calibrated) }} ({{ pct(c.fixed) }}) <span class="note">n={{ c.n }}</span>{% endif %}</td>{% endfor %}
+{% for c in row.cells %}<td class="num {{ 'copy' if c and ((c.calibrated if c.calibrated is not none else c.fixed)) else '' }}">{% if c %}{{ pct(c.calibrated) }} ({{ pct(c.fixed) }}){% if c.reproduction is not none %}; <b>{{ pct(c.reproduction) }}</b> reproduced{% endif %} <span class="note">n={{ c.n }}</span>{% endif %}</td>{% endfor %}
 </tr>
 {% endfor %}
 </table>

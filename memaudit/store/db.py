@@ -261,21 +261,25 @@ class AuditStore:
                          [status, _now() if status == "failed" else None, run_id])
 
     def upsert_prompt(self, text: str, source: str | None = None,
-                      label: str | None = None) -> int:
-        """The prompt's id; a new source is appended to its source list, a label is kept."""
-        row = self.con.execute("SELECT id, sources_json, label FROM prompts WHERE text = ?",
-                               [text]).fetchone()
+                      label: str | None = None, target_key: str | None = None) -> int:
+        """The prompt's id; a new source is appended to its source list, a label and a
+        target key (the training item it is known to reproduce) are kept."""
+        row = self.con.execute("SELECT id, sources_json, label, target_key FROM prompts "
+                               "WHERE text = ?", [text]).fetchone()
         if row is None:
             pid = self._next_id("prompts")
-            self.con.execute("INSERT INTO prompts VALUES (?, ?, ?, ?)",
-                             [pid, text, json.dumps([source] if source else []), label])
+            self.con.execute("INSERT INTO prompts VALUES (?, ?, ?, ?, ?)",
+                             [pid, text, json.dumps([source] if source else []), label,
+                              target_key])
             return pid
-        pid, sources_json, old_label = row
+        pid, sources_json, old_label, old_target = row
         sources = json.loads(sources_json)
         if source and source not in sources:
             sources.append(source)
-        self.con.execute("UPDATE prompts SET sources_json = ?, label = ? WHERE id = ?",
-                         [json.dumps(sources), label if label is not None else old_label, pid])
+        self.con.execute("UPDATE prompts SET sources_json = ?, label = ?, target_key = ? "
+                         "WHERE id = ?",
+                         [json.dumps(sources), label if label is not None else old_label,
+                          target_key if target_key is not None else old_target, pid])
         return pid
 
     def add_generation(self, *, run_id: int, prompt_id: int, method: str, seed: int,
@@ -309,17 +313,21 @@ class AuditStore:
                   is_copy_calibrated: bool | None, threshold: float | None,
                   calibrated_threshold: float | None, neighbour_row: int | None,
                   neighbour_key: str | None, neighbour_caption: str | None,
-                  dup_count: int | None, extra: dict[str, Any] | None = None) -> None:
+                  dup_count: int | None, extra: dict[str, Any] | None = None,
+                  reproduced: bool | None = None) -> None:
+        """One criterion's verdict on one generation; `reproduced`: the prompt's known target
+        is the nearest item and the fixed cut passes (None: the prompt has no target)."""
         score = float(score)
         self.con.execute(
-            "INSERT INTO matches VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO matches VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [generation_id, criterion, score, score if higher_is_more_similar else -score,
              bool(higher_is_more_similar),
              None if neighbour_row is None else int(neighbour_row), neighbour_key,
              neighbour_caption, None if dup_count is None else int(dup_count), bool(is_copy),
              None if is_copy_calibrated is None else bool(is_copy_calibrated),
              threshold, calibrated_threshold,
-             json.dumps({k: _jsonable(v) for k, v in (extra or {}).items()})])
+             json.dumps({k: _jsonable(v) for k, v in (extra or {}).items()}),
+             None if reproduced is None else bool(reproduced)])
 
     def add_screen(self, *, run_id: int, prompt_id: int, score: float, steps: int, seeds: int,
                    threshold: float | None, flagged: bool | None, score_name: str | None = None,

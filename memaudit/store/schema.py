@@ -6,8 +6,8 @@ another version instead of guessing.
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 3  # 2: generations.clip_score, the quality table and view; 3: screens.score_name
-#                      and screens.params_json
+SCHEMA_VERSION = 4  # 2: generations.clip_score, the quality table and view; 3: screens.score_name
+#                      and screens.params_json; 4: prompts.target_key, matches.reproduced
 
 TABLES: list[str] = [
     """CREATE TABLE IF NOT EXISTS meta (
@@ -34,7 +34,8 @@ TABLES: list[str] = [
         id INTEGER PRIMARY KEY,
         text TEXT NOT NULL UNIQUE,
         sources_json TEXT NOT NULL,        -- JSON list of prompt-list files it came from
-        label TEXT
+        label TEXT,
+        target_key TEXT                    -- the training item it is known to reproduce
     )""",
     """CREATE TABLE IF NOT EXISTS generations (
         id INTEGER PRIMARY KEY,
@@ -68,6 +69,8 @@ TABLES: list[str] = [
         threshold DOUBLE,
         calibrated_threshold DOUBLE,
         extra_json TEXT,
+        reproduced BOOLEAN,                -- the prompt's target nearest and the fixed cut
+        --                                    passed (NULL: no target; docs/criteria.md)
         PRIMARY KEY (generation_id, criterion)
     )""",
     """CREATE TABLE IF NOT EXISTS screens (
@@ -136,7 +139,9 @@ VIEWS: list[str] = [
                 ELSE min(m.score) END AS best_score,
            arg_max(m.neighbour_key, m.similarity) AS top_neighbour_key,
            arg_max(m.dup_count, m.similarity) AS top_dup_count,
-           avg(g.alignment) AS alignment
+           avg(g.alignment) AS alignment,
+           avg(CASE WHEN m.reproduced THEN 1.0 ELSE 0.0 END)
+               FILTER (WHERE m.reproduced IS NOT NULL) AS reproduction_rate
     FROM generations g
     JOIN prompts p ON p.id = g.prompt_id
     JOIN matches m ON m.generation_id = g.id
@@ -172,6 +177,8 @@ VIEWS: list[str] = [
                avg(CASE WHEN m.is_copy THEN 1.0 ELSE 0.0 END) AS copy_rate_fixed,
                avg(CASE WHEN m.is_copy_calibrated THEN 1.0 ELSE 0.0 END)
                    FILTER (WHERE m.is_copy_calibrated IS NOT NULL) AS copy_rate_calibrated,
+               avg(CASE WHEN m.reproduced THEN 1.0 ELSE 0.0 END)
+                   FILTER (WHERE m.reproduced IS NOT NULL) AS reproduction_rate,
                quantile_cont(m.similarity, 0.95) AS p95_similarity,
                max(m.similarity) AS max_similarity,
                bool_and(m.higher_is_more_similar) AS higher_is_more_similar,
