@@ -30,6 +30,13 @@ def test_shipped_weights_load_through_load_model(shipped):
     assert shipped.default_steps == 50
     assert (SHIPPED_DIR / "canary.safetensors").stat().st_size < 10_000_000
     assert info["data_sha256"] and info["train_command"].startswith("memaudit canary train")
+    # issue 17: measured behaviour labels beside the weights, its own screening parameters
+    from memaudit.canary.data import model_data_settings
+
+    settings = model_data_settings("canary")
+    assert settings["extra_counts"] == tuple(info["data"]["extra_counts"])
+    assert "guided" in settings["labels"].values()
+    assert shipped.screen_params == info["screen_params"]
 
 
 def test_shipped_generation_is_deterministic_per_seed(shipped):

@@ -19,9 +19,10 @@ from memaudit.models.prediction import EpsPrediction
 
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "canary" / "weights"
 
-#: Screening parameters chosen on the shipped canary (`python -m memaudit.screen.bench`: t_low
-#: and g2 tuned on seeds 1000-1003 of its labelled prompts; docs/mitigations.md "Screening
-#: scores"); a canary.json `screen_params` entry overrides.
+#: Screening parameters of a canary whose canary.json has no `screen_params` entry: those
+#: tuned on the previous shipped canary (`python -m memaudit.screen.bench`: t_low and g2 on
+#: seeds 1000-1003 of its labelled prompts). The shipped canary records its own in canary.json
+#: (docs/mitigations.md "Screening scores").
 CANARY_SCREEN_PARAMS = {"anisotropy": {"g2": 0.5, "low_index": -10}}
 
 
