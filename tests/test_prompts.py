@@ -125,5 +125,6 @@ def test_target_key_column_names_the_training_item_a_prompt_reproduces(tmp_path)
     recs = read_prompts(f)
     assert [r.target_key for r in recs] == ["planted-64x-00-00", None]
     j = tmp_path / "p.jsonl"
-    j.write_text('{"prompt": "a", "target_key": " k-1 "}\n{"prompt": "b", "target_key": 3}\n')
-    assert [r.target_key for r in read_prompts(j)] == ["k-1", None]
+    j.write_text('{"prompt": "a", "target_key": " k-1 "}\n{"prompt": "b", "key": 3}\n'
+                 '{"prompt": "c", "target_key": [1]}\n')
+    assert [r.target_key for r in read_prompts(j)] == ["k-1", "3", None]

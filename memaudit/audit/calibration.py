@@ -16,8 +16,6 @@ from typing import Any
 
 from memaudit.common import UserError
 
-TARGET_KEYS = ("target_key", "key")
-
 
 def read_list(path: str | Path, label: str | None = None) -> tuple[list[str], list[str | None]]:
     """(prompts, target keys) of a prompt list, only rows labelled `label` when given."""
@@ -26,11 +24,7 @@ def read_list(path: str | Path, label: str | None = None) -> tuple[list[str], li
     recs = [r for r in read_prompts(path) if label is None or r.label == label]
     if not recs:
         raise UserError(f"{path}: no prompts" + (f" labelled {label!r}" if label else ""))
-    keys = []
-    for r in recs:
-        k = next((r.extra[c] for c in TARGET_KEYS if r.extra.get(c) not in (None, "")), None)
-        keys.append(None if k is None else str(k))
-    return [r.text for r in recs], keys
+    return [r.text for r in recs], [r.target_key for r in recs]
 
 
 def alignment_measure(model, clip_model: str | None = None, clip_pretrained: str | None = None,

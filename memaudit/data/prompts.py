@@ -25,6 +25,8 @@ from memaudit.common import UserError
 
 PROMPT_KEYS = ("caption", "prompt", "text")
 LABEL_KEYS = ("type", "label")
+#: Columns naming the training item a prompt is known to reproduce (first present wins).
+TARGET_KEYS = ("target_key", "key")
 TEXT_SUFFIXES = {".txt", ".text", ".lst", ".prompts"}
 JSONL_SUFFIXES = {".jsonl", ".ndjson", ".json"}
 CSV_SUFFIXES = {".csv", ".tsv"}
@@ -44,10 +46,16 @@ class PromptRecord:
 
     @property
     def target_key(self) -> str | None:
-        """The training item this prompt is known to reproduce: a `target_key` column or key
-        (the canary's prompts.csv; docs/criteria.md "Reproduction"), else None."""
-        v = self.extra.get("target_key")
-        return (v.strip() or None) if isinstance(v, str) else None
+        """The training item this prompt is known to reproduce: a `target_key` (else `key`)
+        column or JSON key (the canary's prompts.csv; docs/criteria.md "Reproduction"), else
+        None. Numbers are read as their text (a key column of integers)."""
+        for name in TARGET_KEYS:
+            v = self.extra.get(name)
+            if isinstance(v, bool) or v is None:
+                continue
+            if isinstance(v, int | str):
+                return str(v).strip() or None
+        return None
 
 
 def _find_key(names: list[str], wanted: tuple[str, ...]) -> str | None:
