@@ -4,6 +4,8 @@ moving x0_hat as the eps rule does at the same SNR, and SD3 saved without its T5
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from family_helpers import FiringCriterion, load_family, prompts_for
@@ -215,6 +217,61 @@ def test_gsim_is_absent_at_sigma_one(family_dir):
     assert tr["fired"].tolist() == [1.0, 1.0]  # the criterion fires, Gsim does not act
     assert tr["amg_sim"].tolist() == [0.0, 0.0]
     assert torch.equal(v_hat, v_cfg)
+
+
+class ConstCriterion(FiringCriterion):
+    """Similarity `value` for every image (differentiable, zero gradient)."""
+
+    def __init__(self, value: float):
+        super().__init__()
+        self.value = value
+
+    def similarity_tensor(self, images):
+        return self.value + 0 * images.flatten(1).sum(1), torch.zeros(images.shape[0],
+                                                                      dtype=torch.long)
+
+
+def test_amg_threshold_schedule_takes_u_on_sds_schedule_at_the_steps_snr(family_dir):
+    """lambda(u) = 0.3 + 0.1 exp(-5 u) at u_ref, the u on SD's schedule with the step's SNR,
+    not at u = sigma: a similarity between the two levels fires only by the latter."""
+    m = load_family(family_dir, "sd3")
+
+    def lam(u):
+        return 0.3 + 0.1 * math.exp(-5 * u)
+
+    gap = [lam(m.prediction.ref_u(s)) - lam(s) for s in sd3_sigmas(m, 28)]
+    st = _amg_state(m, max(range(28), key=lambda j: gap[j]))
+    sigma = float(st.t) / 1000
+    u_ref = m.prediction.ref_u(sigma)
+    assert sigma_with_sd_snr(round(u_ref * 1000)) == pytest.approx(sigma, abs=2e-3)
+    lam_ref, lam_sigma = lam(u_ref), lam(sigma)
+    assert lam_ref - lam_sigma > 2e-3
+    st.criterion = ConstCriterion((lam_ref + lam_sigma) / 2)
+    _, tr = make_guidance("amg", parts="spe").guide(st)
+    assert tr["lambda"] == pytest.approx(lam_ref, rel=1e-9)
+    assert tr["fired"].tolist() == [0.0, 0.0] and tr["s1"].tolist() == [0.0, 0.0]
+    st.criterion = ConstCriterion(lam_ref + 1e-3)
+    _, tr = make_guidance("amg", parts="spe").guide(st)
+    assert tr["fired"].tolist() == [1.0, 1.0]
+
+
+def test_anisotropy_norm_on_sd3_is_the_noise_prediction_magnitude(family_dir):
+    """At SD3's first step (sigma = 1) N = ||v_c - v_u|| / T (the floor of METHODS 0)."""
+    from memaudit.screen import make_score
+    from memaudit.screen.base import ScoreInput
+
+    m = load_family(family_dir, "sd3")
+    sched = m.scheduler(None, 10)
+    assert float(sched.timesteps[0]) == 1000.0
+    from memaudit.sampler import initial_noise
+
+    x = initial_noise(m, SEEDS)
+    emb_c, emb_u = m.encode_prompts(prompts_for("sd3")), m.null_embedding(2)
+    n, _ = make_score("anisotropy").terms(ScoreInput(m, x, emb_c, emb_u, sched, 1, 4.0))
+    with torch.no_grad():
+        t = sched.timesteps[0]
+        d = m.eps(x, t, emb_c) - m.eps(x, t, emb_u)
+    assert n.tolist() == pytest.approx((d.flatten(1).norm(dim=1) / 1000).tolist(), rel=1e-5)
 
 
 # --- SD3 saved without T5 -----------------------------------------------------------------------

@@ -32,14 +32,14 @@ def diff(model, x, t, prompt):
     return model._eps(x, t, c) - model._eps(x, t, u)
 
 
-def hand_per_sample(model, x, t, prompt, lr, max_iters, target=None, fraction=0.5):
-    """One sample, the official loop: AdamW on x_T until ||e_c - e_u|| <= target."""
+def hand_per_sample(model, x, t, prompt, lr, max_iters, target=None, fraction=0.5, scale=1.0):
+    """One sample, the official loop: AdamW on x_T until scale ||e_c - e_u|| <= target."""
     x = x.clone().requires_grad_(True)
     opt = torch.optim.AdamW([x], lr=lr)
     m0 = tau = None
     iters = 0
     for it in range(max_iters + 1):
-        m = torch.linalg.vector_norm(diff(model, x, t, prompt))
+        m = scale * torch.linalg.vector_norm(diff(model, x, t, prompt))
         if m0 is None:
             m0 = float(m.detach())
             tau = target if target is not None else fraction * m0
@@ -282,3 +282,118 @@ def test_reanchor_trigger_is_official_on_sd_latents_given_or_calibrated_elsewher
                for p in ("the sky", "a branch") for s in (0, 1))
     assert g.resolve_trigger(model, t0) == pytest.approx(want, rel=1e-5)
     assert g.trigger_source == f"calibrated on {clean} (seeds 0-1, FPR 0)"
+
+
+# --- flow models: every magnitude the noise prediction's (METHODS 0) -----------------------------
+
+class FlowXFake(XFake):
+    """XFake read as a flow-matching model: its output is a velocity, sigma = t / 1000, so a
+    magnitude is (1 - sigma) ||v_c - v_u|| (1 - sigma floored at 1 / 1000)."""
+
+    def __init__(self) -> None:
+        from memaudit.models.prediction import FlowPrediction
+
+        super().__init__()
+        self.prediction = FlowPrediction(1000)
+
+
+def noise_scale(t: int) -> float:
+    return max(1 - t / 1000, 1 / 1000)
+
+
+@pytest.mark.parametrize("t", [600, 1000])
+def test_init_noise_per_sample_on_flow_minimises_the_noise_prediction_magnitude(t):
+    """m = (1 - sigma) ||v_c - v_u||: recorded that way, compared with an absolute target on
+    that scale (sigma 0.6: factor 0.4; sigma 1: the floor 1 / 1000)."""
+    model = FlowXFake()
+    prompts, seeds = ["a canary", "the sky"], [0, 1]
+    x = initial_noise(model, seeds)
+    t0, k = torch.tensor(t), noise_scale(t)
+    vel0 = [float(torch.linalg.vector_norm(diff(model, x[i:i + 1], t0, p)))
+            for i, p in enumerate(prompts)]
+    target = 0.9 * k * min(vel0)  # under both rows' noise magnitude, over 0.9 x velocity's / k
+    g = make_guidance("init-noise", lr=0.05, max_iters=20, target=target)
+    got = g.prepare_noise(x, model.encode_prompts(prompts), model.null_embedding(2), seeds,
+                          model, t0)
+    for i, p in enumerate(prompts):
+        hx, m0, m, iters = hand_per_sample(model, x[i:i + 1], t0, p, 0.05, 20,
+                                           target=target, scale=k)
+        assert torch.allclose(got[i:i + 1], hx, atol=1e-6)
+        assert m0 == pytest.approx(k * vel0[i], rel=1e-6)
+        assert g.last["init_m0"][i] == pytest.approx(m0, rel=1e-5)
+        assert g.last["init_m"][i] == pytest.approx(m, rel=1e-5)
+        assert int(g.last["init_iters"][i]) == iters > 0
+    assert g.last["init_target"].tolist() == pytest.approx([target] * 2)
+
+
+def test_init_noise_batch_wise_on_flow_records_noise_magnitudes():
+    """The sharpness-aware update is the velocity's (its direction is scale-free); m0 and m
+    are (1 - sigma) ||v_c - v_u||."""
+    model = FlowXFake()
+    x = initial_noise(model, [4, 5])
+    t0 = torch.tensor(700)
+    prompts = ["a canary", "the sky"]
+    g = make_guidance("init-noise", mode="batch-wise", adj_iters=2, rho_rel=0.5, gamma=0.4)
+    got = g.prepare_noise(x, model.encode_prompts(prompts), model.null_embedding(2), [4, 5],
+                          model, t0)
+    rho = 0.5 * math.sqrt(C * H * W)
+    for i, p in enumerate(prompts):
+        xi = x[i:i + 1].clone()
+        m0 = float(torch.linalg.vector_norm(diff(model, xi, t0, p)))
+        for _ in range(2):
+            d = diff(model, xi, t0, p)
+            d2 = diff(model, xi + rho * d / torch.linalg.vector_norm(d), t0, p)
+            xi = xi - 0.4 * (d2 - d)
+        assert torch.allclose(got[i:i + 1], xi, atol=1e-6)
+        assert g.last["init_m0"][i] == pytest.approx(0.3 * m0, rel=1e-5)
+        assert g.last["init_m"][i] == pytest.approx(
+            0.3 * float(torch.linalg.vector_norm(diff(model, xi, t0, p))), rel=1e-5)
+
+
+def test_reanchor_on_flow_compares_the_noise_prediction_magnitude():
+    """At sigma 0.6 a velocity difference of norm 10 is a noise magnitude of 4: with tau 1
+    (L 3, M 5) it is re-anchored at s_pr from m = 4, not at the velocity's 10 (s_pr = s)."""
+    s, low, high = 3.0, 3.0, 5.0
+    b = 3
+    g = make_guidance("reanchor")
+    g.tau, g.triggered = torch.ones(b), torch.ones(b, dtype=torch.bool)
+    vel = torch.tensor([5.0, 10.0, 20.0])  # noise magnitudes 2, 4, 8
+    e_u = torch.zeros(b, C, H, W)
+    e_m = unit(b) * vel.view(-1, 1, 1, 1)
+    other = torch.zeros(b, C, H, W)
+    other[:, 0, 1, 1] = 1.0
+    e_o = 0.5 * e_m + 0.3 * other
+    st = state(0, 10, 0.6, e_u, e_m, s0=s, model=FlowXFake(),
+               extra={"reanchor_original": e_o})
+    st.t = torch.tensor(600)
+    eps, tr = g.guide(st)
+    noise = 0.4 * vel
+    assert tr["reanchor_m"].tolist() == pytest.approx(noise.tolist())
+    assert tr["reanchor_on"].tolist() == [0.0, 1.0, 1.0]
+    assert torch.allclose(eps[0], e_u[0] + s * e_m[0])  # m = 2 <= L: plain CFG
+    c = (s * low - high) / (s - 1)
+    for i in (1, 2):
+        s_pr = min(s * (float(noise[i]) - c) / (high - c), s)
+        assert tr["reanchor_s"][i] == pytest.approx(s_pr)
+        expect = e_o[i] + s_pr * (e_m[i] - e_o[i]) + (s - s_pr) * (e_m[i] - e_u[i])
+        assert torch.allclose(eps[i], expect, atol=1e-6)
+    assert float(tr["reanchor_s"][1]) < s  # the velocity's 10 > M would have given s
+
+
+def test_reanchor_calibration_and_trigger_on_flow_take_the_noise_magnitude(tmp_path):
+    """The calibrated tau and each sample's m0 (Wen's initial loss) are (1 - sigma) ||v_c -
+    v_u|| at the run's first timestep."""
+    clean = tmp_path / "clean.txt"
+    clean.write_text("the sky\na branch\n")
+    model = FlowXFake()
+    t0 = torch.tensor(500)
+    g = make_guidance("reanchor", calibrate=str(clean), calibrate_seeds=2, fpr=0.0)
+    vel = [float(torch.linalg.vector_norm(diff(model, initial_noise(model, [s]), t0, p)))
+           for p in ("the sky", "a branch") for s in (0, 1)]
+    assert g.resolve_trigger(model, t0) == pytest.approx(0.5 * max(vel), rel=1e-5)
+    x = initial_noise(model, [0])
+    g.prepare_embeddings(model.encode_prompts(["a canary"]), model.null_embedding(1), x, [0],
+                         model, t0)
+    m0 = 0.5 * float(torch.linalg.vector_norm(diff(model, x, t0, "a canary")))
+    assert float(g.last["wen_loss0"][0]) == pytest.approx(m0, rel=1e-5)
+    assert bool(g.triggered[0]) == (m0 > g.trigger)

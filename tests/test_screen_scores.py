@@ -52,7 +52,8 @@ class TFake(FakeDenoiser):
         return DDIMScheduler(num_train_timesteps=1000)
 
 
-def hand_anisotropy(model, prompt, seeds, g1, g2, low_index):
+def hand_anisotropy(model, prompt, seeds, g1, g2, low_index, flow=False):
+    """flow: the norm term is the noise prediction's, (1 - sigma) ||v_c - v_u|| (METHODS 0)."""
     vals = []
     for s in seeds:
         sched = model.make_scheduler()
@@ -68,6 +69,8 @@ def hand_anisotropy(model, prompt, seeds, g1, g2, low_index):
             for j in range(W):
                 a, b = lu[0, :, i, j], (lc - lu)[0, :, i, j]
                 cos.append(float(a @ b / (a.norm() * b.norm())))
+        if flow:
+            n = n * max(1 - float(t_hi) / 1000, 1 / 1000)
         vals.append(g1 * float(n) + g2 * np.mean(cos))
     return float(np.mean(vals))
 
@@ -85,6 +88,23 @@ def test_anisotropy_matches_hand_computation_in_one_forward_of_four_rows():
                            params={"g1": 0.5, "g2": -1.0, "low_index": 5})
     for p, v in zip(prompts, other, strict=True):
         assert v == pytest.approx(hand_anisotropy(model, p, range(3), 0.5, -1.0, 5), rel=1e-5)
+
+
+def test_anisotropy_norm_term_on_flow_is_the_noise_prediction_magnitude():
+    """On a flow model N = (1 - sigma_T) ||v_c - v_u|| (t_T = 900 here: factor 0.1); the
+    cosine stays on the velocity, and the note says so."""
+    from memaudit.models.prediction import FlowPrediction
+
+    model = TFake()
+    model.prediction = FlowPrediction(1000)
+    prompts = ["a canary", "the sky"]
+    score = make_score("anisotropy", g1=1.0, g2=2.0)
+    got = screen_prompts(model, prompts, seeds=2, score=score)
+    for p, v in zip(prompts, got, strict=True):
+        assert v == pytest.approx(hand_anisotropy(model, p, range(2), 1.0, 2.0, -3, flow=True),
+                                  rel=1e-5)
+        assert v != pytest.approx(hand_anisotropy(model, p, range(2), 1.0, 2.0, -3), rel=1e-2)
+    assert "cosine on velocity" in score.notes()[0]
 
 
 def test_anisotropy_terms_are_the_norm_and_the_per_pixel_channel_cosine():

@@ -28,7 +28,9 @@ Per step and per sample, from the CFG estimate eps = e_u + s0 (e_c - e_u):
 lambda(u): SSCD exponential 0.3 + 0.1 exp(-5u) (lambda0 = 0.3); nL2 "guide when
 nL2 < L(u)", L(u) = tau (1.95 - 0.45 exp(-6.25u)) / 1.5 with tau the index's calibrated nL2
 threshold (1.5 when uncalibrated), lambda0 = L at u -> inf = 1.95 tau / 1.5; `parabolic`
-gives a + b (1 - u)^2 on the criterion's own scale.
+gives a + b (1 - u)^2 on the criterion's own scale. Every u of AMG's schedules is `state.u_ref`
+(u itself on eps families; on flow models the u on SD's schedule at the step's SNR, METHODS 0),
+so a flow model's threshold and weight are those of SD at the same signal-to-noise ratio.
 What the check decodes (the full VAE or a tiny `decoder`, at full or the descriptor's size,
 `check_size`) and on which steps it runs (`skip_margin`, `skip_max_gap`): amg_check.py.
 """
@@ -237,7 +239,7 @@ class AMG(Guidance):
         b = state.e_c.shape[0]
         diff = state.e_c - state.e_u
         eps = state.e_u + s0 * diff
-        lam, lam0 = self.threshold(state.u, crit)
+        lam, lam0 = self.threshold(state.u_ref, crit)  # u on SD's schedule at this SNR
         sigma, ids, grad_fn, checked = self.checked_similarity(state, eps, lam)
         fired = sigma > lam
         cosine = self.is_cosine(crit)

@@ -3,13 +3,19 @@
 Diffusion Models", NeurIPS 2025; official code hygnhan/init_noise_diffusion_memorization;
 METHODS.md 3.5).
 
-Before the loop (`prepare_noise`), with m(x) = ||e_c(x, t0) - e_u(x, t0)||_2 per sample:
+Before the loop (`prepare_noise`), with m(x) = ||e_c(x, t0) - e_u(x, t0)||_2 per sample, the
+noise-prediction magnitude on every family (METHODS 0, the model's `prediction.magnitude`): on
+flow models (1 - sigma) ||v_c - v_u||, 1 - sigma floored at 1 / T at x_T where sigma = 1, a
+constant factor there (the per-sample minimiser and a fraction target are the velocity's; an
+absolute `target` is on the noise scale):
 - `per-sample` (default, the paper's stronger variant): AdamW (lr 0.01) on x_T in float32,
   minimising m(x_T) of each sample, checked before each step, until m <= target, at most
   `max_iters` iterations; a sample that met its target keeps that x_T.
 - `batch-wise` (sharpness-aware, no gradients): `adj_iters` (2) times,
   delta = rho eps~/||eps~||, eps~ = e_c(x) - e_u(x);  x <- x - gamma (eps~(x + delta) - eps~(x)),
-  gamma 0.7.
+  gamma 0.7. The update is in the model's prediction space (velocity on flow models: at
+  sigma = 1 the noise difference (1 - sigma)(v_c - v_u) is 0 for every prompt, and the
+  direction eps~/||eps~|| is the same in either); the m recorded is the noise prediction's.
 Constants (`constants`; memaudit/guidance/scale.py): on SD latents (4x64x64) the official
 ones, target 0.9 (absolute), max_iters 1000, rho 50 (`generate_images.py` defaults and README
 commands); on every other magnitude scale memaudit's defaults, stated beside them: target =
@@ -81,12 +87,18 @@ class InitNoise(Guidance):
         return -1 if p.mode == "per-sample" else 4
 
     @staticmethod
-    def magnitude(model: Any, x: torch.Tensor, t0: torch.Tensor, emb_c: Cond, emb_u: Cond
-                  ) -> torch.Tensor:
-        """m(x) per sample from one batched forward (differentiable in x)."""
+    def difference(model: Any, x: torch.Tensor, t0: torch.Tensor, emb_c: Cond, emb_u: Cond
+                   ) -> torch.Tensor:
+        """e_c(x) - e_u(x) from one batched forward (differentiable in x)."""
         e = model.eps(torch.cat([x, x]), t0, Cond.cat([emb_u, emb_c])).float()
         e_u, e_c = e.chunk(2)
         return e_c - e_u
+
+    @staticmethod
+    def magnitude(model: Any, d: torch.Tensor, t0: torch.Tensor) -> torch.Tensor:
+        """m per sample: the noise-prediction magnitude of d = e_c - e_u (METHODS 0; the
+        model's `prediction.magnitude`, ||d|| on eps models)."""
+        return model.prediction.magnitude(d, t0)
 
     def constants(self, model: Any, dim: int | None = None) -> dict[str, Any]:
         """The target, iteration cap and rho this run uses on `model` and where they come
@@ -121,7 +133,7 @@ class InitNoise(Guidance):
 
     def _per_sample(self, model, x, t0, emb_c, emb_u, k):
         res = minimise_per_row(
-            x, lambda v: per_sample_norm(self.magnitude(model, v, t0, emb_c, emb_u)),
+            x, lambda v: self.magnitude(model, self.difference(model, v, t0, emb_c, emb_u), t0),
             self.params.lr, int(k["max_iters"]), k["target"], k["fraction"])
         return res.value, res.loss0, res.loss, res.iters
 
@@ -131,13 +143,12 @@ class InitNoise(Guidance):
         rho = float(k["rho"])
         m0 = None
         for _ in range(p.adj_iters):
-            d = self.magnitude(model, x, t0, emb_c, emb_u)
-            norm = per_sample_norm(d)
-            m0 = norm if m0 is None else m0
-            delta = rho * d / _bcast(norm.clamp_min(1e-12), d)
-            d_sharp = self.magnitude(model, x + delta, t0, emb_c, emb_u)
+            d = self.difference(model, x, t0, emb_c, emb_u)
+            m0 = self.magnitude(model, d, t0) if m0 is None else m0
+            delta = rho * d / _bcast(per_sample_norm(d).clamp_min(1e-12), d)  # a direction
+            d_sharp = self.difference(model, x + delta, t0, emb_c, emb_u)
             x = x - p.gamma * (d_sharp - d)
-        m = per_sample_norm(self.magnitude(model, x, t0, emb_c, emb_u))
+        m = self.magnitude(model, self.difference(model, x, t0, emb_c, emb_u), t0)
         if m0 is None:
             m0 = m
         return x, m0, m, torch.full((x.shape[0],), p.adj_iters, dtype=torch.long)

@@ -10,11 +10,14 @@ paper's runs are PRSS, whose modified prompt is an alternative caption found by 
 target); memaudit has no alternative captions per prompt and does not implement that half
 (docs/mitigations.md "reanchor").
 A sample is *triggered* when its initial magnitude m0 = ||e_c(x_T) - e_u(x_T)||_2 exceeds the
-trigger tau, never a fraction of its own m0. tau (`trigger`; also Wen's target, as in the
-code where one value is both): given; else the official 1 on SD latents
-(memaudit/guidance/scale.py); else calibrated, the m0 that at most `fpr` of the (clean prompt,
-seed 0..calibrate_seeds-1) rows exceed, on `calibrate` (a prompt file) or the model's own
-generic prompts (`Denoiser.generic_prompts`, e.g. the canary's); else a one-line error.
+trigger tau, never a fraction of its own m0. Every magnitude here (m0, m, the calibration) is
+the noise prediction's (METHODS 0, `prediction.magnitude` / `StepState.magnitude`): on flow
+models ||(1 - sigma)(v_c - v_u)||, so tau, L and M mean the same on every family.
+tau (`trigger`; also Wen's target, as in the code where one value is both): given; else the
+official 1 on SD latents (memaudit/guidance/scale.py); else calibrated, the m0 that at most
+`fpr` of the (clean prompt, seed 0..calibrate_seeds-1) rows exceed, on `calibrate` (a prompt
+file) or the model's own generic prompts (`Denoiser.generic_prompts`, e.g. the canary's); else
+a one-line error.
 Each step, for a triggered sample, with e_m the prediction of the adjusted embedding, e_o that
 of the original prompt (one more batched row), m = ||e_m - e_u||_2 per sample, L = low tau,
 M = high tau (official 3 and 5 with tau = 1) and s the CFG scale (s > 1):
@@ -35,7 +38,7 @@ from typing import Any
 import torch
 
 from memaudit.common import UserError
-from memaudit.guidance.base import StepState, cfg_combine, per_sample_norm
+from memaudit.guidance.base import StepState, cfg_combine
 from memaudit.guidance.scale import calibrated_magnitude, clean_prompts, sd_latents
 from memaudit.guidance.wen import Wen
 from memaudit.models.cond import Cond
@@ -133,7 +136,7 @@ class Reanchor(Wen):
         s = float(state.s0)
         e_u, e_m = state.e_u, state.e_c
         eps = cfg_combine(e_u, e_m, s)
-        m = per_sample_norm(e_m - e_u).cpu()
+        m = state.magnitude(e_m - e_u)  # the noise prediction's on every family (METHODS 0)
         low, high = self.params.low * self.tau, self.params.high * self.tau
         on = self.triggered & (m > low)
         s_pr = torch.full_like(m, s)

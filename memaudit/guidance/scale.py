@@ -9,7 +9,8 @@ channels, pixel space), so memaudit uses those constants exactly where they were
 (`sd_latents`: the SD 1.x/2.x family with 4x64x64 latents) and, elsewhere, constants of the
 model's own scale: memaudit's stated defaults (init-noise) or a threshold calibrated on prompts
 known to be clean (`calibrated_magnitude`; reanchor), never a fraction of a sample's own
-magnitude as a trigger.
+magnitude as a trigger. m is the noise prediction's on every family (METHODS 0, the model's
+`prediction.magnitude`): on flow models ||(1 - sigma)(v_c - v_u)||.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import numpy as np
 import torch
 
 from memaudit.common import UserError
-from memaudit.guidance.base import per_sample_norm
 
 #: The latent shape the official constants were set on (SD 1.4 at 512 x 512).
 SD_LATENT_SHAPE = (4, 64, 64)
@@ -53,7 +53,7 @@ def clean_prompts(model: Any, path: str | None) -> tuple[list[str], str]:
 @torch.no_grad()
 def calibrated_magnitude(model: Any, prompts: list[str], seeds: int, fpr: float,
                          t0: torch.Tensor, batch_size: int = 32) -> float:
-    """The initial magnitude m(x_T) = ||e_c(x_T, t0) - e_u(x_T, t0)||_2 that at most `fpr` of
+    """The initial magnitude m(x_T) (the noise prediction's, METHODS 0) that at most `fpr` of
     the (clean prompt, seed 0..seeds-1) rows exceed (`memaudit.screen.calibrate_threshold`
     over rows), at the run's first timestep t0 and with the sampler's x_T of each seed."""
     from memaudit.models.cond import Cond, as_cond
@@ -72,5 +72,5 @@ def calibrated_magnitude(model: Any, prompts: list[str], seeds: int, fpr: float,
         c = as_cond(model.encode_prompts([p for p, _ in chunk]))
         u = as_cond(model.null_embedding(len(chunk)))
         e_u, e_c = model.eps(torch.cat([x, x]), t0, Cond.cat([u, c])).float().chunk(2)
-        vals.append(per_sample_norm(e_c - e_u).double().cpu().numpy())
+        vals.append(model.prediction.magnitude(e_c - e_u, t0).double().cpu().numpy())
     return calibrate_threshold(np.concatenate(vals), fpr)

@@ -8,11 +8,14 @@ timestep of the inference schedule:
   A = mean over pixels of cos(p_u(x_T, t_low), p_c(x_T, t_low) - p_u(x_T, t_low))
       (the cosine over channels at each pixel; the anisotropic term)
   score = g1 N + g2 A.
-N is on eps (v-prediction converted, METHODS 0). p is eps, except on v-prediction models,
-where the official SD 2 branch (`local_model/pipe.py`) takes the cosine on the raw v outputs
-and g2 = 0.1 was tuned that way: there p = v, recovered exactly from the adapter's eps
-(v = (eps - sqrt(1 - abar) x) / sqrt(abar)). The official SD 2 N is ||e_c - e_u|| / (1 - abar_T)
-(its "score" difference); memaudit keeps eps magnitudes (a factor 1.005 on SD 2 at t_T).
+N is the noise-prediction magnitude (METHODS 0, the model's `prediction.magnitude`): on eps
+(v-prediction converted), on flow models ||(1 - sigma)(v_c - v_u)|| (1 - sigma floored at 1 / T
+at sigma = 1). p is what the adapter returns (eps; velocity on flow models, noted as "cosine on
+velocity"), except on v-prediction models, where the official SD 2 branch
+(`local_model/pipe.py`) takes the cosine on the raw v outputs and g2 = 0.1 was tuned that way:
+there p = v, recovered exactly from the adapter's eps (v = (eps - sqrt(1 - abar) x) /
+sqrt(abar)). The official SD 2 N is ||e_c - e_u|| / (1 - abar_T) (its "score" difference);
+memaudit keeps eps magnitudes (a factor 1.005 on SD 2 at t_T).
 
 Weights per family (`family_weights`; docs/mitigations.md "Screening"): SD 1.x (1, 2) and SD
 2.x v-prediction (1, 0.1), the official `detect_eval.py`; an eps SD 2.x uses SD 2's (1, 0.1),
@@ -33,7 +36,7 @@ import torch.nn.functional as F
 
 from memaudit.models.cond import Cond
 from memaudit.sampler import scale_input
-from memaudit.screen.base import ScoreInput, ScreenScore, row_norm
+from memaudit.screen.base import ScoreInput, ScreenScore
 
 SD1 = (1.0, 2.0)  # detect_eval.py, sd_ver 1 (Stable Diffusion 1.4)
 SD2 = (1.0, 0.1)  # detect_eval.py, sd_ver 2 (stabilityai/stable-diffusion-2, v-prediction)
@@ -141,7 +144,8 @@ class Anisotropy(ScreenScore):
             abar = inp.model.prediction.alpha_bar(t_lo).to(e).reshape(())
             l_u, l_c = ((p - (1 - abar).sqrt() * x_lo.float()) / abar.sqrt() for p in (l_u, l_c))
         cos = F.cosine_similarity(l_u, l_c - l_u, dim=1)  # [B, H, W]
-        return row_norm(e_c - e_u), cos.flatten(1).mean(1).double().cpu()
+        n = inp.model.prediction.magnitude(e_c - e_u, t_hi)  # METHODS 0: noise prediction's
+        return n.double().cpu(), cos.flatten(1).mean(1).double().cpu()
 
     def score_rows(self, inp: ScoreInput) -> torch.Tensor:
         if self.params.g1 is None or self.params.g2 is None:
