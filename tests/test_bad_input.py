@@ -402,6 +402,14 @@ def _issue18_inputs(w: Path, pipe_dir: Path) -> None:
     (w / "bigfield.csv").write_text('caption\n"' + "x" * 140_000 + '"\n')
     (w / "bidi.txt").write_text("a cat \u202egnp.exe\x1b[2J\n")
     (w / "binary.md").write_bytes(bytes(range(256)) * 4)
+    import pickle
+
+    class _Opens:  # unpickling this would create ws/unpickled: the snapshot would show it
+        def __reduce__(self):
+            return (open, (str(w / "unpickled"), "w"))
+
+    (w / "lora.bin").write_bytes(pickle.dumps(_Opens()))
+    (w / "sscd.pt").write_bytes(b"my TorchScript weights\n")
     man = json.loads((w / "idx" / "manifest.json").read_text())
     for name, key, value in (("idx-cal-text", "calibration", "1% FPR"),
                              ("idx-rows-text", "rows", "twenty")):
@@ -514,6 +522,9 @@ CASES_18 = [
     Case("detect-overwrite-a-hard-link-into-the-index", lambda w, t: ["detect",
          f"{w}/img.png", "--index", f"{w}/idx", "--out", _hard_link(w, t), "--overwrite"],
          "is inside the input folder"),
+    Case("detect-overwrite-the-weights", lambda w, t: ["detect", f"{w}/img.png", "--index",
+         f"{w}/idx", "--weights", f"{w}/sscd.pt", "--out", f"{w}/sscd.pt", "--overwrite"],
+         "is one of this command's inputs"),
     Case("report-overwrite-into-the-index", lambda w, t: ["report", f"{w}/{DB}", "--index",
          f"{w}/idx", "--out", f"{w}/idx/manifest.json", "--overwrite"],
          "is inside the input folder"),
@@ -540,6 +551,8 @@ CASES_18 = [
     # --- defect 9: input errors that were exit 3 -----------------------------------------
     Case("generate-empty-lora", lambda w, t: _fmt(SD, w) + ["--out", f"{t}/o", "--lora",
          f"{w}/lora-empty.safetensors"], "holds no tensors"),
+    Case("generate-lora-pickled-bin", lambda w, t: _fmt(SD, w) + ["--out", f"{t}/o", "--lora",
+         f"{w}/lora.bin"], "only .safetensors files are read"),
     Case("generate-resolution-huge", lambda w, t: _fmt(SD, w) + ["--out", f"{t}/o",
          "--resolution", "1000000"], "resolution 1000000 is over"),
     Case("screen-batch-size-0", lambda w, t: ["screen", "--model", f"{w}/canary", "--prompts",
