@@ -530,6 +530,9 @@ CASES_18 = [
          "is inside the input folder"),
     Case("report-overwrite-into-the-run-index", lambda w, t: ["report", f"{w}/{DB}", "--out",
          f"{w}/{AUDIT_IDX}/manifest.json", "--overwrite"], "is inside the input folder"),
+    Case("audit-out-inside-the-lora-folder", lambda w, t: ["audit", _plan(
+         w, t, f'index = "{w}/idx"\nlora = "{w}/lora"', out=f"{w}/lora/out")],
+         "is inside the input folder"),
     # --- defect 5: canary writers follow the rule of every writer ----------------------
     Case("canary-data-foreign-files", lambda w, t: ["canary", "data", "--out",
          str(_foreign(t, "train.parquet", "prompts.csv"))],
