@@ -149,6 +149,10 @@ def crafted_db(audit_db: Path, folder: Path, kind: str, secret: Path) -> Path:
                     f"read_text('{s}')) AS text, sources_json, label FROM prompts_data")
     elif kind == "stored-macro":  # shadows the built-in aggregate the gate's query calls
         con.execute(f"CREATE MACRO arg_max(a, b) AS (SELECT content FROM read_text('{s}'))")
+    elif kind == "view-over-glob":  # memaudit's own view redefined to list a folder
+        d = str(secret.parent).replace("'", "''")
+        con.execute("CREATE OR REPLACE VIEW method_summary AS SELECT file AS method FROM "
+                    f"glob('{d}/*')")
     elif kind == "extra-table":
         con.execute(f"CREATE TABLE notes AS SELECT content FROM read_text('{s}')")
     elif kind == "extra-column":

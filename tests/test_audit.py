@@ -551,3 +551,12 @@ def test_a_changed_model_or_index_hash_is_never_a_silent_reuse(tmp_path):
     with pytest.raises(UserError, match=r"model weights changed since run 1 \(modelhash -> "
                        r"none\).*use --new-run"):
         run_audit(load_plan(plan), components=comp, device="cpu")
+    for manifest, want in (({"content_hash": "otherhash"}, "otherhash"), ({}, "none")):
+        comp = fake_components()  # the same model, another index (or one without a hash)
+        comp.open_index = lambda path, m=manifest: SimpleNamespace(manifest=m,
+                                                                   item=FakeIndex().item)
+        with pytest.raises(UserError, match=r"the index changed since run 1 \(idxhash -> "
+                           f"{want}" r"\).*run 1 is finished: use --new-run"):
+            run_audit(load_plan(plan), components=comp, device="cpu")
+    with AuditStore(tmp_path / "out" / "audit.duckdb", read_only=True) as s:
+        assert s.count("runs") == 1  # nothing started

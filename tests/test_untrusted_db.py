@@ -3,10 +3,11 @@ file must never run, and nothing it could read may reach any output.
 
 Each crafted database is a real audit database (`copying_audit`) altered with DuckDB itself,
 the way an attacker would: the `prompts` table replaced by a view that appends a local file
-(`read_text`), a stored macro shadowing the built-in `arg_max` the gate calls, an extra
-table or column, a view that raises, a run whose plan_json is not JSON. `report` and `gate`
-refuse each in one `error:` line (exit 2), and no byte of the secret file appears on
-stdout, stderr, in the HTML or in the JUnit file.
+(`read_text`), a stored macro shadowing the built-in `arg_max` the gate calls, memaudit's
+own view redefined over `glob()` (file names), an extra table or column, a view that
+raises, a run whose plan_json is not JSON. `report` and `gate` refuse each in one `error:`
+line (exit 2), and no byte of the secret file (nor its name) appears on stdout, stderr, in
+the HTML or in the JUnit file.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ def audit_db(tmp_path_factory) -> Path:
 KINDS = {  # kind -> what the one error line names
     "view-over-read-text": "view prompts",
     "stored-macro": "macro arg_max",
+    "view-over-glob": "view method_summary",
     "extra-table": "table notes",
     "extra-column": "runs.note",
     "view-raises": "view method_summary",
@@ -76,7 +78,7 @@ def test_report_and_gate_refuse_a_crafted_database(audit_db, tmp_path, capsys, s
     assert db.read_bytes() == before
 
 
-@pytest.mark.parametrize("kind", ["view-over-read-text", "stored-macro"])
+@pytest.mark.parametrize("kind", ["view-over-read-text", "stored-macro", "view-over-glob"])
 def test_no_byte_of_the_target_file_reaches_any_output(audit_db, tmp_path, capsys, secret,
                                                        kind):
     """The same database through the library and the CLI, every output collected."""
@@ -91,14 +93,14 @@ def test_no_byte_of_the_target_file_reaches_any_output(audit_db, tmp_path, capsy
         except SystemExit:
             pass
         text = _outputs(capsys, html, junit)
-        assert SECRET not in text and "s3cr3t" not in text
+        assert SECRET not in text and "s3cr3t" not in text and "secret.env" not in text
     from memaudit.gate import gate_db
     from memaudit.report import build_context
 
     for call in (lambda: gate_db(db), lambda: build_context(db)):
         with pytest.raises(UserError) as e:
             call()
-        assert SECRET not in str(e.value)
+        assert SECRET not in str(e.value) and "secret.env" not in str(e.value)
 
 
 def test_external_access_is_off_and_the_configuration_locked(audit_db, tmp_path, secret):

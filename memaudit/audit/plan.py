@@ -328,6 +328,7 @@ def check_plan_outputs(plan: Plan) -> None:
     """OUT is not an input, not inside an input folder, and what the audit writes there
     (audit.duckdb, images/, a built index) holds no input (memaudit.paths)."""
     from memaudit.data.training_set import open_training_set
+    from memaudit.models.lora import parse_lora_spec
     from memaudit.paths import check_output_dir
 
     inputs: list[str] = [p.file for p in plan.prompts]
@@ -335,6 +336,10 @@ def check_plan_outputs(plan: Plan) -> None:
         inputs.append(plan.weights)
     if Path(plan.model).exists():
         inputs.append(plan.model)
+    inputs += [str(parse_lora_spec(x)[0]) for x in plan.lora]  # LoRA files or folders
+    q = plan.quality
+    inputs += [f for f in ((q.inception, q.clip_pretrained, q.clip_model_config) if q else ())
+               if f and Path(f).exists()]  # weights files named in [quality]
     writes = list(OUT_WRITES)
     if plan.index_build is not None:
         b = plan.index_build

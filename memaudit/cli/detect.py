@@ -39,7 +39,8 @@ def register(app: typer.Typer) -> None:
 
         files = list_images(images)  # path errors before the (slow) index load
         if out is not None:
-            check_output_file(out, [*images, *files, index], overwrite=overwrite,
+            named = [weights] if weights and "://" not in weights else []
+            check_output_file(out, [*images, *files, index, *named], overwrite=overwrite,
                               own=parquet_with_columns(SCHEMA.names), what="detect table")
         idx = open_index(index, device=resolve_device(device), weights=weights)
         table = detect_images(images, idx, criteria=criterion or None, batch_size=batch_size)
