@@ -88,3 +88,24 @@ def test_dreambooth_prompts_and_lists_beside_the_data(tmp_path, capsys):
         main(["audit", "--init", "canary", str(data), str(tmp_path / "r.toml")])
     assert e.value.code == 2 and "--instance-prompt" in capsys.readouterr().err
     assert not (tmp_path / "r.toml").exists() and not (tmp_path / "r-prompts.jsonl").exists()
+
+
+def test_kohya_config_class_tokens_become_the_prompts(tmp_path, capsys):
+    """A kohya-ss dataset config as DATA: its training subsets' class tokens are the instance
+    prompts, its regularization subset's the class prompt; the index source is the config."""
+    _folder(tmp_path / "k" / "img" / "sks", n=3, captions=False)
+    _folder(tmp_path / "k" / "reg" / "dog", n=2, captions=False)
+    cfg = tmp_path / "k" / "lora.toml"
+    cfg.write_text('[general]\ncaption_extension = ".txt"\n[[datasets]]\n'
+                   '  [[datasets.subsets]]\n  image_dir = "img/sks"\n'
+                   '  class_tokens = "sks dog"\n  num_repeats = 10\n'
+                   '  [[datasets.subsets]]\n  image_dir = "reg/dog"\n'
+                   '  class_tokens = "dog"\n  is_reg = true\n')
+    plan = tmp_path / "plan.toml"
+    main(["audit", "--init", "canary", str(cfg), str(plan)])
+    assert "training set: kohya, 32 rows" in capsys.readouterr().out  # 3 x 10 + 2
+    d = tomllib.loads(plan.read_text())
+    assert d["index"]["source"] == "k/lora.toml"
+    assert [p["file"] for p in d["prompts"]] == ["plan-prompts.jsonl"]
+    assert [(r.text, r.label) for r in read_prompts(tmp_path / "plan-prompts.jsonl")] == [
+        ("sks dog", "instance"), ("dog", "class")]

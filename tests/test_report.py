@@ -159,6 +159,30 @@ def test_fixed_threshold_only_matches_are_folded_after_the_copies(audit_db, tmp_
     assert re.findall(r'class="([a-z]*)" alt="static seed', row) == ["fixed", "fixed"]
 
 
+def test_flagged_outputs_worst_first(audit_db, tmp_path):
+    """The flagged cards run from the match furthest past its threshold to the nearest one
+    (nl2: lower = more similar), whatever order the generations were made in."""
+    import shutil
+
+    import duckdb
+
+    db = tmp_path / "audit.duckdb"
+    shutil.copy(audit_db, db)
+    shutil.copytree(audit_db.parent / "images", tmp_path / "images")
+    con = duckdb.connect(str(db))
+    gids = [r[0] for r in con.execute("SELECT DISTINCT generation_id FROM matches WHERE "
+                                      "is_copy ORDER BY 1").fetchall()]
+    scores = [0.04, 0.01, 0.03, 0.02]  # every one still a copy at either threshold
+    for gid, score in zip(gids, scores, strict=True):
+        con.execute("UPDATE matches SET score = ?, similarity = ? WHERE generation_id = ?",
+                    [score, -score, gid])
+    con.close()
+    html = write_report(db, tmp_path / "report.html").read_text()
+    flagged = html.split('<h2 id="flagged">')[1].split("<h2 ")[0]
+    shown = [float(x) for x in re.findall(r"nl2: score ([\d.]+)", flagged)]
+    assert shown == sorted(scores) and flagged.count('class="card"') == 4
+
+
 def test_report_quality_table(audit_db, report):
     """Quality beside the copy rate: the run's KID / FD per method with feature space and n,
     FD and copy rate as ratios to cfg (cfg copies 50%, static none)."""
@@ -246,6 +270,33 @@ def test_browser_render(report, tmp_path):
     # printed unfolded: every folded section of the page is open in the copy chromium prints
     html = report.read_bytes()
     assert unfold(html).count(b"<details open") == html.count(b"<details") >= 2
+    # printed in the page's order: the PDF's bookmarks are the page's sections, in order
+    h2 = re.findall(r'<h2 id="([a-z]+)">([^<]+)</h2>', html.decode())
+    assert [i for i, _ in h2] == SECTIONS
+    assert [t for depth, t in _pdf_outline(pdf.read_bytes()) if depth == 1] == [
+        t for _, t in h2]
+
+
+def _pdf_outline(pdf: bytes) -> list[tuple[int, str]]:
+    """(depth, title) of a chromium PDF's bookmarks, walked in order (/First, /Next)."""
+    objs = {int(m.group(1)): m.group(2) for m in
+            re.finditer(rb"(\d+) 0 obj\s*<<(.*?)>>\s*endobj", pdf, re.S)}
+
+    def ref(d: bytes, key: bytes) -> int | None:
+        m = re.search(rb"/%s (\d+) 0 R" % key, d)
+        return int(m.group(1)) if m else None
+
+    def walk(i: int | None, depth: int) -> list[tuple[int, str]]:
+        out = []
+        while i is not None:
+            title = re.search(rb"/Title \((.*?)(?<!\\)\)", objs[i], re.S).group(1)
+            out.append((depth, re.sub(rb"\\(.)", rb"\1", title).decode("latin-1")))
+            out += walk(ref(objs[i], b"First"), depth + 1)
+            i = ref(objs[i], b"Next")
+        return out
+
+    root = next(d for d in objs.values() if b"/Type /Outlines" in d)
+    return walk(ref(root, b"First"), 0)
 
 
 def _pdf_images(pdf: bytes) -> list[np.ndarray]:

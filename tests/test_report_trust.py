@@ -184,3 +184,32 @@ def test_without_sources_the_report_says_how_to_show_the_training_images(audit, 
     with pytest.raises(UserError, match="--source .*not found"):
         write_report(audit / "out" / "audit.duckdb", tmp_path / "r.html",
                      sources=[tmp_path / "missing.parquet"])
+
+
+def test_an_image_folder_is_shown_when_named_and_the_hint_names_the_folder(tmp_path):
+    """A training set that is a folder of images: the index records one file per image; the
+    report opens them only when the folder is named with --source, and says to name the
+    folder (not its first three images)."""
+    from memaudit.index import build_index
+    from memaudit.report.images import _TrainingImages
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "lora"
+    want = {}
+    for i in range(5):
+        key = f"{'a' if i < 3 else 'b/c'}/{i}.png"
+        want[key] = (rng.random((16, 16)) * 255).astype(np.uint8)
+        (root / key).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(want[key]).save(root / key)
+        (root / key).with_suffix(".txt").write_text(f"image {i}")
+    index = build_index(root, "pixels", tmp_path / "index", calibrate=False)
+    bare = _TrainingImages(index)
+    assert [bare.uri(r) for r in range(5)] == [None] * 5
+    assert bare.left_out(False)[1] == (f"the index records its training data as 5 files under "
+                                       f"{root.resolve()}: name it with --source to show the "
+                                       "training images")
+    named = _TrainingImages(index, [root])
+    for r in range(5):
+        html = f'src="{named.uri(r)}"'
+        assert _count(html, want[named.index.item(r)["key"]]) == 1
+    assert named.left_out(True) == []

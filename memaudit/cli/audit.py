@@ -109,9 +109,9 @@ def report_cmd(
                                "training images (default: the index the database names)."),
     overwrite: bool = typer.Option(False, "--overwrite",
                                    help="Replace an existing file that is not a report."),
-    source: list[Path] = typer.Option(None, "--source", help="Training Parquet (file or "
-                                      "folder) to read the training images from, besides "
-                                      "files inside the index folder (repeatable)."),
+    source: list[Path] = typer.Option(None, "--source", help="Training data (any layout: "
+                                      "file or folder) to read the training images from, "
+                                      "besides files inside the index folder (repeatable)."),
     index_mismatch_ok: bool = typer.Option(False, "--index-mismatch-ok", help="Show the "
                                            "images of an index whose content hash is not "
                                            "the run's (the page says so)."),

@@ -46,12 +46,15 @@ def _chromium(args: list[str], timeout: float = 120) -> subprocess.CompletedProc
 def render_pdf(html: str | Path, pdf: str | Path) -> Path:
     """Print the report to PDF with headless chromium (`--print-to-pdf`), in the page's order,
     its folded sections (`<details>`) unfolded: a printed page cannot be clicked. The page
-    is self-contained, so a copy with `open` added is what chromium prints."""
+    is self-contained, so a copy with `open` added is what chromium prints. The PDF's
+    bookmarks are the page's headings, in the page's order (chromium ignores the flag where
+    it does not know it)."""
     pdf = Path(pdf).resolve()
     with tempfile.TemporaryDirectory(prefix="memaudit-pdf-") as tmp:
         page = Path(tmp) / "report.html"
         page.write_bytes(unfold(Path(html).read_bytes()))
-        p = _chromium([f"--print-to-pdf={pdf}", "--no-pdf-header-footer", page.as_uri()])
+        p = _chromium([f"--print-to-pdf={pdf}", "--no-pdf-header-footer",
+                       "--generate-pdf-document-outline", page.as_uri()])
     if not pdf.exists() or pdf.stat().st_size == 0:
         raise UserError(f"chromium did not write {pdf}: {p.stderr.strip()[-300:]}")
     return pdf

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 from pathlib import Path
 from typing import Any
 
@@ -94,12 +95,23 @@ def source_files(sources: list[str | Path] | None) -> list[Path]:
     return out
 
 
+def _paths(paths: list[str]) -> str:
+    """A few recorded source paths by name; many (an image folder: one per image) by the
+    folder that holds them all, the folder to name with --source."""
+    if len(paths) <= 3:
+        return ", ".join(paths)
+    try:
+        return f"{len(paths)} files under {os.path.commonpath(paths)}"
+    except ValueError:  # relative and absolute paths mixed (a crafted manifest)
+        return f"{', '.join(paths[:3])} and {len(paths) - 3} more"
+
+
 class _TrainingImages:
     """Neighbour row id -> PNG data URI, through the run's index (None when unavailable).
 
     Trust (docs/report.md "Trust model"): the index is the one the user names, else the path
     the database records, and `mismatch` says when its content hash is not the one the run
-    recorded. Training images are read only from Parquet files inside the index folder or
+    recorded. Training images are read only from training files inside the index folder or
     among the `sources` the user names (symlinks resolved), never from a file only the
     index's manifest or items name: those are counted in `refused`, never opened."""
 
@@ -191,9 +203,8 @@ class _TrainingImages:
                        f"index folder nor named with --source, never opened, e.g. "
                        f"{sorted(self.refused)[0]}")
             if self.recorded:
-                out.append("the index records its training data as "
-                           f"{', '.join(self.recorded[:3])}: name it with --source to show "
-                           "the training images")
+                out.append(f"the index records its training data as {_paths(self.recorded)}: "
+                           "name it with --source to show the training images")
         if self.error and shown_any:
             out.append(f"every training image: {self.error}")
         return out
