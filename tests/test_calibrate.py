@@ -12,7 +12,7 @@ import pytest
 from audit_fixtures import make_tiny_canary
 
 from memaudit.cli import main
-from memaudit.guidance.calibrate import Calibration, Candidate, choose, sweep
+from memaudit.guidance.calibrate import Calibration, Candidate, choose, sweep, sweep_rule
 
 
 def _c(method, alignment_ratio, reproduction, **params):
@@ -50,6 +50,22 @@ def test_sweeps_run_from_cfg_to_never():
     assert dyn[0] == 2 and dyn == sorted(dyn) and dyn[-1] <= 40
     with pytest.raises(ValueError):
         sweep("amg", 50)
+
+
+def test_each_sweep_stops_at_its_first_lost_alignment():
+    """static's two sweeps (s_before 0, 1) each stop after the first candidate under keep."""
+    align = {(0.0, 1.0): 1.0, (0.0, 0.5): 0.9, (0.0, 0.0): 0.99,  # s_before 0 loses at 0.5
+             (1.0, 1.0): 1.0, (1.0, 0.5): 0.97, (1.0, 0.0): 0.96}
+    seen = []
+
+    def measure(method, p):
+        seen.append((p["s_before"], p["tau"]))
+        return _c(method, align[p["s_before"], p["tau"]], p["tau"], **p)
+
+    got = sweep_rule("static", sweep("static", 50, (1.0, 0.5, 0.0)), measure, 0.95)
+    assert seen == [(0.0, 1.0), (0.0, 0.5), (1.0, 1.0), (1.0, 0.5), (1.0, 0.0)]
+    assert [c.params["tau"] for c in got] == [1.0, 0.5, 1.0, 0.5, 0.0]
+    assert choose("static", got, 0.95).params == {"tau": 0.0, "s_before": 1.0}
 
 
 def test_toml_of_the_choice_is_plan_params():

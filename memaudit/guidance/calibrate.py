@@ -79,7 +79,7 @@ def sweep(method: str, steps: int, taus: Sequence[float] = TAUS) -> list[dict[st
         return [{"tau": t} for t in taus]
     if method == "dynamic":
         last = max(3, int(round(0.8 * steps)))  # dynamic switches by u = 0.2 anyway
-        return [{"min_step": j} for j in range(2, last + 1, max(1, steps // 25))]
+        return [{"min_step": j} for j in range(2, last + 1, max(1, steps // 10))]
     raise ValueError(f"cannot calibrate {method!r}; calibrated rules: {', '.join(RULES)}")
 
 
@@ -93,7 +93,8 @@ def calibrate_transition(model, clean: Sequence[str], triggers: Sequence[str],
                          progress: Callable[[str], None] | None = None) -> Calibration:
     """Sweep each rule (see the module docstring) and choose its latest switch that keeps
     clean alignment >= keep x cfg's; among several sweeps of one rule (static's s_before 0
-    and 1) the one leaving the lowest reproduction (ties: the higher alignment)."""
+    and 1) the one leaving the lowest reproduction (ties: the higher alignment). Each sweep
+    stops at its first switch that loses the alignment (`sweep_rule`)."""
     from memaudit.guidance import build_guidance
     from memaudit.sampler import sample
 
@@ -123,19 +124,40 @@ def calibrate_transition(model, clean: Sequence[str], triggers: Sequence[str],
     a0, r0, u0 = run("cfg", {})
     say(f"cfg: alignment {a0:.3f}, reproduction {r0:.0%}")
     cal = Calibration(cfg_alignment=a0, cfg_reproduction=r0, keep=keep)
+    def measure(method: str, params: dict[str, float]) -> Candidate:
+        a, r, u = run(method, {method: dict(params)})
+        c = Candidate(method, dict(params), a, _ratio(a, a0), r, _ratio(u, u0))
+        say(f"{method} {params}: alignment {c.alignment_ratio:.3f} of cfg, "
+            f"reproduction {r:.0%}")
+        return c
+
     for method in methods:
-        mine = []
-        for params in sweep(method, steps, taus):
-            a, r, u = run(method, {method: dict(params)})
-            c = Candidate(method, dict(params), a, _ratio(a, a0), r, _ratio(u, u0))
-            mine.append(c)
-            say(f"{method} {params}: alignment {c.alignment_ratio:.3f} of cfg, "
-                f"reproduction {r:.0%}")
+        mine = sweep_rule(method, sweep(method, steps, taus), measure, keep)
         cal.candidates += mine
         best = choose(method, mine, keep)
         if best is not None:
             cal.chosen[method] = best
     return cal
+
+
+def sweep_rule(method: str, candidates: Sequence[dict[str, float]],
+               measure: Callable[[str, dict[str, float]], Candidate], keep: float
+               ) -> list[Candidate]:
+    """Measure a rule's candidates in sweep order (CFG earliest to latest), each sweep
+    (static: one per s_before) up to and including its first candidate whose alignment ratio
+    falls below `keep`: a later switch gives CFG to fewer steps, so it is not measured (the
+    chosen switch is the last kept before it)."""
+    out: list[Candidate] = []
+    lost: set[Any] = set()
+    for params in candidates:
+        family = params.get("s_before")
+        if family in lost:
+            continue
+        c = measure(method, params)
+        out.append(c)
+        if not c.alignment_ratio >= keep:
+            lost.add(family)
+    return out
 
 
 def choose(method: str, candidates: Sequence[Candidate], keep: float) -> Candidate | None:
