@@ -268,3 +268,33 @@ def test_cli_amg_decoder_is_recorded_and_refused_in_one_line(family_dir, tiny_di
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and "\n" not in err and "pixel space" in err
     assert not (tmp_path / "o2" / "generations.parquet").exists()
+
+
+def test_plan_amg_decoder_is_relative_to_the_plan(tiny_dirs, tmp_path, monkeypatch):
+    """`[params.amg] decoder` is a path relative to the plan file, as every plan path is
+    (docs/report.md), whatever the working directory; a hub id stays a hub id."""
+    import shutil
+
+    from memaudit.audit import load_plan
+    from memaudit.guidance import make_guidance as make
+
+    root = tmp_path / "audit"
+    (root / "idx").mkdir(parents=True)
+    shutil.copytree(tiny_dirs["sd"], root / "taesd")
+    (root / "p.txt").write_text("a photo of a cat\n", encoding="utf-8")
+    text = ('out = "out"\nmodel = "fake"\nindex = "idx"\ncriteria = ["nl2"]\nmethods = ["amg"]\n'
+            '[params.amg]\ndecoder = "{}"\nskip_margin = 0.15\n[[prompts]]\nfile = "p.txt"\n')
+    (root / "plan.toml").write_text(text.format("taesd"), encoding="utf-8")
+    monkeypatch.chdir(tmp_path)  # not the plan's folder
+    plan = load_plan(root / "plan.toml")
+    assert plan.params["amg"] == {"decoder": str((root / "taesd").resolve()),
+                                  "skip_margin": 0.15}
+    amg = make("amg", **plan.params["amg"])
+    assert amg.params.decoder_sha256 == sha256_file(
+        root / "taesd" / "diffusion_pytorch_model.safetensors")
+    (root / "plan.toml").write_text(text.format("./missing"), encoding="utf-8")
+    with pytest.raises(UserError, match=str(root / "missing")):
+        load_plan(root / "plan.toml")
+    (root / "plan.toml").write_text(text.format("nobody/no-such-taesd"), encoding="utf-8")
+    with pytest.raises(UserError, match="'nobody/no-such-taesd' .*local Hugging Face cache"):
+        load_plan(root / "plan.toml")

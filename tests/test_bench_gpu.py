@@ -14,6 +14,9 @@ def test_gpu_bench_smoke_runs_every_section_on_the_cpu(tmp_path):
     table = (tmp_path / "gpu_bench.md").read_text()
     assert saved["smoke"] and saved["device"] == "cpu" and not saved["skipped"]
     assert [a["arch"] for a in res["amg"]] == ["sd15", "sdxl", "sd3"]
+    # the GPU run's denoiser dtypes (the check in fp32), not fp32 throughout
+    assert [a["dtype"] for a in res["amg"]] == ["torch.float16", "torch.float16",
+                                                "torch.bfloat16"]
     for a in res["amg"]:
         for key in ("amg", "amg-quiet", "amg[tiny]", "amg-quiet[tiny-desc]"):
             assert a["ratios"][key] > 1.0, (a["arch"], key)

@@ -10,7 +10,14 @@ import json
 import numpy as np
 import pytest
 import torch
-from index_helpers import digits_rgb, encode, make_sscd_torchscript, photos, write_parquet
+from index_helpers import (
+    digits_rgb,
+    encode,
+    make_sscd_torchscript,
+    photos,
+    tiny_clip_config,
+    write_parquet,
+)
 from PIL import Image
 
 from memaudit.common import UserError
@@ -42,6 +49,28 @@ def test_bf16_channels_last_descriptors_agree_with_fp32(sscd_path):
     assert cos.min() >= 0.999 and not np.array_equal(a, b)  # bf16 did run
     # the differentiable path (AMG) under autocast: close, float32, with a finite gradient
     x = torch.rand(2, 3, 48, 40, requires_grad=True)
+    out = amp.embed_tensor(x)
+    assert out.dtype == torch.float32
+    assert float((out.detach() * ref.embed_tensor(x).detach()).sum(1).min()) >= 0.999
+    out.sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+def test_clip_bf16_descriptors_agree_with_fp32_and_are_recorded(tmp_path):
+    """CLIP's image tower under the same autocast (issue 21): recorded in the config a
+    manifest reopens, float32 vectors within cosine 0.999 of fp32, AMG's path differentiable."""
+    opts = {"model": "memaudit-tiny-clip", "pretrained": None,
+            "model_config": str(tiny_clip_config(tmp_path)), "device": "cpu"}
+    ref = make_embedder("clip", **opts)
+    amp = make_embedder("clip", **opts, precision="mixed")
+    assert amp.amp_dtype == torch.bfloat16 and amp.config()["precision"] == "mixed"
+    assert "precision" not in ref.config()
+    assert make_embedder("clip", **{**amp.config(), "device": "cpu"}).amp_dtype == torch.bfloat16
+    ims = [Image.fromarray(a) for a in photos().values()]
+    a, b = ref.embed(ims), amp.embed(ims)
+    assert a.dtype == b.dtype == np.float32
+    assert (a * b).sum(1).min() >= 0.999 and not np.array_equal(a, b)  # bf16 did run
+    x = torch.rand(2, 3, 32, 32, requires_grad=True)
     out = amp.embed_tensor(x)
     assert out.dtype == torch.float32
     assert float((out.detach() * ref.embed_tensor(x).detach()).sum(1).min()) >= 0.999

@@ -203,6 +203,7 @@ def plan_from_dict(d: dict[str, Any], base: str | Path = ".") -> Plan:
     params = d.get("params", {})
     _need(isinstance(params, dict), "[params] must be a table of \"method.param\" = value")
     params = normalise_params(params)
+    _param_paths(params, base)
     methods = _str_list(d, "methods", ["cfg"])
     criteria, guide = _criteria(d, methods, params, build)
     plan = Plan(
@@ -390,6 +391,15 @@ def prompt_list_changes(old: Any, new: list[dict[str, Any]], run_id: int) -> lis
                        f"{a['sha256'][:12]} -> {b['sha256'][:12]}, {a.get('rows')} prompts -> "
                        f"{b['rows']} prompts)")
     return out
+
+
+def _param_paths(params: dict[str, dict[str, Any]], base: Path) -> None:
+    """Method parameters that name a file, relative to the plan like its other paths: AMG's
+    `decoder` (a folder beside the plan, or ./, / or ~; anything else stays a hub id)."""
+    amg = params.get("amg", {})
+    dec = amg.get("decoder")
+    if isinstance(dec, str) and dec and (dec.startswith((".", "/", "~")) or (base / dec).exists()):
+        amg["decoder"] = _abs(base, dec)
 
 
 def normalise_params(params: dict[str, Any]) -> dict[str, dict[str, Any]]:

@@ -1,7 +1,8 @@
 """Every GPU figure memaudit reports, in one run (issue 21; docs/benchmarks.md, "GPU"):
 
     python -m memaudit.bench.gpu OUTDIR            # one GPU, within 8 minutes on an H100
-    python -m memaudit.bench.gpu OUTDIR --smoke    # toy sizes on the CPU (CI runs this)
+    python -m memaudit.bench.gpu OUTDIR --smoke    # toy sizes on the CPU (CI runs this), the
+                                                   # same dtypes: a dtype mix-up fails here
 
 1. AMG against cfg per family at real size (SD 1.5 at 512, SDXL and SD3-medium at 1024;
    architecture-true, random weights, memaudit/models/bench_archs.py), the denoiser in the
@@ -50,8 +51,8 @@ def amg_costs(arch: str, device: str, smoke: bool, repeats: int) -> dict[str, An
     from memaudit.models.bench_archs import ARCHS, DescriptorCriterion
 
     res, steps, dtype = FAMILIES[arch]
-    if smoke:
-        res, dtype = 64, torch.float32
+    if smoke:  # toy sizes, the family's dtype all the same (fp16 and bf16 run on the CPU)
+        res = 64
     build = ARCHS[arch][0]
     t0 = time.perf_counter()
     if device.startswith("cuda"):
