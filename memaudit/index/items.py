@@ -152,8 +152,8 @@ class ItemReader:
 class GroupTable:
     """Per-group lookups: representative row, item count, member rows (module docstring).
     Memory-mapped from groups.npy/members.npy, or computed in memory from the items'
-    `group_id` and `is_representative` columns for an index without them (older builds,
-    clip-retrieval imports)."""
+    `group_id` and `is_representative` columns for an index without them (builds and
+    clip-retrieval imports from before issue 20)."""
 
     def __init__(self, table: np.ndarray, members: np.ndarray):
         self.table = table  # [ngroups, 3] int64: rep row, count, member start (-1)
