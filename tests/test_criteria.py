@@ -229,6 +229,32 @@ def test_nl2_faiss_path_equals_torch_path():
                                slow.similarity_tensor(q)[0].numpy(), rtol=1e-5)
 
 
+
+@pytest.mark.parametrize("name", ["nl2", "sscd"])
+def test_torch_search_in_query_blocks_equals_one_block(name, monkeypatch):
+    """The torch search splits its queries so that queries x groups stays under TORCH_BLOCK
+    (the calibration searched 512 queries against all groups at once: its memory grew with
+    the index); the blocks give the same neighbours and scores."""
+    idx = FakeIndex(_pixel_set(), PixelEmbedder(4)) if name == "nl2" else _proj_set(name)[2]
+    g = make_criterion(name, idx).groups
+    assert g.fast
+    q = np.ascontiguousarray(g.gather(np.arange(14)) * 0.8, np.float32)
+    want = g.knn(q, 5, exclude=np.arange(len(q)))
+    monkeypatch.setattr("memaudit.criteria.common.TORCH_BLOCK", 3 * g.ntotal)  # 3 rows
+    sizes = []
+    real = torch.Tensor.__matmul__
+
+    def counted(a, b):
+        sizes.append(a.shape[0])
+        return real(a, b)
+
+    monkeypatch.setattr(torch.Tensor, "__matmul__", counted)
+    got = g.knn(q, 5, exclude=np.arange(len(q)))
+    assert sizes == [3, 3, 3, 3, 2]
+    np.testing.assert_array_equal(got[1], want[1])
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5)  # float32 rounding of the blocks
+
+
 def test_clip_score_is_100_cos():
     a = np.array([[1.0, 0.0], [3.0, 4.0], [1.0, 1.0]])
     b = np.array([[2.0, 0.0], [4.0, 3.0], [-1.0, -1.0]])

@@ -36,12 +36,21 @@ def _write_folder(root, parts, dim=16, seed=0):
     return np.concatenate(allv)
 
 
-def test_import_rebuild_with_dedup(tmp_path):
+def test_import_rebuild_with_dedup(tmp_path, monkeypatch):
     src = tmp_path / "cr"
     vecs = _write_folder(src, [5, 4])
     out = import_clip_retrieval(src, tmp_path / "idx", clip_model="ViT-B-32",
                                 clip_pretrained="laion2b_s34b_b79k")
-    idx = TrainingIndex.open(out)
+
+    def no_whole_read(*a, **k):
+        raise AssertionError("items.parquet read whole")
+
+    with monkeypatch.context() as mp:  # opened with its group table: never read whole
+        mp.setattr(pq, "read_table", no_whole_read)
+        idx = TrainingIndex.open(out)
+        assert idx.group_rows(0).tolist() == [0, 7]
+        assert idx.group_counts([0, 1]).tolist() == [2, 1]
+        assert idx.representative_rows([0, 7]).tolist() == [0, 8]
     m = idx.manifest
     assert m["embedder"] == {"name": "clip", "config": {"model": "ViT-B-32",
                                                         "pretrained": "laion2b_s34b_b79k"}}

@@ -318,3 +318,96 @@ def test_a_shard_reads_only_its_row_groups(tmp_path, monkeypatch):
     assert [(r.source_file, r.source_row) for r in rows[-16:-14]] == [
         (str(files[0]), 59), (str(files[1]), 0)]
     assert read == [(60, [3, 4, 5]), (40, [0, 1])]
+
+
+def _edit_column(t: pa.Table, name: str, edit) -> pa.Table:
+    values = t.column(name).to_pylist()
+    edit(values)
+    return t.set_column(t.column_names.index(name), name,
+                        pa.array(values, t.schema.field(name).type))
+
+
+def test_item_list_checked_a_row_group_at_a_time(tmp_path, monkeypatch):
+    """TrainingIndex.open checks items.parquet one row group at a time, never whole: an item
+    list of several row groups opens; a null, a group outside the index, a missing or extra
+    representative or a row id off its position in the last row group is one line."""
+    import shutil
+
+    from memaudit.index import bench_scale
+
+    bench_scale.write_synthetic(tmp_path / "d", 300, file_rows=300, row_group=100)
+    out = build_index(tmp_path / "d", "pixels", tmp_path / "idx", embedder_opts={"size": 4},
+                      calibrate=False)
+    items = pq.read_table(out / "items.parquet")
+    ngroups = TrainingIndex.open(out).ntotal
+    rep = items.column("is_representative").to_pylist()
+    last_rep = max(i for i in range(300) if rep[i])
+    last_dup = max(i for i in range(300) if not rep[i])
+    assert last_rep >= 256 and last_dup >= 256  # both in the last row group of 64
+
+    def swap(v):
+        v[-1], v[-2] = v[-2], v[-1]
+
+    cases = {
+        "ok": (items, None),
+        "null": (_edit_column(items, "group_id", lambda v: v.__setitem__(-1, None)),
+                 "column group_id has nulls"),
+        "outside": (_edit_column(items, "group_id", lambda v: v.__setitem__(-1, ngroups)),
+                    f"names groups outside index.faiss \\(0..{ngroups - 1}\\)"),
+        "no-rep": (_edit_column(items, "is_representative",
+                                lambda v: v.__setitem__(last_rep, False)),
+                   f"{ngroups - 1} of index.faiss's {ngroups} groups have a representative"),
+        "two-reps": (_edit_column(items, "is_representative",
+                                  lambda v: v.__setitem__(last_dup, True)),
+                     f"\\({ngroups + 1} representatives"),
+        "row-ids": (_edit_column(items, "row_id", swap), "row_id is not each row's position "
+                    "from row 256 on"),
+    }
+    for name, (table, _) in cases.items():
+        shutil.copytree(out, tmp_path / name)
+        pq.write_table(table, tmp_path / name / "items.parquet", row_group_size=64)
+    read = []
+    real = pq.ParquetFile.read_row_group
+
+    def counted(self, i, *a, **k):
+        read.append(i)
+        return real(self, i, *a, **k)
+
+    def no_whole_read(*a, **k):
+        raise AssertionError("items.parquet read whole")
+
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", counted)
+    monkeypatch.setattr(pq, "read_table", no_whole_read)
+    idx = TrainingIndex.open(tmp_path / "ok")
+    assert read == [0, 1, 2, 3, 4] and idx.nitems == 300  # each row group once, in order
+    for name, (_, message) in cases.items():
+        if message is not None:
+            with pytest.raises(UserError, match=message):
+                TrainingIndex.open(tmp_path / name)
+
+
+def test_rows_of_keys_by_row_group(tmp_path, monkeypatch):
+    """Keys to row ids in one pass over the key column, a row group at a time, stopping once
+    every key is found; a repeated key gives its first row, an absent one -1."""
+    keys = [f"k{i}" for i in range(1000)]
+    keys[900] = "k7"  # repeated: row 7 first
+    t = pa.table({"row_id": np.arange(1000), "key": keys})
+    pq.write_table(t, tmp_path / "items.parquet", row_group_size=64)
+    r = ItemReader(tmp_path / "items.parquet")
+    read = []
+    real = pq.ParquetFile.read_row_group
+
+    def counted(self, i, *a, **k):
+        read.append(i)
+        return real(self, i, *a, **k)
+
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", counted)
+    ask = ["k999", "k7", "nope", "", "k64", "k7"]
+    want = [999, 7, -1, -1, 64, 7]
+    np.testing.assert_array_equal(r.rows_of_keys(ask), want)
+    assert read == list(range(16))  # every row group once (two keys are absent)
+    read.clear()
+    np.testing.assert_array_equal(r.rows_of_keys(["k70", "k3"]), [70, 3])
+    assert read == [0, 1]  # stops once both are found
+    np.testing.assert_array_equal(ItemReader(t).rows_of_keys(ask), want)
+    assert len(r.rows_of_keys([])) == 0

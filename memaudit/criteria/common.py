@@ -28,6 +28,9 @@ from memaudit.index.training_index import is_lossy_factory
 
 #: Above this many floats (ngroups * dim) the group vectors are not copied into torch.
 TORCH_FAST_MAX = 16_000_000
+#: At most this many (query, group) scores per torch search block: queries are split so
+#: that a search holds a few [rows, ngroups] matrices of ~16 MB, whatever the groups.
+TORCH_BLOCK = 4_000_000
 
 #: Which criteria an index built with a given embedder supports (METHODS 1).
 SUPPORTED: dict[str, tuple[str, ...]] = {
@@ -135,7 +138,12 @@ class GroupVectors:
         return np.asarray(flat, np.float32).reshape(*ids.shape, self.dim)
 
     def knn_torch(self, v: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Search in torch on v's device (no gradient). Returns (scores, group ids) [n,k]."""
+        """Search in torch on v's device (no gradient). Returns (scores, group ids) [n,k].
+        Queries go in blocks of TORCH_BLOCK // ngroups rows (memory bounded by a constant)."""
+        rows = max(1, TORCH_BLOCK // max(1, self.ntotal))
+        if len(v) > rows:
+            parts = [self.knn_torch(v[a:a + rows], k) for a in range(0, len(v), rows)]
+            return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         mat, sq = self.matrix(v.device)
         with torch.no_grad():
             v = v.detach().float()

@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 
 from memaudit.common import UserError, package_versions, sha256_file
 from memaudit.index.build import ITEM_SCHEMA, make_faiss_index
+from memaudit.index.items import GROUPS_FILE, ITEM_ROW_GROUP, MEMBERS_FILE, GroupTable
 from memaudit.index.training_index import (
     INDEX_FILE,
     ITEMS_FILE,
@@ -183,11 +184,16 @@ def _import(src: Path, out: Path, staging: Path, clip_model: str, clip_pretraine
                 "group_count": pa.array(count_arr[g]),
                 "is_representative": pa.array(rep),
                 "url": pa.array(col("url"), pa.string()),
-            }, schema=schema))
+            }, schema=schema), row_group_size=ITEM_ROW_GROUP)
             row0 += rows
     finally:
         if writer is not None:
             writer.close()
+    # the group table beside the items: opening never reads items.parquet whole (issue 20)
+    table = GroupTable.from_columns(np.concatenate(groups_per_part),
+                                    np.concatenate(reps_per_part), len(counts))
+    np.save(staging / GROUPS_FILE, table.table)
+    np.save(staging / MEMBERS_FILE, table.members)
 
     manifest = {
         "format": "memaudit-index",

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +43,7 @@ class ItemReader:
             self.path = None
             self.num_rows = source.num_rows
             self.column_names = list(source.column_names)
+            self.schema = source.schema
             return
         self.table = None
         self.path = Path(source)
@@ -55,6 +56,7 @@ class ItemReader:
         self._starts = np.cumsum([0, *sizes]).astype(np.int64)
         self.num_rows = int(self._starts[-1])
         self.column_names = list(self._pf.schema_arrow.names)
+        self.schema = self._pf.schema_arrow
 
     def _group(self, g: int, columns: tuple[str, ...]) -> pa.Table:
         key = (g, columns)
@@ -100,6 +102,43 @@ class ItemReader:
             offset += len(sel)
         return pa.concat_tables(parts).take(pa.array(where))
 
+    def row_groups(self, columns: Sequence[str]) -> Iterator[tuple[int, pa.Table]]:
+        """(first row id, table of `columns`) of each row group in order, not cached: a pass
+        over the whole list holds one row group at a time (an in-memory table: slices of
+        ITEM_ROW_GROUP rows)."""
+        cols = list(columns)
+        if self.table is not None:
+            for a in range(0, self.num_rows, ITEM_ROW_GROUP):
+                yield a, self.table.select(cols).slice(a, ITEM_ROW_GROUP)
+            return
+        for g in range(len(self._starts) - 1):
+            try:
+                t = self._pf.read_row_group(g, columns=cols)
+            except (pa.ArrowException, OSError) as e:
+                raise UserError(f"cannot read {self.path}: {str(e).splitlines()[0]}") from e
+            yield int(self._starts[g]), t
+
+    def rows_of_keys(self, keys: Sequence[str]) -> np.ndarray:
+        """Row id of the first row holding each key (-1 where none does), by a pass over the
+        `key` column one row group at a time that stops once every key is found: memory is
+        one row group, whatever the number of rows."""
+        import pyarrow.compute as pc
+
+        want = pa.array(list(keys), pa.string())
+        out = np.full(len(want), -1, np.int64)
+        if not len(want):
+            return out
+        todo = np.arange(len(want))
+        for start, t in self.row_groups(["key"]):
+            pos = pc.index_in(want.take(pa.array(todo)), value_set=t.column(0))
+            pos = np.asarray(pos.fill_null(-1).to_numpy(zero_copy_only=False), np.int64)
+            hit = pos >= 0
+            out[todo[hit]] = start + pos[hit]
+            todo = todo[~hit]
+            if not len(todo):
+                break
+        return out
+
     def read_all(self) -> pa.Table:
         """The whole table (small indexes, tools and tests only: it grows with the rows)."""
         if self.table is not None:
@@ -113,8 +152,8 @@ class ItemReader:
 class GroupTable:
     """Per-group lookups: representative row, item count, member rows (module docstring).
     Memory-mapped from groups.npy/members.npy, or computed in memory from the items'
-    `group_id` and `is_representative` columns for an index without them (older builds,
-    clip-retrieval imports)."""
+    `group_id` and `is_representative` columns for an index without them (builds and
+    clip-retrieval imports from before issue 20)."""
 
     def __init__(self, table: np.ndarray, members: np.ndarray):
         self.table = table  # [ngroups, 3] int64: rep row, count, member start (-1)

@@ -97,15 +97,15 @@ def _field_problem(m: dict[str, Any]) -> str | None:
 
 
 def _check_items(f: Path, items: ItemReader, manifest: dict[str, Any], ngroups: int) -> None:
-    """items.parquet agrees with index.faiss and the manifest: integer group ids without
-    nulls inside index.faiss's groups, a boolean is_representative, one representative per
-    group, the row count the manifest records (a truncated or foreign item list is one line,
-    not a crash later). Read one row group at a time: memory is a bit per group."""
-    schema = items.table.schema if items.table is not None else items._pf.schema_arrow
+    """items.parquet agrees with index.faiss and the manifest: integer row ids equal to their
+    positions (`ItemReader` finds rows by position), integer group ids inside index.faiss's
+    groups, a boolean is_representative, no nulls, one representative per group, the row
+    count the manifest records (a truncated or foreign item list is one line, not a crash
+    later). Read one row group at a time: memory is a bit per group, whatever the rows."""
     for col, ok in (("row_id", pa.types.is_integer), ("group_id", pa.types.is_integer),
                     ("is_representative", pa.types.is_boolean)):
-        if not ok(schema.field(col).type):
-            raise UserError(f"{f}: column {col} is {schema.field(col).type} "
+        if not ok(items.schema.field(col).type):
+            raise UserError(f"{f}: column {col} is {items.schema.field(col).type} "
                             "(not a memaudit item list)")
     rows = manifest.get("rows")
     if isinstance(rows, int) and rows != items.num_rows:
@@ -113,13 +113,14 @@ def _check_items(f: Path, items: ItemReader, manifest: dict[str, Any], ngroups: 
                         "(truncated or replaced)")
     seen = np.zeros(ngroups, dtype=bool)
     reps = 0
-    step = 65536
-    for start in range(0, items.num_rows, step):
-        t = items.take(np.arange(start, min(start + step, items.num_rows)),
-                       ["row_id", "group_id", "is_representative"])
+    for start, t in items.row_groups(["row_id", "group_id", "is_representative"]):
         for col in t.column_names:
             if t.column(col).null_count:
                 raise UserError(f"{f}: column {col} has nulls (not a memaudit item list)")
+        if not np.array_equal(t.column("row_id").to_numpy(),
+                              np.arange(start, start + t.num_rows)):
+            raise UserError(f"{f}: row_id is not each row's position from row {start} on "
+                            "(not a memaudit item list)")
         gid = t.column("group_id").to_numpy()
         if len(gid) and (gid.min() < 0 or gid.max() >= ngroups):
             raise UserError(f"{f.parent}: items.parquet names groups outside index.faiss "
@@ -129,7 +130,7 @@ def _check_items(f: Path, items: ItemReader, manifest: dict[str, Any], ngroups: 
         seen[g] = True
     if reps != ngroups or int(seen.sum()) != ngroups:
         raise UserError(f"{f}: {int(seen.sum())} of index.faiss's {ngroups} groups have a "
-                        "representative item (truncated or replaced)")
+                        f"representative item ({reps} representatives: truncated or replaced)")
 
 
 def is_index_dir(path: str | Path) -> bool:

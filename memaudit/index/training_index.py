@@ -274,11 +274,9 @@ class TrainingIndex:
         return self._items.take([int(row_id)]).to_pylist()[0]
 
     def rows_of_keys(self, keys) -> np.ndarray:
-        """Row id of each key in items.parquet (-1 where absent)."""
-        import pyarrow.compute as pc
-
-        pos = pc.index_in(pa.array(list(keys), pa.string()), value_set=self.items.column("key"))
-        return np.asarray(pos.fill_null(-1).to_numpy(zero_copy_only=False), dtype=np.int64)
+        """Row id of each key in items.parquet (-1 where absent; the first row of a repeated
+        key): one pass over the key column, a row group at a time (`ItemReader`)."""
+        return self._items.rows_of_keys(keys)
 
     def keys(self, row_ids) -> list[str]:
         return self._items.take(np.asarray(row_ids, dtype=np.int64), ["key"]).column(0
