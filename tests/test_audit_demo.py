@@ -93,7 +93,8 @@ def test_demo_rebuilds_the_data_its_model_was_trained_on(tmp_path):
 
     shipped = model_data_settings("canary")
     assert {k: v for k, v in shipped.items() if k != "labels"} == {
-        "per_count": 6, "seed": 0, "min_rmse": 0.15, "res": 16, "shared_copies": 0}
+        "per_count": 6, "seed": 0, "min_rmse": 0.15, "res": 16, "shared_copies": 0,
+        "extra_counts": (2,)}  # the issue-17 canary: its 2x group
     (tmp_path / "m").mkdir()
     assert model_data_settings(str(tmp_path / "m")) == {}
     (tmp_path / "m" / "canary.json").write_text(json.dumps(

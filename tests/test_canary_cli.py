@@ -173,6 +173,17 @@ def test_defaults_are_the_shipped_recipe():
         assert RECIPE[key] == shipped[key], key
     assert CanaryConfig().layers_per_block == shipped["config"]["layers_per_block"]
     assert CanaryConfig().block_out_channels == tuple(shipped["config"]["block_out_channels"])
+    # `canary train`'s defaults are the shipped canary's schedule, attention levels and scale
+    import inspect
+
+    from memaudit.cli.canary import train_cmd
+
+    opts = {n: p.default.default for n, p in inspect.signature(train_cmd).parameters.items()
+            if hasattr(p.default, "default")}
+    assert opts["beta_schedule"] == shipped["config"]["beta_schedule"]
+    assert opts["cross_attention_levels"] == shipped["config"]["cross_attention_levels"]
+    assert opts["default_scale"] == shipped["default_guidance_scale"]
+    assert opts["steps"] == shipped["steps"]
 
 
 @pytest.fixture()

@@ -11,5 +11,5 @@ weights live in weights/.
 SAMPLING = {"clip_sample": False}
 
 #: Defaults of `train_canary` and `memaudit canary train`: the recipe of the shipped weights.
-RECIPE = {"steps": 9000, "batch_size": 64, "lr": 1e-3, "cond_dropout": 0.1,
+RECIPE = {"steps": 3000, "batch_size": 64, "lr": 1e-3, "cond_dropout": 0.1,
           "ema_decay": 0.999, "warmup": 200}

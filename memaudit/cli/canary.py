@@ -67,9 +67,9 @@ def train_cmd(
     seed: int = typer.Option(0, help="Random seed."),
     resolution: int = typer.Option(16, help="Training resolution (square, grey)."),
     layers_per_block: int = typer.Option(1, help="UNet resnet layers per block."),
-    beta_schedule: str = typer.Option("linear", help="Noise schedule: linear (DDPM, "
+    beta_schedule: str = typer.Option("scaled_linear", help="Noise schedule: linear (DDPM, "
                                       "1e-4..0.02) or scaled_linear (SD 1/2, 0.00085..0.012)."),
-    cross_attention_levels: int = typer.Option(1, help="Resolution levels, from the lowest, "
+    cross_attention_levels: int = typer.Option(2, help="Resolution levels, from the lowest, "
                                                "with cross-attention (3: every level)."),
     init: Path = typer.Option(None, help="Fine-tune: start from this canary folder's weights "
                               "(and its architecture)."),
@@ -78,7 +78,7 @@ def train_cmd(
                                       help="Stop and export after this many minutes."),
     restart: bool = typer.Option(False, "--restart", help="Start over in a folder that holds "
                                  "another run (deletes its checkpoints and weights)."),
-    default_scale: float = typer.Option(2.0, min=0.0,
+    default_scale: float = typer.Option(3.0, min=0.0,
                                         help="Default CFG scale written to canary.json."),
     device: str = typer.Option(None, help="cpu, cuda, ... (default: cuda when available)."),
 ) -> None:
