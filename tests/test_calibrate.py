@@ -33,8 +33,12 @@ def test_choose_latest_switch_keeping_alignment_then_lowest_reproduction():
     assert best.params == {"tau": 0.1, "s_before": 0.0}
     # ties in reproduction: the higher alignment
     tie = choose("static", [_c("static", 0.96, 0.3, tau=0.1, s_before=0.0),
-                            _c("static", 0.99, 0.3, tau=0.0, s_before=1.0)], 0.95)
+                            _c("static", 0.99, 0.3, tau=0.05, s_before=1.0)], 0.95)
     assert tie.params["s_before"] == 1.0
+    # CFG never on (tau 0) is no transition: measured, never chosen
+    assert choose("static", [_c("static", 1.0, 0.0, tau=0.0, s_before=1.0)], 0.95) is None
+    assert choose("opposite", [_c("opposite", 1.0, 0.5, tau=0.5),
+                               _c("opposite", 1.0, 0.0, tau=0.0)], 0.95).params == {"tau": 0.5}
     dyn = [_c("dynamic", 1.0, 0.8, min_step=2), _c("dynamic", 0.95, 0.4, min_step=10),
            _c("dynamic", 0.94, 0.1, min_step=20)]
     assert choose("dynamic", dyn, 0.95).params == {"min_step": 10}
@@ -65,7 +69,7 @@ def test_each_sweep_stops_at_its_first_lost_alignment():
     got = sweep_rule("static", sweep("static", 50, (1.0, 0.5, 0.0)), measure, 0.95)
     assert seen == [(0.0, 1.0), (0.0, 0.5), (1.0, 1.0), (1.0, 0.5), (1.0, 0.0)]
     assert [c.params["tau"] for c in got] == [1.0, 0.5, 1.0, 0.5, 0.0]
-    assert choose("static", got, 0.95).params == {"tau": 0.0, "s_before": 1.0}
+    assert choose("static", got, 0.95).params == {"tau": 0.5, "s_before": 1.0}  # not tau 0
 
 
 def test_toml_of_the_choice_is_plan_params():
@@ -104,8 +108,8 @@ def test_calibrate_command_writes_a_plan_that_loads(canary_setup, capsys):
             "--device", "cpu"]
     main(args)
     written = load_plan(out)
-    # keep 0: every candidate passes, so the latest switch of each sweep is chosen
-    assert written.params["static"]["tau"] == 0.0
+    # keep 0: every candidate passes, so the latest switch of each sweep that turns CFG on
+    assert written.params["static"]["tau"] == 0.05
     assert written.params["dynamic"] == {"min_step": 3}  # 4 steps: min_step 2, 3
     assert written.methods == ["cfg", "static"]
     record = json.loads(out.with_suffix(".json").read_text())

@@ -163,9 +163,12 @@ def sweep_rule(method: str, candidates: Sequence[dict[str, float]],
 def choose(method: str, candidates: Sequence[Candidate], keep: float) -> Candidate | None:
     """The latest switch of each sweep (static: s_before 0 and 1) whose alignment ratio is
     >= keep; of those, the lowest reproduction (ties: the higher alignment). None when no
-    candidate keeps the alignment."""
+    candidate keeps the alignment. A switch that never turns CFG on (`never_on`) is measured
+    but never chosen: it is sampling without guidance, not a transition rule."""
     latest: dict[Any, Candidate] = {}
     for c in candidates:
+        if never_on(method, c.params):
+            continue
         family = c.params.get("s_before")
         if c.alignment_ratio >= keep and (family not in latest
                                           or _later(method, c.params, latest[family].params)):
@@ -173,6 +176,12 @@ def choose(method: str, candidates: Sequence[Candidate], keep: float) -> Candida
     if not latest:
         return None
     return min(latest.values(), key=lambda c: (round(c.reproduction, 9), -c.alignment_ratio))
+
+
+def never_on(method: str, params: dict[str, float]) -> bool:
+    """True when the rule's switch comes after the last step: static and opposite at tau 0
+    (CFG, the default scale, is never applied)."""
+    return method in ("static", "opposite") and float(params.get("tau", 1.0)) <= 0.0
 
 
 def _ratio(a: float, b: float) -> float:
