@@ -90,6 +90,21 @@ def cond_uncond(model: Any, x: torch.Tensor, t: torch.Tensor, emb_u: Cond, emb_c
     return e_u, e_c
 
 
+def cfg_walk(inp: ScoreInput, last_step: bool = True):
+    """Along cfg's trajectory (scale inp.s0) over the first `inp.steps` steps, per step
+    (t, x_t, e_u, e_c, x_next); x_next of the last step is None unless `last_step` (a score
+    that reads only the predictions need not take it)."""
+    from memaudit.sampler import scale_input
+
+    sched, x = inp.scheduler, inp.x
+    for j, t in enumerate(sched.timesteps[:inp.steps]):
+        e_u, e_c = cond_uncond(inp.model, scale_input(sched, x, t), t, inp.emb_u, inp.emb_c)
+        nxt = (sched.step(e_u + inp.s0 * (e_c - e_u), t, x).prev_sample
+               if last_step or j + 1 < inp.steps else None)
+        yield t, x, e_u, e_c, nxt
+        x = nxt
+
+
 def row_norm(x: torch.Tensor) -> torch.Tensor:
     """|| x ||_2 per row over all other dimensions, float64 on the CPU."""
     return x.flatten(1).float().norm(dim=1).double().cpu()

@@ -16,8 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from memaudit.sampler import scale_input
-from memaudit.screen.base import ScoreInput, ScreenScore, cond_uncond, row_norm
+from memaudit.screen.base import ScoreInput, ScreenScore, cfg_walk, row_norm
 
 
 class UpdateNorm(ScreenScore):
@@ -35,12 +34,7 @@ class UpdateNorm(ScreenScore):
         return 2 * steps
 
     def score_rows(self, inp: ScoreInput) -> torch.Tensor:
-        sched, x = inp.scheduler, inp.x
-        acc = torch.zeros(x.shape[0], dtype=torch.float64)
-        for t in sched.timesteps[:inp.steps]:
-            e_u, e_c = cond_uncond(inp.model, scale_input(sched, x, t), t, inp.emb_u,
-                                   inp.emb_c)
-            nxt = sched.step(e_u + inp.s0 * (e_c - e_u), t, x).prev_sample
+        acc = torch.zeros(inp.x.shape[0], dtype=torch.float64)
+        for _, x, _, _, nxt in cfg_walk(inp):
             acc += row_norm(nxt - x)
-            x = nxt
         return acc / inp.steps

@@ -15,8 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from memaudit.sampler import scale_input
-from memaudit.screen.base import ScoreInput, ScreenScore, cond_uncond
+from memaudit.screen.base import ScoreInput, ScreenScore, cfg_walk
 
 
 class Wen(ScreenScore):
@@ -34,12 +33,7 @@ class Wen(ScreenScore):
         return 2 * steps
 
     def score_rows(self, inp: ScoreInput) -> torch.Tensor:
-        sched, x = inp.scheduler, inp.x
-        acc = torch.zeros(x.shape[0], dtype=torch.float64)
-        for j, t in enumerate(sched.timesteps[:inp.steps]):
-            e_u, e_c = cond_uncond(inp.model, scale_input(sched, x, t), t, inp.emb_u,
-                                   inp.emb_c)
+        acc = torch.zeros(inp.x.shape[0], dtype=torch.float64)
+        for t, _, e_u, e_c, _ in cfg_walk(inp, last_step=False):
             acc += inp.model.prediction.magnitude(e_c - e_u, t).double().cpu()
-            if j + 1 < inp.steps:
-                x = sched.step(e_u + inp.s0 * (e_c - e_u), t, x).prev_sample
         return acc / inp.steps
