@@ -64,7 +64,8 @@ class PixelEmbedder(Embedder):
         from PIL import Image
 
         h, w = self.size
-        image = image.convert("RGB")
+        if image.mode != "RGB":  # decode_image's images already are: no second copy
+            image = image.convert("RGB")
         if image.size != (w, h):
             image = image.resize((w, h), Image.BICUBIC)
         arr = np.asarray(image, dtype=np.float32) / 255.0
