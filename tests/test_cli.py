@@ -84,3 +84,30 @@ def test_crash_location_found_by_the_package_folder_not_its_name(tmp_path, monke
 def test_cli_reference_is_current():
     assert (ROOT / "docs" / "cli.md").read_text() == render(), (
         "docs/cli.md is stale: python -m memaudit.cli.reference > docs/cli.md")
+
+
+def _help_texts(cmd, path):
+    yield path, cmd.help or ""
+    for p in cmd.params:
+        yield f"{path} {p.name}", getattr(p, "help", None) or ""
+    for name, sub in getattr(cmd, "commands", {}).items():
+        yield from _help_texts(sub, f"{path} {name}")
+
+
+def test_help_texts_survive_rich_markup():
+    """Typer renders help as Rich markup: an unescaped `[auto]` or `memaudit[ray]` vanished
+    from `--help` (it showed "local, or ray (memaudit)"). Every bracket is escaped, so what
+    --help shows is the text with the escapes removed, nothing lost."""
+    import typer
+
+    from memaudit.cli import app
+    from memaudit.cli.reference import plain
+
+    root = typer.main.get_command(app)
+    lost = [(where, text) for where, text in _help_texts(root, "memaudit")
+            if plain(text) != text.replace("\\[", "[")]
+    assert not lost, lost
+    out = subprocess.run([sys.executable, "-m", "memaudit", "index", "build", "--help"],
+                         capture_output=True, text=True, env={**__import__("os").environ,
+                                                              "COLUMNS": "200"}).stdout
+    assert "ray (memaudit[ray])" in out and "[half the RAM]" in out

@@ -22,19 +22,19 @@ def _log(msg: str) -> None:
 
 def audit_cmd(
     plan: Path = typer.Argument(None, help="The audit plan (TOML); see docs/database.md. "
-                                "With --init: the plan to write [plan.toml]."),
+                                "With --init: the plan to write \\[plan.toml]."),
     new_run: bool = typer.Option(False, "--new-run",
                                  help="Start a new run even though the plan changed."),
     device: str = typer.Option(None, help="cpu, cuda, ... (default: cuda when available)."),
     threads: int = typer.Option(None, help="Torch CPU threads (default: torch's)."),
     clip_model: str = typer.Option(None, "--clip-model", help="CLIP score per generation with "
-                                   "this open_clip model (sets [quality] clip_model)."),
+                                   "this open_clip model (sets \\[quality] clip_model)."),
     clip_pretrained: Path = typer.Option(None, "--clip-pretrained",
                                          help="Its local checkpoint file (never downloaded)."),
     inception: Path = typer.Option(None, "--inception", help="FID's Inception-v3 weights file: "
-                                   "KID / FD in Inception features (sets [quality] inception)."),
+                                   "KID / FD in Inception features (sets \\[quality] inception)."),
     engine: str = typer.Option("local", "--engine",
-                               help="Where units run: local, or ray (memaudit[ray])."),
+                               help="Where units run: local, or ray (memaudit\\[ray])."),
     address: str = typer.Option(None, "--address", help="ray: auto or HOST:PORT of a running "
                                 "cluster (default: a local instance)."),
     actors: int = typer.Option(None, "--actors", help="ray: model replicas (default: one "
@@ -42,7 +42,7 @@ def audit_cmd(
     init: tuple[str, str] | None = typer.Option(
         None, "--init", metavar="MODEL DATA", help="Write a commented plan for MODEL and the "
         "training set DATA (any layout) instead of running one."),
-    layout: str = typer.Option(None, "--layout", help="With --init: DATA's layout [detected]."),
+    layout: str = typer.Option(None, "--layout", help="With --init: DATA's layout \\[detected]."),
     caption_col: str = typer.Option(None, "--caption-col", "--caption-column",
                                     help="With --init: DATA's caption column."),
     instance_prompt: str = typer.Option(None, "--instance-prompt",

@@ -27,13 +27,13 @@ def calibrate_cmd(
     clip_model: str = typer.Option(None, help="open_clip model name (alignment on real "
                                    "models)."),
     clip_pretrained: str = typer.Option(None, help="Its weights file."),
-    plan: Path = typer.Option(None, help="A plan to copy, with the chosen [params] added."),
-    out: Path = typer.Option(..., help="TOML written: the plan (with --plan) or the [params] "
+    plan: Path = typer.Option(None, help="A plan to copy, with the chosen \\[params] added."),
+    out: Path = typer.Option(..., help="TOML written: the plan (with --plan) or the \\[params] "
                              "tables; OUT.json beside it holds every candidate."),
     device: str = typer.Option(None, help="cpu, cuda, ... (default: cuda when available)."),
 ) -> None:
     """Sweep static/opposite tau and dynamic's min_step; keep the latest switch at which
-    clean alignment stays >= KEEP of cfg's; write the choice as plan [params] tables."""
+    clean alignment stays >= KEEP of cfg's; write the choice as plan \\[params] tables."""
     from memaudit.audit.calibration import (
         check_calibration_out,
         run_calibration,

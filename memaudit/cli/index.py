@@ -33,13 +33,13 @@ def build(
     key_col: str = typer.Option(None, "--key-col"),
     dataset_config: str = typer.Option(None, "--dataset-config",
                                        help="a kohya-ss dataset config (TOML) as the training set"),
-    layout: str = typer.Option(None, "--layout", help="training-set layout [detected]: parquet, "
+    layout: str = typer.Option(None, "--layout", help="training-set layout \\[detected]: parquet, "
                                "folder, imagefolder, webdataset, kohya, dreambooth"),
     instance_prompt: str = typer.Option(None, "--instance-prompt",
                                         help="DreamBooth: every image's caption"),
     class_prompt: str = typer.Option(None, "--class-prompt",
                                      help="DreamBooth: the class prompt (recorded)"),
-    device: str = typer.Option(None, "--device", help="cuda or cpu [auto]"),
+    device: str = typer.Option(None, "--device", help="cuda or cpu \\[auto]"),
     batch_size: int = typer.Option(None, "--batch-size"),
     shard_rows: int = typer.Option(None, "--shard-rows", help="rows per resumable shard"),
     workers: int = typer.Option(None, "--workers", help="decoding threads"),
@@ -52,18 +52,18 @@ def build(
     rerank: int = typer.Option(None, "--rerank", help="compressed factories (PQ, SQ): "
                                "candidates re-scored with the exact vectors [100]"),
     precision: str = typer.Option(None, "--precision", help="sscd, clip: fp32, mixed (fp16 on "
-                                  "cuda, bf16 on cpu; channels-last), bf16 or fp16 [fp32]"),
+                                  "cuda, bf16 on cpu; channels-last), bf16 or fp16 \\[fp32]"),
     jpeg_device: str = typer.Option(None, "--jpeg-device", help="where JPEG rows are decoded: "
                                     "auto (the GPU when the embedder runs there), off (PIL), "
-                                    "cpu or cuda (torchvision) [auto]"),
-    engine: str = typer.Option("local", "--engine", help="local, or ray (memaudit[ray])"),
+                                    "cpu or cuda (torchvision) \\[auto]"),
+    engine: str = typer.Option("local", "--engine", help="local, or ray (memaudit\\[ray])"),
     address: str = typer.Option(None, "--address",
                                 help="ray: auto or HOST:PORT of a running cluster "
-                                "[a local instance]"),
+                                "\\[a local instance]"),
     actors: int = typer.Option(None, "--actors",
-                               help="ray: model replicas [one per GPU, else per CPU]"),
+                               help="ray: model replicas \\[one per GPU, else per CPU]"),
     memory_limit: str = typer.Option(None, "--memory-limit",
-                                     help="peak memory of each stage, e.g. 4GB [half the RAM]"),
+                                     help="peak memory of each stage, e.g. 4GB \\[half the RAM]"),
 ) -> None:
     """Build DIR/{index.faiss, items.parquet, manifest.json} from a training set or recipe."""
     from memaudit.common import UserError

@@ -6,6 +6,13 @@ Usage: `python -m memaudit.cli.reference > docs/cli.md` (a test checks it is cur
 from __future__ import annotations
 
 import typer
+from rich.text import Text
+
+
+def plain(text: str) -> str:
+    """A help string as `--help` shows it: Typer renders help as Rich markup, so a literal
+    bracket is written escaped (`\\[auto]`) and shown without the backslash."""
+    return Text.from_markup(text).plain
 
 
 def _param_row(p) -> str:
@@ -15,7 +22,7 @@ def _param_row(p) -> str:
     else:
         name = ", ".join(f"`{o}`" for o in p.opts + p.secondary_opts)
         kind = "flag" if getattr(p, "is_flag", False) else "option"
-    help_text = (getattr(p, "help", None) or "").replace("|", "\\|").replace("\n", " ")
+    help_text = plain(getattr(p, "help", None) or "").replace("|", "\\|").replace("\n", " ")
     default = ""
     if kind != "argument" and p.default is not None and p.default is not False \
             and p.default not in ((), []) and not callable(p.default):
@@ -31,7 +38,7 @@ def _walk(cmd, path: list[str], out: list[str]) -> None:
             _walk(cmd.commands[name], [*path, name], out)
         return
     out.append(f"## `{' '.join(path)}`\n")
-    doc = (cmd.help or "").strip()
+    doc = plain(cmd.help or "").strip()
     if doc:
         out.append(doc.split("\n\n")[0].replace("\n", " ") + "\n")
     params = [p for p in cmd.params if p.name != "help"]
