@@ -56,9 +56,9 @@ from memaudit.audit.plan import (
     ScreenSpec,
     load_plan,
     normalise_params,
-    plan_difference,
     plan_from_dict,
 )
+from memaudit.audit.resume import plan_difference
 from memaudit.audit.runner import (
     KILL_BEFORE_COMMIT_ENV,
     KILL_ENV,

@@ -359,40 +359,6 @@ def load_plan(path: str | Path) -> Plan:
     return plan_from_dict(read_toml(path, "plan"), base=path.parent.resolve())
 
 
-def plan_difference(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    """Human-readable list of keys whose values differ between two plan dicts."""
-    diffs: list[str] = []
-    for k in sorted(set(old) | set(new)):
-        a, b = old.get(k), new.get(k)
-        name = f"{prefix}{k}"
-        if isinstance(a, dict) and isinstance(b, dict):
-            diffs += plan_difference(a, b, name + ".")
-        elif a != b:
-            diffs.append(f"{name}: {json.dumps(a)} -> {json.dumps(b)}")
-    return diffs
-
-
-def prompt_list_changes(old: Any, new: list[dict[str, Any]], run_id: int) -> list[str] | None:
-    """How the content of the same prompt lists (files and labels) differs from a run's;
-    None when the lists themselves differ (then `plan_difference` names them)."""
-    def files(lists: Any) -> list[tuple[Any, Any]]:
-        return [(p.get("file"), p.get("label")) for p in lists if isinstance(p, dict)]
-
-    if not isinstance(old, list) or len(old) != len(new) or files(old) != files(new):
-        return None
-    out = []
-    for a, b in zip(old, new, strict=True):
-        name = Path(str(b["file"])).name
-        if not a.get("sha256"):
-            out.append(f"run {run_id} recorded no content of prompt list {name} (an older "
-                       "memaudit), so it cannot be taken for unchanged")
-        elif (a.get("sha256"), a.get("rows")) != (b["sha256"], b["rows"]):
-            out.append(f"prompt list {name} changed since run {run_id} (sha256 "
-                       f"{a['sha256'][:12]} -> {b['sha256'][:12]}, {a.get('rows')} prompts -> "
-                       f"{b['rows']} prompts)")
-    return out
-
-
 def _param_paths(params: dict[str, dict[str, Any]], base: Path) -> None:
     """Method parameters that name a file, relative to the plan like its other paths: AMG's
     `decoder` (a folder beside the plan, or ./, / or ~; anything else stays a hub id)."""

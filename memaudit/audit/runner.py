@@ -12,12 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from memaudit.audit.components import Components, default_components
-from memaudit.audit.plan import (
-    Plan,
-    check_plan_outputs,
-    plan_difference,
-    prompt_list_changes,
-)
+from memaudit.audit.plan import Plan, check_plan_outputs
+from memaudit.audit.resume import start_or_resume
 from memaudit.audit.units import (
     GenerationItem,
     ScreenItem,
@@ -184,7 +180,7 @@ def _run_audit(plan: Plan, eng: Any, new_run: bool, components: Components | Non
         store.con.execute(f"SET memory_limit = '{budget}B'")
     run_id: int | None = None
     try:
-        run_id = _start_or_resume(store, plan, model, ihash, new_run, log)
+        run_id = start_or_resume(store, plan, model, ihash, new_run, log)
         settings = {"steps": steps, "guidance_scale": scale, "scheduler": scheduler,
                     "model": model.provenance() if hasattr(model, "provenance") else None,
                     "criteria": {n: {"threshold": getattr(c, "threshold", None),
@@ -281,41 +277,6 @@ def _run_audit(plan: Plan, eng: Any, new_run: bool, components: Components | Non
                        units_skipped=len(units) - len(todo),
                        seconds=time.perf_counter() - t_start)
 
-
-def _start_or_resume(store: AuditStore, plan: Plan, model: Any, ihash: str | None,
-                     new_run: bool, log: Callable[[str], None]) -> int | None:
-    """The run to resume, or None to start a new one (see `run_audit`)."""
-    latest = store.latest_run()
-    if latest is None or new_run:
-        return None
-    rid, status = int(latest["id"]), str(latest["status"])
-    old = json.loads(latest["plan_json"])
-    old.pop("device", None)
-    new = plan.comparable()
-    # a run is keyed by the content it audits: each prompt list's SHA-256 and rows, the
-    # model's and the index's hashes (a hash missing on either side is not "unchanged")
-    why = prompt_list_changes(old.get("prompts"), new["prompts"], rid)
-    if why is not None:
-        old.pop("prompts", None)
-        new.pop("prompts")
-    diffs = plan_difference(old, new)
-    why = ([f"the plan differs from run {rid} in {plan.db_path} ({'; '.join(diffs)})"]
-           if diffs else []) + (why or [])
-    mh = getattr(model, "model_hash", None)
-    if latest["model_hash"] != mh:
-        why.append(f"model weights changed since run {rid} "
-                   f"({(latest['model_hash'] or 'none')[:12]} -> {(mh or 'none')[:12]})")
-    if latest["index_hash"] != ihash:
-        why.append(f"the index changed since run {rid} ({(latest['index_hash'] or 'none')[:12]}"
-                   f" -> {(ihash or 'none')[:12]})")
-    if not why:
-        log(f"resuming run {rid}" + ("" if status == "running" else f" ({status})"))
-        return rid
-    if status != "finished":
-        log(f"{'; '.join(why)}; run {rid} is {status}: starting a new run beside it")
-        return None
-    raise UserError(f"{'; '.join(why)}; run {rid} is finished: use --new-run to start a new "
-                    "run")
 
 
 def _mark_failed(store: AuditStore, run_id: int, log: Callable[[str], None]) -> None:
