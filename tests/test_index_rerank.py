@@ -118,3 +118,20 @@ def test_recipe_rerank_and_faiss_params_are_type_checked(tmp_path):
         recipe.write_text(base + bad + "\n")
         with pytest.raises(UserError, match=msg):
             load_recipe(recipe)
+
+
+def test_read_rows_equals_indexing_the_map(tmp_path):
+    """Re-ranking reads vectors.npy rows by pread (runs closer than `gap` rows in one read),
+    not through the memory map: the same rows, in the order asked."""
+    from memaudit.index.training_index import read_rows
+
+    a = np.random.default_rng(0).normal(size=(5000, 12)).astype(np.float32)
+    np.save(tmp_path / "v.npy", a)
+    m = np.load(tmp_path / "v.npy", mmap_mode="r")
+    rng = np.random.default_rng(1)
+    for rows in (np.zeros(0, np.int64), np.array([0]), np.array([4999]), np.arange(10, 40),
+                 np.array([0, 3, 12, 13, 4990, 4999]),
+                 np.unique(rng.integers(0, 5000, 700))):
+        for gap in (0, 1, 8, 10_000):
+            got = read_rows(m, rows, gap=gap)
+            assert got.dtype == np.float32 and np.array_equal(got, a[rows]), (rows, gap)

@@ -37,6 +37,37 @@ from memaudit.index.manifest import (  # noqa: F401 - re-exported (the index's f
 )
 
 
+def read_rows(arr: np.memmap, rows: np.ndarray, gap: int = 8) -> np.ndarray:
+    """Rows `rows` (sorted, unique) of a memory-mapped .npy file, read with `os.pread` (runs
+    closer than `gap` rows in one read). Indexing the map instead faults in the pages
+    around each random row and keeps them mapped, counted in the process' RSS: re-ranking
+    one audit against a 10 M-row index mapped +620 MiB that way (docs/benchmarks.md
+    "Scale"); here only the rows asked for enter the process."""
+    import os
+
+    rows = np.asarray(rows, np.int64)
+    width = int(np.prod(arr.shape[1:], dtype=np.int64)) * arr.dtype.itemsize
+    out = np.empty((len(rows), *arr.shape[1:]), arr.dtype)
+    if not len(rows):
+        return out
+    flat = out.reshape(len(rows), -1).view(np.uint8).reshape(len(rows), width)
+    starts = np.r_[0, np.nonzero(np.diff(rows) > gap)[0] + 1]
+    ends = np.r_[starts[1:], len(rows)]
+    fd = os.open(arr.filename, os.O_RDONLY)
+    try:
+        for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
+            first, last = int(rows[a]), int(rows[b - 1])
+            size = (last - first + 1) * width
+            buf = os.pread(fd, size, arr.offset + first * width)
+            if len(buf) != size:
+                raise UserError(f"{arr.filename}: truncated (rows {first}-{last})")
+            block = np.frombuffer(buf, np.uint8).reshape(-1, width)
+            flat[a:b] = block[rows[a:b] - first]
+    finally:
+        os.close(fd)
+    return out
+
+
 class TrainingIndex:
     """A built (or imported) training-set index. Open with `TrainingIndex.open(dir)`."""
 
@@ -204,8 +235,8 @@ class TrainingIndex:
         ids = np.asarray(group_ids, dtype=np.int64)
         flat = ids.reshape(-1)
         if self.exact_vectors is not None:
-            uniq, inv = np.unique(flat, return_inverse=True)  # sorted reads from the mmap
-            out = np.asarray(self.exact_vectors[uniq], np.float32)[inv.reshape(-1)]
+            uniq, inv = np.unique(flat, return_inverse=True)  # sorted reads
+            out = read_rows(self.exact_vectors, uniq)[inv.reshape(-1)]
         else:
             try:
                 out = self.index.reconstruct_batch(flat)
