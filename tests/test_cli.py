@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -108,6 +109,6 @@ def test_help_texts_survive_rich_markup():
             if plain(text) != text.replace("\\[", "[")]
     assert not lost, lost
     out = subprocess.run([sys.executable, "-m", "memaudit", "index", "build", "--help"],
-                         capture_output=True, text=True, env={**__import__("os").environ,
-                                                              "COLUMNS": "200"}).stdout
+                         capture_output=True, text=True,
+                         env={**os.environ, "COLUMNS": "200"}).stdout
     assert "ray (memaudit[ray])" in out and "[half the RAM]" in out

@@ -278,7 +278,6 @@ def _run_audit(plan: Plan, eng: Any, new_run: bool, components: Components | Non
                        seconds=time.perf_counter() - t_start)
 
 
-
 def _mark_failed(store: AuditStore, run_id: int, log: Callable[[str], None]) -> None:
     try:
         with store.transaction():

@@ -10,6 +10,7 @@ docs/index-format.md.
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -43,8 +44,6 @@ def read_rows(arr: np.memmap, rows: np.ndarray, gap: int = 8) -> np.ndarray:
     around each random row and keeps them mapped, counted in the process' RSS: re-ranking
     one audit against a 10 M-row index mapped +620 MiB that way (docs/benchmarks.md
     "Scale"); here only the rows asked for enter the process."""
-    import os
-
     rows = np.asarray(rows, np.int64)
     width = int(np.prod(arr.shape[1:], dtype=np.int64)) * arr.dtype.itemsize
     out = np.empty((len(rows), *arr.shape[1:]), arr.dtype)
