@@ -69,7 +69,7 @@ def train_cmd(
     layers_per_block: int = typer.Option(1, help="UNet resnet layers per block."),
     beta_schedule: str = typer.Option("scaled_linear", help="Noise schedule: linear (DDPM, "
                                       "1e-4..0.02) or scaled_linear (SD 1/2, 0.00085..0.012)."),
-    cross_attention_levels: int = typer.Option(2, help="Resolution levels, from the lowest, "
+    cross_attention_levels: int = typer.Option(3, help="Resolution levels, from the lowest, "
                                                "with cross-attention (3: every level)."),
     init: Path = typer.Option(None, help="Fine-tune: start from this canary folder's weights "
                               "(and its architecture)."),
