@@ -32,10 +32,10 @@ DEMO_GROUPS = ("64x", "16x", "guided", "4x", "1x", "shared", "generic")
 #: then mitigate flagged prompts only) runs only with screening on.
 DEMO_METHODS = ("cfg", "static", "dynamic", "amg", "rna", "auto")
 
-#: Sampling settings chosen so that the demo finishes in under 5 minutes on 2 CPU cores
-#: (measured: docs/benchmarks.md "Demo").
+#: Sampling settings chosen so that the demo finishes in under 5 minutes on 2 idle CPU cores
+#: (measured: docs/benchmarks.md "Demo"; 50 DDIM steps took 13 minutes on one thread).
 DEMO_SEEDS = (0, 1, 2)
-DEMO_STEPS = 50
+DEMO_STEPS = 20
 
 
 def demo_plan(out: Path, data: Path, model: str = "canary", methods=DEMO_METHODS,
@@ -201,4 +201,5 @@ def run_demo(out: str | Path = "memaudit-demo", *, device: str | None = None,
             "rows": rows, "units_done": res.units_done,
             "warning": warning,
             "text": summary + (f"\nwarning: {warning}" if warning else "")
-            + f"\n\ntotal {times['total']:.1f} s (index+audit {times['index_and_audit']:.1f} s)"}
+            + f"\n\ntotal {times['total']:.1f} s (index+audit {times['index_and_audit']:.1f} s), "
+            f"{n_threads} torch thread{'s' if n_threads > 1 else ''}"}

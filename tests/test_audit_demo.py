@@ -126,3 +126,24 @@ def test_demo_plan_runs_auto_only_with_screening(tmp_path):
     without = tomllib.loads(demo_plan(tmp_path / "out", data, screen=False))
     assert "auto" not in without["methods"] and "auto" not in without.get("params", {})
     assert "screen" not in without
+
+
+def test_default_threads_uses_the_idle_cores(monkeypatch):
+    import os
+
+    from memaudit.audit import default_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    for load, want in ((0.4, 2), (0.99, 2), (1.0, 1), (1.7, 1), (5.0, 1)):
+        monkeypatch.setattr(os, "getloadavg", lambda load=load: (load, 0.0, 0.0))
+        assert default_threads() == want, load
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert default_threads() == 3
+    monkeypatch.delenv("OMP_NUM_THREADS")
+
+    def no_load():
+        raise OSError("no load average")
+
+    monkeypatch.setattr(os, "getloadavg", no_load)
+    assert default_threads() == 1

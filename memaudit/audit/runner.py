@@ -50,15 +50,23 @@ class AuditResult:
 
 
 def default_threads() -> int:
-    """$OMP_NUM_THREADS when set, else 1.
+    """$OMP_NUM_THREADS when set, else the CPU cores the 1-minute load average leaves idle
+    (at least 1).
 
-    One thread is the demo's default because on a small, shared CPU several OpenMP threads
-    spin against each other: on this project's 2-core machine, under load, one canary UNet
-    forward of 128 rows took 0.17 s with 1 thread and 3.2 s with 2 (docs/benchmarks.md
-    "Demo").
+    Threads beyond the idle cores spin against the other jobs: on this project's 2-core
+    machine, under load, one canary UNet forward of 128 rows took 0.17 s with 1 thread and
+    3.2 s with 2; alone, 2 threads ran the demo 1.5x faster than 1 (docs/benchmarks.md "Demo").
     """
     env = os.environ.get("OMP_NUM_THREADS", "")
-    return int(env) if env.isdigit() and int(env) > 0 else 1
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+             else os.cpu_count() or 1)
+    try:
+        busy = int(os.getloadavg()[0])  # a job using one core full-time adds 1.0
+    except (AttributeError, OSError):  # no load average (Windows): the safe choice
+        return 1
+    return max(1, cores - busy)
 
 
 def set_threads(threads: int) -> int:
