@@ -13,7 +13,7 @@ Two modes:
   or text alignment is more than X (a fraction) worse than `cfg`'s in the same run (METHODS
   4): FD above (1 + X) x cfg's in a feature space, or digit agreement / CLIP score below
   (1 - X) x cfg's.
-- `gate_screen`: screening only (Wen et al. ICLR 2024), straight from a model and a prompt
+- `gate_screen`: screening only (METHODS 2, 2.1), straight from a model and a prompt
   list, no generation: the fast per-checkpoint check.
 """
 

@@ -165,7 +165,8 @@ def test_screening_records_its_score_parameters_and_their_source(tmp_path):
         rows = s.query("SELECT score_name, params_json FROM screens")
     assert len(rows) == 5 and {r["score_name"] for r in rows} == {"anisotropy"}
     rec = json.loads(rows[0]["params_json"])
-    assert rec == {"params": {"g1": 1.0, "g2": 2.0, "low_index": -3}, "notes": [note]}
+    assert rec == {"paper": "Asthana & Belagiannis, ICLR 2026",
+                   "params": {"g1": 1.0, "g2": 2.0, "low_index": -3}, "notes": [note]}
     html = render_html(build_context(res.db_path))
     assert "Score <code>anisotropy</code>" in html and note.replace("'", "&#39;") in html
 
@@ -181,7 +182,7 @@ def test_full_run_rows(tmp_path):
         recs = {(r["score_name"], r["params_json"]) for r in s.query(
             "SELECT score_name, params_json FROM screens")}
         assert len(recs) == 1 and next(iter(recs))[0] == DEFAULT_SCORE  # one score, recorded
-        assert set(json.loads(next(iter(recs))[1])) == {"params", "notes"}
+        assert set(json.loads(next(iter(recs))[1])) == {"paper", "params", "notes"}
         run = s.run()
         assert run["status"] == "finished" and run["model_hash"] == "modelhash"
         assert run["index_hash"] == "idxhash" and json.loads(run["seeds_json"]) == [0, 1, 2]

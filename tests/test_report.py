@@ -97,7 +97,24 @@ def test_report_reads_from_the_top(audit_db, report):
     assert re.search(rf"pass</b>\s*<b>static</b>: none of its 8 generations copies a training "
                      rf"image \(by nl2 at the calibrated threshold {thr:.4g}\)", verdict)
     assert "1 of 2 method(s)\n produce copies of training images: cfg." in verdict
-    assert "Screening before generation" in verdict
+    # the screening sentence names the score the database records (the default, anisotropy)
+    assert "Screening before generation (anisotropy score, Asthana &amp; Belagiannis, ICLR " \
+        "2026):" in verdict and "Wen et al." not in verdict
+
+
+def test_screening_words_name_the_recorded_score():
+    from memaudit.report.verdict import screening_words
+
+    row = {"flagged": True, "threshold": 0.5, "score_name": "update-norm",
+           "score_paper": "after Huang et al., KDD 2026"}
+    assert screening_words([row, {**row, "flagged": False}]) == (
+        "Screening before generation (update-norm score, after Huang et al., KDD 2026): 1 of 2 "
+        "prompts score above the threshold 0.5 and are predicted to be memorized.")
+    old = {"flagged": False, "threshold": None, "score_name": None, "score_paper": ""}
+    assert screening_words([old]).startswith(  # before scores had names: Wen's was the only one
+        "Screening before generation (wen score, Wen et al., ICLR 2024): 0 of 1 prompts score "
+        "and")
+    assert screening_words([]) is None
 
 
 def _prompt_row(html: str, text: str) -> str:

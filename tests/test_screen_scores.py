@@ -390,6 +390,8 @@ def test_anisotropy_weights_per_family_are_stated(model):
     assert given.notes()[0].startswith("anisotropy weights (g1, g2) = (1, 0.3): given")
     rec = given.record()
     assert rec["score"] == "anisotropy" and rec["params"]["g2"] == 0.3
+    assert rec["paper"] == "Asthana & Belagiannis, ICLR 2026"
+    assert make_score("wen").record()["paper"] == "Wen et al., ICLR 2024"
     assert rec["notes"] == given.notes()
     assert make_score("wen").notes() == []
 

@@ -123,7 +123,7 @@ def _plan_text(model: str, source: str, layout: dict[str, Any], lists: list[tupl
         lines += [f"label = {q(label)}"] if label else []
         lines.append("")
     lines += [
-        "# [screen]                        # screening before generation (Wen et al. 2024),",
+        "# [screen]                        # screening before generation (METHODS 2, 2.1),",
         "# clean_label = \"generic\"         # calibrated on the prompts with this label",
         "# fpr = 0.01",
         "",

@@ -222,7 +222,8 @@ def commit_generation(store: AuditStore, run_id: int, item: GenerationItem,
 
 
 def _compute_screen(ctx: UnitContext, item: ScreenItem) -> dict[str, Any]:
-    """Wen et al. screening of every prompt (METHODS 2); threshold fixed or calibrated."""
+    """Screening of every prompt by the plan's score (METHODS 2, 2.1); threshold fixed or
+    calibrated."""
     from memaudit.screen import score_for
 
     spec, comp = item.spec, ctx.comp

@@ -101,6 +101,7 @@ def build_context(db: str | Path, run_id: int | None = None, max_flagged: int = 
             params, notes = rec.get("params"), rec.get("notes")
             s["score_params"] = params if isinstance(params, dict) else {}
             s["score_notes"] = [str(n) for n in notes] if isinstance(notes, list) else []
+            s["score_paper"] = str(rec.get("paper") or "")
         pm = store.query("SELECT * FROM prompt_method WHERE run_id = ? ORDER BY prompt_id",
                          [rid])
         by_label = store.query(

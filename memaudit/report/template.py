@@ -296,7 +296,8 @@ high magnitude that falls once the trajectory leaves the attraction basin.</p>
 prediction, ||e_c - e_u||, over {{ screens[0].seeds }} seeds and the first
 {{ screens[0].steps }} step(s) (METHODS 2).
 {% else %}
-<p class="note">Score <code>{{ screens[0].score_name }}</code>
+<p class="note">Score <code>{{ screens[0].score_name }}</code>{% if screens[0].score_paper %}
+ ({{ screens[0].score_paper }}){% endif %}
 ({% for k, v in screens[0].score_params.items() %}{{ k }}={{ v }}{{ ", " if not loop.last }}
 {%- endfor %}),
 mean over {{ screens[0].seeds }} seeds (METHODS 2.1).

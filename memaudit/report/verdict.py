@@ -44,11 +44,16 @@ def check_words(f: dict[str, Any]) -> str:
 
 
 def screening_words(screens: list[dict[str, Any]]) -> str | None:
-    """The pre-generation screening (Wen et al. ICLR 2024, METHODS 2) in one sentence."""
+    """The pre-generation screening (METHODS 2, 2.1) in one sentence, naming the score the
+    database records (no name: a database from before scores had names, when Wen's was the
+    only one) and its paper."""
     if not screens:
         return None
     flagged = sum(1 for s in screens if s["flagged"])
     thr = screens[0]["threshold"]
     at = "" if thr is None else f" above the threshold {thr:.4g}"
-    return (f"Screening before generation (Wen et al. ICLR 2024): {flagged} of {len(screens)} "
+    name = screens[0].get("score_name") or "wen"
+    paper = screens[0].get("score_paper") or ("Wen et al., ICLR 2024" if name == "wen" else "")
+    by = f"{name} score" + (f", {paper}" if paper else "")
+    return (f"Screening before generation ({by}): {flagged} of {len(screens)} "
             f"prompts score{at} and are predicted to be memorized.")

@@ -78,6 +78,7 @@ def low_index(index: int, n: int) -> int:
 
 class Anisotropy(ScreenScore):
     name = "anisotropy"
+    paper = "Asthana & Belagiannis, ICLR 2026"
 
     @dataclass
     class Params:

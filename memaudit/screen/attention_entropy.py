@@ -60,6 +60,7 @@ def aggregate_entropy(layers: list[torch.Tensor], aggregate: str, layer: int) ->
 
 class AttentionEntropy(ScreenScore):
     name = "attention-entropy"
+    paper = "Ren et al., ECCV 2024"
 
     @dataclass
     class Params:

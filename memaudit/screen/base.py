@@ -34,10 +34,12 @@ class ScoreInput:
 
 
 class ScreenScore:
-    """Base class. Subclasses set `name`, `Params` (defaults from METHODS.md), the cost they
-    declare, and `score_rows`. `multi_step` scores accept steps > 1."""
+    """Base class. Subclasses set `name`, `paper` (as the report cites it),
+    `Params` (defaults from METHODS.md), the cost they declare, and `score_rows`. `multi_step`
+    scores accept steps > 1."""
 
     name: ClassVar[str] = "base"
+    paper: ClassVar[str] = ""
     multi_step: ClassVar[bool] = False
 
     @dataclass
@@ -64,10 +66,11 @@ class ScreenScore:
         return []
 
     def record(self) -> dict[str, Any]:
-        """What screening records of this score: its name, parameters and notes."""
+        """What screening records of this score: its name, paper, parameters and notes."""
         from dataclasses import asdict
 
-        return {"score": self.name, "params": asdict(self.params), "notes": self.notes()}
+        return {"score": self.name, "paper": self.paper, "params": asdict(self.params),
+                "notes": self.notes()}
 
     def forwards(self, steps: int) -> int:
         """Batched forward passes per chunk of rows (= per seed, whatever the chunk size)."""

@@ -21,6 +21,7 @@ from memaudit.screen.base import ScoreInput, ScreenScore, cfg_walk, row_norm
 
 class UpdateNorm(ScreenScore):
     name = "update-norm"
+    paper = "after Huang et al., KDD 2026"
     multi_step = True
 
     @dataclass

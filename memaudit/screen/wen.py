@@ -20,6 +20,7 @@ from memaudit.screen.base import ScoreInput, ScreenScore, cfg_walk
 
 class Wen(ScreenScore):
     name = "wen"
+    paper = "Wen et al., ICLR 2024"
     multi_step = True
 
     @dataclass

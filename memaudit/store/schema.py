@@ -82,7 +82,7 @@ TABLES: list[str] = [
         threshold DOUBLE,
         flagged BOOLEAN,
         score_name TEXT,                   -- e.g. wen, anisotropy
-        params_json TEXT,                  -- its parameters and notes (where they come from)
+        params_json TEXT,                  -- its paper, parameters and notes (where they come from)
         PRIMARY KEY (run_id, prompt_id, steps, seeds)
     )""",
     """CREATE TABLE IF NOT EXISTS steps (
