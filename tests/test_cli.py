@@ -26,6 +26,15 @@ def test_user_error_is_one_line_and_exit_2(tmp_path):
     assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("error: ")
 
 
+@pytest.mark.parametrize("cmd", [["demo"], ["audit", "plan.toml"]])
+def test_threads_below_one_is_refused_before_any_work(tmp_path, cmd):
+    out = tmp_path / "out"
+    r = run(*cmd, "--threads", "0", *(["--out", str(out)] if cmd == ["demo"] else []))
+    assert r.returncode == 2 and "Traceback" not in r.stderr and not out.exists()
+    assert r.stderr.startswith("error: Invalid value for '--threads'")
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
 def test_unknown_method_lists_known(tmp_path):
     (tmp_path / "p.txt").write_text("a prompt\n")  # a real prompt list: the method is wrong
     r = run("generate", "--model", "canary", "--prompts", str(tmp_path / "p.txt"),

@@ -26,7 +26,7 @@ def audit_cmd(
     new_run: bool = typer.Option(False, "--new-run",
                                  help="Start a new run even though the plan changed."),
     device: str = typer.Option(None, help="cpu, cuda, ... (default: cuda when available)."),
-    threads: int = typer.Option(None, help="Torch CPU threads (default: torch's)."),
+    threads: int = typer.Option(None, min=1, help="Torch CPU threads (default: torch's)."),
     clip_model: str = typer.Option(None, "--clip-model", help="CLIP score per generation with "
                                    "this open_clip model (sets \\[quality] clip_model)."),
     clip_pretrained: Path = typer.Option(None, "--clip-pretrained",
@@ -167,7 +167,7 @@ def gate_cmd(
     steps: int = typer.Option(1, help="With --screen: screening steps."),
     seeds: int = typer.Option(4, help="With --screen: seeds per prompt."),
     device: str = typer.Option(None, help="With --screen: cpu, cuda, ..."),
-    threads: int = typer.Option(None, help="With --screen: torch CPU threads."),
+    threads: int = typer.Option(None, min=1, help="With --screen: torch CPU threads."),
 ) -> None:
     """CI gate: exit 0 pass, 1 fail, 2 usage or input error, 3 incomplete (an unfinished or
     failed run) or memaudit failed; prints the offending prompts."""
@@ -206,7 +206,7 @@ def gate_cmd(
 def demo_cmd(
     out: Path = typer.Option(Path("memaudit-demo"), "--out", help="Output folder."),
     device: str = typer.Option(None, help="cpu, cuda, ... (default: cuda when available)."),
-    threads: int = typer.Option(None, help="Torch CPU threads (default: $OMP_NUM_THREADS, "
+    threads: int = typer.Option(None, min=1, help="Torch CPU threads (default: $OMP_NUM_THREADS, "
                                 "else the cores the load average leaves idle, at least 1)."),
     model: str = typer.Option("canary", help="The canary model: 'canary' (shipped) or a "
                               "canary folder, e.g. one you trained with `canary train`."),
