@@ -131,10 +131,19 @@ def test_demo_plan_runs_auto_only_with_screening(tmp_path):
 def test_default_threads_uses_the_idle_cores(monkeypatch):
     import os
 
+    import memaudit.audit.runner as runner
     from memaudit.audit import default_threads
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    # the cores busy now (/proc/stat over a quarter second) decide, whatever the load average
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.9, 1.0, 1.0))  # lagging after a job
+    for busy, want in ((0.0, 2), (0.4, 2), (0.6, 1), (1.0, 1), (2.0, 1)):
+        monkeypatch.setattr(runner, "busy_cores", lambda busy=busy: busy)
+        assert default_threads() == want, busy
+    # where /proc/stat cannot be read: the integer part of the 1-minute load average
+    monkeypatch.setattr(runner, "busy_cores", lambda: None)
     for load, want in ((0.4, 2), (0.99, 2), (1.0, 1), (1.7, 1), (5.0, 1)):
         monkeypatch.setattr(os, "getloadavg", lambda load=load: (load, 0.0, 0.0))
         assert default_threads() == want, load
@@ -147,3 +156,28 @@ def test_default_threads_uses_the_idle_cores(monkeypatch):
 
     monkeypatch.setattr(os, "getloadavg", no_load)
     assert default_threads() == 1
+
+
+def test_busy_cores_reads_proc_stat(monkeypatch, tmp_path):
+    """Busy share of the jiffies between two /proc/stat samples, times the cores."""
+    import builtins
+    import os
+
+    import memaudit.audit.runner as runner
+
+    lines = iter(["cpu  100 0 100 800 0 0 0 0 0 0\n",    # total 1000, idle 800
+                  "cpu  250 0 150 1000 100 0 0 0 0 0\n"])  # +500 jiffies, +300 idle/iowait
+    real_open = builtins.open
+
+    def fake_open(path, *a, **k):
+        if path == "/proc/stat":
+            f = tmp_path / "stat"
+            f.write_text(next(lines))
+            return real_open(f, *a, **k)
+        return real_open(path, *a, **k)
+
+    monkeypatch.setattr(builtins, "open", fake_open)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert runner.busy_cores(0.0) == pytest.approx((1 - 300 / 500) * 2)
+    monkeypatch.setattr(builtins, "open", lambda *a, **k: (_ for _ in ()).throw(OSError()))
+    assert runner.busy_cores(0.0) is None

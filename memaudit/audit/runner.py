@@ -49,24 +49,47 @@ class AuditResult:
     seconds: float
 
 
+def busy_cores(seconds: float = 0.25) -> float | None:
+    """CPU cores in use by all processes over the next `seconds`, from /proc/stat (Linux);
+    None where it cannot be read."""
+
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return sum(v[:8]), v[3] + v[4]  # all jiffies (no guest: in user), idle + iowait
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(seconds)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    total = total1 - total0
+    return None if total <= 0 else (1.0 - (idle1 - idle0) / total) * (os.cpu_count() or 1)
+
+
 def default_threads() -> int:
-    """$OMP_NUM_THREADS when set, else the CPU cores the 1-minute load average leaves idle
-    (at least 1).
+    """$OMP_NUM_THREADS when set, else the CPU cores left idle (at least 1): those not busy
+    over a quarter second (`busy_cores`), else by the 1-minute load average.
 
     Threads beyond the idle cores spin against the other jobs: on this project's 2-core
     machine, under load, one canary UNet forward of 128 rows took 0.17 s with 1 thread and
     3.2 s with 2; alone, 2 threads ran the demo 1.5x faster than 1 (docs/benchmarks.md "Demo").
+    The load average alone lags: right after the test suite it still counted a busy core.
     """
     env = os.environ.get("OMP_NUM_THREADS", "")
     if env.isdigit() and int(env) > 0:
         return int(env)
     cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
              else os.cpu_count() or 1)
+    busy = busy_cores()
+    if busy is not None:
+        return max(1, min(cores, (os.cpu_count() or 1) - round(busy)))
     try:
-        busy = int(os.getloadavg()[0])  # a job using one core full-time adds 1.0
-    except (AttributeError, OSError):  # no load average (Windows): the safe choice
+        load = int(os.getloadavg()[0])  # a job using one core full-time adds 1.0
+    except (AttributeError, OSError):  # neither (Windows): the safe choice
         return 1
-    return max(1, cores - busy)
+    return max(1, cores - load)
 
 
 def set_threads(threads: int) -> int:

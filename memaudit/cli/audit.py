@@ -207,7 +207,7 @@ def demo_cmd(
     out: Path = typer.Option(Path("memaudit-demo"), "--out", help="Output folder."),
     device: str = typer.Option(None, help="cpu, cuda, ... (default: cuda when available)."),
     threads: int = typer.Option(None, min=1, help="Torch CPU threads (default: $OMP_NUM_THREADS, "
-                                "else the cores the load average leaves idle, at least 1)."),
+                                "else the CPU cores idle now, at least 1)."),
     model: str = typer.Option("canary", help="The canary model: 'canary' (shipped) or a "
                               "canary folder, e.g. one you trained with `canary train`."),
 ) -> None:
