@@ -152,6 +152,9 @@ def run_demo(out: str | Path = "memaudit-demo", *, device: str | None = None,
     from memaudit.report import write_report
 
     log = log or (lambda s: None)
+    if model != "canary" and not (Path(model) / "canary.json").is_file():  # before any output
+        raise UserError(f"--model {model}: not a canary folder (no canary.json); the demo runs "
+                        "'canary' or a folder written by `memaudit canary train`")
     n_threads = set_threads(threads if threads is not None else default_threads())
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)

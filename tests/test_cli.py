@@ -35,6 +35,14 @@ def test_threads_below_one_is_refused_before_any_work(tmp_path, cmd):
     assert len(r.stderr.strip().splitlines()) == 1
 
 
+def test_demo_refuses_a_model_that_is_not_a_canary_before_writing(tmp_path):
+    out = tmp_path / "out"
+    r = run("demo", "--model", str(tmp_path / "missing"), "--out", str(out))
+    assert r.returncode == 2 and "Traceback" not in r.stderr and not out.exists()
+    assert r.stderr.startswith(f"error: --model {tmp_path / 'missing'}: not a canary folder")
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
 def test_unknown_method_lists_known(tmp_path):
     (tmp_path / "p.txt").write_text("a prompt\n")  # a real prompt list: the method is wrong
     r = run("generate", "--model", "canary", "--prompts", str(tmp_path / "p.txt"),
