@@ -65,8 +65,10 @@ def _workers(c) -> list:
 
 
 def _lose_a_node_part_way(monkeypatch, c, after: int, delay: float = 0.4) -> dict:
-    """Wrap RayEngine.map: every item takes `delay` s more; after `after` results one worker
-    node is removed (and a fresh one added for the next test once the map ends)."""
+    """Wrap RayEngine.map: every item takes `delay` s more; after `after` results, once every
+    worker node has returned one (an actor can start seconds after the other on a loaded
+    machine), one worker node is removed (and a fresh one added for the next test once the
+    map ends)."""
     real_map = RayEngine.map
     state: dict = {"before": None, "removed": None}
 
@@ -89,7 +91,8 @@ def _lose_a_node_part_way(monkeypatch, c, after: int, delay: float = 0.4) -> dic
         n = 0
         for r in real_map(self, Slow(factory, delay), items, *a, **kw):
             n += 1
-            if n == after and state["removed"] is None:
+            if n >= after and state["removed"] is None \
+                    and len(self.nodes_used) == len(_workers(c)):
                 state["before"] = dict(self.nodes_used)
                 victim = _workers(c)[-1]
                 state["removed"] = victim.node_id
